@@ -1,0 +1,219 @@
+"""``het_conv2d``: the heterogeneous convolution as a function, with its backends.
+
+One semantics, several ways to execute it.  ``"dense"`` is the definition:
+scatter the non-redundant weights into an (N, M, Kh, Kw) kernel that is zero
+off the KxK/centre positions and run one ``F.conv2d``.  Every other backend
+computes the same function (tested forward and backward against ``"dense"``)
+while spending less than the dense cost.
+
+Backends
+--------
+``"dense"``
+    Reference.  Costs as much as a standard convolution.
+``"grouped"``
+    One grouped KxK convolution with ``groups=P`` (group ``c`` = the input
+    channels of class ``c`` and the filters of class ``c``) plus one pointwise
+    convolution over all input channels whose weight is zero on each filter's
+    KxK channels; the two are summed inside the layer.  Costs
+    ``FL_K + Do*Do*N*M`` MACs: within ``Do*Do*N*M/P`` of the paper's
+    ``FL_HC``.  With ``pattern="shifted"`` the input is gathered into class
+    order and the output back into filter order (one copy each); with
+    ``pattern="blocked"`` and ``P | N`` no activation is permuted.
+``"auto"``
+    Resolves to a concrete backend per call with :func:`select_backend`.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+
+from . import pattern as _pattern
+
+__all__ = ["BACKENDS", "het_conv2d", "dense_weight", "select_backend", "IntPair"]
+
+BACKENDS: Tuple[str, ...] = ("dense", "grouped")
+
+IntPair = Union[int, Sequence[int]]
+
+_INDEX_CACHE: dict = {}
+
+
+def _pair(value: IntPair, name: str) -> Tuple[int, int]:
+    if isinstance(value, (tuple, list)):
+        if len(value) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
+        return int(value[0]), int(value[1])
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    return value, value
+
+
+def _split_shapes(weight_k: torch.Tensor, weight_1: torch.Tensor) -> Tuple[int, int, int]:
+    """(N, M, P) from the two weight tensors, validating their shapes."""
+    if weight_k.dim() != 4:
+        raise ValueError(f"weight_k must have shape (N, M/P, Kh, Kw), got {tuple(weight_k.shape)}")
+    n, m_k = weight_k.shape[:2]
+    if weight_1.dim() != 2 or weight_1.shape[0] != n:
+        raise ValueError(
+            f"weight_1 must have shape (N, M - M/P) = ({n}, ...), got {tuple(weight_1.shape)}")
+    m = m_k + weight_1.shape[1]
+    if m_k < 1 or m % m_k:
+        raise ValueError(
+            f"weight_k has {m_k} KxK kernels per filter and weight_1 {weight_1.shape[1]} 1x1 "
+            f"kernels: M/P must divide M = {m}")
+    kh, kw = weight_k.shape[2:]
+    if kh % 2 == 0 or kw % 2 == 0:
+        raise ValueError(f"kernel sizes must be odd (the 1x1 kernels sit on the centre), got {(kh, kw)}")
+    return n, m, m // m_k
+
+
+def _indices(m: int, n: int, p: int, pattern: str, device: torch.device) -> dict:
+    """Index tensors for a layer shape, cached per device (fresh while compiling)."""
+    key = (m, n, p, pattern, device)
+    compiling = torch.compiler.is_compiling()
+    if not compiling and key in _INDEX_CACHE:
+        return _INDEX_CACHE[key]
+    cls = _pattern.class_of_filter(n, p, pattern)
+    # Slot of each filter in the grouped conv's output: class-major, ceil(N/P) per group.
+    per_group = -(-n // p)
+    rank = torch.zeros(n, dtype=torch.long)
+    counts = [0] * p
+    for f, c in enumerate(cls.tolist()):
+        rank[f] = counts[c]
+        counts[c] += 1
+    slot = cls * per_group + rank
+    out = {
+        "kxk": _pattern.kxk_channels(m, n, p, pattern).to(device),
+        "pw": _pattern.pointwise_channels(m, n, p, pattern).to(device),
+        "slot": slot.to(device),
+        "slots": per_group * p,
+        "identity_slots": bool(per_group * p == n and torch.equal(slot, torch.arange(n))),
+        "channel_order": _pattern.channel_order(m, p, pattern).to(device),
+        "identity_channels": pattern == "blocked" or p == 1 or p == m,
+    }
+    if not compiling:
+        _INDEX_CACHE[key] = out
+    return out
+
+
+def _padding(padding: Optional[IntPair], kernel: Tuple[int, int],
+             dilation: Tuple[int, int]) -> Tuple[int, int]:
+    if padding is None:
+        return tuple(d * (k - 1) // 2 for k, d in zip(kernel, dilation))
+    ph, pw = _pair(padding, "padding")
+    if ph < 0 or pw < 0:
+        raise ValueError(f"padding must be >= 0, got {padding!r}")
+    return ph, pw
+
+
+def dense_weight(weight_k: torch.Tensor, weight_1: torch.Tensor,
+                 pattern: str = "shifted") -> torch.Tensor:
+    """The (N, M, Kh, Kw) kernel of the layer: differentiable, zero off the pattern."""
+    n, m, p = _split_shapes(weight_k, weight_1)
+    _pattern.validate_pattern(pattern)
+    idx = _indices(m, n, p, pattern, weight_k.device)
+    kh, kw = weight_k.shape[2:]
+    m_k = m // p
+    dense = weight_k.new_zeros(n, m, kh, kw).scatter(
+        1, idx["kxk"][:, :, None, None].expand(n, m_k, kh, kw), weight_k)
+    if p > 1:
+        centre = weight_1.new_zeros(n, m).scatter(1, idx["pw"], weight_1)
+        dense = dense + F.pad(centre[:, :, None, None], (kw // 2, kw // 2, kh // 2, kh // 2))
+    return dense
+
+
+def select_backend(x: torch.Tensor, weight_k: torch.Tensor, weight_1: torch.Tensor,
+                   stride: Tuple[int, int] = (1, 1), dilation: Tuple[int, int] = (1, 1),
+                   pattern: str = "shifted") -> str:
+    """The concrete backend ``"auto"`` runs for this call.
+
+    Rule: P = 1 is a plain convolution, so ``"dense"``; otherwise ``"grouped"``,
+    whose cost ratio ``1/P + 1/K^2`` is below 1 for every P >= 2 and K >= 3.
+    Kernels of size 1 have nothing to save and also go to ``"dense"``.
+    """
+    n, m, p = _split_shapes(weight_k, weight_1)
+    kh, kw = weight_k.shape[2:]
+    if p == 1 or kh * kw == 1:
+        return "dense"
+    return "grouped"
+
+
+def _centre_input(x: torch.Tensor, kernel: Tuple[int, int], padding: Tuple[int, int],
+                  dilation: Tuple[int, int]) -> Tuple[torch.Tensor, Tuple[int, int]]:
+    """Input and padding for a 1x1 conv that reads what the KxK centre tap reads."""
+    pads = []
+    for axis, (k, p, d) in enumerate(zip(kernel, padding, dilation)):
+        offset = p - d * (k - 1) // 2
+        if offset < 0:  # the centre tap never reaches the border: crop instead
+            x = x.narrow(2 + axis, -offset, x.shape[2 + axis] + 2 * offset)
+            offset = 0
+        pads.append(offset)
+    return x, (pads[0], pads[1])
+
+
+def _grouped(x, weight_k, weight_1, bias, stride, padding, dilation, pattern):
+    n, m, p = _split_shapes(weight_k, weight_1)
+    idx = _indices(m, n, p, pattern, x.device)
+    kh, kw = weight_k.shape[2:]
+    slots = idx["slots"]
+    if idx["identity_slots"]:
+        wk = weight_k
+    else:
+        wk = weight_k.new_zeros((slots,) + tuple(weight_k.shape[1:])).index_copy(
+            0, idx["slot"], weight_k)
+    xg = x if idx["identity_channels"] else x.index_select(1, idx["channel_order"])
+    y = F.conv2d(xg, wk, None, stride, padding, dilation, groups=p)
+    # Pointwise part, in the grouped output's slot order, bias folded in.
+    w1 = weight_1.new_zeros(n, m).scatter(1, idx["pw"], weight_1)
+    b = bias
+    if not idx["identity_slots"]:
+        w1 = w1.new_zeros(slots, m).index_copy(0, idx["slot"], w1)
+        if bias is not None:
+            b = bias.new_zeros(slots).index_copy(0, idx["slot"], bias)
+    xc, pc = _centre_input(x, (kh, kw), padding, dilation)
+    y1 = F.conv2d(xc, w1[:, :, None, None], b, stride, pc)
+    y = y + y1
+    if not idx["identity_slots"]:
+        y = y.index_select(1, idx["slot"])
+    return y
+
+
+def het_conv2d(x: torch.Tensor, weight_k: torch.Tensor, weight_1: torch.Tensor,
+               bias: Optional[torch.Tensor] = None, stride: IntPair = 1,
+               padding: Optional[IntPair] = None, dilation: IntPair = 1,
+               pattern: str = "shifted", backend: str = "auto") -> torch.Tensor:
+    """Heterogeneous-kernel convolution of ``x`` (B, M, H, W) or (M, H, W).
+
+    ``weight_k`` (N, M/P, Kh, Kw) and ``weight_1`` (N, M - M/P) hold the KxK
+    and 1x1 kernels in the layout of :mod:`hetconv.pattern`; P is implied by
+    their shapes.  ``padding=None`` keeps the spatial size at stride 1.
+    Equal, whatever ``backend``, to
+    ``F.conv2d(x, dense_weight(weight_k, weight_1, pattern), bias, stride, padding, dilation)``.
+    """
+    n, m, p = _split_shapes(weight_k, weight_1)
+    _pattern.validate_pattern(pattern)
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
+    if x.dim() not in (3, 4) or x.shape[-3] != m:
+        raise ValueError(
+            f"expected input of shape (B, {m}, H, W) or ({m}, H, W), got {tuple(x.shape)}")
+    if bias is not None and tuple(bias.shape) != (n,):
+        raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
+    stride_ = _pair(stride, "stride")
+    dilation_ = _pair(dilation, "dilation")
+    kernel = tuple(weight_k.shape[2:])
+    padding_ = _padding(padding, kernel, dilation_)
+    unbatched = x.dim() == 3
+    if unbatched:
+        x = x.unsqueeze(0)
+    if backend == "auto":
+        backend = select_backend(x, weight_k, weight_1, stride_, dilation_, pattern)
+    if backend == "dense" or p == 1:
+        w = weight_k if p == 1 else dense_weight(weight_k, weight_1, pattern)
+        y = F.conv2d(x, w, bias, stride_, padding_, dilation_)
+    else:
+        y = _grouped(x, weight_k, weight_1, bias, stride_, padding_, dilation_, pattern)
+    return y.squeeze(0) if unbatched else y
