@@ -2,14 +2,23 @@
 
 from . import functional, pattern
 from .functional import BACKENDS
-from .layers import HetConv2d
+from .convert import convert
+from .layers import DepthwisePointwiseConv2d, GroupPointwiseConv2d, HetConv2d, SqueezeExcite
+from .models import create_model, list_models, register_model
 from .pattern import kernel_mask
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS",
+    "DepthwisePointwiseConv2d",
+    "GroupPointwiseConv2d",
     "HetConv2d",
+    "SqueezeExcite",
+    "convert",
+    "create_model",
+    "list_models",
+    "register_model",
     "functional",
     "kernel_mask",
     "pattern",

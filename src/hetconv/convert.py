@@ -1,0 +1,274 @@
+"""Model surgery: swap the KxK convolutions of any model for :class:`HetConv2d`.
+
+``convert(model, part)`` walks ``model.named_modules()`` (registration order,
+which is execution order for torchvision's models) and replaces every
+``nn.Conv2d`` that has a spatial, odd kernel and ``groups == 1`` by a
+``HetConv2d`` with the same channels, stride, padding, dilation and bias.
+Everything it leaves alone is listed in the report with the reason: 1x1
+convs (nothing to split), grouped and depthwise convs (a HetConv filter needs
+all input channels), even kernels (no centre tap for the 1x1 kernels),
+non-zero padding modes, ``nn.Conv2d`` subclasses (their ``forward`` may not be
+a plain convolution), the first KxK conv (``skip_first``, the paper's rule),
+names filtered out by ``include``/``exclude`` and layers whose ``in_channels``
+``part`` does not divide (``indivisible``).
+
+Existing ``HetConv2d`` layers are re-parted (via their dense weight), so
+``convert(convert(m, 4)[0], 8)`` equals ``convert(m, 8)`` in structure.  A
+resolved part of 1 means a standard convolution: the layer stays (or
+becomes) an ``nn.Conv2d``.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional, Sequence, Tuple, Union
+
+import torch.nn as nn
+
+from . import pattern as _pattern
+from .layers.hetconv import HetConv2d
+
+__all__ = ["convert", "ConvertReport", "ConvertEntry", "layer_part", "INDIVISIBLE", "INITS"]
+
+INDIVISIBLE = ("skip", "nearest", "error")
+INITS = ("from_dense", "reinit")
+
+PartSpec = Union[int, str, Callable[[str, nn.Module], Optional[Union[int, str]]]]
+Patterns = Optional[Union[str, Sequence[str]]]
+
+
+def _check_part_value(part, name: str = "part") -> None:
+    if isinstance(part, str):
+        if part.upper() != "C":
+            raise ValueError(f"{name} must be a positive int, 'C' or a callable, got {part!r}")
+    elif not isinstance(part, int) or isinstance(part, bool):
+        raise TypeError(f"{name} must be a positive int, 'C' or a callable, got {part!r}")
+    elif part < 1:
+        raise ValueError(f"{name} must be >= 1, got {part}")
+
+
+def layer_part(part: Union[int, str], in_channels: int,
+               indivisible: str = "skip") -> Tuple[Optional[Union[int, str]], str]:
+    """The part one layer gets, and why: ``(part or None, note)``.
+
+    ``part`` is an int or ``"C"`` (kept as ``"C"``: P = in_channels).  When an
+    int ``part`` does not divide ``in_channels``: ``indivisible="skip"``
+    returns ``None`` (leave the layer standard), ``"nearest"`` the largest
+    divisor of ``in_channels`` not above ``part``, ``"error"`` raises
+    ``ValueError``.  Models and :func:`convert` share this one policy.
+    """
+    _check_part_value(part)
+    if indivisible not in INDIVISIBLE:
+        raise ValueError(f"indivisible must be one of {INDIVISIBLE}, got {indivisible!r}")
+    if isinstance(part, str):
+        return "C", ""
+    if in_channels % part == 0:
+        return part, ""
+    if indivisible == "error":
+        _pattern.resolve_part(part, in_channels)  # raises the descriptive ValueError
+    if indivisible == "skip":
+        return None, f"part={part} does not divide in_channels={in_channels}"
+    nearest = max(d for d in range(1, min(part, in_channels) + 1) if in_channels % d == 0)
+    return nearest, f"part={part} -> {nearest} (nearest divisor of in_channels={in_channels})"
+
+
+@dataclass
+class ConvertEntry:
+    """One KxK-or-not convolution ``convert`` looked at."""
+
+    name: str
+    kind: str                 # "Conv2d", "HetConv2d", ...
+    in_channels: int
+    out_channels: int
+    kernel_size: Tuple[int, int]
+    stride: Tuple[int, int]
+    groups: int
+    old_part: int             # 1 for a standard conv
+    new_part: Optional[int]   # None when left alone
+    reason: str = ""          # why it was left alone, or a note on the part chosen
+
+    @property
+    def converted(self) -> bool:
+        return self.new_part is not None
+
+
+@dataclass
+class ConvertReport:
+    """What :func:`convert` did: every convolution it saw, converted or not and why."""
+
+    part: object
+    pattern: str
+    entries: List[ConvertEntry] = field(default_factory=list)
+
+    @property
+    def converted(self) -> List[ConvertEntry]:
+        return [e for e in self.entries if e.converted]
+
+    @property
+    def skipped(self) -> List[ConvertEntry]:
+        return [e for e in self.entries if not e.converted]
+
+    def __len__(self) -> int:
+        return len(self.converted)
+
+    def __str__(self) -> str:
+        part = getattr(self.part, "__name__", None) or repr(self.part)
+        head = (f"convert(part={part}, pattern={self.pattern!r}): {len(self.converted)} "
+                f"converted, {len(self.skipped)} left as they were")
+        rows = [("name", "type", "in->out", "kernel", "stride", "part", "note")]
+        for e in self.entries:
+            new = "-" if e.new_part is None else str(e.new_part)
+            rows.append((e.name or "(root)", e.kind, f"{e.in_channels}->{e.out_channels}",
+                         "x".join(map(str, e.kernel_size)), "x".join(map(str, e.stride)),
+                         f"{e.old_part}->{new}", e.reason))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+        lines = [head]
+        for r in rows:
+            lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
+        return "\n".join(line.rstrip() for line in lines)
+
+    __repr__ = __str__
+
+
+def _patterns(value: Patterns, name: str) -> Optional[List[str]]:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise TypeError(f"{name} must be None, a glob string or a list of glob strings, got {value!r}")
+
+
+def _why_not(module: nn.Module) -> str:
+    """Why a conv module cannot be a HetConv2d ('' when it can)."""
+    if isinstance(module, HetConv2d):
+        return ""
+    if type(module) is not nn.Conv2d:
+        return f"{type(module).__name__} subclasses nn.Conv2d (its forward may differ)"
+    kh, kw = module.kernel_size
+    if kh * kw == 1:
+        return "1x1 kernel (nothing to split)"
+    if module.groups == module.in_channels and module.groups > 1:
+        return f"depthwise (groups={module.groups})"
+    if module.groups != 1:
+        return f"grouped (groups={module.groups})"
+    if kh % 2 == 0 or kw % 2 == 0:
+        return f"even kernel {kh}x{kw} (no centre for the 1x1 kernels)"
+    if module.padding_mode != "zeros":
+        return f"padding_mode={module.padding_mode!r} (only 'zeros' is supported)"
+    return ""
+
+
+def _padding(conv: nn.Conv2d) -> Tuple[int, int]:
+    if isinstance(conv.padding, str):  # 'same' / 'valid'
+        return (0, 0) if conv.padding == "valid" else tuple(
+            d * (k - 1) // 2 for k, d in zip(conv.kernel_size, conv.dilation))
+    return tuple(conv.padding)
+
+
+def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)
+
+
+def convert(model: nn.Module, part: PartSpec, *, pattern: str = "shifted",
+            skip_first: bool = True, include: Patterns = None, exclude: Patterns = None,
+            indivisible: str = "skip", init: str = "from_dense",
+            inplace: bool = False) -> Tuple[nn.Module, ConvertReport]:
+    """Replace the KxK convolutions of ``model`` by :class:`HetConv2d` layers.
+
+    Args:
+        model: any ``nn.Module``; it is deep-copied first unless ``inplace``.
+        part: P for every converted layer: an int, ``"C"`` (P = the layer's
+            in_channels, the paper's "PC") or a callable ``(name, conv) -> part
+            or None`` for per-layer choices (``None`` leaves that layer alone).
+        pattern: kernel placement, ``"shifted"`` (the paper's) or ``"blocked"``.
+        skip_first: keep the first convertible KxK conv (in ``named_modules``
+            order) standard, as the paper does with CONV_1.
+        include, exclude: glob pattern(s) on module names (``fnmatch``); a conv
+            is converted only if it matches some ``include`` pattern (when
+            given) and no ``exclude`` pattern.
+        indivisible: when an int part does not divide a layer's in_channels:
+            ``"skip"`` (leave it standard), ``"nearest"`` (largest divisor of
+            in_channels <= part) or ``"error"``.
+        init: ``"from_dense"`` copies the dense weights onto the pattern
+            (:meth:`HetConv2d.from_conv2d`); ``"reinit"`` draws fresh ones.
+        inplace: modify ``model`` itself instead of a copy.
+
+    Returns:
+        ``(converted_model, report)``; ``print(report)`` lists every conv, its
+        old and new part, and why it was left alone if it was.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not callable(part):
+        _check_part_value(part)
+    _pattern.validate_pattern(pattern)
+    if indivisible not in INDIVISIBLE:
+        raise ValueError(f"indivisible must be one of {INDIVISIBLE}, got {indivisible!r}")
+    if init not in INITS:
+        raise ValueError(f"init must be one of {INITS}, got {init!r}")
+    includes = _patterns(include, "include")
+    excludes = _patterns(exclude, "exclude")
+    if not inplace:
+        model = copy.deepcopy(model)
+
+    report = ConvertReport(part=part, pattern=pattern)
+    convs = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, HetConv2d))]
+    first_seen = False
+    for name, conv in convs:
+        old_part = conv.part if isinstance(conv, HetConv2d) else 1
+        entry = ConvertEntry(name, type(conv).__name__, conv.in_channels, conv.out_channels,
+                             tuple(conv.kernel_size), tuple(conv.stride),
+                             getattr(conv, "groups", 1), old_part, None)
+        report.entries.append(entry)
+        entry.reason = _why_not(conv)
+        if entry.reason:
+            continue
+        if not first_seen:
+            first_seen = True
+            if skip_first:
+                entry.reason = "first KxK conv (skip_first=True)"
+                continue
+        if includes is not None and not any(fnmatch.fnmatchcase(name, p) for p in includes):
+            entry.reason = "not matched by include"
+            continue
+        if excludes is not None and any(fnmatch.fnmatchcase(name, p) for p in excludes):
+            entry.reason = "matched by exclude"
+            continue
+        wanted = part(name, conv) if callable(part) else part
+        if wanted is None:
+            entry.reason = "part callable returned None"
+            continue
+        _check_part_value(wanted, "part (returned by the callable)")
+        chosen, note = layer_part(wanted, conv.in_channels, indivisible)
+        if chosen is None:
+            entry.reason = note
+            continue
+        entry.reason = note
+        p = _pattern.resolve_part(chosen, conv.in_channels)
+        if p == old_part and (not isinstance(conv, HetConv2d) or conv.pattern == pattern):
+            entry.reason = (note + "; " if note else "") + f"already part={p}"
+            continue
+        dense = conv.to_conv2d() if isinstance(conv, HetConv2d) else conv
+        if p == 1:
+            new = dense
+        elif dense.weight.is_meta:  # no values to carry over (e.g. built for counting)
+            new = HetConv2d(dense.in_channels, dense.out_channels, dense.kernel_size,
+                            dense.stride, _padding(dense), dense.dilation,
+                            bias=dense.bias is not None, part=chosen, pattern=pattern,
+                            device="meta", dtype=dense.weight.dtype)
+        else:
+            new = HetConv2d.from_conv2d(dense, chosen, pattern)
+            if isinstance(conv, HetConv2d):
+                new.backend = conv.backend
+        if init == "reinit":
+            new.reset_parameters()
+        new.train(conv.training)
+        _replace(model, name, new)
+        entry.new_part = p
+    return model, report
