@@ -2,6 +2,7 @@
 
 from . import functional, pattern
 from .functional import BACKENDS
+from .complexity import profile
 from .convert import convert
 from .layers import DepthwisePointwiseConv2d, GroupPointwiseConv2d, HetConv2d, SqueezeExcite
 from .models import create_model, list_models, register_model
@@ -18,6 +19,7 @@ __all__ = [
     "convert",
     "create_model",
     "list_models",
+    "profile",
     "register_model",
     "functional",
     "kernel_mask",

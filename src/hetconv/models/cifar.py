@@ -183,7 +183,7 @@ def _spec(conv: Optional[str], part, groups, pattern: str, indivisible: str,
 Part = Optional[Union[int, str]]
 
 
-@register_model(variants=_variants(extra=("gwc4_pwc", "dwc_pwc")))
+@register_model(variants=_variants(extra=("gwc4_pwc", "dwc_pwc")), input_size=(3, 32, 32))
 def vgg16_cifar(*, num_classes: int = 10, in_chans: int = 3, part: Part = None,
                 se: bool = False, conv: Optional[str] = None, groups: Optional[int] = None,
                 width: float = 1.0, pattern: str = "shifted", indivisible: str = "skip") -> VGGCifar:
@@ -192,7 +192,7 @@ def vgg16_cifar(*, num_classes: int = 10, in_chans: int = 3, part: Part = None,
                     _spec(conv, part, groups, pattern, indivisible), se, width)
 
 
-@register_model(variants=("p1_se", "p2", "p4", "p2_se", "p4_se"))
+@register_model(variants=("p1_se", "p2", "p4", "p2_se", "p4_se"), input_size=(3, 32, 32))
 def resnet56_cifar(*, num_classes: int = 10, in_chans: int = 3, part: Part = None,
                    se: bool = False, conv: Optional[str] = None, groups: Optional[int] = None,
                    width: float = 1.0, pattern: str = "shifted",
@@ -202,7 +202,7 @@ def resnet56_cifar(*, num_classes: int = 10, in_chans: int = 3, part: Part = Non
                        _spec(conv, part, groups, pattern, indivisible), se, width)
 
 
-@register_model(variants=("p32", "p32_se", "pc"))
+@register_model(variants=("p32", "p32_se", "pc"), input_size=(3, 32, 32))
 def mobilenet_cifar(*, num_classes: int = 10, in_chans: int = 3, part: Part = None,
                     se: bool = False, conv: Optional[str] = None, groups: Optional[int] = None,
                     width: float = 1.0, pattern: str = "shifted",

@@ -26,21 +26,25 @@ from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch.nn as nn
 
-__all__ = ["register_model", "create_model", "list_models", "parse_model_name", "is_model"]
+__all__ = ["register_model", "create_model", "list_models", "parse_model_name", "is_model",
+           "default_input_size", "profile_model"]
 
 _REGISTRY: Dict[str, Callable[..., nn.Module]] = {}
 _VARIANTS: Dict[str, Tuple[str, ...]] = {}
+_INPUT_SIZE: Dict[str, Tuple[int, int, int]] = {}
 
 _SUFFIX = re.compile(r"_(?:p(?P<part>\d+|c)|(?P<se>se)|gwc(?P<groups>\d+)_pwc|(?P<dwc>dwc_pwc))")
 
 
 def register_model(fn: Optional[Callable[..., nn.Module]] = None, *, name: Optional[str] = None,
-                   variants: Iterable[str] = ()):
+                   variants: Iterable[str] = (), input_size: Tuple[int, int, int] = (3, 224, 224)):
     """Register a builder ``fn(*, num_classes, in_chans, **kwargs) -> nn.Module``.
 
     Usable as ``@register_model`` or ``@register_model(name=..., variants=[...])``.
     ``variants`` are suffixes (``"p4_se"``) whose full names ``list_models``
     lists next to the base name; any parseable suffix resolves, listed or not.
+    ``input_size`` is the (C, H, W) the architecture is usually fed (what
+    ``hetconv profile`` and the paper's tables count at).
     """
     def deco(f: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         key = name or f.__name__
@@ -50,6 +54,7 @@ def register_model(fn: Optional[Callable[..., nn.Module]] = None, *, name: Optio
             raise ValueError(f"a model named {key!r} is already registered")
         _REGISTRY[key] = f
         _VARIANTS[key] = tuple(variants)
+        _INPUT_SIZE[key] = tuple(input_size)
         return f
 
     return deco(fn) if fn is not None else deco
@@ -138,6 +143,36 @@ def create_model(name: str, *, num_classes: Optional[int] = None, in_chans: int 
     if num_classes is not None:
         args["num_classes"] = num_classes
     return _REGISTRY[base](**args)
+
+
+def default_input_size(name: str) -> Tuple[int, int, int]:
+    """The (C, H, W) the model ``name`` is registered with (3x32x32 for CIFAR models)."""
+    return _INPUT_SIZE[parse_model_name(name)[0]]
+
+
+def profile_model(name: str, *, input_size: Optional[Tuple[int, int, int]] = None,
+                  meta: bool = True, **kwargs):
+    """Build ``name`` (``create_model`` arguments in ``kwargs``) and :func:`hetconv.profile` it.
+
+    ``input_size`` defaults to the model's registered size with ``in_chans``
+    channels; ``in_chans`` defaults to ``input_size``'s channels.  With
+    ``meta`` the model is built on the ``meta`` device (no memory for
+    weights, no initialisation time; counts are the same).
+    """
+    import torch
+
+    from ..complexity import profile
+
+    if input_size is None:
+        c, h, w = default_input_size(name)
+        input_size = (kwargs.get("in_chans", c), h, w)
+    kwargs.setdefault("in_chans", input_size[0])
+    if meta:
+        with torch.device("meta"):
+            model = create_model(name, **kwargs)
+    else:
+        model = create_model(name, **kwargs)
+    return profile(model, input_size)
 
 
 def list_models(filter: str = "*", *, variants: bool = True) -> List[str]:

@@ -1,0 +1,272 @@
+"""What a model costs: multiply-accumulates (MACs) and parameters, per module and in total.
+
+Convention (the paper's "FLOPs" column)
+---------------------------------------
+* Counted: multiply-accumulates of convolution and linear layers, per
+  example (the counts are divided by the batch size of the input).
+
+  - ``nn.Conv1d/2d/3d``: ``output elements * in_channels/groups * prod(kernel)``,
+    so grouped and depthwise convolutions count their true cost.
+  - ``nn.ConvTranspose1d/2d/3d``: ``input elements * out_channels/groups * prod(kernel)``.
+  - ``nn.Linear``: ``output elements * in_features`` (so a Squeeze-and-Excitation
+    block's two fully connected layers are counted: they are ``nn.Linear``).
+  - :class:`~hetconv.HetConv2d`: ``FL_K + FL_1 = Ho*Wo*N*(M/P*Kh*Kw + M - M/P)``
+    (paper Eq. 2-4), exactly, whatever backend executes the layer.
+* Not counted: BatchNorm, activations, pooling, additions, the element-wise
+  products of SE gating, padding and the index shuffles of HetConv backends.
+* Parameters: every parameter of the model once (shared ones once); the rows
+  show each module's own parameters.
+
+Why a counter by module and not by traced operator
+--------------------------------------------------
+``torch.utils.flop_counter.FlopCounterMode`` (and fvcore, which traces with
+the JIT) count the ``aten`` operators that actually run.  A HetConv layer runs
+as ordinary convolutions: the ``"dense"`` backend as one full KxK convolution
+(cost ``FL_S``), the ``"grouped"`` backend as a grouped conv plus a full
+pointwise conv (``FL_K + Ho*Wo*N*M``).  Neither is the layer's defining cost
+``FL_K + FL_1``, and no operator-level rule can tell a HetConv convolution
+from any other one.  So the rules here attach to *module types*, through
+forward hooks: the layer's cost is computed from its definition and the output
+shape observed in a real forward pass, which also gives every row its output
+shape.  Other module types can be given a rule with :func:`register_rule`.
+Models may live on the ``meta`` device: only shapes are needed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+
+from . import pattern as _pattern
+from .layers.hetconv import HetConv2d
+
+__all__ = ["profile", "Profile", "ProfileRow", "register_rule", "RULES", "format_count"]
+
+Rule = Callable[[nn.Module, Tuple, torch.Tensor], int]
+
+
+def _first_tensor(value) -> Optional[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, (tuple, list)):
+        for v in value:
+            t = _first_tensor(v)
+            if t is not None:
+                return t
+    if isinstance(value, dict):
+        return _first_tensor(list(value.values()))
+    return None
+
+
+def _conv_macs(m: nn.Module, inputs: Tuple, out: torch.Tensor) -> int:
+    return out.numel() * (m.in_channels // m.groups) * math.prod(m.kernel_size)
+
+
+def _conv_transpose_macs(m: nn.Module, inputs: Tuple, out: torch.Tensor) -> int:
+    x = _first_tensor(inputs)
+    return x.numel() * (m.out_channels // m.groups) * math.prod(m.kernel_size)
+
+
+def _linear_macs(m: nn.Linear, inputs: Tuple, out: torch.Tensor) -> int:
+    return out.numel() * m.in_features
+
+
+def _hetconv_macs(m: HetConv2d, inputs: Tuple, out: torch.Tensor) -> int:
+    per_map = _pattern.hetconv_macs(m.in_channels, m.out_channels, m.kernel_size,
+                                    tuple(out.shape[-2:]), m.part)
+    maps = out.numel() // (m.out_channels * out.shape[-2] * out.shape[-1])
+    return per_map * maps
+
+
+RULES: Dict[type, Rule] = {
+    nn.Conv1d: _conv_macs, nn.Conv2d: _conv_macs, nn.Conv3d: _conv_macs,
+    nn.ConvTranspose1d: _conv_transpose_macs, nn.ConvTranspose2d: _conv_transpose_macs,
+    nn.ConvTranspose3d: _conv_transpose_macs,
+    nn.Linear: _linear_macs,
+    HetConv2d: _hetconv_macs,
+}
+
+
+def register_rule(module_type: type, rule: Rule) -> None:
+    """Count ``module_type`` (and its subclasses) with ``rule(module, inputs, output) -> MACs``.
+
+    The rule returns the MACs of one call for the whole batch; the module's
+    children are then not counted separately.
+    """
+    if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
+        raise TypeError(f"module_type must be an nn.Module subclass, got {module_type!r}")
+    if not callable(rule):
+        raise TypeError(f"rule must be callable, got {rule!r}")
+    RULES[module_type] = rule
+
+
+def _rule_for(module: nn.Module) -> Optional[Rule]:
+    for cls in type(module).__mro__:
+        if cls in RULES:
+            return RULES[cls]
+    return None
+
+
+def format_count(n: float) -> str:
+    """``313_740_000 -> '313.74M'`` (K, M, G; 2 decimals)."""
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return f"{n:.0f}" if n == int(n) else f"{n:.2f}"
+
+
+@dataclass
+class ProfileRow:
+    """One module: qualified name, type, MACs per example, own parameters, output shape."""
+
+    name: str
+    type: str
+    macs: float
+    params: int
+    output_shape: Optional[Tuple[int, ...]]
+    calls: int = 0
+
+
+@dataclass
+class Profile:
+    """Result of :func:`profile`: ``.macs`` and ``.params`` totals, ``.rows`` per module."""
+
+    macs: float
+    params: int
+    rows: List[ProfileRow] = field(default_factory=list)
+    input_shape: Tuple[int, ...] = ()
+
+    def row(self, name: str) -> ProfileRow:
+        """The row of the module called ``name``."""
+        for r in self.rows:
+            if r.name == name:
+                return r
+        raise KeyError(f"no module named {name!r} in this profile")
+
+    def by_type(self) -> Dict[str, float]:
+        """MACs per module type, largest first."""
+        out: Dict[str, float] = {}
+        for r in self.rows:
+            out[r.type] = out.get(r.type, 0) + r.macs
+        return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+    def table(self, all_rows: bool = False) -> str:
+        """Readable table; without ``all_rows`` modules with no MACs and no params are left out."""
+        shown = [r for r in self.rows if all_rows or r.macs or r.params]
+        header = ("module", "type", "output", "MACs", "%", "params")
+        lines = [header]
+        for r in shown:
+            shape = "x".join(map(str, r.output_shape[1:])) if r.output_shape else "-"
+            share = f"{100 * r.macs / self.macs:.1f}" if self.macs else "-"
+            lines.append((r.name or "(root)", r.type, shape, format_count(r.macs), share,
+                          format_count(r.params)))
+        lines.append(("total", "", "x".join(map(str, self.input_shape[1:])) + " in",
+                      format_count(self.macs), "100.0" if self.macs else "-",
+                      format_count(self.params)))
+        widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
+        right = {3, 4, 5}
+        text = []
+        for k, line in enumerate(lines):
+            if k == len(lines) - 1 or k == 1:
+                text.append("  ".join("-" * w for w in widths))
+            text.append("  ".join(str(c).rjust(w) if i in right else str(c).ljust(w)
+                                  for i, (c, w) in enumerate(zip(line, widths))).rstrip())
+        omitted = len(self.rows) - len(shown)
+        if omitted:
+            text.append(f"({omitted} modules without MACs or parameters not shown)")
+        text.append("MACs: multiply-accumulates of conv and linear layers per example "
+                    "(the paper's FLOPs)")
+        return "\n".join(text)
+
+    def __str__(self) -> str:
+        return self.table()
+
+    def __repr__(self) -> str:
+        return f"Profile(macs={format_count(self.macs)}, params={format_count(self.params)})"
+
+
+def _example(model: nn.Module, input_size) -> torch.Tensor:
+    if isinstance(input_size, torch.Tensor):
+        return input_size
+    if (not isinstance(input_size, (tuple, list, torch.Size)) or not input_size
+            or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0
+                       for s in input_size)):
+        raise ValueError(
+            f"input_size must be a tensor or a tuple of positive ints (C, H, W) without the "
+            f"batch dimension, got {input_size!r}")
+    ref = next(model.parameters(), None)
+    if ref is None:
+        ref = next(model.buffers(), torch.zeros(()))
+    dtype = ref.dtype if ref.is_floating_point() else torch.get_default_dtype()
+    return torch.zeros((1, *input_size), device=ref.device, dtype=dtype)
+
+
+def profile(model: nn.Module, input_size: Union[Sequence[int], torch.Tensor] = (3, 32, 32)
+            ) -> Profile:
+    """Count MACs and parameters of ``model`` with one forward pass.
+
+    Args:
+        model: any ``nn.Module`` (CPU, GPU or ``meta`` device).  It runs in
+            eval mode under ``torch.no_grad()``; its training flag is restored.
+        input_size: ``(C, H, W)`` (a zero batch of one is made on the model's
+            device) or an example input tensor (batch first).
+
+    Returns:
+        :class:`Profile` with ``.macs`` (per example, see the module docstring
+        for what counts), ``.params`` and ``.rows``; ``print`` it for a table.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    x = _example(model, input_size)
+    batch = x.shape[0] if x.dim() > 1 else 1
+
+    rows: Dict[str, ProfileRow] = {}
+    counted: Dict[str, Optional[Rule]] = {}
+    ruled_prefixes: List[str] = []
+    for name, m in model.named_modules():
+        if any(name.startswith(p + ".") for p in ruled_prefixes):
+            continue  # inside a module counted as a whole
+        rule = _rule_for(m)
+        leaf = next(m.children(), None) is None
+        own = list(m.parameters(recurse=rule is not None))
+        if rule is None and not leaf and not own:
+            continue
+        if rule is not None:
+            ruled_prefixes.append(name)
+        rows[name] = ProfileRow(name, type(m).__name__, 0, sum(p.numel() for p in own), None)
+        counted[name] = rule
+
+    def hook(name: str):
+        def fn(module, inputs, output):
+            row = rows[name]
+            out = _first_tensor(output)
+            row.calls += 1
+            if out is not None:
+                row.output_shape = tuple(out.shape)
+            rule = counted[name]
+            if rule is not None and out is not None:
+                row.macs += rule(module, inputs, out) / batch
+        return fn
+
+    modules = dict(model.named_modules())
+    handles = [modules[n].register_forward_hook(hook(n)) for n in rows]
+    was_training = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+        for m, flag in was_training.items():
+            m.training = flag
+    for r in rows.values():
+        if r.macs == int(r.macs):
+            r.macs = int(r.macs)
+    seen = {id(p): p.numel() for p in model.parameters()}
+    total = sum(r.macs for r in rows.values())
+    return Profile(total, sum(seen.values()), list(rows.values()), tuple(x.shape))
