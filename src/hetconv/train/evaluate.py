@@ -1,0 +1,158 @@
+"""Evaluate a trained checkpoint; compare finished runs (table + accuracy-vs-MACs plot)."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import torch
+from torch.utils.data import DataLoader
+
+from ..data import build_datasets
+from .checkpoint import CheckpointError, atomic_write, load_checkpoint, load_model_state
+from .config import TrainConfig
+from .engine import _fmt, _profile, build_model, evaluate_model, model_identity
+
+__all__ = ["compare", "evaluate", "format_compare", "load_summary", "plot_compare"]
+
+PathLike = Union[str, Path]
+
+
+def _resolve_checkpoint(path: Path, which: str) -> Path:
+    if path.is_dir():
+        if which not in ("last", "best"):
+            raise ValueError(f"checkpoint must be 'last' or 'best', got {which!r}")
+        candidate = path / "checkpoints" / f"{which}.pt"
+        if not candidate.is_file():
+            raise CheckpointError(f"{path}: no checkpoints/{which}.pt (is this a run directory?)")
+        return candidate
+    return path
+
+
+def evaluate(path: PathLike, *, data: Optional[str] = None, data_dir: Optional[str] = None,
+             checkpoint: str = "last", batch_size: int = 256, workers: int = 0,
+             limit_batches: Optional[int] = None, device: str = "cpu") -> Dict[str, Any]:
+    """Evaluate a run directory's ``last``/``best`` checkpoint, or a checkpoint file.
+
+    The model is rebuilt from the config stored in the checkpoint and evaluated on the
+    validation split of its data set (or ``data``/``data_dir``, which must have the same
+    classes and channels).  Returns ``top1``, ``top5`` (10+ classes, else ``None``),
+    ``loss``, ``macs``, ``params``, ``images_per_s`` (forward passes at ``batch_size``),
+    ``images``, ``epoch``, ``model`` and ``checkpoint``.
+    """
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    ckpt_path = _resolve_checkpoint(Path(path), checkpoint)
+    ckpt = load_checkpoint(ckpt_path)
+    try:
+        config = TrainConfig.from_dict(ckpt["config"])
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{ckpt_path}: invalid config in checkpoint ({exc})") from exc
+    name = data or config.data
+    # An explicit other data set is looked up afresh, not in the training data_dir.
+    where = data_dir if (data_dir is not None or data is not None) else config.data_dir
+    _, val_ds, info = build_datasets(name, where, augment=False, image_size=config.image_size)
+    model = build_model(config, info)
+    load_model_state(model, ckpt, f"{config.model} {config.model_kwargs}")
+    dev = torch.device(device)
+    model.to(dev)
+    loader = DataLoader(val_ds, batch_size=batch_size, num_workers=workers,
+                        pin_memory=dev.type == "cuda")
+    metrics = evaluate_model(model, loader, device=dev, num_classes=info.num_classes,
+                             limit_batches=limit_batches, channels_last=config.channels_last,
+                             amp=config.amp)
+    return {"model": config.model, "identity": model_identity(config), "data": info.name,
+            "checkpoint": str(ckpt_path), "epoch": int(ckpt["epoch"]),
+            **metrics, **_profile(model, info)}
+
+
+def load_summary(run_dir: PathLike) -> Dict[str, Any]:
+    """A finished run's ``summary.json`` (clear errors when missing, unfinished or corrupt)."""
+    path = Path(run_dir) / "summary.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir}: no summary.json (not a run directory, or the run "
+                                f"has not finished; `hetconv train --resume {run_dir}`)")
+    try:
+        summary = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: corrupt JSON ({exc})") from None
+    if summary.get("status") != "completed":
+        raise ValueError(f"{run_dir}: the run did not complete (status "
+                         f"{summary.get('status')!r}: {summary.get('error', '')})")
+    return summary
+
+
+def _is_dense(summary: Dict[str, Any]) -> bool:
+    ident = summary.get("identity", {})
+    return ident.get("part") == 1 and ident.get("conv") == "hetconv"
+
+
+def compare(run_dirs: Sequence[PathLike]) -> List[Dict[str, Any]]:
+    """One row per run: accuracy, MACs, params, reduction vs the dense run, throughput.
+
+    The dense reference of a run is the first run with ``part`` 1 (plain convolutions)
+    of the same architecture and data set (any dense run of that data set when no
+    architecture matches); without one the reductions are ``None``.
+    """
+    if not run_dirs:
+        raise ValueError("compare needs at least one run directory")
+    summaries = [(str(d), load_summary(d)) for d in run_dirs]
+    rows = []
+    for run_dir, s in summaries:
+        dense = [d for _, d in summaries if _is_dense(d) and d["data"] == s["data"]]
+        same_arch = [d for d in dense if d["identity"].get("arch") == s["identity"].get("arch")]
+        ref = (same_arch or dense or [None])[0]
+        rows.append({
+            "run": Path(run_dir).name, "run_dir": run_dir, "model": s["model"],
+            "part": s["identity"].get("part"), "data": s["data"], "top1": s["val_top1"],
+            "top5": s["val_top5"], "macs": s["macs"], "params": s["params"],
+            "macs_reduction": None if ref is None else 100.0 * (1 - s["macs"] / ref["macs"]),
+            "params_reduction": None if ref is None else 100.0 * (1 - s["params"] / ref["params"]),
+            "images_per_s": s["images_per_s"], "epochs": s["epochs"]})
+    return rows
+
+
+def format_compare(rows: Sequence[Dict[str, Any]]) -> str:
+    """The rows of :func:`compare` as an aligned text table."""
+    def pct(v):
+        return "-" if v is None else f"{v:.1f}%"
+
+    header = ("run", "model", "P", "top-1", "top-5", "MACs", "params", "MACs red.",
+              "params red.", "images/s")
+    lines = [header] + [(r["run"], r["model"], str(r["part"]), f"{r['top1']:.2f}",
+                         "-" if r["top5"] is None else f"{r['top5']:.2f}", _fmt(r["macs"]),
+                         _fmt(r["params"]), pct(r["macs_reduction"]),
+                         pct(r["params_reduction"]), f"{r['images_per_s']:.0f}")
+                        for r in rows]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    out = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w)
+                     for i, (c, w) in enumerate(zip(line, widths))) for line in lines]
+    out.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(out) + "\nreductions are relative to the dense (P=1) run of the same data"
+
+
+def plot_compare(rows: Sequence[Dict[str, Any]], path: PathLike) -> Path:
+    """Accuracy (top-1) against MACs, one labelled point per run, saved as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for r in rows:
+        ax.scatter(r["macs"] / 1e6, r["top1"], s=36, zorder=3)
+        ax.annotate(f"{r['model']} (P={r['part']})", (r["macs"] / 1e6, r["top1"]),
+                    textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.set_xlabel("MACs per image (millions)")
+    ax.set_ylabel("validation top-1 accuracy (%)")
+    ax.set_title("Accuracy vs cost")
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    plt.close(fig)
+    path = Path(path)
+    atomic_write(path, buffer.getvalue())
+    return path
