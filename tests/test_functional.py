@@ -157,6 +157,19 @@ def test_padding_none_keeps_size_at_stride_one(backend):
         assert y.shape == (1, 5, 9, 6)
 
 
+@given(conv_cases())
+def test_grouped_output_slots(case):
+    # The grouped conv's output slot of filter f: class-major, ceil(N/P) slots per class,
+    # filters in order inside a class; "identity_slots" exactly when that is the identity.
+    n, p, pattern = case["n"], case["p"], case["pattern"]
+    idx = HF._indices(case["m"], n, p, pattern, torch.device("cpu"))
+    per_group = -(-n // p)
+    cls = hetconv.pattern.class_of_filter(n, p, pattern).tolist()
+    slots = [cls[f] * per_group + cls[:f].count(cls[f]) for f in range(n)]
+    assert idx["slot"].tolist() == slots and idx["slots"] == per_group * p
+    assert idx["identity_slots"] == (slots == list(range(n)) and per_group * p == n)
+
+
 def test_select_backend_returns_a_backend():
     x = torch.randn(1, 8, 6, 6)
     for p, k in [(1, 3), (2, 3), (8, 3), (4, 1), (2, 5)]:

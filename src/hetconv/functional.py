@@ -79,18 +79,17 @@ def _indices(m: int, n: int, p: int, pattern: str, device: torch.device) -> dict
     cls = _pattern.class_of_filter(n, p, pattern)
     # Slot of each filter in the grouped conv's output: class-major, ceil(N/P) per group.
     per_group = -(-n // p)
-    rank = torch.zeros(n, dtype=torch.long)
-    counts = [0] * p
-    for f, c in enumerate(cls.tolist()):
-        rank[f] = counts[c]
-        counts[c] += 1
+    # Rank of each filter within its class, in tensor ops (no .tolist(): traceable by
+    # torch.compile with fullgraph=True).
+    rank = (F.one_hot(cls, p).cumsum(0) - 1).gather(1, cls[:, None]).squeeze(1)
     slot = cls * per_group + rank
     out = {
         "kxk": _pattern.kxk_channels(m, n, p, pattern).to(device),
         "pw": _pattern.pointwise_channels(m, n, p, pattern).to(device),
         "slot": slot.to(device),
         "slots": per_group * p,
-        "identity_slots": bool(per_group * p == n and torch.equal(slot, torch.arange(n))),
+        # slot == arange(N) exactly when classes are equal and already contiguous.
+        "identity_slots": n % p == 0 and (pattern == "blocked" or p == 1 or p == n),
         "channel_order": _pattern.channel_order(m, p, pattern).to(device),
         "identity_channels": pattern == "blocked" or p == 1 or p == m,
     }

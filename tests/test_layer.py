@@ -1,0 +1,390 @@
+"""``HetConv2d``: construction, parameters, init, conversions, serialisation, compile, bad input."""
+
+from __future__ import annotations
+
+import copy
+import math
+import pickle
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from hypothesis import given
+
+import hetconv
+from hetconv import HetConv2d
+from hetconv import pattern as hp
+from _hetconv_reference import conv_cases, loop_dense, loop_mask, make_input, tolerances
+
+
+def layer_for(case: dict, **kwargs) -> HetConv2d:
+    return HetConv2d(case["m"], case["n"], case["kernel"], case["stride"], case["padding"],
+                     case["dilation"], bias=case["bias"], part=case["part"],
+                     pattern=case["pattern"], dtype=case["dtype"], **kwargs)
+
+
+def expected_params(m: int, n: int, p: int, kernel, bias: bool) -> int:
+    kh, kw = kernel
+    return n * (m // p * kh * kw + m - m // p) + (n if bias else 0)
+
+
+def masked_dense(weight: torch.Tensor, m: int, n: int, p: int, pattern: str) -> torch.Tensor:
+    """A dense conv weight with only the HetConv taps kept (KxK where the mask says, else centre)."""
+    kh, kw = weight.shape[2:]
+    mask = loop_mask(m, n, p, pattern)
+    out = torch.zeros_like(weight)
+    for f in range(n):
+        for i in range(m):
+            if mask[f][i]:
+                out[f, i] = weight[f, i]
+            else:
+                out[f, i, kh // 2, kw // 2] = weight[f, i, kh // 2, kw // 2]
+    return out
+
+
+# ---------------------------------------------------------------------------
+# The layer's contract on random shapes
+# ---------------------------------------------------------------------------
+
+@given(conv_cases(max_in=10, max_out=8))
+def test_layer_contract(case):
+    layer = layer_for(case)
+    m, n, p = case["m"], case["n"], case["p"]
+    # Parameters hold no redundancy.
+    assert layer.part == p and layer.part_spec == case["part"]
+    assert layer.weight_k.shape == (n, m // p) + case["kernel"]
+    assert layer.weight_1.shape == (n, m - m // p)
+    total = sum(t.numel() for t in layer.parameters())
+    assert total == expected_params(m, n, p, case["kernel"], case["bias"])
+    assert total == hp.hetconv_params(m, n, case["kernel"], case["part"], case["bias"])
+    assert layer.fan_in == m // p * case["kernel"][0] * case["kernel"][1] + m - m // p
+    # Mask and dense weight agree with the loop-based construction.
+    assert layer.kernel_mask().tolist() == loop_mask(m, n, p, case["pattern"])
+    dense = layer.dense_weight()
+    assert torch.equal(dense, loop_dense(layer.weight_k, layer.weight_1, p, case["pattern"]))
+    # The non-zeros of the dense kernel are exactly the parameters (uniform draws are non-zero).
+    assert int(torch.count_nonzero(dense)) == hp.hetconv_params(m, n, case["kernel"], case["part"])
+    # F.conv2d with the dense weight equals the layer; output_size predicts the shape.
+    x = make_input(case)
+    y = layer(x)
+    ref = F.conv2d(x, dense.detach(), layer.bias, layer.stride, layer.padding, layer.dilation)
+    torch.testing.assert_close(y, ref, **tolerances(case["dtype"]))
+    assert tuple(y.shape[-2:]) == layer.output_size(case["h"], case["w"])
+    assert layer.padding == case["pads"]
+
+
+@pytest.mark.parametrize("backend", list(hetconv.BACKENDS) + ["auto"])
+@pytest.mark.parametrize("pattern", ["shifted", "blocked"])
+def test_layer_backends_agree(backend, pattern):
+    torch.manual_seed(1)
+    ref = HetConv2d(8, 6, (3, 5), stride=(1, 2), bias=True, part=4, pattern=pattern,
+                    backend="dense")
+    layer = HetConv2d(8, 6, (3, 5), stride=(1, 2), bias=True, part=4, pattern=pattern,
+                      backend=backend)
+    layer.load_state_dict(ref.state_dict())
+    x = torch.randn(3, 8, 7, 9).contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(layer(x), ref(x), rtol=1e-4, atol=1e-5)
+
+
+def test_paper_layer_has_12288_weights():
+    layer = HetConv2d(64, 64, 3, part=4)
+    assert sum(t.numel() for t in layer.parameters()) == 12_288
+    assert sum(t.numel() for t in HetConv2d(64, 64, 3, part=4, bias=True).parameters()) == 12_352
+    assert sum(t.numel() for t in HetConv2d(64, 64, 3, part="C").parameters()) == 64 * (9 + 63)
+
+
+# ---------------------------------------------------------------------------
+# P = 1 is nn.Conv2d
+# ---------------------------------------------------------------------------
+
+GEOMETRIES = [
+    dict(kernel_size=3, stride=1, padding=1, dilation=1),
+    dict(kernel_size=(3, 5), stride=(2, 1), padding=(0, 3), dilation=(2, 1)),
+    dict(kernel_size=5, stride=2, padding=4, dilation=2),
+    dict(kernel_size=1, stride=1, padding=0, dilation=1),
+]
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+@pytest.mark.parametrize("bias", [False, True])
+def test_part_one_equals_conv2d(geometry, bias):
+    conv = nn.Conv2d(5, 7, bias=bias, **geometry)
+    layer = HetConv2d(5, 7, bias=bias, part=1, **geometry)
+    with torch.no_grad():
+        layer.weight_k.copy_(conv.weight)
+        if bias:
+            layer.bias.copy_(conv.bias)
+    x = torch.randn(2, 5, 11, 10)
+    assert torch.equal(layer(x), conv(x))
+    assert torch.equal(layer.dense_weight(), conv.weight)
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+@pytest.mark.parametrize("bias", [False, True])
+def test_from_conv2d_part_one_is_exact(geometry, bias):
+    conv = nn.Conv2d(5, 7, bias=bias, **geometry)
+    layer = HetConv2d.from_conv2d(conv, part=1)
+    assert layer.stride == conv.stride and layer.padding == conv.padding
+    assert layer.dilation == conv.dilation and layer.kernel_size == conv.kernel_size
+    x = torch.randn(2, 5, 11, 10)
+    assert torch.equal(layer(x), conv(x))
+
+
+@pytest.mark.parametrize("padding", ["same", "valid"])
+def test_from_conv2d_string_padding(padding):
+    conv = nn.Conv2d(4, 3, (3, 5), padding=padding, dilation=(1, 2))
+    layer = HetConv2d.from_conv2d(conv, part=1)
+    x = torch.randn(1, 4, 9, 12)
+    assert torch.equal(layer(x), conv(x))
+
+
+@pytest.mark.parametrize("pattern", ["shifted", "blocked"])
+@pytest.mark.parametrize("part", [2, 3, "C"])
+def test_from_conv2d_keeps_the_pattern_taps(part, pattern):
+    conv = nn.Conv2d(6, 5, 3, stride=2, padding=2, dilation=2, bias=True)
+    layer = HetConv2d.from_conv2d(conv, part=part, pattern=pattern)
+    p = 6 if part == "C" else part
+    expected = masked_dense(conv.weight.detach(), 6, 5, p, pattern)
+    assert torch.equal(layer.dense_weight().detach(), expected)
+    assert torch.equal(layer.bias.detach(), conv.bias.detach())
+    x = torch.randn(2, 6, 9, 8)
+    torch.testing.assert_close(
+        layer(x), F.conv2d(x, expected, conv.bias, 2, 2, 2), rtol=1e-4, atol=1e-5)
+
+
+def test_from_conv2d_carries_dtype_and_mode():
+    conv = nn.Conv2d(4, 4, 3, padding=1, bias=True).double().eval()
+    layer = HetConv2d.from_conv2d(conv, part=2, pattern="blocked", backend="dense")
+    assert all(t.dtype == torch.float64 for t in layer.parameters())
+    assert not layer.training and layer.pattern == "blocked" and layer.backend == "dense"
+    assert HetConv2d.from_conv2d(conv.train(), part=2).training
+    x = torch.randn(1, 4, 5, 5, dtype=torch.float64)
+    assert layer(x).dtype == torch.float64
+
+
+def test_from_conv2d_rejects_unsupported():
+    with pytest.raises(ValueError, match="groups"):
+        HetConv2d.from_conv2d(nn.Conv2d(4, 4, 3, groups=2), part=2)
+    with pytest.raises(ValueError, match="odd"):
+        HetConv2d.from_conv2d(nn.Conv2d(4, 4, 2), part=2)
+    with pytest.raises(ValueError, match="padding_mode"):
+        HetConv2d.from_conv2d(nn.Conv2d(4, 4, 3, padding_mode="reflect"), part=2)
+    for bad in (nn.Conv1d(4, 4, 3), nn.Linear(4, 4), nn.ConvTranspose2d(4, 4, 3)):
+        with pytest.raises(TypeError, match="conv must be an nn.Conv2d"):
+            HetConv2d.from_conv2d(bad, part=2)
+    with pytest.raises(ValueError, match="part"):
+        HetConv2d.from_conv2d(nn.Conv2d(4, 4, 3), part=3)
+
+
+def test_to_conv2d_equals_layer():
+    layer = HetConv2d(6, 4, (5, 3), stride=(2, 1), padding=(3, 0), dilation=(1, 2), bias=True,
+                      part=3, pattern="blocked")
+    conv = layer.to_conv2d()
+    assert type(conv) is nn.Conv2d
+    assert torch.equal(conv.weight, layer.dense_weight().detach())
+    x = torch.randn(2, 6, 10, 9)
+    torch.testing.assert_close(conv(x), layer(x), rtol=1e-4, atol=1e-5)
+    # And back: from_conv2d(to_conv2d()) is the same layer.
+    again = HetConv2d.from_conv2d(conv, part=3, pattern="blocked")
+    for name, t in layer.state_dict().items():
+        assert torch.equal(again.state_dict()[name], t)
+
+
+# ---------------------------------------------------------------------------
+# Initialisation
+# ---------------------------------------------------------------------------
+
+def test_reset_parameters_uses_true_fan_in():
+    layer = HetConv2d(64, 64, 3, bias=True, part=4)
+    fan_in = 64 // 4 * 9 + 64 - 64 // 4  # 192, not the dense 576
+    assert layer.fan_in == fan_in
+    bound = 1 / math.sqrt(fan_in)
+    for t in (layer.weight_k, layer.weight_1):
+        assert t.abs().max() <= bound
+        # 9,216 / 3,072 uniform draws: the extremes sit within 1% of the bound.
+        assert t.max() > 0.99 * bound and t.min() < -0.99 * bound
+        assert abs(float(t.detach().mean())) < 0.05 * bound
+    assert layer.bias.abs().max() <= bound and layer.bias.abs().max() > 0.8 * bound
+    before = layer.weight_k.detach().clone()
+    layer.reset_parameters()
+    assert not torch.equal(before, layer.weight_k)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_part_one_init_draws_equal_conv2d(bias):
+    torch.manual_seed(123)
+    conv = nn.Conv2d(6, 5, (3, 5), bias=bias)
+    torch.manual_seed(123)
+    layer = HetConv2d(6, 5, (3, 5), bias=bias, part=1)
+    assert torch.equal(layer.weight_k, conv.weight)
+    if bias:
+        assert torch.equal(layer.bias, conv.bias)
+
+
+def test_factory_kwargs():
+    layer = HetConv2d(4, 4, 3, bias=True, part=2, dtype=torch.float64, device="cpu")
+    assert all(t.dtype == torch.float64 and t.device.type == "cpu" for t in layer.parameters())
+    meta = HetConv2d(4, 4, 3, part=2, device="meta")
+    assert meta.weight_k.is_meta
+
+
+# ---------------------------------------------------------------------------
+# Autograd, serialisation, compile, autocast
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("pattern", ["shifted", "blocked"])
+def test_dense_weight_gradcheck(pattern):
+    layer = HetConv2d(4, 3, (3, 5), part=2, pattern=pattern, dtype=torch.float64)
+    wk = layer.weight_k.detach().clone().requires_grad_(True)
+    w1 = layer.weight_1.detach().clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(
+        lambda a, b: hetconv.functional.dense_weight(a, b, pattern), (wk, w1))
+    # The layer's own dense_weight() is connected to its parameters.
+    layer.dense_weight().pow(2).sum().backward()
+    torch.testing.assert_close(layer.weight_k.grad, 2 * layer.weight_k.detach())
+    torch.testing.assert_close(layer.weight_1.grad, 2 * layer.weight_1.detach())
+
+
+def _same_layer(a: HetConv2d, b: HetConv2d) -> None:
+    assert (a.part, a.part_spec, a.pattern, a.backend, a.stride, a.padding, a.dilation) == \
+        (b.part, b.part_spec, b.pattern, b.backend, b.stride, b.padding, b.dilation)
+    x = torch.randn(2, a.in_channels, 7, 6)
+    assert torch.equal(a(x), b(x))
+
+
+def test_state_dict_round_trip():
+    layer = HetConv2d(8, 6, 3, bias=True, part=4, pattern="blocked")
+    assert set(layer.state_dict()) == {"weight_k", "weight_1", "bias"}
+    fresh = HetConv2d(8, 6, 3, bias=True, part=4, pattern="blocked")
+    fresh.load_state_dict(layer.state_dict())
+    _same_layer(layer, fresh)
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        HetConv2d(8, 6, 3, bias=True, part=2).load_state_dict(layer.state_dict())
+
+
+def test_deepcopy_and_pickle_round_trip():
+    layer = HetConv2d(6, 5, (3, 5), stride=2, bias=True, part="C", backend="grouped")
+    for clone in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+        _same_layer(layer, clone)
+        assert clone.weight_k.data_ptr() != layer.weight_k.data_ptr()
+        with torch.no_grad():
+            clone.weight_k.add_(1.0)
+        assert not torch.equal(clone.weight_k, layer.weight_k)
+
+
+def _compiled_matches_eager(layer: HetConv2d, compiler: str) -> None:
+    """Forward and backward of ``torch.compile(layer, fullgraph=True)`` equal eager."""
+    torch._dynamo.reset()
+    x = torch.randn(2, layer.in_channels, 6, 5, requires_grad=True)
+    compiled = torch.compile(layer, backend=compiler, fullgraph=True)
+    y_c, y_e = compiled(x), layer(x)
+    torch.testing.assert_close(y_c, y_e, rtol=1e-4, atol=1e-5)
+    leaves = (x, layer.weight_k, layer.weight_1, layer.bias)
+    g = torch.randn_like(y_e)
+    for a, b in zip(torch.autograd.grad(y_c, leaves, g), torch.autograd.grad(y_e, leaves, g)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_torch_compile_inductor_matches_eager():
+    # inductor works on this CPU (a C++ compiler is present): one small case, with N not a
+    # multiple of P so the grouped path's filter re-ordering is compiled too.
+    _compiled_matches_eager(HetConv2d(4, 5, 3, bias=True, part=2), "inductor")
+
+
+@pytest.mark.parametrize("backend", list(hetconv.BACKENDS) + ["auto"])
+@pytest.mark.parametrize("pattern", ["shifted", "blocked"])
+def test_torch_compile_every_backend_traces_in_one_graph(backend, pattern):
+    # aot_eager traces forward and backward like inductor does, without the C++ build.
+    layer = HetConv2d(6, 5, 3, bias=True, part=3, pattern=pattern, backend=backend)
+    _compiled_matches_eager(layer, "aot_eager")
+
+
+@pytest.mark.parametrize("backend", list(hetconv.BACKENDS) + ["auto"])
+def test_bf16_autocast_close_to_fp32(backend):
+    layer = HetConv2d(8, 6, 3, bias=True, part=4, backend=backend)
+    x = torch.randn(2, 8, 6, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    y32 = layer(x)
+    # bf16 keeps 8 bits of mantissa: compare relative to the output scale.
+    err = (y.float() - y32).abs().max() / y32.abs().max()
+    assert err < 0.05
+    y.float().sum().backward()
+    assert layer.weight_k.grad is not None and torch.isfinite(layer.weight_k.grad).all()
+
+
+def test_extra_repr():
+    text = repr(HetConv2d(8, 4, 3, part=4, pattern="blocked", backend="grouped"))
+    assert "part=4" in text and "pattern=blocked" in text and "backend=grouped" in text
+    assert "part='C'" in repr(HetConv2d(8, 4, 3, part="C"))
+    assert "part='C'" in repr(HetConv2d(8, 4, 3, part="c"))
+    assert "backend=auto" in repr(HetConv2d(8, 4, 3))
+
+
+# ---------------------------------------------------------------------------
+# Bad input
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(part=0), ValueError, "part must be >= 1"),
+    (dict(part=-2), ValueError, "part must be >= 1"),
+    (dict(part=3), ValueError, r"allowed values: \[1, 2, 4, 8\]"),
+    (dict(part="PC"), ValueError, "part"),
+    (dict(part="X"), ValueError, "part"),
+    (dict(part=2.0), TypeError, "part"),
+    (dict(part=True), TypeError, "part"),
+    (dict(kernel_size=2), ValueError, "kernel_size must be odd"),
+    (dict(kernel_size=(3, 4)), ValueError, "kernel_size must be odd"),
+    (dict(kernel_size=0), ValueError, "kernel_size"),
+    (dict(kernel_size=3.0), TypeError, "kernel_size"),
+    (dict(kernel_size=(3, 3, 3)), ValueError, "kernel_size"),
+    (dict(in_channels=0), ValueError, "in_channels"),
+    (dict(in_channels=-8), ValueError, "in_channels"),
+    (dict(out_channels=0), ValueError, "out_channels"),
+    (dict(in_channels=8.0), (TypeError, ValueError), "in_channels"),
+    (dict(out_channels="4"), (TypeError, ValueError), "out_channels"),
+    (dict(pattern="diagonal"), ValueError, "pattern must be one of"),
+    (dict(backend="fast"), ValueError, "backend must be 'auto' or one of"),
+    (dict(padding_mode="reflect"), ValueError, "padding_mode"),
+    (dict(stride=0), ValueError, "stride"),
+    (dict(stride=1.5), TypeError, "stride"),
+    (dict(dilation=0), ValueError, "dilation"),
+    (dict(padding=-1), ValueError, "padding"),
+    (dict(padding="same"), ValueError, "padding"),
+    (dict(padding=(1, 2, 3)), ValueError, "padding"),
+    (dict(bias="yes"), TypeError, "bias"),
+])
+def test_bad_construction(kwargs, error, match):
+    args = dict(in_channels=8, out_channels=4, kernel_size=3)
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        HetConv2d(**args)
+
+
+def test_part_c_is_case_insensitive():
+    assert HetConv2d(8, 4, 3, part="c").part == 8
+    assert HetConv2d(8, 4, 3, part="C").part == 8
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 6, 6), (5, 6, 6), (6, 6), (1, 2, 4, 6, 6), (4,)])
+def test_forward_bad_shape_names_expected(shape):
+    layer = HetConv2d(4, 3, 3, part=2)
+    with pytest.raises(ValueError, match=r"\(B, 4, H, W\) or \(4, H, W\)"):
+        layer(torch.randn(shape))
+
+
+@pytest.mark.parametrize("backend", list(hetconv.BACKENDS) + ["auto"])
+def test_empty_batch_and_unbatched(backend):
+    layer = HetConv2d(4, 3, 3, stride=2, bias=True, part=2, backend=backend)
+    x = torch.randn(0, 4, 7, 5, requires_grad=True)
+    y = layer(x)
+    assert y.shape == (0, 3) + layer.output_size(7, 5)
+    y.sum().backward()
+    assert torch.equal(layer.bias.grad, torch.zeros(3))
+    single = torch.randn(4, 7, 5)
+    out = layer(single)
+    assert out.shape == (3, 4, 3)
+    torch.testing.assert_close(out, layer(single[None])[0])
