@@ -145,8 +145,130 @@ def _run_paper_tables(args) -> int:
     return 0
 
 
+def _add_train(sub) -> None:
+    from .train.commands import parse_model_arg, parse_part
+    from .train.config import PRESETS
+
+    p = sub.add_parser(
+        "train", help="train a model (from scratch) into a run directory",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train a model from scratch. Values come from the defaults, then --preset, "
+                    "then the options given. The run directory OUT/NAME receives config.json, "
+                    "metrics.jsonl/.csv, checkpoints/last.pt and best.pt, train.log and "
+                    "summary.json.",
+        epilog="presets:\n" + "\n".join(f"  {k}: {v}" for k, v in PRESETS.items()) +
+               "\n\nmulti-process: torchrun --nproc_per_node N -m hetconv train ... "
+               "(DDP; --batch-size is the global batch)")
+    g = p.add_argument_group("model")
+    g.add_argument("--model", help="registry name, e.g. vgg16_cifar_p4, resnet56_cifar_p2_se "
+                                   "(default: vgg16_cifar_p4)")
+    g.add_argument("--part", type=parse_part, help="HetConv part P (int or C) for a model name without a _p<P> suffix")
+    g.add_argument("--width", type=float, help="channel width multiplier (e.g. 0.25)")
+    g.add_argument("--se", action="store_true", default=None, help="add squeeze-excitation blocks")
+    g.add_argument("--model-arg", type=parse_model_arg, action="append", metavar="KEY=VALUE",
+                   help="any other create_model keyword (repeatable; VALUE parsed as JSON)")
+    g = p.add_argument_group("data")
+    g.add_argument("--data", choices=("fashion-mnist", "cifar10", "imagefolder"),
+                   help="data set (default: fashion-mnist)")
+    g.add_argument("--data-dir", help="where the data set is (default lookup: $HETCONV_DATA/"
+                                      "<name>, then /usr/share/datasets/fashion-mnist)")
+    g.add_argument("--no-augment", dest="augment", action="store_false", default=None,
+                   help="switch off the training augmentation")
+    g.add_argument("--image-size", type=int, help="imagefolder crop size (default: 224)")
+    g.add_argument("--train-subset", type=int, metavar="N",
+                   help="train on a fixed random subset of N images")
+    g.add_argument("--val-subset", type=int, metavar="N",
+                   help="validate on a fixed random subset of N images")
+    g.add_argument("--workers", type=int, help="data-loader processes per rank (default: 0 for "
+                                              "in-memory data sets, 8 for imagefolder)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--preset", choices=sorted(PRESETS), help="named set of defaults (see below)")
+    g.add_argument("--epochs", type=int, help="number of epochs (default: 10)")
+    g.add_argument("--batch-size", type=int, help="global batch size (default: 128)")
+    g.add_argument("--eval-batch-size", type=int, help="validation batch per rank "
+                                                       "(default: twice the training batch)")
+    g.add_argument("--lr", type=float, help="initial learning rate (default: 0.1)")
+    g.add_argument("--momentum", type=float, help="SGD momentum (default: 0.9)")
+    g.add_argument("--weight-decay", type=float, help="L2 weight decay (default: 5e-4)")
+    g.add_argument("--schedule", choices=("step", "cosine", "constant"),
+                   help="learning-rate schedule, stepped per epoch (default: step)")
+    g.add_argument("--lr-step", type=int, help="epochs between lr drops, step schedule (50)")
+    g.add_argument("--lr-gamma", type=float, help="lr factor at each drop (default: 0.1)")
+    g.add_argument("--label-smoothing", type=float, help="cross-entropy label smoothing (0)")
+    g.add_argument("--seed", type=int, help="random seed: init, data order, augmentation (0)")
+    g = p.add_argument_group("run")
+    g.add_argument("--out", help="directory of run directories (default: runs)")
+    g.add_argument("--name", help="run directory name (default: <model>-<data>-s<seed>)")
+    g.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue RUN_DIR from its last complete checkpoint (its saved config; "
+                        "only --epochs, --workers, --data-dir, --device, --eval-batch-size "
+                        "and --compile may change)")
+    g.add_argument("--force", action="store_true", help="overwrite an existing run directory")
+    g.add_argument("--limit-train-batches", type=int, metavar="N",
+                   help="stop each epoch after N batches (smoke tests)")
+    g.add_argument("--limit-val-batches", type=int, metavar="N",
+                   help="validate on N batches only (smoke tests)")
+    g = p.add_argument_group("performance")
+    g.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default: auto (CUDA if any)")
+    g.add_argument("--channels-last", action="store_true", default=None,
+                   help="channels-last memory format for model and inputs")
+    g.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    g.add_argument("--amp", choices=("bf16",), help="bfloat16 autocast")
+    p.set_defaults(func=_run_train)
+
+
+def _run_train(args) -> int:
+    from .train.commands import run_train
+
+    return run_train(args)
+
+
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser(
+        "evaluate", help="accuracy, loss, MACs, params and images/s of a trained model",
+        description="Evaluate a run directory (its last or best checkpoint) or a checkpoint "
+                    "file on the validation split of its data set.")
+    p.add_argument("path", metavar="RUN_DIR_or_CHECKPOINT", help="run directory or .pt file")
+    p.add_argument("--checkpoint", choices=("last", "best"), default="last",
+                   help="which checkpoint of a run directory (default: last)")
+    p.add_argument("--data", choices=("fashion-mnist", "cifar10", "imagefolder"),
+                   help="evaluate on this data set instead (same classes and channels)")
+    p.add_argument("--data-dir", help="where the data set is (default: as trained)")
+    p.add_argument("--batch-size", type=int, default=256, help="batch size (default: 256)")
+    p.add_argument("--workers", type=int, default=0, help="data-loader processes (default: 0)")
+    p.add_argument("--limit-batches", type=int, metavar="N", help="evaluate N batches only")
+    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=_run_evaluate)
+
+
+def _run_evaluate(args) -> int:
+    from .train.commands import run_evaluate
+
+    return run_evaluate(args)
+
+
+def _add_compare(sub) -> None:
+    p = sub.add_parser(
+        "compare", help="table and accuracy-vs-MACs plot of finished runs",
+        description="Compare finished runs: accuracy, MACs, params, their reduction relative "
+                    "to the dense (P=1) run of the same data set, and throughput.")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories")
+    p.add_argument("--plot", default="accuracy_vs_macs.png",
+                   help="PNG to write (default: accuracy_vs_macs.png; '' for none)")
+    p.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
+    p.set_defaults(func=_run_compare)
+
+
+def _run_compare(args) -> int:
+    from .train.commands import run_compare
+
+    return run_compare(args)
+
+
 _COMMANDS: List[Callable] = [_add_demo]
 _COMMANDS += [_add_profile, _add_models, _add_paper_tables]
+_COMMANDS += [_add_train, _add_evaluate, _add_compare]
 
 
 def build_parser() -> argparse.ArgumentParser:

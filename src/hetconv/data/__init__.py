@@ -20,11 +20,12 @@ from torch.utils.data import Dataset
 
 from .base import DatasetFormatError, DatasetInfo, DatasetNotFoundError, TensorImageDataset
 from .cifar import CIFAR10_CLASSES, find_cifar10, load_cifar10
-from .fashion_mnist import FASHION_MNIST_CLASSES, find_fashion_mnist, load_fashion_mnist, read_idx
+from .fashion_mnist import (FASHION_MNIST_CLASSES, find_fashion_mnist, load_fashion_mnist,
+                            read_idx, write_idx)
 
 __all__ = ["DATASETS", "DatasetFormatError", "DatasetInfo", "DatasetNotFoundError",
            "TensorImageDataset", "build_datasets", "find_cifar10", "find_fashion_mnist",
-           "load_cifar10", "load_fashion_mnist", "read_idx"]
+           "load_cifar10", "load_fashion_mnist", "read_idx", "write_idx"]
 
 FASHION_MNIST_MEAN, FASHION_MNIST_STD = (0.2860,), (0.3530,)
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)

@@ -17,7 +17,8 @@ import torch
 
 from .base import DatasetFormatError, find_data_dir
 
-__all__ = ["FASHION_MNIST_CLASSES", "find_fashion_mnist", "load_fashion_mnist", "read_idx"]
+__all__ = ["FASHION_MNIST_CLASSES", "find_fashion_mnist", "load_fashion_mnist", "read_idx",
+           "write_idx"]
 
 SYSTEM_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal",
@@ -79,6 +80,29 @@ def read_idx(path: Union[str, Path], ndim: Optional[int] = None) -> torch.Tensor
     if size > 1 and sys.byteorder == "little":  # IDX values are big-endian
         flat = flat.view(-1, size).flip(1).reshape(-1)
     return flat.view(dtype).view(*dims)
+
+
+def write_idx(path: Union[str, Path], tensor: torch.Tensor) -> Path:
+    """Write ``tensor`` as an IDX file (gzipped when ``path`` ends in ``.gz``), atomically
+    enough for data preparation (temp file + rename); the inverse of :func:`read_idx`."""
+    path = Path(path)
+    codes = {dtype: code for code, (dtype, _) in _IDX_TYPES.items()}
+    if tensor.dtype not in codes:
+        raise ValueError(f"tensor dtype must be one of {sorted(map(str, codes))}, got {tensor.dtype}")
+    if not 1 <= tensor.dim() <= 255:
+        raise ValueError(f"tensor must have 1..255 dimensions, got {tensor.dim()}")
+    flat = tensor.contiguous().view(-1).view(torch.uint8)
+    size = tensor.element_size()
+    if size > 1 and sys.byteorder == "little":
+        flat = flat.view(-1, size).flip(1).reshape(-1)
+    data = (bytes([0, 0, codes[tensor.dtype], tensor.dim()])
+            + struct.pack(f">{tensor.dim()}I", *tensor.shape) + flat.numpy().tobytes())
+    if path.suffix == ".gz":
+        data = gzip.compress(data, mtime=0)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+    return path
 
 
 def _file(directory: Path, stem: str) -> Optional[Path]:

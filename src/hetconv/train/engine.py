@@ -414,7 +414,8 @@ def _fit(config: TrainConfig, ctx: DistContext, resume, force: bool,
                 scheduler.step()
                 record = {"epoch": epoch + 1, "lr": lr, **train,
                           "val_loss": val["loss"], "val_top1": val["top1"],
-                          "val_top5": val["top5"], "val_images_per_s": val["images_per_s"],
+                          "val_top5": val["top5"], "val_images": val["images"],
+                          "val_images_per_s": val["images_per_s"],
                           "time_s": time.perf_counter() - start}
                 history.append(record)
                 improved = best is None or record["val_top1"] > best["val_top1"]
