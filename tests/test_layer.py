@@ -316,6 +316,17 @@ def test_bf16_autocast_close_to_fp32(backend):
     assert layer.weight_k.grad is not None and torch.isfinite(layer.weight_k.grad).all()
 
 
+@pytest.mark.parametrize("backend", list(hetconv.BACKENDS) + ["auto"])
+@pytest.mark.parametrize("part", [1, 2, "C"])
+def test_every_parameter_gets_a_gradient(backend, part):
+    # DistributedDataParallel (find_unused_parameters=False) fails on a parameter without a
+    # gradient; with P = 1 weight_1 is empty (N, 0) but must still receive one.
+    layer = HetConv2d(4, 3, 3, bias=True, part=part, backend=backend)
+    layer(torch.randn(2, 4, 5, 5)).sum().backward()
+    for name, t in layer.named_parameters():
+        assert t.grad is not None and t.grad.shape == t.shape, name
+
+
 def test_extra_repr():
     text = repr(HetConv2d(8, 4, 3, part=4, pattern="blocked", backend="grouped"))
     assert "part=4" in text and "pattern=blocked" in text and "backend=grouped" in text

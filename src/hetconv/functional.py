@@ -211,7 +211,9 @@ def het_conv2d(x: torch.Tensor, weight_k: torch.Tensor, weight_1: torch.Tensor,
     if backend == "auto":
         backend = select_backend(x, weight_k, weight_1, stride_, dilation_, pattern)
     if backend == "dense" or p == 1:
-        w = weight_k if p == 1 else dense_weight(weight_k, weight_1, pattern)
+        # P = 1: weight_1 is empty, but it must still reach the graph (adding its empty
+        # sum, an exact 0) so it gets a gradient: DDP fails on parameters that get none.
+        w = weight_k + weight_1.sum() if p == 1 else dense_weight(weight_k, weight_1, pattern)
         y = F.conv2d(x, w, bias, stride_, padding_, dilation_)
     else:
         y = _grouped(x, weight_k, weight_1, bias, stride_, padding_, dilation_, pattern)
