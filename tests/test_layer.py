@@ -327,6 +327,34 @@ def test_every_parameter_gets_a_gradient(backend, part):
         assert t.grad is not None and t.grad.shape == t.shape, name
 
 
+@pytest.mark.parametrize("backend", list(hetconv.BACKENDS) + ["auto"])
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_weight_changes_are_seen_without_autograd(backend, mode):
+    # A backend may cache re-laid-out weights for inference: in-place updates, a loaded
+    # state_dict and a replaced .data must all invalidate it.
+    layer = HetConv2d(6, 5, 3, bias=True, part=3, pattern="shifted", backend=backend)
+    ref = HetConv2d(6, 5, 3, bias=True, part=3, pattern="shifted", backend="dense")
+    x = torch.randn(2, 6, 5, 4)
+
+    def check():
+        ref.load_state_dict(layer.state_dict())
+        torch.testing.assert_close(layer(x), ref(x), rtol=1e-4, atol=1e-5)
+
+    with mode():
+        check()
+        layer.weight_k.add_(1.0)
+        check()
+        layer.weight_1.mul_(-2.0)
+        layer.bias.sub_(0.5)
+        check()
+    layer.load_state_dict(HetConv2d(6, 5, 3, bias=True, part=3).state_dict())
+    with mode():
+        check()
+    layer.weight_k.data = torch.randn_like(layer.weight_k)
+    with mode():
+        check()
+
+
 def test_extra_repr():
     text = repr(HetConv2d(8, 4, 3, part=4, pattern="blocked", backend="grouped"))
     assert "part=4" in text and "pattern=blocked" in text and "backend=grouped" in text
