@@ -146,7 +146,7 @@ def _run_paper_tables(args) -> int:
 
 
 def _add_train(sub) -> None:
-    from .train.commands import parse_model_arg, parse_part
+    from .train.commands import parse_model_arg
     from .train.config import PRESETS
 
     p = sub.add_parser(
@@ -162,7 +162,7 @@ def _add_train(sub) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", help="registry name, e.g. vgg16_cifar_p4, resnet56_cifar_p2_se "
                                    "(default: vgg16_cifar_p4)")
-    g.add_argument("--part", type=parse_part, help="HetConv part P (int or C) for a model name without a _p<P> suffix")
+    g.add_argument("--part", type=_part_arg, help="HetConv part P (int or C) for a model name without a _p<P> suffix")
     g.add_argument("--width", type=float, help="channel width multiplier (e.g. 0.25)")
     g.add_argument("--se", action="store_true", default=None, help="add squeeze-excitation blocks")
     g.add_argument("--model-arg", type=parse_model_arg, action="append", metavar="KEY=VALUE",

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from .base import DatasetFormatError, DatasetInfo, DatasetNotFoundError, TensorImageDataset
@@ -24,7 +25,7 @@ from .fashion_mnist import (FASHION_MNIST_CLASSES, find_fashion_mnist, load_fash
                             read_idx, write_idx)
 
 __all__ = ["DATASETS", "DatasetFormatError", "DatasetInfo", "DatasetNotFoundError",
-           "TensorImageDataset", "build_datasets", "find_cifar10", "find_fashion_mnist",
+           "TensorImageDataset", "TensorTransform", "build_datasets", "find_cifar10", "find_fashion_mnist",
            "load_cifar10", "load_fashion_mnist", "read_idx", "write_idx"]
 
 FASHION_MNIST_MEAN, FASHION_MNIST_STD = (0.2860,), (0.3530,)
@@ -32,22 +33,46 @@ CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-def _tensor_transforms(mean, std, pad_to: int, size: int, augment: bool, crop_padding: int):
-    """uint8 (C, H, W) -> normalised float; train adds padded random crop + flip."""
-    from torchvision.transforms import v2
+class TensorTransform:
+    """uint8 ``(C, H, W)`` -> normalised float, optionally zero-padded to ``pad_to`` and, for
+    training, randomly cropped from a ``crop_padding``-padded copy and flipped left-right.
 
-    pad = (pad_to - size) // 2
-    head = [v2.Pad(pad)] if pad else []
-    tail = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
-    train = head + ([v2.RandomCrop(pad_to, padding=crop_padding), v2.RandomHorizontalFlip()]
-                    if augment else []) + tail
-    return v2.Compose(train), v2.Compose(head + tail)
+    Plain torch ops (no torchvision import, a few microseconds per image); randomness
+    comes from torch's generator.
+    """
+
+    def __init__(self, mean, std, pad: int = 0, augment: bool = False, crop_padding: int = 4):
+        self.mean = torch.tensor(mean).view(-1, 1, 1)
+        self.std = torch.tensor(std).view(-1, 1, 1)
+        self.pad, self.augment, self.crop_padding = pad, augment, crop_padding
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        x = image.float().div_(255)
+        if self.pad:
+            x = F.pad(x, (self.pad,) * 4)
+        if self.augment:
+            p = self.crop_padding
+            h, w = x.shape[-2:]
+            dy, dx = torch.randint(0, 2 * p + 1, (2,)).tolist()
+            x = F.pad(x, (p,) * 4)[:, dy:dy + h, dx:dx + w]
+            if torch.rand(()) < 0.5:
+                x = x.flip(-1)
+        return (x - self.mean) / self.std
+
+    def __repr__(self) -> str:
+        return (f"TensorTransform(pad={self.pad}, augment={self.augment}, "
+                f"crop_padding={self.crop_padding})")
+
+
+def _transforms(mean, std, pad: int, augment: bool, crop_padding: int):
+    return (TensorTransform(mean, std, pad, augment, crop_padding),
+            TensorTransform(mean, std, pad))
 
 
 def _fashion_mnist(data_dir, augment, image_size):
     root = find_fashion_mnist(data_dir)
-    train_t, val_t = _tensor_transforms(FASHION_MNIST_MEAN, FASHION_MNIST_STD, 32, 28,
-                                        augment, crop_padding=2)
+    train_t, val_t = _transforms(FASHION_MNIST_MEAN, FASHION_MNIST_STD, 2, augment,
+                                 crop_padding=2)
     train = TensorImageDataset(*load_fashion_mnist(root, "train"), train_t, FASHION_MNIST_CLASSES)
     val = TensorImageDataset(*load_fashion_mnist(root, "test"), val_t, FASHION_MNIST_CLASSES)
     return train, val, DatasetInfo("fashion-mnist", 10, 1, 32, str(root), FASHION_MNIST_CLASSES)
@@ -55,8 +80,7 @@ def _fashion_mnist(data_dir, augment, image_size):
 
 def _cifar10(data_dir, augment, image_size):
     root = find_cifar10(data_dir)
-    train_t, val_t = _tensor_transforms(CIFAR10_MEAN, CIFAR10_STD, 32, 32, augment,
-                                        crop_padding=4)
+    train_t, val_t = _transforms(CIFAR10_MEAN, CIFAR10_STD, 0, augment, crop_padding=4)
     train = TensorImageDataset(*load_cifar10(root, "train"), train_t, CIFAR10_CLASSES)
     val = TensorImageDataset(*load_cifar10(root, "test"), val_t, CIFAR10_CLASSES)
     return train, val, DatasetInfo("cifar10", 10, 3, 32, str(root), CIFAR10_CLASSES)

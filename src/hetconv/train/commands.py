@@ -20,7 +20,7 @@ from .config import load_config, resolve_config
 from .engine import RESUME_MUTABLE, NonFiniteLossError, RunDirExistsError, _fmt, fit
 from .evaluate import compare, evaluate, format_compare, plot_compare
 
-__all__ = ["parse_part", "parse_model_arg", "run_compare", "run_evaluate", "run_train"]
+__all__ = ["parse_model_arg", "run_compare", "run_evaluate", "run_train"]
 
 _EXPECTED = (ValueError, TypeError, FileNotFoundError, FileExistsError, CheckpointError,
              DatasetNotFoundError, DatasetFormatError, NonFiniteLossError, RunDirExistsError)
@@ -30,19 +30,6 @@ _FIELDS = ("model", "data", "data_dir", "preset", "epochs", "batch_size", "eval_
            "seed", "out", "name", "workers", "device", "channels_last", "compile", "amp",
            "augment", "image_size", "train_subset", "val_subset", "limit_train_batches",
            "limit_val_batches")
-
-
-def parse_part(text: str):
-    """``--part``: a positive int or ``C`` (P = input channels of each layer)."""
-    if text.upper() == "C":
-        return "C"
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"part must be a positive int or 'C', got {text!r}")
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"part must be a positive int or 'C', got {text!r}")
-    return value
 
 
 def parse_model_arg(text: str):

@@ -1,0 +1,366 @@
+"""Training engine: run directory, exact resume (also after kill -9), divergence, safety of
+files and checkpoints, evaluate/compare, presets and the CLI."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+import hetconv
+from hetconv.cli import main
+from hetconv.train import (PRESETS, CheckpointError, NonFiniteLossError, RunDirExistsError,
+                           TrainConfig, compare, evaluate, fit, load_checkpoint,
+                           load_model_state, resolve_config)
+from hetconv.train.checkpoint import atomic_write
+from hetconv.train.metrics import TIMING_KEYS, topk_correct
+from synthetic_data import write_fashion_mnist
+
+TINY_VGG = dict(model_kwargs={"width": 0.0625})  # 4..32 channels: fast on CPU
+
+
+class Tiny(nn.Module):
+    """A few thousand parameters, with BN and dropout (buffers and RNG in play)."""
+
+    def __init__(self, in_chans: int = 1, num_classes: int = 10):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(in_chans, 6, 3, 2, 1), nn.BatchNorm2d(6),
+                                      nn.ReLU(), nn.AdaptiveAvgPool2d(4), nn.Flatten(),
+                                      nn.Dropout(0.3))
+        self.head = nn.Linear(96, num_classes)
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+def fresh(cls=None, *args):
+    """A model initialised the same way every time (its init draws from torch's RNG)."""
+    torch.manual_seed(0)
+    return (cls or Tiny)(*args)
+
+
+class NaNAfter(Tiny):
+    """Returns NaN logits from the ``n``-th training forward pass on."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.n, self.calls = n, 0
+
+    def forward(self, x):
+        out = super().forward(x)
+        if self.training:
+            self.calls += 1
+            if self.calls >= self.n:
+                out = out * float("nan")
+        return out
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return str(write_fashion_mnist(tmp_path_factory.mktemp("fm"), n_train=64, n_test=32))
+
+
+def tiny_config(data_dir, out, **kw):
+    values = dict(model="tiny", data="fashion-mnist", data_dir=data_dir, out=str(out),
+                  epochs=2, batch_size=16, lr=0.05, schedule="step", lr_step=1, lr_gamma=0.5,
+                  workers=0, seed=1)
+    values.update(kw)
+    return resolve_config(**values)
+
+
+def model_tensors(path):
+    return load_checkpoint(path)["model"]
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def metrics(run_dir):
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k not in TIMING_KEYS} for line in lines]
+
+
+# --------------------------------------------------------------------------- run directory
+
+def test_run_directory_contents(tmp_path, data_dir):
+    summary = fit(tiny_config(data_dir, tmp_path, name="r"), model=fresh())
+    run = tmp_path / "r"
+    assert sorted(p.name for p in run.iterdir()) == [
+        "checkpoints", "config.json", "metrics.csv", "metrics.jsonl", "summary.json", "train.log"]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best.pt", "last.pt"]
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["config"]["lr"] == 0.05 and saved["dataset"]["train_images"] == 64
+    records = metrics(run)
+    assert [r["epoch"] for r in records] == [1, 2]
+    assert [r["lr"] for r in records] == [0.05, 0.025]  # step schedule, halved each epoch
+    assert all(r["val_images"] == 32 for r in records)
+    csv_lines = (run / "metrics.csv").read_text().splitlines()
+    assert csv_lines[0].startswith("epoch,lr,train_loss") and len(csv_lines) == 3
+    on_disk = json.loads((run / "summary.json").read_text())
+    assert on_disk == json.loads(json.dumps(summary))
+    tiny = Tiny()
+    assert summary["params"] == sum(p.numel() for p in tiny.parameters())
+    assert summary["macs"] == hetconv.profile(tiny, (1, 32, 32)).macs
+    best = load_checkpoint(run / "checkpoints" / "best.pt")
+    assert best["epoch"] == summary["best"]["epoch"]
+    assert best["metrics"]["val_top1"] == max(r["val_top1"] for r in records)
+    assert "epoch 2/2" in (run / "train.log").read_text()
+
+
+def test_never_overwrites_without_force(tmp_path, data_dir):
+    config = tiny_config(data_dir, tmp_path, name="r", epochs=1)
+    fit(config, model=fresh())
+    before = (tmp_path / "r" / "metrics.jsonl").read_bytes()
+    with pytest.raises(RunDirExistsError, match="--force"):
+        fit(config, model=fresh())
+    assert (tmp_path / "r" / "metrics.jsonl").read_bytes() == before
+    fit(tiny_config(data_dir, tmp_path, name="r", epochs=1, lr=0.01), model=fresh(), force=True)
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["config"]["lr"] == 0.01
+
+
+# --------------------------------------------------------------------------- exact resume
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_resume_is_exact(tmp_path, data_dir, workers):
+    """2 epochs straight == 1 epoch + resume to 2 (augmentation and dropout included)."""
+    kw = dict(augment=True, workers=workers)
+    fit(tiny_config(data_dir, tmp_path, name="straight", **kw), model=fresh())
+    fit(tiny_config(data_dir, tmp_path, name="split", epochs=1, **kw), model=fresh())
+    assert len(metrics(tmp_path / "split")) == 1
+    fit(tiny_config(data_dir, tmp_path, name="split", **kw), model=fresh(),
+        resume=tmp_path / "split")
+    assert_same_weights(model_tensors(tmp_path / "straight"), model_tensors(tmp_path / "split"))
+    assert metrics(tmp_path / "straight") == metrics(tmp_path / "split")
+    a = load_checkpoint(tmp_path / "straight")
+    b = load_checkpoint(tmp_path / "split")
+    for key in ("momentum_buffer",):
+        for pa, pb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+            assert torch.equal(pa[key], pb[key])
+    assert torch.equal(a["rng"][0]["torch"], b["rng"][0]["torch"])
+
+
+def _cli_train(data_dir, out, name, *extra):
+    return [sys.executable, "-m", "hetconv", "train", "--model", "vgg16_cifar_p4", "--width",
+            "0.0625", "--data-dir", data_dir, "--out", str(out), "--name", name, "--epochs", "6",
+            "--batch-size", "16", "--lr", "0.05", "--workers", "0", "--seed", "3", *extra]
+
+
+def test_kill_9_then_resume_matches_uninterrupted_run(tmp_path, data_dir):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    reference = subprocess.Popen(_cli_train(data_dir, tmp_path, "ref"), env=env,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    victim = subprocess.Popen(_cli_train(data_dir, tmp_path, "victim"), env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = tmp_path / "victim" / "checkpoints" / "last.pt"
+    deadline = time.time() + 120
+    while not last.exists() and victim.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    assert victim.poll() is None, "the run finished before it could be killed"
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait()
+    assert not (tmp_path / "victim" / "summary.json").exists()
+    assert load_checkpoint(last)["epoch"] < 6
+    resumed = subprocess.run([sys.executable, "-m", "hetconv", "train", "--resume",
+                              str(tmp_path / "victim")], env=env, capture_output=True,
+                             text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert reference.wait(timeout=300) == 0, reference.stderr.read()
+    assert_same_weights(model_tensors(tmp_path / "ref"), model_tensors(tmp_path / "victim"))
+    assert metrics(tmp_path / "ref") == metrics(tmp_path / "victim")
+    assert [r["epoch"] for r in metrics(tmp_path / "victim")] == list(range(1, 7))
+    assert not list((tmp_path / "victim").glob("**/.*.tmp"))
+
+
+# --------------------------------------------------------------------------- failures
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, data_dir):
+    steps_per_epoch = 64 // 16
+    with pytest.raises(NonFiniteLossError, match="epoch 2, batch 3"):
+        fit(tiny_config(data_dir, tmp_path, name="nan", epochs=3),
+            model=fresh(NaNAfter, steps_per_epoch + 3))
+    run = tmp_path / "nan"
+    ckpt = load_checkpoint(run)
+    assert ckpt["epoch"] == 1
+    assert all(torch.isfinite(t).all() for t in ckpt["model"].values() if t.is_floating_point())
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "diverged" and "non-finite" in summary["error"]
+    assert len(metrics(run)) == 1
+    # The same one epoch without the fault gives the same checkpoint: it is the good one.
+    one = tiny_config(data_dir, tmp_path, name="one", epochs=1)
+    fit(one, model=fresh())
+    assert_same_weights(ckpt["model"], model_tensors(tmp_path / "one"))
+
+
+def test_absurd_learning_rate_diverges_with_message(tmp_path, data_dir, capsys):
+    code = main(["train", "--model", "vgg16_cifar_p4", "--width", "0.0625", "--data-dir",
+                 data_dir, "--out", str(tmp_path), "--name", "boom", "--epochs", "3",
+                 "--batch-size", "16", "--lr", "1e30", "--workers", "0"])
+    assert code == 1
+    assert "non-finite loss" in capsys.readouterr().err
+    assert json.loads((tmp_path / "boom" / "summary.json").read_text())["status"] == "diverged"
+
+
+def test_corrupt_and_unsafe_checkpoints(tmp_path, data_dir):
+    fit(tiny_config(data_dir, tmp_path, name="r", epochs=1), model=fresh())
+    last = tmp_path / "r" / "checkpoints" / "last.pt"
+    good = last.read_bytes()
+    last.write_bytes(good[: len(good) // 2])
+    with pytest.raises(CheckpointError, match="corrupt"):
+        fit(tiny_config(data_dir, tmp_path, name="r"), model=fresh(), resume=tmp_path / "r")
+    last.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_checkpoint(last)
+    torch.save({"format": "hetconv-checkpoint", "version": 1, "model": {}, "config": {},
+                "epoch": 1, "payload": Tiny()}, last)  # a pickled module: code, refused
+    with pytest.raises(CheckpointError, match="unsafe|corrupt"):
+        load_checkpoint(last)
+    torch.save({"model": {}}, last)
+    with pytest.raises(CheckpointError, match="not a hetconv checkpoint"):
+        load_checkpoint(last)
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_mismatched_checkpoint(tmp_path, data_dir):
+    base = dict(data_dir=data_dir, out=str(tmp_path), epochs=1, batch_size=16, workers=0,
+                **TINY_VGG)
+    fit(resolve_config(model="vgg16_cifar_p4", name="p4", **base))
+    ckpt = load_checkpoint(tmp_path / "p4")
+    other = hetconv.create_model("vgg16_cifar_p2", num_classes=10, in_chans=1, width=0.0625)
+    with pytest.raises(CheckpointError, match="vgg16_cifar_p4.*does not match.*shape"):
+        load_model_state(other, ckpt, "vgg16_cifar_p2")
+    with pytest.raises(CheckpointError, match="model: checkpoint 'vgg16_cifar_p4' vs now "
+                                              "'vgg16_cifar_p2'"):
+        fit(resolve_config(model="vgg16_cifar_p2", name="p4", **{**base, "epochs": 2}),
+            resume=tmp_path / "p4")
+    with pytest.raises(CheckpointError, match="lr"):
+        fit(resolve_config(model="vgg16_cifar_p4", name="p4", lr=0.5, **{**base, "epochs": 2}),
+            resume=tmp_path / "p4")
+
+
+def test_atomic_write_keeps_old_file_on_failure(tmp_path, monkeypatch):
+    target = tmp_path / "f.json"
+    atomic_write(target, b"old")
+
+    def boom(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", boom)
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(target, b"new")
+    assert target.read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.json"]
+
+
+# --------------------------------------------------------------------------- evaluate, compare
+
+def test_evaluate_and_compare(tmp_path, data_dir):
+    base = dict(data_dir=data_dir, out=str(tmp_path), epochs=1, batch_size=16, workers=0,
+                **TINY_VGG)
+    s4 = fit(resolve_config(model="vgg16_cifar_p4", name="p4", **base))
+    s1 = fit(resolve_config(model="vgg16_cifar", name="dense", **base))
+    result = evaluate(tmp_path / "p4", batch_size=8)
+    # Independent recomputation of the accuracy on the 32 validation images.
+    from hetconv.data import build_datasets
+
+    _, val, _ = build_datasets("fashion-mnist", data_dir, augment=False)
+    model = hetconv.create_model("vgg16_cifar_p4", num_classes=10, in_chans=1, width=0.0625)
+    model.load_state_dict(load_checkpoint(tmp_path / "p4")["model"])
+    model.eval()
+    with torch.no_grad():
+        x = torch.stack([val[i][0] for i in range(len(val))])
+        y = torch.tensor([val[i][1] for i in range(len(val))])
+        logits = model(x)
+    assert result["images"] == 32
+    assert result["top1"] == pytest.approx(100.0 * (logits.argmax(1) == y).float().mean().item())
+    top5 = (logits.topk(5, 1).indices == y[:, None]).any(1).float().mean().item()
+    assert result["top5"] == pytest.approx(100.0 * top5)
+    assert result["loss"] == pytest.approx(nn.functional.cross_entropy(logits, y).item(),
+                                           rel=1e-5)
+    assert result["top1"] == pytest.approx(s4["val_top1"])
+    macs4 = hetconv.profile(model, (1, 32, 32)).macs
+    dense = hetconv.create_model("vgg16_cifar", num_classes=10, in_chans=1, width=0.0625)
+    macs1 = hetconv.profile(dense, (1, 32, 32)).macs
+    assert result["macs"] == macs4 and s1["macs"] == macs1 and macs4 < macs1
+    assert result["images_per_s"] > 0
+    rows = compare([tmp_path / "dense", tmp_path / "p4"])
+    by_run = {r["run"]: r for r in rows}
+    assert by_run["dense"]["macs_reduction"] == 0.0
+    assert by_run["p4"]["part"] == 4 and by_run["dense"]["part"] == 1
+    assert by_run["p4"]["macs_reduction"] == pytest.approx(100 * (1 - macs4 / macs1))
+    params1 = sum(p.numel() for p in dense.parameters())
+    params4 = sum(p.numel() for p in model.parameters())
+    assert by_run["p4"]["params_reduction"] == pytest.approx(100 * (1 - params4 / params1))
+    with pytest.raises(FileNotFoundError, match="summary.json"):
+        compare([tmp_path])
+
+
+def test_cli_train_evaluate_compare_resume(tmp_path, data_dir, capsys):
+    args = ["train", "--model", "vgg16_cifar_p4", "--width", "0.0625", "--data-dir", data_dir,
+            "--out", str(tmp_path), "--name", "cli", "--epochs", "1", "--batch-size", "16",
+            "--workers", "0", "--limit-train-batches", "2"]
+    assert main(args) == 0
+    assert "val top-1" in capsys.readouterr().out
+    assert main(args) == 1
+    assert "already exists" in capsys.readouterr().err
+    run = str(tmp_path / "cli")
+    assert main(["train", "--resume", run, "--lr", "0.3"]) == 1
+    assert "cannot change: --lr" in capsys.readouterr().err
+    assert main(["train", "--resume", run, "--epochs", "2"]) == 0
+    assert len(metrics(run)) == 2
+    assert main(["evaluate", run, "--checkpoint", "best"]) == 0
+    out = capsys.readouterr().out
+    for word in ("top-1", "top-5", "loss", "MACs", "params", "images/s"):
+        assert word in out
+    png = tmp_path / "cmp.png"
+    assert main(["compare", run, "--plot", str(png), "--json", str(tmp_path / "c.json")]) == 0
+    assert "MACs red." in capsys.readouterr().out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((tmp_path / "c.json").read_text())[0]["run"] == "cli"
+    assert main(["evaluate", str(tmp_path / "nothing")]) == 1
+    assert "no such checkpoint" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- config, metrics
+
+def test_presets_follow_the_paper():
+    cifar = resolve_config("paper-cifar")
+    assert (cifar.data, cifar.momentum, cifar.weight_decay, cifar.batch_size, cifar.lr,
+            cifar.schedule, cifar.lr_step, cifar.lr_gamma) == ("cifar10", 0.9, 5e-4, 128, 0.1,
+                                                               "step", 50, 0.1)
+    imnet = resolve_config("paper-imagenet")
+    assert (imnet.weight_decay, imnet.batch_size, imnet.lr, imnet.lr_step, imnet.epochs) == \
+        (1e-4, 256, 0.1, 30, 90)
+    quick = resolve_config("quick", lr=0.2, model_kwargs={"se": True})
+    assert quick.lr == 0.2 and quick.model_kwargs == {"width": 0.25, "se": True}
+    assert PRESETS["quick"]["model_kwargs"] == {"width": 0.25}  # presets are not mutated
+    assert quick.preset == "quick"
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("lr", 0.0, "lr must be"), ("lr", float("nan"), "lr must be"), ("epochs", 0, "epochs"),
+    ("batch_size", 2.5, "batch_size"), ("schedule", "poly", "schedule must be one of"),
+    ("amp", "fp16", "amp must be one of"), ("name", "a/b", "name must be"),
+    ("momentum", 1.5, "momentum"), ("preset", "nope", "preset must be one of"),
+])
+def test_config_validation(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**{field: value})
+    with pytest.raises(ValueError, match="unknown config field"):
+        TrainConfig.from_dict({"learning_rate": 0.1})
+
+
+def test_topk_correct():
+    logits = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.1, 0.05], [0.2, 0.3, 0.5]])
+    targets = torch.tensor([1, 2, 0])
+    # row 0: top-1 hit; row 1: target ranked 3rd; row 2: target ranked 3rd
+    assert topk_correct(logits, targets, (1, 2, 5)) == [1, 1, 3]
