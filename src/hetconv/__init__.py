@@ -4,6 +4,7 @@ from . import functional, pattern
 from .functional import BACKENDS
 from .complexity import profile
 from .convert import convert
+from .deploy import export_onnx, fold_batchnorm, optimize_for_inference
 from .layers import DepthwisePointwiseConv2d, GroupPointwiseConv2d, HetConv2d, SqueezeExcite
 from .models import create_model, list_models, register_model
 from .pattern import kernel_mask
@@ -18,7 +19,10 @@ __all__ = [
     "SqueezeExcite",
     "convert",
     "create_model",
+    "export_onnx",
+    "fold_batchnorm",
     "list_models",
+    "optimize_for_inference",
     "profile",
     "register_model",
     "functional",

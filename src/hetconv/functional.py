@@ -19,6 +19,13 @@ Backends
     ``FL_HC``.  With ``pattern="shifted"`` the input is gathered into class
     order and the output back into filter order (one copy each); with
     ``pattern="blocked"`` and ``P | N`` no activation is permuted.
+``"fused"``
+    The fast CPU path: the same two parts, run as a channels_last grouped
+    convolution followed by one GEMM that accumulates the pointwise part
+    into the convolution's output buffer; the ``"shifted"`` permutation is
+    carried by the weights (input gathered once for the KxK part only);
+    assembled weights are cached outside autograd.  Returns channels_last
+    memory.  See docs/performance.md for what it gains and what was tried.
 ``"auto"``
     Resolves to a concrete backend per call with :func:`select_backend`.
 """
@@ -29,14 +36,18 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
+from torch.utils.weak import WeakIdKeyDictionary
 
 from . import pattern as _pattern
 
 __all__ = ["BACKENDS", "het_conv2d", "dense_weight", "select_backend", "IntPair"]
 
-BACKENDS: Tuple[str, ...] = ("dense", "grouped")
+BACKENDS: Tuple[str, ...] = ("dense", "grouped", "fused")
 
 IntPair = Union[int, Sequence[int]]
+
+#: Smallest channels per group (M/P and N/P) for which ``"auto"`` picks ``"fused"``.
+MIN_GROUP_CHANNELS: int = 8
 
 _INDEX_CACHE: dict = {}
 
@@ -76,6 +87,10 @@ def _indices(m: int, n: int, p: int, pattern: str, device: torch.device) -> dict
     compiling = torch.compiler.is_compiling()
     if not compiling and key in _INDEX_CACHE:
         return _INDEX_CACHE[key]
+    if not compiling and torch.is_inference_mode_enabled():
+        # Cached index tensors are reused under autograd later: never inference tensors.
+        with torch.inference_mode(False):
+            return _indices(m, n, p, pattern, device)
     cls = _pattern.class_of_filter(n, p, pattern)
     # Slot of each filter in the grouped conv's output: class-major, ceil(N/P) per group.
     per_group = -(-n // p)
@@ -127,17 +142,30 @@ def dense_weight(weight_k: torch.Tensor, weight_1: torch.Tensor,
 def select_backend(x: torch.Tensor, weight_k: torch.Tensor, weight_1: torch.Tensor,
                    stride: Tuple[int, int] = (1, 1), dilation: Tuple[int, int] = (1, 1),
                    pattern: str = "shifted") -> str:
-    """The concrete backend ``"auto"`` runs for this call.
+    """The concrete backend ``"auto"`` runs for this call (a documented rule).
 
-    Rule: P = 1 is a plain convolution, so ``"dense"``; otherwise ``"grouped"``,
-    whose cost ratio ``1/P + 1/K^2`` is below 1 for every P >= 2 and K >= 3.
-    Kernels of size 1 have nothing to save and also go to ``"dense"``.
+    * P = 1, or a 1x1 kernel: a plain convolution, ``"dense"``.
+    * ``"fused"`` when every group of the KxK part has at least
+      :data:`MIN_GROUP_CHANNELS` input and output channels (M/P >= 8 and
+      N/P >= 8 by default).  Below that, oneDNN's grouped convolution no
+      longer runs at GEMM speed on CPUs (measured in docs/performance.md:
+      ResNet-56's 16-channel stage at P = 4 is slower than dense), so
+      ``"dense"`` is used.
+    * Inputs that are not float32/bfloat16 (e.g. float64, which oneDNN does
+      not accelerate) go to ``"dense"`` as well.
+
+    ``hetconv.optimize_for_inference`` replaces this rule by a measurement
+    per layer.  A GPU path would add its own branch here.
     """
     n, m, p = _split_shapes(weight_k, weight_1)
     kh, kw = weight_k.shape[2:]
     if p == 1 or kh * kw == 1:
         return "dense"
-    return "grouped"
+    if x.dtype not in (torch.float32, torch.bfloat16):
+        return "dense"
+    if m // p < MIN_GROUP_CHANNELS or n // p < MIN_GROUP_CHANNELS:
+        return "dense"
+    return "fused"
 
 
 def _centre_input(x: torch.Tensor, kernel: Tuple[int, int], padding: Tuple[int, int],
@@ -180,6 +208,103 @@ def _grouped(x, weight_k, weight_1, bias, stride, padding, dilation, pattern):
     return y
 
 
+# ---------------------------------------------------------------------------
+# "fused": channels_last grouped KxK conv + one GEMM accumulated into its output.
+# ---------------------------------------------------------------------------
+
+_WEIGHT_CACHE = WeakIdKeyDictionary()
+
+
+def _fused_weights(weight_k: torch.Tensor, weight_1: torch.Tensor, bias: Optional[torch.Tensor],
+                   pattern: str, idx: dict) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """Weights in the layout the fused path wants, cached while they cannot change.
+
+    Returns the grouped kernel in slot order ``(slots, M/P, Kh, Kw)``, the
+    pointwise matrix ``(M, N)`` (input channels in natural order, filters in
+    the order the GEMM writes them, zero where the filter has a KxK kernel, so
+    the permutation of ``pattern="shifted"`` lives in the weights, not the
+    activations) and the bias in the grouped conv's slot order (it is added by
+    the conv for free).  Building them costs a few small scatters; outside
+    autograd (inference, ``torch.no_grad``) the result is cached per weight
+    tensor and rebuilt when any weight's version counter changes.
+    """
+    tracked = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (weight_k, weight_1, bias))
+    cacheable = not tracked and not torch.compiler.is_compiling() and not any(
+        t is not None and t.is_inference() for t in (weight_k, weight_1, bias))
+    if cacheable:
+        key = tuple(None if t is None else (id(t), t.data_ptr(), t._version)
+                    for t in (weight_k, weight_1, bias)) + (pattern, weight_k.device, weight_k.dtype)
+        hit = _WEIGHT_CACHE.get(weight_k)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+    if cacheable:  # nothing to differentiate; cached tensors must work outside inference mode
+        with torch.inference_mode(False):
+            out = _assemble_fused(weight_k.detach(), weight_1.detach(),
+                                  None if bias is None else bias.detach(), idx)
+    else:
+        out = _assemble_fused(weight_k, weight_1, bias, idx)
+    if cacheable:
+        _WEIGHT_CACHE[weight_k] = (key, out)
+    return out
+
+
+def _assemble_fused(weight_k, weight_1, bias, idx):
+    n, m = weight_k.shape[0], weight_k.shape[1] + weight_1.shape[1]
+    slots = idx["slots"]
+    w1 = weight_1.new_zeros(n, m).scatter(1, idx["pw"], weight_1)
+    if idx["identity_slots"]:
+        wk, b = weight_k, bias
+    else:
+        wk = weight_k.new_zeros((slots,) + tuple(weight_k.shape[1:])).index_copy(
+            0, idx["slot"], weight_k)
+        b = None if bias is None else bias.new_zeros(slots).index_copy(0, idx["slot"], bias)
+    return wk, w1.t(), b
+
+
+def _fused(x, weight_k, weight_1, bias, stride, padding, dilation, pattern):
+    """Grouped KxK conv in NHWC, then ``out += x_centre @ W1`` in place.
+
+    * channels_last: oneDNN's grouped convolutions are fast in NHWC and slow in
+      NCHW; the pointwise part is then a plain GEMM on the (B*H*W, M) view.
+    * one output buffer: the GEMM accumulates into the grouped conv's output
+      (``addmm_``), no second activation tensor and no separate sum.
+    * ``pattern="shifted"``: the input is gathered into class order once, for
+      the KxK part only; the pointwise GEMM reads the input as it is, with its
+      rows permuted in the weights.  When the filter order differs from the
+      grouped conv's slot order, the output is gathered once (fused with the
+      GEMM's accumulation buffer).
+    Costs ``FL_K + Do*Do*N*M`` MACs, like ``"grouped"``.  The result is a
+    channels_last tensor (``.contiguous()`` gives NCHW memory if needed).
+    """
+    n, m, p = _split_shapes(weight_k, weight_1)
+    idx = _indices(m, n, p, pattern, x.device)
+    kh, kw = weight_k.shape[2:]
+    wk, w1t, b = _fused_weights(weight_k, weight_1, bias, pattern, idx)
+    cl = torch.channels_last
+    x = x.contiguous(memory_format=cl)
+    if idx["identity_channels"]:
+        xg = x
+    else:  # class order for the grouped conv: one gather, in NHWC memory
+        xg = x.permute(0, 2, 3, 1).index_select(3, idx["channel_order"]).permute(0, 3, 1, 2)
+    y = F.conv2d(xg, wk, b, stride, padding, dilation, groups=p)
+    y = y.contiguous(memory_format=cl)
+    batch, slots, ho, wo = y.shape
+    xc, pc = _centre_input(x, (kh, kw), padding, dilation)
+    if pc != (0, 0):
+        xc = F.pad(xc, (pc[1], pc[1], pc[0], pc[0]))
+    xc = xc[:, :, ::stride[0], ::stride[1]]
+    xf = xc.permute(0, 2, 3, 1).reshape(-1, m)
+    yf = y.permute(0, 2, 3, 1).reshape(-1, slots)
+    # Under autocast the conv returns bf16/fp16 while addmm_ (in place) is not autocast.
+    xf, w1t = xf.to(yf.dtype), w1t.to(yf.dtype)
+    if idx["identity_slots"]:
+        out = yf.addmm_(xf, w1t)
+    else:
+        out = yf.index_select(1, idx["slot"]).addmm_(xf, w1t)
+    return out.view(batch, ho, wo, n).permute(0, 3, 1, 2)
+
+
 def het_conv2d(x: torch.Tensor, weight_k: torch.Tensor, weight_1: torch.Tensor,
                bias: Optional[torch.Tensor] = None, stride: IntPair = 1,
                padding: Optional[IntPair] = None, dilation: IntPair = 1,
@@ -215,6 +340,8 @@ def het_conv2d(x: torch.Tensor, weight_k: torch.Tensor, weight_1: torch.Tensor,
         # sum, an exact 0) so it gets a gradient: DDP fails on parameters that get none.
         w = weight_k + weight_1.sum() if p == 1 else dense_weight(weight_k, weight_1, pattern)
         y = F.conv2d(x, w, bias, stride_, padding_, dilation_)
+    elif backend == "fused":
+        y = _fused(x, weight_k, weight_1, bias, stride_, padding_, dilation_, pattern)
     else:
         y = _grouped(x, weight_k, weight_1, bias, stride_, padding_, dilation_, pattern)
     return y.squeeze(0) if unbatched else y

@@ -1,0 +1,63 @@
+"""Wall-clock timing of competing callables, fair on a shared machine.
+
+Used by :mod:`hetconv.deploy` (to pick a backend per layer) and by
+:mod:`hetconv.bench`.  Candidates are warmed up, then run round-robin
+(interleaved), so a burst of load from another process hits all of them
+alike; each candidate's median over the repeats is reported.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Mapping
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Seconds per call of one candidate: median, quartiles and all samples."""
+
+    median: float
+    q1: float
+    q3: float
+    samples: tuple
+
+    @classmethod
+    def from_samples(cls, samples: List[float]) -> "Timing":
+        s = sorted(samples)
+        if len(s) >= 4:
+            q1, _, q3 = statistics.quantiles(s, n=4)
+        else:
+            q1, q3 = s[0], s[-1]
+        return cls(statistics.median(s), q1, q3, tuple(samples))
+
+
+def time_interleaved(candidates: Mapping[str, Callable[[], object]], repeats: int = 7,
+                     warmup: int = 2, min_seconds: float = 0.0) -> Dict[str, Timing]:
+    """Time each zero-argument callable ``repeats`` times, interleaved after ``warmup`` calls.
+
+    ``min_seconds`` extends the repeats (up to 10x) until every candidate has
+    been timed for at least that long in total, so tiny calls get more samples.
+    """
+    if not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats must be a positive int, got {repeats!r}")
+    if not isinstance(warmup, int) or warmup < 0:
+        raise ValueError(f"warmup must be an int >= 0, got {warmup!r}")
+    if not candidates:
+        raise ValueError("candidates must not be empty")
+    for fn in candidates.values():
+        for _ in range(warmup):
+            fn()
+    samples: Dict[str, List[float]] = {k: [] for k in candidates}
+    rounds = 0
+    while True:
+        for name, fn in candidates.items():
+            t0 = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - t0)
+        rounds += 1
+        if rounds >= repeats and (rounds >= 10 * repeats or min(
+                sum(v) for v in samples.values()) >= min_seconds):
+            break
+    return {k: Timing.from_samples(v) for k, v in samples.items()}

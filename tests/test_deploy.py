@@ -1,0 +1,164 @@
+"""Deployment: BatchNorm folding, optimize_for_inference and ONNX export (run in onnxruntime)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+
+import hetconv
+from hetconv import deploy
+
+
+def _randomise_bn(model: nn.Module) -> nn.Module:
+    """Non-trivial running statistics and affine parameters, so folding is really exercised."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.5, 2)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-1, 1)
+    return model.eval()
+
+
+def _handmade(pattern: str = "shifted") -> nn.Sequential:
+    return _randomise_bn(nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1, bias=True), nn.BatchNorm2d(16), nn.ReLU(),
+        hetconv.HetConv2d(16, 24, 3, part=4, pattern=pattern), nn.BatchNorm2d(24), nn.ReLU(),
+        hetconv.HetConv2d(24, 16, 3, stride=2, part=2, bias=True, pattern=pattern),
+        nn.BatchNorm2d(16), nn.ReLU(),
+        hetconv.HetConv2d(16, 16, 3, part="C"), nn.BatchNorm2d(16),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5)))
+
+
+class _TorchvisionStyle(nn.Module):
+    """convK / bnK sibling attributes, as in torchvision's ResNet blocks."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = hetconv.HetConv2d(8, 8, 3, part=2)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        return self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))) + x
+
+
+@pytest.mark.parametrize("pattern", ["shifted", "blocked"])
+def test_fold_batchnorm_sequential_matches_and_counts(pattern):
+    model = _handmade(pattern)
+    x = torch.randn(2, 3, 12, 12)
+    with torch.no_grad():
+        ref = model(x)
+    folded = deploy.fold_batchnorm(model)
+    assert folded == 4
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    assert all(m.bias is not None for m in model.modules() if isinstance(m, hetconv.HetConv2d))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_fold_batchnorm_named_pairs():
+    model = _randomise_bn(_TorchvisionStyle())
+    x = torch.randn(2, 8, 6, 6)
+    with torch.no_grad():
+        ref = model(x)
+    assert deploy.fold_batchnorm(model) == 2
+    assert isinstance(model.bn1, nn.Identity) and isinstance(model.bn2, nn.Identity)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_fold_batchnorm_skips_bn_without_stats_and_mismatched():
+    model = nn.Sequential(hetconv.HetConv2d(4, 4, part=2), nn.BatchNorm2d(4, track_running_stats=False))
+    assert deploy.fold_batchnorm(model) == 0
+    with pytest.raises(TypeError, match="model"):
+        deploy.fold_batchnorm("not a model")
+
+
+@pytest.mark.parametrize("backend", ["measure", "auto", "fused"])
+def test_optimize_for_inference_matches_and_leaves_original(backend):
+    model = _handmade()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(3, 3, 12, 12)
+    fast = hetconv.optimize_for_inference(model, x, backend=backend, repeats=1)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), model(x), rtol=1e-4, atol=1e-4)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # original untouched
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    plan = fast.hetconv_plan
+    assert plan["folded_batchnorms"] == 4
+    assert plan["memory_format"] in ("contiguous", "channels_last")
+    layers = [m for m in fast.modules() if isinstance(m, hetconv.HetConv2d)]
+    assert len(plan["layers"]) == len(layers) == 3
+    expected = set(hetconv.BACKENDS) if backend == "measure" else {backend}
+    assert {layer.backend for layer in layers} <= expected
+    assert not fast.training
+
+
+def test_optimize_for_inference_registry_model():
+    model = _randomise_bn(hetconv.create_model("resnet56_cifar_p2", width=0.5))
+    x = torch.randn(2, 3, 16, 16)
+    fast = hetconv.optimize_for_inference(model, x, repeats=1)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), model(x), rtol=1e-4, atol=1e-4)
+    assert fast.hetconv_plan["folded_batchnorms"] == 55
+
+
+def test_optimize_for_inference_without_input_uses_rule():
+    fast = hetconv.optimize_for_inference(_handmade())
+    assert fast.hetconv_plan["memory_format"] == "channels_last"
+    assert {m.backend for m in fast.modules() if isinstance(m, hetconv.HetConv2d)} == {"auto"}
+
+
+def test_optimize_for_inference_bad_arguments():
+    model = _handmade()
+    with pytest.raises(ValueError, match="backend"):
+        hetconv.optimize_for_inference(model, backend="fastest")
+    with pytest.raises(ValueError, match="memory_format"):
+        hetconv.optimize_for_inference(model, memory_format="nhwc")
+    with pytest.raises(TypeError, match="example_input"):
+        hetconv.optimize_for_inference(model, [1, 2])
+
+
+@pytest.mark.parametrize("form", ["grouped", "dense"])
+def test_export_module_equals_model(form):
+    model = _handmade("shifted")
+    x = torch.randn(2, 3, 12, 12)
+    exported = deploy.export_module(model, form)
+    assert not any(isinstance(m, hetconv.HetConv2d) for m in exported.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(exported(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("form,pattern", [("grouped", "shifted"), ("grouped", "blocked"),
+                                          ("dense", "shifted")])
+def test_export_onnx_runs_in_onnxruntime(tmp_path, form, pattern):
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    model = _handmade(pattern)
+    x = torch.randn(2, 3, 12, 12)
+    path = hetconv.export_onnx(model, tmp_path / "m.onnx", x, form=form)
+    assert os.path.exists(path) and not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+    graph = onnx.load(path).graph
+    ops = {node.op_type for node in graph.node}
+    assert "Conv" in ops and all(node.domain in ("", "ai.onnx") for node in graph.node)
+    if form == "grouped":
+        assert any(a.name == "group" and a.i > 1 for node in graph.node for a in node.attribute)
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    x5 = torch.randn(5, 3, 12, 12)  # dynamic batch
+    got = torch.from_numpy(session.run(None, {"input": x5.numpy()})[0])
+    with torch.no_grad():
+        torch.testing.assert_close(got, model(x5), rtol=1e-4, atol=1e-4)
+
+
+def test_export_onnx_bad_arguments(tmp_path):
+    with pytest.raises(ValueError, match="form"):
+        hetconv.export_onnx(_handmade(), tmp_path / "m.onnx", torch.randn(1, 3, 8, 8), form="sparse")
+    with pytest.raises(TypeError, match="example_input"):
+        hetconv.export_onnx(_handmade(), tmp_path / "m.onnx", None)
