@@ -31,13 +31,17 @@ def _first_conv(conv: nn.Conv2d, in_chans: int) -> nn.Conv2d:
                      conv.dilation, bias=conv.bias is not None)
 
 
-def _finish(model: nn.Module, conv: Optional[str], part: Part, groups, pattern: str,
-            indivisible: str, width: float) -> nn.Module:
+def _check(conv: Optional[str], part: Part, groups, pattern: str, indivisible: str,
+           width: float) -> None:
+    """Validate the options before anything is built."""
     if conv not in (None, "het"):
         raise ValueError(f"conv={conv!r}: the ImageNet models support conv='het' only")
     if width != 1:
         raise ValueError(f"width={width!r}: the ImageNet models support width=1 only")
-    ConvSpec("het", part, groups, pattern, indivisible)  # validates the options
+    ConvSpec("het", part, groups, pattern, indivisible)
+
+
+def _finish(model: nn.Module, part: Part, pattern: str, indivisible: str) -> nn.Module:
     if part is None or part == 1:
         return model
     model, _ = convert(model, part, pattern=pattern, indivisible=indivisible, inplace=True)
@@ -51,6 +55,7 @@ def vgg16(*, num_classes: int = 1000, in_chans: int = 3, part: Part = None, se: 
     """torchvision VGG-16 (no BN), Table 5: 15.5G MACs at 224x224."""
     import torchvision.models as tvm  # lazy: keeps ``import hetconv`` cheap
 
+    _check(conv, part, groups, pattern, indivisible, width)
     model = tvm.vgg16(weights=None, num_classes=num_classes)
     model.features[0] = _first_conv(model.features[0], in_chans)
     if se:
@@ -61,7 +66,7 @@ def vgg16(*, num_classes: int = 1000, in_chans: int = 3, part: Part = None, se: 
             if isinstance(m, nn.ReLU) and i > 0 and isinstance(feats[i - 1], nn.Conv2d):
                 out.append(SqueezeExcite(feats[i - 1].out_channels, 8))
         model.features = nn.Sequential(*out)
-    return _finish(model, conv, part, groups, pattern, indivisible, width)
+    return _finish(model, part, pattern, indivisible)
 
 
 def _resnet(name: str, last_bn: str, num_classes: int, in_chans: int, se: bool) -> nn.Module:
@@ -82,8 +87,9 @@ def resnet34(*, num_classes: int = 1000, in_chans: int = 3, part: Part = None, s
              conv: Optional[str] = None, groups: Optional[int] = None, width: float = 1.0,
              pattern: str = "shifted", indivisible: str = "skip") -> nn.Module:
     """torchvision ResNet-34, Table 6: 3.6G MACs at 224x224."""
+    _check(conv, part, groups, pattern, indivisible, width)
     model = _resnet("resnet34", "bn2", num_classes, in_chans, se)
-    return _finish(model, conv, part, groups, pattern, indivisible, width)
+    return _finish(model, part, pattern, indivisible)
 
 
 @register_model(variants=("p4", "p4_se"))
@@ -91,5 +97,6 @@ def resnet50(*, num_classes: int = 1000, in_chans: int = 3, part: Part = None, s
              conv: Optional[str] = None, groups: Optional[int] = None, width: float = 1.0,
              pattern: str = "shifted", indivisible: str = "skip") -> nn.Module:
     """torchvision ResNet-50 (v1.5, stride on the 3x3), Table 7: 4.1G MACs at 224x224."""
+    _check(conv, part, groups, pattern, indivisible, width)
     model = _resnet("resnet50", "bn3", num_classes, in_chans, se)
-    return _finish(model, conv, part, groups, pattern, indivisible, width)
+    return _finish(model, part, pattern, indivisible)
