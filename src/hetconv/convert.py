@@ -119,10 +119,10 @@ class ConvertReport:
                 f"converted, {len(self.skipped)} left as they were")
         rows = [("name", "type", "in->out", "kernel", "stride", "part", "note")]
         for e in self.entries:
-            new = "-" if e.new_part is None else str(e.new_part)
+            part = str(e.old_part) if e.new_part is None else f"{e.old_part}->{e.new_part}"
             rows.append((e.name or "(root)", e.kind, f"{e.in_channels}->{e.out_channels}",
                          "x".join(map(str, e.kernel_size)), "x".join(map(str, e.stride)),
-                         f"{e.old_part}->{new}", e.reason))
+                         part, e.reason))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
         lines = [head]
         for r in rows:

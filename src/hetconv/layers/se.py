@@ -19,6 +19,9 @@ class SqueezeExcite(nn.Module):
     The two fully connected layers are ``nn.Linear`` so that cost accounting
     (:func:`hetconv.profile`) sees them: they cost ``2 * C * C/r`` MACs per
     example, which is what the paper's FLOPs column adds for its ``_SE`` rows.
+    Their parameters (``2 * C * C/r`` plus biases) are about twice what the
+    paper's params column adds for those rows; the block is the standard one
+    and that difference is reported, not imitated.
     """
 
     def __init__(self, channels: int, reduction: int = 8, bias: bool = True) -> None:

@@ -150,6 +150,12 @@ class MobileNetCifar(nn.Module):
     ``conv="dwc_pwc"`` it is MobileNet's depthwise + BN + ReLU + pointwise
     (+ BN + ReLU); with ``conv="het"`` the pair becomes ONE HetConv layer of
     the same stride and output width, as in the paper.
+
+    ``part=32`` (the paper's ``MobileNet_P32``): every unit's in_channels
+    (32, 64, ..., 1024) is a multiple of 32, so no ``indivisible`` policy is
+    involved at width 1; the first unit (32 -> 64) is then P = in_channels
+    (one 3x3 kernel per filter).  This counts 55.95M MACs against the paper's
+    55.94M.  At other widths ``indivisible`` applies as everywhere.
     """
 
     def __init__(self, cfg=MOBILENET_CFG, num_classes: int = 10, in_chans: int = 3,
