@@ -123,8 +123,14 @@ class ConvertReport:
             rows.append((e.name or "(root)", e.kind, f"{e.in_channels}->{e.out_channels}",
                          "x".join(map(str, e.kernel_size)), "x".join(map(str, e.stride)),
                          part, e.reason))
+        reasons: dict = {}
+        for e in self.skipped:
+            key = e.reason.split(" (")[0].split(";")[0]
+            reasons[key] = reasons.get(key, 0) + 1
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
         lines = [head]
+        if reasons:
+            lines.append("left alone: " + ", ".join(f"{n} {k}" for k, n in reasons.items()))
         for r in rows:
             lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
         return "\n".join(line.rstrip() for line in lines)
