@@ -147,6 +147,8 @@ def test_user_tree_reasons_and_exact_init():
 
     text = str(report)
     assert "3 converted" in text and "depthwise (groups=16)" in text and "1->4" in text
+    summary = text.splitlines()[1]
+    assert summary.startswith("left alone: 1 first KxK conv, 1 1x1 kernel, 1 grouped, 1 depthwise")
 
 
 def test_skip_first_false_and_part_c():
