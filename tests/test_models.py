@@ -208,3 +208,30 @@ def test_profile_command(capsys):
         main(["profile", "vgg16_cifar", "--input", "32x32"])
     assert main(["models", "mobilenet*"]) == 0
     assert capsys.readouterr().out.split() == list_models("mobilenet*")
+
+
+def test_squeeze_excite_semantics():
+    se = SqueezeExcite(16, 8)
+    assert se.fc1.out_features == 2 and se.fc2.out_features == 16
+    x = torch.randn(3, 16, 5, 4)
+    s = x.mean(dim=(2, 3))
+    gate = torch.sigmoid(se.fc2.weight @ torch.relu(se.fc1.weight @ s.T + se.fc1.bias[:, None])
+                         + se.fc2.bias[:, None]).T
+    torch.testing.assert_close(se(x), x * gate[:, :, None, None])
+    with pytest.raises(ValueError, match=r"expected input of shape \(B, 16, H, W\)"):
+        se(torch.randn(3, 8, 5, 5))
+    with pytest.raises(ValueError, match="reduction must be a positive int"):
+        SqueezeExcite(16, 0)
+
+
+def test_group_pointwise_semantics():
+    block = GroupPointwiseConv2d(8, 12, 3, stride=2, groups=4).eval()
+    x = torch.randn(2, 8, 9, 9)
+    y = torch.nn.functional.conv2d(x, block.spatial.weight, None, 2, 1, groups=4)
+    y = torch.relu(block.bn(y))
+    torch.testing.assert_close(block(x), torch.nn.functional.conv2d(y, block.pointwise.weight))
+    assert block(x).shape == (2, 12, 5, 5)
+    dw = DepthwisePointwiseConv2d(8, 4)
+    assert dw.spatial.groups == 8 and dw.pointwise.out_channels == 4
+    with pytest.raises(ValueError, match="groups=3 must divide in_channels=8"):
+        GroupPointwiseConv2d(8, 12, groups=3)
