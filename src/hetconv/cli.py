@@ -266,9 +266,59 @@ def _run_compare(args) -> int:
     return run_compare(args)
 
 
+def _add_bench(sub) -> None:
+    p = sub.add_parser(
+        "bench", help="speed benchmark: HetConv vs the best dense conv, per layer and per model",
+        description="Time every way of computing HetConv layers and models (hetconv backends, "
+                    "dense nn.Conv2d in NCHW/channels_last, public designs, GWC/DWC+PWC, "
+                    "optimize_for_inference, onnxruntime) side by side, interleaved, medians "
+                    "after warm-up; write <out>/<name>_results.md/.json and a speedup-vs-P plot.")
+    p.add_argument("--quick", action="store_true",
+                   help="a small version (3 VGG layers at batch 16, P in {1, 4}; VGG-16 P1 vs "
+                        "P4 throughput): about a minute on 2 cores")
+    p.add_argument("--what", choices=("all", "layers", "models"), default="all",
+                   help="per-layer shapes, per-model timings or both (default: all)")
+    p.add_argument("--out", default="docs", help="output directory (default: docs)")
+    p.add_argument("--name", default=None,
+                   help="file name prefix of the results (default: 'quick' or 'full')")
+    p.add_argument("--threads", type=int, default=2,
+                   help="torch intra-op threads (default: 2, the target machine)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="timed repeats per candidate (default: 3 quick, 5 full)")
+    p.add_argument("--compile", action="store_true",
+                   help="also time torch.compile'd dense baselines and models (slow to compile)")
+    p.add_argument("--no-onnx", action="store_true", help="skip the onnxruntime model variant")
+    p.add_argument("--pattern", choices=("shifted", "blocked"), default="shifted",
+                   help="HetConv pattern of the per-layer candidates (default: shifted; the "
+                        "other pattern is always timed for the fused backend)")
+    p.add_argument("--max-minutes", type=float, default=None,
+                   help="start no new item after this many minutes; report what was measured")
+    p.set_defaults(func=_run_bench)
+
+
+def _run_bench(args) -> int:
+    import sys
+
+    from .bench import run
+
+    what = ("layers", "models") if args.what == "all" else (args.what,)
+    paths = run("quick" if args.quick else "full", out_dir=args.out, what=what,
+                threads=args.threads, repeats=args.repeats, compile=args.compile,
+                onnx=not args.no_onnx, pattern=args.pattern, progress=sys.stderr.isatty(),
+                name=args.name, max_minutes=args.max_minutes)
+    with open(paths["markdown"]) as f:
+        text = f.read()
+    start = text.find("## Targets")
+    print(text[start:text.find("\n## ", start + 3)] if start >= 0 else text)
+    for kind, path in paths.items():
+        print(f"{kind}: {path}")
+    return 0
+
+
 _COMMANDS: List[Callable] = [_add_demo]
 _COMMANDS += [_add_profile, _add_models, _add_paper_tables]
 _COMMANDS += [_add_train, _add_evaluate, _add_compare]
+_COMMANDS += [_add_bench]
 
 
 def build_parser() -> argparse.ArgumentParser:

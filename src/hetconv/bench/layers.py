@@ -1,0 +1,234 @@
+"""Per-layer benchmark: one 3x3 conv shape, every way of computing it, timed side by side.
+
+Candidates for a shape (M -> N, HxW input, stride) and part P:
+
+* ``dense_nchw`` / ``dense_cl``: ``nn.Conv2d`` in NCHW and channels_last
+  (and ``*_compiled`` with ``torch.compile`` when asked); the fastest of them
+  is the baseline every ratio is taken against.
+* public designs: ``masked_dense`` (a dense kernel multiplied by the 0/1 mask
+  each call, what most public code does), ``grouped_plus_pw`` (grouped conv +
+  unmasked full pointwise conv, two convs summed), ``branches`` (P per-class
+  gathers, one dense conv each, scattered back).
+* paper baselines: ``gwc_pwc`` (GWC with G=P, then PWC) and ``dwc_pwc``.
+* every hetconv backend (``het_<name>``) and ``het_auto``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+
+from .. import functional as HF
+from .. import pattern as _pattern
+from .._timing import time_interleaved
+
+__all__ = ["LayerShape", "LAYER_SUITES", "layer_shapes", "parts_for", "layer_candidates",
+           "run_layers"]
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """A 3x3 convolution of a network: ``in_ch -> out_ch`` on ``size x size`` at ``stride``."""
+
+    suite: str
+    name: str
+    batch: int
+    in_ch: int
+    out_ch: int
+    size: int
+    stride: int = 1
+
+    @property
+    def out_size(self) -> int:
+        return (self.size - 1) // self.stride + 1
+
+
+def _unique(convs: Iterable[tuple]) -> List[tuple]:
+    seen, out = set(), []
+    for c in convs:
+        if c not in seen:
+            seen.add(c)
+            out.append(c)
+    return out
+
+
+# (in, out, input size, stride) of the 3x3 convs HetConv replaces (all but CONV_1).
+_VGG16 = _unique([(64, 64, 32, 1), (64, 128, 16, 1), (128, 128, 16, 1), (128, 256, 8, 1),
+                  (256, 256, 8, 1), (256, 512, 4, 1), (512, 512, 4, 1), (512, 512, 2, 1)])
+_RESNET56 = [(16, 16, 32, 1), (16, 32, 32, 2), (32, 32, 16, 1), (32, 64, 16, 2), (64, 64, 8, 1)]
+_RESNET50 = [(64, 64, 56, 1), (128, 128, 56, 2), (128, 128, 28, 1), (256, 256, 28, 2),
+             (256, 256, 14, 1), (512, 512, 14, 2), (512, 512, 7, 1)]
+
+LAYER_SUITES: Dict[str, tuple] = {
+    "vgg16_cifar": ((64,), _VGG16),
+    "resnet56_cifar": ((128,), _RESNET56),
+    "resnet50_224": ((1, 16), _RESNET50),
+}
+
+ALL_PARTS: tuple = (1, 2, 4, 8, 16, 32, 64, "C")
+
+
+def layer_shapes(suites: Sequence[str] = tuple(LAYER_SUITES), batch_scale: float = 1.0,
+                 max_shapes: Optional[int] = None) -> List[LayerShape]:
+    """The benchmark shapes of ``suites``; ``batch_scale`` shrinks batches (quick runs)."""
+    out = []
+    for suite in suites:
+        if suite not in LAYER_SUITES:
+            raise ValueError(f"suite must be one of {tuple(LAYER_SUITES)}, got {suite!r}")
+        batches, convs = LAYER_SUITES[suite]
+        for batch in batches:
+            for m, n, size, stride in convs[:max_shapes]:
+                b = max(1, int(round(batch * batch_scale)))
+                name = f"{m}->{n} {size}x{size}" + (f" s{stride}" if stride > 1 else "")
+                out.append(LayerShape(suite, name, b, m, n, size, stride))
+    return out
+
+
+def parts_for(in_ch: int, parts: Sequence[Union[int, str]] = ALL_PARTS) -> List[int]:
+    """The integer parts of ``parts`` that divide ``in_ch`` ("C" = in_ch), without repeats."""
+    out: List[int] = []
+    for p in parts:
+        q = in_ch if p == "C" else p
+        if in_ch % q == 0 and q not in out:
+            out.append(q)
+    return out
+
+
+def _runner(fn: Callable[[], torch.Tensor], train: bool, leaves: Sequence[torch.Tensor]):
+    """A zero-argument call: forward under no_grad, or forward + backward."""
+    if not train:
+        def infer():
+            with torch.no_grad():
+                fn()
+        return infer
+
+    def step():
+        for t in leaves:
+            t.grad = None
+        fn().sum().backward()
+    return step
+
+
+def layer_candidates(shape: LayerShape, part: int, train: bool = False,
+                     compile: bool = False, pattern: str = "shifted",
+                     baselines: bool = True) -> Dict[str, Callable[[], None]]:
+    """Zero-argument callables computing ``shape`` at ``part`` in every way (see module doc).
+
+    ``baselines=False`` leaves out the P-independent ones (dense, DWC+PWC), so
+    a caller can time them once per shape.
+    """
+    m, n, s, k = shape.in_ch, shape.out_ch, shape.stride, 3
+    cl = torch.channels_last
+    x = torch.randn(shape.batch, m, shape.size, shape.size, requires_grad=train)
+    x_cl = x.detach().contiguous(memory_format=cl).requires_grad_(train)
+
+    def param(*size):
+        return (torch.randn(*size) / (size[1] * 3) ** 0.5).requires_grad_(train)
+
+    cands: Dict[str, Callable[[], None]] = {}
+    if baselines:
+        w = param(n, m, k, k)
+        dense = lambda xx: F.conv2d(xx, w, None, s, 1)  # noqa: E731
+        cands["dense_nchw"] = _runner(lambda: dense(x), train, (x, w))
+        cands["dense_cl"] = _runner(lambda: dense(x_cl), train, (x_cl, w))
+        if compile:
+            cdense = torch.compile(dense, dynamic=False)
+            cands["dense_nchw_compiled"] = _runner(lambda: cdense(x), train, (x, w))
+            cands["dense_cl_compiled"] = _runner(lambda: cdense(x_cl), train, (x_cl, w))
+        wd, wp = param(m, 1, k, k), param(n, m, 1, 1)
+        cands["dwc_pwc"] = _runner(
+            lambda: F.conv2d(F.conv2d(x_cl, wd, None, s, 1, 1, m), wp), train, (x_cl, wd, wp))
+    if part == 1:
+        return cands
+
+    wk, w1 = param(n, m // part, k, k), param(n, m - m // part)
+    mask = _pattern.kernel_mask(m, n, part, pattern)
+    w_full, mask4 = param(n, m, k, k), _mask4(mask, k)
+    cands["masked_dense"] = _runner(lambda: F.conv2d(x_cl, w_full * mask4, None, s, 1),
+                                    train, (x_cl, w_full))
+    if n % part == 0:
+        wg, wpw = param(n, m // part, k, k), param(n, m, 1, 1)
+        cands["grouped_plus_pw"] = _runner(
+            lambda: F.conv2d(x, wg, None, s, 1, 1, part) + F.conv2d(x, wpw, None, s),
+            train, (x, wg, wpw))
+        if m % part == 0:
+            wgw, wpp = param(m, m // part, k, k), param(n, m, 1, 1)
+            cands["gwc_pwc"] = _runner(
+                lambda: F.conv2d(F.conv2d(x_cl, wgw, None, s, 1, 1, part), wpp),
+                train, (x_cl, wgw, wpp))
+    if part <= 16:
+        cands["branches"] = _runner(lambda: _branches(x, w_full, mask, part, s, pattern),
+                                    train, (x, w_full))
+    for backend in HF.BACKENDS + ("auto",):
+        cands[f"het_{backend}"] = _runner(
+            lambda b=backend: HF.het_conv2d(x_cl, wk, w1, None, s, 1, 1, pattern, b),
+            train, (x_cl, wk, w1))
+    other = "blocked" if pattern == "shifted" else "shifted"
+    cands[f"het_fused_{other}"] = _runner(
+        lambda: HF.het_conv2d(x_cl, wk, w1, None, s, 1, 1, other, "fused"), train, (x_cl, wk, w1))
+    return cands
+
+
+def _mask4(mask: torch.Tensor, k: int) -> torch.Tensor:
+    """(N, M, k, k) 0/1 kernel mask: all taps where KxK, the centre only elsewhere."""
+    out = torch.zeros(mask.shape + (k, k))
+    out[mask] = 1.0
+    out[:, :, k // 2, k // 2] = 1.0
+    return out
+
+
+def _branches(x, w_full, mask, part, stride, pattern):
+    """Per-class loop of public implementations: gather, dense conv, scatter back."""
+    cls_f = _pattern.class_of_filter(w_full.shape[0], part, pattern)
+    k = w_full.shape[-1]
+    outs, order = [], []
+    for c in range(part):
+        f = (cls_f == c).nonzero().squeeze(1)
+        w = w_full.index_select(0, f) * _mask4(mask.index_select(0, f), k)
+        outs.append(F.conv2d(x, w, None, stride, 1))
+        order.append(f)
+    y = torch.cat(outs, 1)
+    return y.index_select(1, torch.argsort(torch.cat(order)))
+
+
+def run_layers(shapes: Sequence[LayerShape], parts: Sequence[Union[int, str]] = ALL_PARTS,
+               modes: Sequence[str] = ("infer", "train"), repeats: int = 5, warmup: int = 1,
+               compile: bool = False, pattern: str = "shifted", progress=None,
+               deadline: Optional[float] = None) -> List[dict]:
+    """Time every candidate of every shape x part x mode; one row per (shape, P, mode, candidate).
+
+    No new item starts after ``deadline`` (a ``time.perf_counter()`` value).
+    Each row holds the median in milliseconds, ``speedup`` against the
+    fastest dense baseline of the same shape and mode (timed in the same
+    interleaved batch) and ``theory`` = Eq. 5 for that P.
+    """
+    rows: List[dict] = []
+    for shape in shapes:
+        for mode in modes:
+            train = mode == "train"
+            torch.manual_seed(0)
+            base = layer_candidates(shape, 1, train, compile, pattern)
+            for part in parts_for(shape.in_ch, parts):
+                if deadline is not None and time.perf_counter() > deadline:
+                    return rows
+                cands = dict(base)
+                if part > 1:
+                    cands.update(layer_candidates(shape, part, train, compile, pattern,
+                                                  baselines=False))
+                times = time_interleaved(cands, repeats=repeats, warmup=warmup)
+                best = min(v.median for k, v in times.items() if k.startswith("dense_"))
+                for name, t in times.items():
+                    rows.append({
+                        "suite": shape.suite, "layer": shape.name, "batch": shape.batch,
+                        "in_ch": shape.in_ch, "out_ch": shape.out_ch, "size": shape.size,
+                        "stride": shape.stride, "part": part, "mode": mode,
+                        "candidate": name, "ms": t.median * 1e3,
+                        "speedup": best / t.median, "theory": _pattern.speedup(part),
+                        "pattern": pattern})
+                if progress is not None:
+                    progress(f"{shape.suite} {shape.name} b{shape.batch} P{part} {mode}")
+    return rows

@@ -1,0 +1,165 @@
+"""Per-model benchmark: inference latency (batch 1), throughput (batch 64), training step.
+
+For each family every P variant is timed in one interleaved batch per
+metric, in several execution variants, and the best variant of each model is
+compared with the best variant of the family's reference (P = 1, or the
+depthwise+pointwise MobileNet):
+
+* ``eager_nchw`` / ``eager_cl``: the model as built (``backend="auto"``), NCHW
+  or channels_last model and input;
+* ``optimized``: :func:`hetconv.optimize_for_inference` (BN folded, backend per
+  layer and memory format measured) - inference only;
+* ``onnxruntime``: :func:`hetconv.export_onnx` (grouped form) run by
+  onnxruntime with the same thread count - inference only, when installed;
+* ``compiled``: ``torch.compile`` of the eager channels_last model, when asked.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from typing import Callable, Dict, List, Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+
+from .._timing import time_interleaved
+
+__all__ = ["MODEL_SUITES", "METRICS", "run_models"]
+
+#: family -> parts (None = the family's reference architecture).
+MODEL_SUITES: Dict[str, tuple] = {
+    "vgg16_cifar": (1, 2, 4, 8, 16, 32, 64, "C"),
+    "resnet56_cifar": (1, 2, 4),
+    "mobilenet_cifar": (None, 32),
+}
+
+METRICS = ("latency_b1", "throughput_b64", "train_step_b64")
+
+
+def _label(part) -> str:
+    return "ref" if part is None else f"P{part}"
+
+
+def _build(family: str, part, width: float) -> nn.Module:
+    from ..models import create_model
+
+    kwargs = {"width": width}
+    if part is not None and part != 1:
+        kwargs["part"] = part
+    torch.manual_seed(0)
+    return create_model(family, **kwargs)
+
+
+def _inference_variants(model: nn.Module, x: torch.Tensor, compile: bool,
+                        onnx: bool, tmpdir: str, tag: str) -> Dict[str, Callable[[], None]]:
+    from ..deploy import export_onnx, optimize_for_inference
+
+    cl = torch.channels_last
+    out: Dict[str, Callable[[], None]] = {}
+    model = model.eval()
+    nchw = model
+    out["eager_nchw"] = _no_grad(nchw, x)
+    import copy
+    m_cl = copy.deepcopy(model).to(memory_format=cl)
+    x_cl = x.contiguous(memory_format=cl)
+    out["eager_cl"] = _no_grad(m_cl, x_cl)
+    opt = optimize_for_inference(model, x, repeats=2, check=False)
+    x_opt = x.contiguous(memory_format=cl if opt.hetconv_plan["memory_format"] == "channels_last"
+                         else torch.contiguous_format)
+    out["optimized"] = _no_grad(opt, x_opt)
+    if compile:
+        compiled = torch.compile(m_cl)
+        out["compiled"] = _no_grad(compiled, x_cl)
+    if onnx:
+        try:
+            import onnxruntime as ort
+        except ImportError:  # optional extra
+            ort = None
+        if ort is not None:
+            path = export_onnx(model, os.path.join(tmpdir, f"{tag}.onnx"), x)
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads = torch.get_num_threads()
+            opts.inter_op_num_threads = 1
+            sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+            feed = {"input": x.numpy()}
+            out["onnxruntime"] = lambda: sess.run(None, feed)
+    return out
+
+
+def _no_grad(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
+    def call():
+        with torch.no_grad():
+            model(x)
+    return call
+
+
+def _train_variants(model: nn.Module, x: torch.Tensor) -> Dict[str, Callable[[], None]]:
+    import copy
+
+    out = {}
+    target = torch.randint(0, 10, (x.shape[0],))
+    for name, fmt in (("eager_nchw", torch.contiguous_format), ("eager_cl", torch.channels_last)):
+        m = copy.deepcopy(model).train().to(memory_format=fmt)
+        xx = x.contiguous(memory_format=fmt)
+        opt = torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9)
+
+        def step(m=m, xx=xx, opt=opt):
+            opt.zero_grad(set_to_none=True)
+            nn.functional.cross_entropy(m(xx), target).backward()
+            opt.step()
+        out[name] = step
+    return out
+
+
+def run_models(families: Sequence[str] = tuple(MODEL_SUITES), metrics: Sequence[str] = METRICS,
+               parts: Optional[Dict[str, Sequence]] = None, repeats: int = 5, warmup: int = 1,
+               batch: int = 64, width: float = 1.0, compile: bool = False, onnx: bool = True,
+               progress=None, deadline: Optional[float] = None) -> List[dict]:
+    """One row per (family, model, metric, variant): median ms, images/s and ratio to the reference.
+
+    ``ratio`` compares the model's best variant with the reference model's best
+    variant of the same metric (higher = faster); ``best`` marks that variant.
+    """
+    from .. import pattern as _pattern
+
+    rows: List[dict] = []
+    with tempfile.TemporaryDirectory() as tmpdir:
+        for family in families:
+            if family not in MODEL_SUITES:
+                raise ValueError(f"family must be one of {tuple(MODEL_SUITES)}, got {family!r}")
+            fam_parts = (parts or {}).get(family, MODEL_SUITES[family])
+            for metric in metrics:
+                if deadline is not None and time.perf_counter() > deadline:
+                    return rows
+                if metric not in METRICS:
+                    raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+                b = 1 if metric == "latency_b1" else batch
+                x = torch.randn(b, 3, 32, 32)
+                cands: Dict[str, Callable[[], None]] = {}
+                for part in fam_parts:
+                    model = _build(family, part, width)
+                    tag = f"{family}_{_label(part)}"
+                    if metric == "train_step_b64":
+                        vs = _train_variants(model, x)
+                    else:
+                        vs = _inference_variants(model, x, compile, onnx, tmpdir, f"{tag}_{b}")
+                    cands.update({f"{_label(part)}|{k}": v for k, v in vs.items()})
+                times = time_interleaved(cands, repeats=repeats, warmup=warmup)
+                best: Dict[str, float] = {}
+                for key, t in times.items():
+                    label = key.split("|")[0]
+                    best[label] = min(best.get(label, float("inf")), t.median)
+                ref = best[_label(fam_parts[0])]
+                for key, t in times.items():
+                    label, variant = key.split("|")
+                    part = label[1:] if label.startswith("P") else None
+                    rows.append({
+                        "family": family, "model": label, "metric": metric, "variant": variant,
+                        "batch": b, "ms": t.median * 1e3, "images_per_s": b / t.median,
+                        "best": t.median == best[label], "ratio": ref / best[label],
+                        "theory_layer": None if part in (None, "C") else _pattern.speedup(int(part))})
+                if progress is not None:
+                    progress(f"{family} {metric}")
+    return rows

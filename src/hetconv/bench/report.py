@@ -1,0 +1,230 @@
+"""Benchmark rows -> markdown tables, target checks, the speedup-vs-P plot, JSON."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import tempfile
+from collections import defaultdict
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from .. import pattern as _pattern
+
+__all__ = ["environment", "layer_table", "model_table", "target_checks", "plot_speedup",
+           "write_report", "atomic_write"]
+
+#: columns of the per-layer table, in order (speedup vs the best dense baseline)
+LAYER_COLUMNS = ("het_auto", "het_fused", "het_fused_blocked", "het_grouped", "het_dense",
+                 "masked_dense", "grouped_plus_pw", "branches", "gwc_pwc", "dwc_pwc")
+
+
+def environment() -> Dict[str, str]:
+    """Machine, thread count and versions, for the report header."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    env = {"cpu": cpu, "logical_cpus": str(os.cpu_count()), "torch_threads": str(torch.get_num_threads()),
+           "python": platform.python_version(), "torch": torch.__version__,
+           "mkldnn": str(torch.backends.mkldnn.is_available()),
+           "cpu_capability": torch.backends.cpu.get_cpu_capability(), "platform": platform.platform()}
+    try:
+        import onnxruntime
+        env["onnxruntime"] = onnxruntime.__version__
+    except ImportError:
+        pass
+    return env
+
+
+def atomic_write(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` via a temporary file and a rename (never half-written)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _group(rows: Sequence[dict], keys: Sequence[str]) -> Dict[tuple, List[dict]]:
+    out: Dict[tuple, List[dict]] = defaultdict(list)
+    for r in rows:
+        out[tuple(r[k] for k in keys)].append(r)
+    return out
+
+
+def layer_table(rows: Sequence[dict]) -> str:
+    """Markdown: one line per (layer, batch, mode, P); speedups vs the best dense baseline."""
+    head = ["suite", "layer", "batch", "mode", "P", "best dense ms", "theory"] + list(LAYER_COLUMNS)
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for key, grp in _group(rows, ("suite", "layer", "batch", "mode", "part")).items():
+        by = {r["candidate"]: r for r in grp}
+        dense = min(r["ms"] for r in grp if r["candidate"].startswith("dense_"))
+        cells = list(map(str, key[:4])) + [str(key[4]), f"{dense:.2f}", f"{grp[0]['theory']:.2f}"]
+        cells += [f"{by[c]['speedup']:.2f}" if c in by else "" for c in LAYER_COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def model_table(rows: Sequence[dict]) -> str:
+    """Markdown: one line per (family, model, metric): best variant, time, ratio to the reference."""
+    head = ["family", "model", "metric", "best variant", "ms", "images/s", "ratio vs ref",
+            "all variants (ms)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for (fam, model, metric), grp in _group(rows, ("family", "model", "metric")).items():
+        best = min(grp, key=lambda r: r["ms"])
+        allv = ", ".join(f"{r['variant']} {r['ms']:.1f}" for r in grp)
+        lines.append(f"| {fam} | {model} | {metric} | {best['variant']} | {best['ms']:.1f} | "
+                     f"{best['images_per_s']:.1f} | {best['ratio']:.2f} | {allv} |")
+    return "\n".join(lines)
+
+
+def _geomean(values: Sequence[float]) -> float:
+    return math.exp(sum(math.log(v) for v in values) / len(values)) if values else float("nan")
+
+
+def target_checks(layer_rows: Sequence[dict], model_rows: Sequence[dict]) -> List[str]:
+    """The issue's targets, each as one markdown bullet with the measured value and MET/NOT MET."""
+    out = []
+
+    def mark(ok: bool) -> str:
+        return "MET" if ok else "NOT MET"
+
+    def model_ratio(family, model, metric):
+        for r in model_rows:
+            if (r["family"], r["model"], r["metric"]) == (family, model, metric) and r["best"]:
+                return r["ratio"]
+        return None
+
+    for family, metric, goal in (("vgg16_cifar", "throughput_b64", 2.5),
+                                 ("vgg16_cifar", "train_step_b64", 2.0),
+                                 ("resnet56_cifar", "throughput_b64", 2.2)):
+        v = model_ratio(family, "P4", metric)
+        if v is not None:
+            out.append(f"{family} P4 {metric} vs P1: {v:.2f}x (target >= {goal}x): {mark(v >= goal)}")
+    by = {(r["suite"], r["layer"], r["batch"], r["mode"], r["part"], r["candidate"]): r
+          for r in layer_rows}
+    for part in (4, 8):
+        for mode in ("infer", "train"):
+            fr = [(k, r["speedup"] / r["theory"]) for k, r in by.items()
+                  if k[4] == part and k[3] == mode and k[5] == "het_auto" and r["in_ch"] >= 128]
+            if fr:
+                worst = min(fr, key=lambda t: t[1])
+                n_ok = sum(f >= 0.8 for _, f in fr)
+                out.append(f"layers with >= 128 channels, P={part}, {mode}: {n_ok}/{len(fr)} reach "
+                           f"80% of theory; geomean {_geomean([f for _, f in fr]):.0%}, worst "
+                           f"{worst[1]:.0%} ({worst[0][0]} {worst[0][1]} b{worst[0][2]}): "
+                           f"{mark(n_ok == len(fr))}")
+    autos = [(k, r["speedup"]) for k, r in by.items() if k[5] == "het_auto"]
+    if autos:
+        slow = [(k, s) for k, s in autos if s < 1.0]
+        worst = min(autos, key=lambda t: t[1])
+        out.append(f"backend='auto' never slower than the best dense baseline: {len(slow)}/{len(autos)} "
+                   f"cases slower, worst {worst[1]:.2f}x ({' '.join(map(str, worst[0][:5]))}): "
+                   f"{mark(not slow)}")
+    pairs = [(by[k], by[k[:5] + ("het_fused_blocked",)]) for k in by
+             if k[5] == "het_fused" and k[:5] + ("het_fused_blocked",) in by]
+    if pairs:
+        ratios = [b["ms"] / s["ms"] for s, b in pairs]  # < 1: shifted slower
+        worst = min(ratios)
+        within = sum(r >= 1 / 1.1 for r in ratios)
+        out.append(f"'shifted' within 10% of 'blocked' (fused backend): {within}/{len(ratios)} cases, "
+                   f"geomean shifted/blocked time {1 / _geomean(ratios):.3f}, worst "
+                   f"{1 / worst:.2f}x: {mark(within == len(ratios))}")
+    return out
+
+
+def plot_speedup(layer_rows: Sequence[dict], model_rows: Sequence[dict], path: str) -> Optional[str]:
+    """Figure 5, measured: speedup vs P (theory, layers >= 128 channels, VGG-16 model). PNG path."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # optional extra
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ps = sorted({r["part"] for r in layer_rows if r["part"] > 1} | {2, 4, 8, 16, 32, 64})
+    ax.plot(ps, [_pattern.speedup(p) for p in ps], "k-o", label="theory (Eq. 5)")
+    for mode, style in (("infer", "s-"), ("train", "^-")):
+        xs, ys = [], []
+        for p in ps:
+            v = [r["speedup"] for r in layer_rows if r["part"] == p and r["mode"] == mode
+                 and r["candidate"] == "het_auto" and r["in_ch"] >= 128]
+            if v:
+                xs.append(p)
+                ys.append(_geomean(v))
+        if xs:
+            ax.plot(xs, ys, style, label=f"layers >= 128 ch, {mode} (geomean, auto)")
+    for metric, style in (("throughput_b64", "D--"), ("train_step_b64", "v--")):
+        pts = sorted((int(r["model"][1:]), r["ratio"]) for r in model_rows
+                     if r["family"] == "vgg16_cifar" and r["metric"] == metric and r["best"]
+                     and r["model"][1:].isdigit() and int(r["model"][1:]) > 1)
+        if pts:
+            ax.plot(*zip(*pts), style, label=f"VGG-16 CIFAR model, {metric}")
+    ax.axhline(1.0, color="grey", lw=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ps)
+    ax.set_xticklabels([str(p) for p in ps])
+    ax.set_xlabel("part P")
+    ax.set_ylabel("speedup over the best dense conv")
+    ax.set_title(f"HetConv speedup vs P ({torch.get_num_threads()} CPU threads, fp32)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".png")
+    os.close(fd)
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def write_report(layer_rows: Sequence[dict], model_rows: Sequence[dict], out_dir: str,
+                 env: Optional[dict] = None, seconds: Optional[float] = None,
+                 name: str = "bench") -> Dict[str, str]:
+    """Write ``<name>_results.md``, ``<name>_results.json`` and ``<name>_speedup.png`` to ``out_dir``."""
+    env = env or environment()
+    paths = {"markdown": os.path.join(out_dir, f"{name}_results.md"),
+             "json": os.path.join(out_dir, f"{name}_results.json"),
+             "plot": os.path.join(out_dir, f"{name}_speedup.png")}
+    atomic_write(paths["json"], json.dumps(
+        {"environment": env, "seconds": seconds, "layers": list(layer_rows),
+         "models": list(model_rows)}, indent=1))
+    plot = plot_speedup(layer_rows, model_rows, paths["plot"]) if layer_rows or model_rows else None
+    md = [f"# Benchmark results ({name})", "",
+          "Generated by `hetconv bench`; medians of interleaved repeats after warm-up. "
+          "Speedups are against the fastest dense `nn.Conv2d` variant of the same shape "
+          "timed in the same batch.", "",
+          "| " + " | ".join(env) + " |", "|" + "---|" * len(env),
+          "| " + " | ".join(env.values()) + " |", ""]
+    if seconds is not None:
+        md += [f"Run time: {seconds / 60:.1f} min.", ""]
+    checks = target_checks(layer_rows, model_rows)
+    if checks:
+        md += ["## Targets", ""] + [f"- {c}" for c in checks] + [""]
+    if plot:
+        md += [f"![speedup vs P]({os.path.basename(plot)})", ""]
+    else:
+        paths.pop("plot")
+    if model_rows:
+        md += ["## Models", "", model_table(model_rows), ""]
+    if layer_rows:
+        md += ["## Layers", "", layer_table(layer_rows), ""]
+    atomic_write(paths["markdown"], "\n".join(md))
+    return paths

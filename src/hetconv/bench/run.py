@@ -1,0 +1,82 @@
+"""One entry point for the whole benchmark (used by ``hetconv bench``)."""
+
+from __future__ import annotations
+
+import time
+from typing import Dict, Optional, Sequence
+
+import torch
+
+from .layers import LAYER_SUITES, layer_shapes, run_layers
+from .models import MODEL_SUITES, run_models
+from .report import environment, write_report
+
+__all__ = ["run", "PRESETS"]
+
+#: ``quick``: about a minute; ``full``: the issue's complete set (about 20 min on 2 cores).
+PRESETS: Dict[str, dict] = {
+    "quick": {"layer_suites": ("vgg16_cifar",), "max_shapes": 3, "batch_scale": 0.25,
+              "parts": (1, 4), "repeats": 3, "families": ("vgg16_cifar",),
+              "model_parts": {"vgg16_cifar": (1, 4)}, "model_batch": 16,
+              "metrics": ("throughput_b64",)},
+    "full": {"layer_suites": tuple(LAYER_SUITES), "max_shapes": None, "batch_scale": 1.0,
+             "parts": (1, 2, 4, 8, 16, 32, 64, "C"), "repeats": 5,
+             "families": tuple(MODEL_SUITES), "model_parts": None, "model_batch": 64,
+             "metrics": ("latency_b1", "throughput_b64", "train_step_b64")},
+}
+
+
+def _progress(enabled: bool):
+    """A callable that advances a tqdm bar (or prints) per finished item; silent when disabled."""
+    if not enabled:
+        return None, lambda: None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return (lambda msg: print(msg, flush=True)), lambda: None
+    bar = tqdm(unit="item", dynamic_ncols=True)
+
+    def step(msg):
+        bar.set_description(msg[:60])
+        bar.update(1)
+    return step, bar.close
+
+
+def run(preset: str = "quick", out_dir: str = "docs", what: Sequence[str] = ("layers", "models"),
+        threads: Optional[int] = 2, repeats: Optional[int] = None, compile: bool = False,
+        onnx: bool = True, pattern: str = "shifted", progress: bool = True,
+        name: Optional[str] = None, max_minutes: Optional[float] = None) -> Dict[str, str]:
+    """Run the benchmark ``preset`` and write its report to ``out_dir``; returns the written paths.
+
+    Models are measured first (the headline targets), then layers.  With
+    ``max_minutes`` no new item starts after that budget; the report then
+    holds what was measured.
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"preset must be one of {tuple(PRESETS)}, got {preset!r}")
+    bad = set(what) - {"layers", "models"}
+    if bad or not what:
+        raise ValueError(f"what must be a non-empty subset of ('layers', 'models'), got {what!r}")
+    if threads is not None:
+        if not isinstance(threads, int) or threads < 1:
+            raise ValueError(f"threads must be a positive int, got {threads!r}")
+        torch.set_num_threads(threads)
+    cfg = PRESETS[preset]
+    reps = repeats or cfg["repeats"]
+    step, close = _progress(progress)
+    t0 = time.perf_counter()
+    deadline = None if max_minutes is None else t0 + 60 * max_minutes
+    layer_rows, model_rows = [], []
+    try:
+        if "models" in what:
+            model_rows = run_models(cfg["families"], cfg["metrics"], cfg["model_parts"],
+                                    repeats=reps, batch=cfg["model_batch"], compile=compile,
+                                    onnx=onnx, progress=step, deadline=deadline)
+        if "layers" in what:
+            shapes = layer_shapes(cfg["layer_suites"], cfg["batch_scale"], cfg["max_shapes"])
+            layer_rows = run_layers(shapes, cfg["parts"], repeats=reps, compile=compile,
+                                    pattern=pattern, progress=step, deadline=deadline)
+    finally:
+        close()
+    return write_report(layer_rows, model_rows, out_dir, environment(),
+                        time.perf_counter() - t0, name or preset)

@@ -1,0 +1,124 @@
+"""The fast paths' specific cases (layouts, weight cache, auto rule) and a smoke test of the bench.
+
+Every backend is also compared with "dense" on random shapes in test_functional.py;
+here are the cases that only the "fused" path has.  No timing is asserted.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import hetconv
+from hetconv import bench
+from hetconv import functional as HF
+
+
+def _ref(x, layer):
+    return F.conv2d(x, layer.dense_weight(), layer.bias, layer.stride, layer.padding, layer.dilation)
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("pattern", ["shifted", "blocked"])
+@pytest.mark.parametrize("n,p,stride,padding,dilation", [
+    (12, 4, 1, None, 1), (10, 4, 2, 1, 1), (8, 2, 1, 0, 1), (8, 4, 1, 3, 2), (6, 8, 2, 2, 1)])
+def test_fused_layouts_and_geometry(fmt, pattern, n, p, stride, padding, dilation):
+    layer = hetconv.HetConv2d(8, n, 3, stride, padding, dilation, bias=True, part=p,
+                              pattern=pattern, backend="fused")
+    x = torch.randn(2, 8, 9, 7).contiguous(memory_format=fmt).requires_grad_(True)
+    y = layer(x)
+    assert y.is_contiguous(memory_format=torch.channels_last)  # the fused path's output layout
+    x2 = x.detach().clone().requires_grad_(True)
+    ref = _ref(x2, layer)
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-5)
+    g = torch.randn_like(ref)
+    got = torch.autograd.grad(y, [x, layer.weight_k, layer.weight_1, layer.bias], g)
+    exp = torch.autograd.grad(ref, [x2, layer.weight_k, layer.weight_1, layer.bias], g)
+    for a, b in zip(got, exp):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_fused_weight_cache_hits_and_invalidates():
+    layer = hetconv.HetConv2d(8, 8, part=2, backend="fused")
+    x = torch.randn(1, 8, 5, 5)
+    with torch.no_grad():
+        layer(x)
+        first = HF._WEIGHT_CACHE[layer.weight_k][1]
+        layer(x)
+        assert HF._WEIGHT_CACHE[layer.weight_k][1] is first  # reused, not rebuilt
+        layer.weight_1.mul_(-1)  # version bump: must rebuild
+        y = layer(x)
+        assert HF._WEIGHT_CACHE[layer.weight_k][1] is not first
+        torch.testing.assert_close(y, _ref(x, layer), rtol=1e-4, atol=1e-5)
+    # Under autograd nothing is cached: gradients flow into the parameters.
+    layer(x).sum().backward()
+    assert layer.weight_k.grad is not None and layer.weight_1.grad is not None
+
+
+def test_fused_cache_from_inference_mode_usable_with_autograd():
+    layer = hetconv.HetConv2d(16, 16, part=4, backend="fused")
+    x = torch.randn(2, 16, 6, 6)
+    with torch.inference_mode():
+        a = layer(x)
+    xr = x.clone().requires_grad_(True)
+    b = layer(xr)
+    b.sum().backward()
+    torch.testing.assert_close(a, b.detach())
+    assert xr.grad is not None
+
+
+@pytest.mark.parametrize("m,p,dtype,expected", [
+    (64, 1, torch.float32, "dense"), (64, 4, torch.float32, "fused"),
+    (16, 4, torch.float32, "dense"), (64, 4, torch.float64, "dense"), (64, 16, torch.float32, "dense")])
+def test_auto_rule(m, p, dtype, expected):
+    x = torch.randn(1, m, 4, 4, dtype=dtype)
+    wk = torch.randn(m, m // p, 3, 3, dtype=dtype)
+    w1 = torch.randn(m, m - m // p, dtype=dtype)
+    assert HF.select_backend(x, wk, w1) == expected
+
+
+def test_bench_layer_candidates_agree():
+    """Every per-layer candidate runs, forward and backward (values are not the point)."""
+    shape = bench.LayerShape("t", "8->8", 1, 8, 8, 6, 2)
+    for train in (False, True):
+        cands = bench.layer_candidates(shape, 2, train)
+        assert {"dense_nchw", "dense_cl", "het_fused", "het_auto", "masked_dense", "branches",
+                "grouped_plus_pw", "gwc_pwc", "dwc_pwc"} <= set(cands)
+        for fn in cands.values():
+            fn()
+
+
+def test_bench_run_layers_and_report(tmp_path):
+    shapes = bench.layer_shapes(["resnet56_cifar"], batch_scale=1 / 128, max_shapes=1)
+    assert shapes[0].batch == 1 and shapes[0].in_ch == 16
+    rows = bench.run_layers(shapes, parts=(1, 2, "C"), modes=("infer",), repeats=1, warmup=0)
+    assert {r["part"] for r in rows} == {1, 2, 16}
+    for r in rows:
+        assert r["ms"] > 0 and r["theory"] == pytest.approx(hetconv.pattern.speedup(r["part"]))
+    paths = bench.write_report(rows, [], str(tmp_path), name="t")
+    text = open(paths["markdown"]).read()
+    assert "## Layers" in text and "never slower" in text
+    assert json.load(open(paths["json"]))["layers"] == rows
+
+
+def test_bench_bad_arguments():
+    with pytest.raises(ValueError, match="suite"):
+        bench.layer_shapes(["lenet"])
+    with pytest.raises(ValueError, match="preset"):
+        bench.run("huge")
+    with pytest.raises(ValueError, match="family"):
+        bench.run_models(["lenet"])
+
+
+def test_bench_run_models_smoke():
+    rows = bench.run_models(["vgg16_cifar"], ["throughput_b64", "train_step_b64"],
+                            parts={"vgg16_cifar": (1, 4)}, repeats=1, warmup=0, batch=2,
+                            width=0.125, onnx=False)
+    variants = {(r["model"], r["metric"], r["variant"]) for r in rows}
+    assert ("P4", "throughput_b64", "optimized") in variants
+    assert ("P4", "train_step_b64", "eager_cl") in variants
+    assert all(r["ratio"] > 0 for r in rows)
+    assert sum(r["best"] for r in rows) == 4  # one best variant per (model, metric)
