@@ -180,6 +180,15 @@ def test_kill_9_then_resume_matches_uninterrupted_run(tmp_path, data_dir):
     assert not list((tmp_path / "victim").glob("**/.*.tmp"))
 
 
+def test_channels_last_and_bf16_autocast_train(tmp_path, data_dir):
+    summary = fit(tiny_config(data_dir, tmp_path, name="fast", epochs=1, channels_last=True,
+                              amp="bf16", limit_train_batches=2), model=fresh())
+    records = metrics(tmp_path / "fast")
+    assert records[0]["val_images"] == 32 and 0 <= summary["val_top1"] <= 100
+    assert all(torch.isfinite(t).all() for t in model_tensors(tmp_path / "fast").values()
+               if t.is_floating_point())
+
+
 # --------------------------------------------------------------------------- failures
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, data_dir):

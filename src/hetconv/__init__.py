@@ -8,6 +8,7 @@ from .deploy import export_onnx, fold_batchnorm, optimize_for_inference
 from .layers import DepthwisePointwiseConv2d, GroupPointwiseConv2d, HetConv2d, SqueezeExcite
 from .models import create_model, list_models, register_model
 from .pattern import kernel_mask
+from .train import TrainConfig, fit
 
 __version__ = "0.1.0"
 
@@ -17,9 +18,11 @@ __all__ = [
     "GroupPointwiseConv2d",
     "HetConv2d",
     "SqueezeExcite",
+    "TrainConfig",
     "convert",
     "create_model",
     "export_onnx",
+    "fit",
     "fold_batchnorm",
     "list_models",
     "optimize_for_inference",

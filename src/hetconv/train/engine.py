@@ -32,7 +32,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from .. import __version__
 from ..data import DatasetInfo, build_datasets
 from .checkpoint import (CheckpointError, atomic_write_json, capture_rng_state, load_checkpoint,
                          load_model_state, restore_rng_state, save_checkpoint)
@@ -366,7 +365,7 @@ def _fit(config: TrainConfig, ctx: DistContext, resume, force: bool,
                             "in_chans": info.in_chans, "image_size": info.image_size,
                             "train_images": len(train_ds), "val_images": len(val_ds)},
                 "world_size": ctx.world_size, "torch": torch.__version__,
-                "hetconv": __version__})
+                "hetconv": _version()})
 
     per_rank = config.batch_size // ctx.world_size
     train_sampler = TrainSampler(len(train_ds), config.seed, ctx.rank, ctx.world_size)
@@ -445,6 +444,12 @@ def _fit(config: TrainConfig, ctx: DistContext, resume, force: bool,
                      summary["val_top1"], best["val_top1"], best["epoch"],
                      _fmt(summary["macs"]), _fmt(summary["params"]), run_dir)
     return summary
+
+
+def _version() -> str:
+    from .. import __version__  # imported late: hetconv/__init__ imports this package
+
+    return __version__
 
 
 def _fmt(n: float) -> str:
