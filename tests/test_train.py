@@ -237,6 +237,9 @@ def test_corrupt_and_unsafe_checkpoints(tmp_path, data_dir):
         load_checkpoint(last)
     with pytest.raises(CheckpointError, match="no such checkpoint"):
         load_checkpoint(tmp_path / "missing.pt")
+    last.unlink()  # killed during the first epoch: nothing to resume from
+    with pytest.raises(CheckpointError, match="no complete checkpoint.*--force"):
+        fit(tiny_config(data_dir, tmp_path, name="r"), model=fresh(), resume=tmp_path / "r")
 
 
 def test_mismatched_checkpoint(tmp_path, data_dir):

@@ -333,6 +333,10 @@ def _fit(config: TrainConfig, ctx: DistContext, resume, force: bool,
     start_epoch = 0
     if resume is not None:
         run_dir = Path(resume)
+        if not (run_dir / "checkpoints" / "last.pt").is_file():
+            raise CheckpointError(f"{run_dir}: no complete checkpoint to resume from (the run "
+                                  f"stopped during its first epoch, or this is not a run "
+                                  f"directory); start it again with --force")
         ckpt = load_checkpoint(run_dir / "checkpoints" / "last.pt")
         _check_resumable(config, ckpt)
         load_model_state(net, ckpt, f"{config.model} {config.model_kwargs}")
