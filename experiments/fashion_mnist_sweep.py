@@ -256,7 +256,14 @@ def main(argv=None) -> int:
                         help="run directories (default: runs/fmnist-sweep)")
     parser.add_argument("--docs", type=Path, default=ROOT / "docs",
                         help="where results.md, the plot and results_runs.jsonl go (default: docs)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads (default: torch's choice; 1 avoids "
+                             "thrashing when other jobs share the cores)")
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     args.docs.mkdir(parents=True, exist_ok=True)
     return cmd_run(args) if args.command == "run" else cmd_report(args)
 
