@@ -330,6 +330,9 @@ def test_cli_train_evaluate_compare_resume(tmp_path, data_dir, capsys):
     assert "cannot change: --lr" in capsys.readouterr().err
     assert main(["train", "--resume", run, "--epochs", "2"]) == 0
     assert len(metrics(run)) == 2
+    assert json.loads((tmp_path / "cli" / "config.json").read_text())["config"]["epochs"] == 2
+    assert main(["train", "--resume", run]) == 0  # already complete: nothing more to do
+    assert len(metrics(run)) == 2
     assert main(["evaluate", run, "--checkpoint", "best"]) == 0
     out = capsys.readouterr().out
     for word in ("top-1", "top-5", "loss", "MACs", "params", "images/s"):

@@ -19,6 +19,7 @@ restored on resume, so a run interrupted at any moment and resumed with
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import random
 import shutil
@@ -356,6 +357,7 @@ def _fit(config: TrainConfig, ctx: DistContext, resume, force: bool,
                 stale.unlink()
             _repair_best(run_dir, ckpt)
             write_metrics(run_dir, history)  # drop records newer than the checkpoint
+            _update_config_file(run_dir, config)  # e.g. a longer --epochs
     else:
         run_dir = Path(config.out) / config.run_name
         error = _prepare_run_dir(run_dir, force) if ctx.is_main else None
@@ -476,6 +478,16 @@ def _save_epoch(ckpt_dir: Path, net: nn.Module, optimizer, scheduler, config: Tr
         "rng": rng_states, "history": history, "best": best, "world_size": world_size})
     if improved:
         save_checkpoint(ckpt_dir / "best.pt", {**common, "metrics": history[-1]})
+
+
+def _update_config_file(run_dir: Path, config: TrainConfig) -> None:
+    path = run_dir / "config.json"
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        saved = {}
+    if saved.get("config") != config.to_dict():
+        atomic_write_json(path, {**saved, "config": config.to_dict()})
 
 
 def _repair_best(run_dir: Path, last: Mapping[str, Any]) -> None:
