@@ -149,6 +149,7 @@ def plot_compare(rows: Sequence[Dict[str, Any]], path: PathLike) -> Path:
     ax.set_ylabel("validation top-1 accuracy (%)")
     ax.set_title("Accuracy vs cost")
     ax.grid(True, alpha=0.3)
+    ax.margins(x=0.2, y=0.15)  # room for the labels
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120)
