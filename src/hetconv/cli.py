@@ -156,7 +156,8 @@ def _add_train(sub) -> None:
                     "then the options given. The run directory OUT/NAME receives config.json, "
                     "metrics.jsonl/.csv, checkpoints/last.pt and best.pt, train.log and "
                     "summary.json.",
-        epilog="presets:\n" + "\n".join(f"  {k}: {v}" for k, v in PRESETS.items()) +
+        epilog="presets:\n" + "\n".join(
+            f"  {k}: " + " ".join(f"{a}={b}" for a, b in v.items()) for k, v in PRESETS.items()) +
                "\n\nmulti-process: torchrun --nproc_per_node N -m hetconv train ... "
                "(DDP; --batch-size is the global batch)")
     g = p.add_argument_group("model")
