@@ -160,7 +160,7 @@ def layer_candidates(shape: LayerShape, part: int, train: bool = False,
             cands["gwc_pwc"] = _runner(
                 lambda: F.conv2d(F.conv2d(x_cl, wgw, None, s, 1, 1, part), wpp),
                 train, (x_cl, wgw, wpp))
-    if part <= 16:
+    if part <= 8:  # P dense convs per call: the loop is the point, and it gets slow
         cands["branches"] = _runner(lambda: _branches(x, w_full, mask, part, s, pattern),
                                     train, (x, w_full))
     for backend in HF.BACKENDS + ("auto",):

@@ -65,7 +65,7 @@ def _inference_variants(model: nn.Module, x: torch.Tensor, compile: bool,
     m_cl = copy.deepcopy(model).to(memory_format=cl)
     x_cl = x.contiguous(memory_format=cl)
     out["eager_cl"] = _no_grad(m_cl, x_cl)
-    opt = optimize_for_inference(model, x, repeats=2, check=False)
+    opt = optimize_for_inference(model, x, repeats=1, check=False)
     x_opt = x.contiguous(memory_format=cl if opt.hetconv_plan["memory_format"] == "channels_last"
                          else torch.contiguous_format)
     out["optimized"] = _no_grad(opt, x_opt)
