@@ -254,9 +254,7 @@ class _GroupedExport(nn.Module):
                                             idx)
         self.register_buffer("wk", wk.clone())
         # The pointwise conv writes the grouped conv's slot order, so one Add joins them.
-        w1 = w1t.t()
-        if not idx["identity_slots"]:
-            w1 = w1.new_zeros(idx["slots"], m).index_copy(0, idx["slot"], w1)
+        w1 = HF._to_slots(w1t.t(), idx)
         self.register_buffer("w1", w1[:, :, None, None].clone())
         self.register_buffer("b", None if b is None else b.clone())
         self.register_buffer("channel_order", None if idx["identity_channels"]

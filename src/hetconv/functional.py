@@ -123,6 +123,18 @@ def _padding(padding: Optional[IntPair], kernel: Tuple[int, int],
     return ph, pw
 
 
+def _pointwise_matrix(weight_1: torch.Tensor, m: int, idx: dict) -> torch.Tensor:
+    """(N, M) 1x1 weights in natural channel order, zero on each filter's KxK channels."""
+    return weight_1.new_zeros(weight_1.shape[0], m).scatter(1, idx["pw"], weight_1)
+
+
+def _to_slots(t: Optional[torch.Tensor], idx: dict) -> Optional[torch.Tensor]:
+    """Rows of ``t`` (one per filter) moved to their slots in the grouped conv's output."""
+    if t is None or idx["identity_slots"]:
+        return t
+    return t.new_zeros((idx["slots"],) + tuple(t.shape[1:])).index_copy(0, idx["slot"], t)
+
+
 def dense_weight(weight_k: torch.Tensor, weight_1: torch.Tensor,
                  pattern: str = "shifted") -> torch.Tensor:
     """The (N, M, Kh, Kw) kernel of the layer: differentiable, zero off the pattern."""
@@ -134,7 +146,7 @@ def dense_weight(weight_k: torch.Tensor, weight_1: torch.Tensor,
     dense = weight_k.new_zeros(n, m, kh, kw).scatter(
         1, idx["kxk"][:, :, None, None].expand(n, m_k, kh, kw), weight_k)
     if p > 1:
-        centre = weight_1.new_zeros(n, m).scatter(1, idx["pw"], weight_1)
+        centre = _pointwise_matrix(weight_1, m, idx)
         dense = dense + F.pad(centre[:, :, None, None], (kw // 2, kw // 2, kh // 2, kh // 2))
     return dense
 
@@ -181,25 +193,14 @@ def _centre_input(x: torch.Tensor, kernel: Tuple[int, int], padding: Tuple[int, 
     return x, (pads[0], pads[1])
 
 
-def _grouped(x, weight_k, weight_1, bias, stride, padding, dilation, pattern):
-    n, m, p = _split_shapes(weight_k, weight_1)
+def _grouped(x, weight_k, weight_1, bias, stride, padding, dilation, pattern, n, m, p):
     idx = _indices(m, n, p, pattern, x.device)
     kh, kw = weight_k.shape[2:]
-    slots = idx["slots"]
-    if idx["identity_slots"]:
-        wk = weight_k
-    else:
-        wk = weight_k.new_zeros((slots,) + tuple(weight_k.shape[1:])).index_copy(
-            0, idx["slot"], weight_k)
     xg = x if idx["identity_channels"] else x.index_select(1, idx["channel_order"])
-    y = F.conv2d(xg, wk, None, stride, padding, dilation, groups=p)
+    y = F.conv2d(xg, _to_slots(weight_k, idx), None, stride, padding, dilation, groups=p)
     # Pointwise part, in the grouped output's slot order, bias folded in.
-    w1 = weight_1.new_zeros(n, m).scatter(1, idx["pw"], weight_1)
-    b = bias
-    if not idx["identity_slots"]:
-        w1 = w1.new_zeros(slots, m).index_copy(0, idx["slot"], w1)
-        if bias is not None:
-            b = bias.new_zeros(slots).index_copy(0, idx["slot"], bias)
+    w1 = _to_slots(_pointwise_matrix(weight_1, m, idx), idx)
+    b = _to_slots(bias, idx)
     xc, pc = _centre_input(x, (kh, kw), padding, dilation)
     y1 = F.conv2d(xc, w1[:, :, None, None], b, stride, pc)
     y = y + y1
@@ -250,19 +251,12 @@ def _fused_weights(weight_k: torch.Tensor, weight_1: torch.Tensor, bias: Optiona
 
 
 def _assemble_fused(weight_k, weight_1, bias, idx):
-    n, m = weight_k.shape[0], weight_k.shape[1] + weight_1.shape[1]
-    slots = idx["slots"]
-    w1 = weight_1.new_zeros(n, m).scatter(1, idx["pw"], weight_1)
-    if idx["identity_slots"]:
-        wk, b = weight_k, bias
-    else:
-        wk = weight_k.new_zeros((slots,) + tuple(weight_k.shape[1:])).index_copy(
-            0, idx["slot"], weight_k)
-        b = None if bias is None else bias.new_zeros(slots).index_copy(0, idx["slot"], bias)
-    return wk, w1.t(), b
+    m = weight_k.shape[1] + weight_1.shape[1]
+    w1 = _pointwise_matrix(weight_1, m, idx)
+    return _to_slots(weight_k, idx), w1.t(), _to_slots(bias, idx)
 
 
-def _fused(x, weight_k, weight_1, bias, stride, padding, dilation, pattern):
+def _fused(x, weight_k, weight_1, bias, stride, padding, dilation, pattern, n, m, p):
     """Grouped KxK conv in NHWC, then ``out += x_centre @ W1`` in place.
 
     * channels_last: oneDNN's grouped convolutions are fast in NHWC and slow in
@@ -277,7 +271,6 @@ def _fused(x, weight_k, weight_1, bias, stride, padding, dilation, pattern):
     Costs ``FL_K + Do*Do*N*M`` MACs, like ``"grouped"``.  The result is a
     channels_last tensor (``.contiguous()`` gives NCHW memory if needed).
     """
-    n, m, p = _split_shapes(weight_k, weight_1)
     idx = _indices(m, n, p, pattern, x.device)
     kh, kw = weight_k.shape[2:]
     wk, w1t, b = _fused_weights(weight_k, weight_1, bias, pattern, idx)
@@ -344,7 +337,7 @@ def het_conv2d(x: torch.Tensor, weight_k: torch.Tensor, weight_1: torch.Tensor,
         w = weight_k + weight_1.sum() if p == 1 else dense_weight(weight_k, weight_1, pattern)
         y = F.conv2d(x, w, bias, stride_, padding_, dilation_)
     elif backend == "fused":
-        y = _fused(x, weight_k, weight_1, bias, stride_, padding_, dilation_, pattern)
+        y = _fused(x, weight_k, weight_1, bias, stride_, padding_, dilation_, pattern, n, m, p)
     else:
-        y = _grouped(x, weight_k, weight_1, bias, stride_, padding_, dilation_, pattern)
+        y = _grouped(x, weight_k, weight_1, bias, stride_, padding_, dilation_, pattern, n, m, p)
     return y.squeeze(0) if unbatched else y
