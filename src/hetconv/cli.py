@@ -147,7 +147,8 @@ def _run_paper_tables(args) -> int:
 
 def _add_train(sub) -> None:
     from .train.commands import parse_model_arg
-    from .train.config import PRESETS
+    from .data import DATASETS
+    from .train.config import DEVICES, PRESETS, SCHEDULES
 
     p = sub.add_parser(
         "train", help="train a model (from scratch) into a run directory",
@@ -169,7 +170,7 @@ def _add_train(sub) -> None:
     g.add_argument("--model-arg", type=parse_model_arg, action="append", metavar="KEY=VALUE",
                    help="any other create_model keyword (repeatable; VALUE parsed as JSON)")
     g = p.add_argument_group("data")
-    g.add_argument("--data", choices=("fashion-mnist", "cifar10", "imagefolder"),
+    g.add_argument("--data", choices=sorted(DATASETS),
                    help="data set (default: fashion-mnist)")
     g.add_argument("--data-dir", help="where the data set is (default lookup: $HETCONV_DATA/"
                                       "<name>, then /usr/share/datasets/fashion-mnist)")
@@ -191,7 +192,7 @@ def _add_train(sub) -> None:
     g.add_argument("--lr", type=float, help="initial learning rate (default: 0.1)")
     g.add_argument("--momentum", type=float, help="SGD momentum (default: 0.9)")
     g.add_argument("--weight-decay", type=float, help="L2 weight decay (default: 5e-4)")
-    g.add_argument("--schedule", choices=("step", "cosine", "constant"),
+    g.add_argument("--schedule", choices=SCHEDULES,
                    help="learning-rate schedule, stepped per epoch (default: step)")
     g.add_argument("--lr-step", type=int, help="epochs between lr drops, step schedule (50)")
     g.add_argument("--lr-gamma", type=float, help="lr factor at each drop (default: 0.1)")
@@ -210,7 +211,7 @@ def _add_train(sub) -> None:
     g.add_argument("--limit-val-batches", type=int, metavar="N",
                    help="validate on N batches only (smoke tests)")
     g = p.add_argument_group("performance")
-    g.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default: auto (CUDA if any)")
+    g.add_argument("--device", choices=DEVICES, help="default: auto (CUDA if any)")
     g.add_argument("--channels-last", action="store_true", default=None,
                    help="channels-last memory format for model and inputs")
     g.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
@@ -225,6 +226,8 @@ def _run_train(args) -> int:
 
 
 def _add_evaluate(sub) -> None:
+    from .data import DATASETS
+
     p = sub.add_parser(
         "evaluate", help="accuracy, loss, MACs, params and images/s of a trained model",
         description="Evaluate a run directory (its last or best checkpoint) or a checkpoint "
@@ -232,7 +235,7 @@ def _add_evaluate(sub) -> None:
     p.add_argument("path", metavar="RUN_DIR_or_CHECKPOINT", help="run directory or .pt file")
     p.add_argument("--checkpoint", choices=("last", "best"), default="last",
                    help="which checkpoint of a run directory (default: last)")
-    p.add_argument("--data", choices=("fashion-mnist", "cifar10", "imagefolder"),
+    p.add_argument("--data", choices=sorted(DATASETS),
                    help="evaluate on this data set instead (same classes and channels)")
     p.add_argument("--data-dir", help="where the data set is (default: as trained)")
     p.add_argument("--batch-size", type=int, default=256, help="batch size (default: 256)")
@@ -268,6 +271,8 @@ def _run_compare(args) -> int:
 
 
 def _add_bench(sub) -> None:
+    from .pattern import PATTERNS
+
     p = sub.add_parser(
         "bench", help="speed benchmark: HetConv vs the best dense conv, per layer and per model",
         description="Time every way of computing HetConv layers and models (hetconv backends, "
@@ -289,7 +294,7 @@ def _add_bench(sub) -> None:
     p.add_argument("--compile", action="store_true",
                    help="also time torch.compile'd dense baselines and models (slow to compile)")
     p.add_argument("--no-onnx", action="store_true", help="skip the onnxruntime model variant")
-    p.add_argument("--pattern", choices=("shifted", "blocked"), default="shifted",
+    p.add_argument("--pattern", choices=PATTERNS, default="shifted",
                    help="HetConv pattern of the per-layer candidates (default: shifted; the "
                         "other pattern is always timed for the fused backend)")
     p.add_argument("--max-minutes", type=float, default=None,
