@@ -9,23 +9,25 @@ while spending less than the dense cost.
 Backends
 --------
 ``"dense"``
-    Reference.  Costs as much as a standard convolution.
+    Reference.  Costs as much as a standard convolution, plus assembling the
+    dense kernel: one scatter under autograd, cached outside it.
 ``"grouped"``
     One grouped KxK convolution with ``groups=P`` (group ``c`` = the input
     channels of class ``c`` and the filters of class ``c``) plus one pointwise
     convolution over all input channels whose weight is zero on each filter's
     KxK channels; the two are summed inside the layer.  Costs
     ``FL_K + Do*Do*N*M`` MACs: within ``Do*Do*N*M/P`` of the paper's
-    ``FL_HC``.  With ``pattern="shifted"`` the input is gathered into class
+    ``FL_HC``.  With ``pattern="shifted"`` the input is copied into class
     order and the output back into filter order (one copy each); with
     ``pattern="blocked"`` and ``P | N`` no activation is permuted.
 ``"fused"``
     The fast CPU path: the same two parts, run as a channels_last grouped
     convolution followed by one GEMM that accumulates the pointwise part
     into the convolution's output buffer; the ``"shifted"`` permutation is
-    carried by the weights (input gathered once for the KxK part only);
-    assembled weights are cached outside autograd.  Returns channels_last
-    memory.  See docs/performance.md for what it gains and what was tried.
+    carried by the weights (input copied into class order once, for the KxK
+    part only, by a strided transpose); assembled weights are cached outside
+    autograd.  Returns channels_last memory.  See docs/performance.md for
+    what it gains and what was tried.
 ``"auto"``
     Resolves to a concrete backend per call with :func:`select_backend`.
 """
@@ -107,6 +109,11 @@ def _indices(m: int, n: int, p: int, pattern: str, device: torch.device) -> dict
         "identity_slots": n % p == 0 and (pattern == "blocked" or p == 1 or p == n),
         "channel_order": _pattern.channel_order(m, p, pattern).to(device),
         "identity_channels": pattern == "blocked" or p == 1 or p == m,
+        # "shifted": channel j*P + c sits at class-order position c*(M/P) + j, a transpose
+        # of the (M/P, P) view of the channels; with P | N the same holds for filter
+        # r*P + c and slot c*(N/P) + r.  Strided copies instead of index_select gathers.
+        "channel_split": (m // p, p) if pattern == "shifted" else None,
+        "slot_split": (p, n // p) if pattern == "shifted" and n % p == 0 else None,
     }
     if not compiling:
         _INDEX_CACHE[key] = out
@@ -135,20 +142,76 @@ def _to_slots(t: Optional[torch.Tensor], idx: dict) -> Optional[torch.Tensor]:
     return t.new_zeros((idx["slots"],) + tuple(t.shape[1:])).index_copy(0, idx["slot"], t)
 
 
+def _dense_index(m: int, n: int, p: int, pattern: str, kernel: Tuple[int, int],
+                 device: torch.device) -> torch.Tensor:
+    """(N, M/P*Kh*Kw + M - M/P) positions in the flattened (N, M*Kh*Kw) dense kernel.
+
+    Of ``cat([weight_k.flatten(1), weight_1], 1)``: each KxK tap at its channel
+    and tap, each 1x1 kernel at its channel's centre tap.  Cached like :func:`_indices`.
+    """
+    key = ("dense", m, n, p, pattern, kernel, device)
+    compiling = torch.compiler.is_compiling()
+    if not compiling and key in _INDEX_CACHE:
+        return _INDEX_CACHE[key]
+    if not compiling and torch.is_inference_mode_enabled():
+        with torch.inference_mode(False):
+            return _dense_index(m, n, p, pattern, kernel, device)
+    idx = _indices(m, n, p, pattern, device)
+    kh, kw = kernel
+    kk = kh * kw
+    taps = torch.arange(kk, device=device)
+    kxk = (idx["kxk"][:, :, None] * kk + taps).flatten(1)
+    out = torch.cat([kxk, idx["pw"] * kk + (kh // 2) * kw + kw // 2], 1)
+    if not compiling:
+        _INDEX_CACHE[key] = out
+    return out
+
+
+def _swap_split(t: torch.Tensor, split: Tuple[int, int]) -> torch.Tensor:
+    """Dim 1 of ``t`` viewed as ``split = (a, b)``, transposed to (b, a): one strided copy."""
+    return t.unflatten(1, split).transpose(1, 2).flatten(1, 2)
+
+
+def _class_order(t: torch.Tensor, idx: dict) -> torch.Tensor:
+    """Channels (dim 1) of ``t`` in class order (the grouped conv's input order)."""
+    if idx["channel_split"] is not None:
+        return _swap_split(t, idx["channel_split"])
+    return t.index_select(1, idx["channel_order"])
+
+
+def _filter_order(t: torch.Tensor, idx: dict) -> torch.Tensor:
+    """Grouped-conv slots (dim 1) of ``t`` back in filter order (a copy)."""
+    if idx["slot_split"] is not None:
+        return _swap_split(t, idx["slot_split"])
+    return t.index_select(1, idx["slot"])
+
+
 def dense_weight(weight_k: torch.Tensor, weight_1: torch.Tensor,
                  pattern: str = "shifted") -> torch.Tensor:
     """The (N, M, Kh, Kw) kernel of the layer: differentiable, zero off the pattern."""
     n, m, p = _split_shapes(weight_k, weight_1)
     _pattern.validate_pattern(pattern)
-    idx = _indices(m, n, p, pattern, weight_k.device)
+    return _assemble_dense(weight_k, weight_1, pattern, n, m, p)
+
+
+def _assemble_dense(weight_k, weight_1, pattern, n, m, p):
+    """One scatter of all weights into a zero (N, M*Kh*Kw) buffer (backward: one gather)."""
     kh, kw = weight_k.shape[2:]
-    m_k = m // p
-    dense = weight_k.new_zeros(n, m, kh, kw).scatter(
-        1, idx["kxk"][:, :, None, None].expand(n, m_k, kh, kw), weight_k)
-    if p > 1:
-        centre = _pointwise_matrix(weight_1, m, idx)
-        dense = dense + F.pad(centre[:, :, None, None], (kw // 2, kw // 2, kh // 2, kh // 2))
-    return dense
+    index = _dense_index(m, n, p, pattern, (kh, kw), weight_k.device)
+    src = torch.cat([weight_k.flatten(1), weight_1], 1)
+    return weight_k.new_zeros(n, m * kh * kw).scatter(1, index, src).view(n, m, kh, kw)
+
+
+def _dense_kernel(weight_k, weight_1, pattern, n, m, p):
+    """The dense kernel for ``F.conv2d``: cached outside autograd (:func:`_cached`)."""
+    if p == 1:
+        if torch.is_grad_enabled() and weight_1.requires_grad:
+            # weight_1 is empty, but it must still reach the graph (adding its empty sum,
+            # an exact 0) so it gets a gradient: DDP fails on parameters that get none.
+            return weight_k + weight_1.sum()
+        return weight_k
+    return _cached(_DENSE_CACHE, (weight_k, weight_1), (pattern, weight_k.device, weight_k.dtype),
+                   lambda wk, w1: _assemble_dense(wk, w1, pattern, n, m, p))
 
 
 def select_backend(x: torch.Tensor, weight_k: torch.Tensor, weight_1: torch.Tensor,
@@ -196,7 +259,7 @@ def _centre_input(x: torch.Tensor, kernel: Tuple[int, int], padding: Tuple[int, 
 def _grouped(x, weight_k, weight_1, bias, stride, padding, dilation, pattern, n, m, p):
     idx = _indices(m, n, p, pattern, x.device)
     kh, kw = weight_k.shape[2:]
-    xg = x if idx["identity_channels"] else x.index_select(1, idx["channel_order"])
+    xg = x if idx["identity_channels"] else _class_order(x, idx)
     y = F.conv2d(xg, _to_slots(weight_k, idx), None, stride, padding, dilation, groups=p)
     # Pointwise part, in the grouped output's slot order, bias folded in.
     w1 = _to_slots(_pointwise_matrix(weight_1, m, idx), idx)
@@ -205,7 +268,7 @@ def _grouped(x, weight_k, weight_1, bias, stride, padding, dilation, pattern, n,
     y1 = F.conv2d(xc, w1[:, :, None, None], b, stride, pc)
     y = y + y1
     if not idx["identity_slots"]:
-        y = y.index_select(1, idx["slot"])
+        y = _filter_order(y, idx)
     return y
 
 
@@ -213,7 +276,33 @@ def _grouped(x, weight_k, weight_1, bias, stride, padding, dilation, pattern, n,
 # "fused": channels_last grouped KxK conv + one GEMM accumulated into its output.
 # ---------------------------------------------------------------------------
 
-_WEIGHT_CACHE = WeakIdKeyDictionary()
+_WEIGHT_CACHE = WeakIdKeyDictionary()  # weight_k -> (key, fused weights)
+_DENSE_CACHE = WeakIdKeyDictionary()  # weight_k -> (key, dense kernel)
+
+
+def _cached(cache: WeakIdKeyDictionary, tensors: tuple, extra: tuple, build):
+    """``build(*tensors)``, cached in ``cache`` while the result cannot change.
+
+    Outside autograd (inference, ``torch.no_grad``) the result is cached per
+    ``tensors[0]`` (weak reference), keyed by every tensor's identity, storage
+    pointer and version counter plus ``extra``, so in-place updates,
+    ``load_state_dict`` and ``.data`` replacement rebuild it.  Never while
+    compiling, never from inference tensors, and the cached tensors are built
+    outside inference mode (they are reused under autograd later).
+    """
+    tracked = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    cacheable = not tracked and not torch.compiler.is_compiling() and not any(
+        t is not None and t.is_inference() for t in tensors)
+    if not cacheable:
+        return build(*tensors)
+    key = tuple(None if t is None else (id(t), t.data_ptr(), t._version) for t in tensors) + extra
+    hit = cache.get(tensors[0])
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    with torch.inference_mode(False):
+        out = build(*(None if t is None else t.detach() for t in tensors))
+    cache[tensors[0]] = (key, out)
+    return out
 
 
 def _fused_weights(weight_k: torch.Tensor, weight_1: torch.Tensor, bias: Optional[torch.Tensor],
@@ -226,28 +315,11 @@ def _fused_weights(weight_k: torch.Tensor, weight_1: torch.Tensor, bias: Optiona
     the permutation of ``pattern="shifted"`` lives in the weights, not the
     activations) and the bias in the grouped conv's slot order (it is added by
     the conv for free).  Building them costs a few small scatters; outside
-    autograd (inference, ``torch.no_grad``) the result is cached per weight
-    tensor and rebuilt when any weight's version counter changes.
+    autograd the result is cached (:func:`_cached`).
     """
-    tracked = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (weight_k, weight_1, bias))
-    cacheable = not tracked and not torch.compiler.is_compiling() and not any(
-        t is not None and t.is_inference() for t in (weight_k, weight_1, bias))
-    if cacheable:
-        key = tuple(None if t is None else (id(t), t.data_ptr(), t._version)
-                    for t in (weight_k, weight_1, bias)) + (pattern, weight_k.device, weight_k.dtype)
-        hit = _WEIGHT_CACHE.get(weight_k)
-        if hit is not None and hit[0] == key:
-            return hit[1]
-    if cacheable:  # nothing to differentiate; cached tensors must work outside inference mode
-        with torch.inference_mode(False):
-            out = _assemble_fused(weight_k.detach(), weight_1.detach(),
-                                  None if bias is None else bias.detach(), idx)
-    else:
-        out = _assemble_fused(weight_k, weight_1, bias, idx)
-    if cacheable:
-        _WEIGHT_CACHE[weight_k] = (key, out)
-    return out
+    return _cached(_WEIGHT_CACHE, (weight_k, weight_1, bias),
+                   (pattern, weight_k.device, weight_k.dtype),
+                   lambda wk, w1, b: _assemble_fused(wk, w1, b, idx))
 
 
 def _assemble_fused(weight_k, weight_1, bias, idx):
@@ -263,11 +335,12 @@ def _fused(x, weight_k, weight_1, bias, stride, padding, dilation, pattern, n, m
       NCHW; the pointwise part is then a plain GEMM on the (B*H*W, M) view.
     * one output buffer: the GEMM accumulates into the grouped conv's output
       (``addmm_``), no second activation tensor and no separate sum.
-    * ``pattern="shifted"``: the input is gathered into class order once, for
+    * ``pattern="shifted"``: the input is copied into class order once, for
       the KxK part only; the pointwise GEMM reads the input as it is, with its
       rows permuted in the weights.  When the filter order differs from the
-      grouped conv's slot order, the output is gathered once (fused with the
-      GEMM's accumulation buffer).
+      grouped conv's slot order, the output is copied once into filter order
+      (that copy is the GEMM's accumulation buffer).  Both copies are strided
+      transposes (``index_select`` only for ``P`` not dividing ``N``).
     Costs ``FL_K + Do*Do*N*M`` MACs, like ``"grouped"``.  The result is a
     channels_last tensor (``.contiguous()`` gives NCHW memory if needed).
     """
@@ -278,11 +351,11 @@ def _fused(x, weight_k, weight_1, bias, stride, padding, dilation, pattern, n, m
     x = x.contiguous(memory_format=cl)
     if idx["identity_channels"]:
         xg = x
-    else:  # class order for the grouped conv: one gather, in NHWC memory.  On the 2-D
-        # (B*H*W, M) view: index_select on the last dim of the 4-D view is ~100x slower.
+    else:  # class order for the grouped conv: one copy in NHWC memory, on the 2-D
+        # (B*H*W, M) view ("shifted": a transpose of the (M/P, P) channel view).
         b_, _, h_, w_ = x.shape
-        xg = (x.permute(0, 2, 3, 1).reshape(-1, m).index_select(1, idx["channel_order"])
-              .view(b_, h_, w_, m).permute(0, 3, 1, 2))
+        xg = _class_order(x.permute(0, 2, 3, 1).reshape(-1, m), idx)
+        xg = xg.view(b_, h_, w_, m).permute(0, 3, 1, 2)
     y = F.conv2d(xg, wk, b, stride, padding, dilation, groups=p)
     y = y.contiguous(memory_format=cl)
     batch, slots, ho, wo = y.shape
@@ -297,7 +370,7 @@ def _fused(x, weight_k, weight_1, bias, stride, padding, dilation, pattern, n, m
     if idx["identity_slots"]:
         out = yf.addmm_(xf, w1t)
     else:
-        out = yf.index_select(1, idx["slot"]).addmm_(xf, w1t)
+        out = _filter_order(yf, idx).addmm_(xf, w1t)
     return out.view(batch, ho, wo, n).permute(0, 3, 1, 2)
 
 
@@ -332,10 +405,8 @@ def het_conv2d(x: torch.Tensor, weight_k: torch.Tensor, weight_1: torch.Tensor,
     if backend == "auto":
         backend = select_backend(x, weight_k, weight_1, stride_, dilation_, pattern)
     if backend == "dense" or p == 1:
-        # P = 1: weight_1 is empty, but it must still reach the graph (adding its empty
-        # sum, an exact 0) so it gets a gradient: DDP fails on parameters that get none.
-        w = weight_k + weight_1.sum() if p == 1 else dense_weight(weight_k, weight_1, pattern)
-        y = F.conv2d(x, w, bias, stride_, padding_, dilation_)
+        y = F.conv2d(x, _dense_kernel(weight_k, weight_1, pattern, n, m, p), bias, stride_,
+                     padding_, dilation_)
     elif backend == "fused":
         y = _fused(x, weight_k, weight_1, bias, stride_, padding_, dilation_, pattern, n, m, p)
     else:
