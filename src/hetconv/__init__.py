@@ -5,6 +5,7 @@ from .functional import BACKENDS
 from .complexity import profile
 from .convert import convert
 from .deploy import export_onnx, fold_batchnorm, optimize_for_inference
+from .permute import absorb_permutations
 from .layers import DepthwisePointwiseConv2d, GroupPointwiseConv2d, HetConv2d, SqueezeExcite
 from .models import create_model, list_models, register_model
 from .pattern import kernel_mask
@@ -19,6 +20,7 @@ __all__ = [
     "HetConv2d",
     "SqueezeExcite",
     "TrainConfig",
+    "absorb_permutations",
     "convert",
     "create_model",
     "export_onnx",

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from . import functional as HF
 from ._timing import time_interleaved
 from .layers import HetConv2d
+from .permute import absorb_permutations
 
 __all__ = ["fold_batchnorm", "optimize_for_inference", "export_onnx", "export_module"]
 
@@ -140,6 +141,22 @@ def _fastest_backend(layer: HetConv2d, x: torch.Tensor, repeats: int) -> Tuple[s
     return min(medians, key=medians.get), medians
 
 
+def _absorbed(model: nn.Module, example_input: Optional[torch.Tensor]) -> Tuple[nn.Module, dict]:
+    """``absorb_permutations(model)`` when it has shifted layers and fx can trace it."""
+    if isinstance(model, HetConv2d) or not any(
+            isinstance(m, HetConv2d) and m.pattern == "shifted" and m.part > 1
+            for m in model.modules()):
+        return model, {"rewritten_layers": 0, "gathers": 0}
+    try:
+        out = absorb_permutations(model, example_input)
+    except TypeError as exc:
+        warnings.warn(f"shifted permutations not absorbed: {exc}", RuntimeWarning, stacklevel=3)
+        return model, {"rewritten_layers": 0, "gathers": 0, "error": str(exc)}
+    for p in out.parameters():
+        p.requires_grad_(False)
+    return out, dict(out.hetconv_permutations)
+
+
 def _time_model(model: nn.Module, x: torch.Tensor, repeats: int) -> float:
     with torch.no_grad():
         return time_interleaved({"m": lambda: model(x)}, repeats=repeats, warmup=1)["m"].median
@@ -148,7 +165,8 @@ def _time_model(model: nn.Module, x: torch.Tensor, repeats: int) -> float:
 def optimize_for_inference(model: nn.Module, example_input: Optional[torch.Tensor] = None, *,
                            fold_bn: bool = True, backend: str = "measure",
                            memory_format: str = "auto", repeats: int = 5, check: bool = True,
-                           rtol: float = 1e-4, atol: float = 1e-4) -> nn.Module:
+                           rtol: float = 1e-4, atol: float = 1e-4,
+                           absorb: bool = True) -> nn.Module:
     """A faster copy of ``model`` for inference (``model`` itself is left untouched).
 
     Args:
@@ -164,10 +182,16 @@ def optimize_for_inference(model: nn.Module, example_input: Optional[torch.Tenso
         repeats: timed repeats per candidate (medians are compared).
         check: compare outputs with ``model``'s on ``example_input``; raise
             ``RuntimeError`` when they differ beyond ``rtol``/``atol``.
+        absorb: run ``pattern="shifted"`` layers as blocked ones on class-sorted
+            activations (:func:`hetconv.permute.absorb_permutations`): the
+            per-layer channel gathers disappear.  The result is then a
+            ``torch.fx.GraphModule``; a model fx cannot trace is kept as it is
+            (with a warning).
 
     The returned copy is in eval mode and carries ``hetconv_plan``: a dict with
-    the chosen memory format, the number of folded BatchNorms and the backend
-    (with measured medians in seconds) of every HetConv2d by module name.
+    the chosen memory format, the number of folded BatchNorms, the absorbed
+    permutations and the backend (with measured medians in seconds) of every
+    HetConv2d by module name.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -178,6 +202,8 @@ def optimize_for_inference(model: nn.Module, example_input: Optional[torch.Tenso
         raise ValueError(f"memory_format must be one of {MEMORY_FORMATS}, got {memory_format!r}")
     if not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"repeats must be a positive int, got {repeats!r}")
+    if not isinstance(absorb, bool):
+        raise TypeError(f"absorb must be a bool, got {absorb!r}")
     if example_input is not None and not isinstance(example_input, torch.Tensor):
         raise TypeError(f"example_input must be a tensor or None, got {type(example_input).__name__}")
     if example_input is None and (backend == "measure" or memory_format == "auto"):
@@ -188,6 +214,8 @@ def optimize_for_inference(model: nn.Module, example_input: Optional[torch.Tenso
     for p in out.parameters():
         p.requires_grad_(False)
     plan: dict = {"folded_batchnorms": fold_batchnorm(out) if fold_bn else 0, "layers": {}}
+    if absorb:
+        out, plan["permutations"] = _absorbed(out, example_input)
     names = {m: n for n, m in out.named_modules()}
 
     formats = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
@@ -294,7 +322,7 @@ def export_module(model: nn.Module, form: str = "grouped") -> nn.Module:
 
 def export_onnx(model: nn.Module, path: Union[str, os.PathLike], example_input: torch.Tensor, *,
                 form: str = "grouped", opset: int = 17, dynamic_batch: bool = True,
-                fold_bn: bool = True) -> str:
+                fold_bn: bool = True, absorb: bool = True) -> str:
     """Write ``model`` as ONNX (standard operators only) to ``path``; returns the path.
 
     Args:
@@ -306,6 +334,9 @@ def export_onnx(model: nn.Module, path: Union[str, os.PathLike], example_input: 
         opset: ONNX opset version.
         dynamic_batch: make the batch dimension symbolic.
         fold_bn: fold BatchNorm into the preceding convs first.
+        absorb: for ``form="grouped"``, run shifted layers as blocked ones on
+            class-sorted activations (:func:`hetconv.permute.absorb_permutations`),
+            so the graph has no per-layer Gather.
 
     Uses the TorchScript-based exporter (``dynamo=False``), which handles these
     standard ops robustly on this torch version.
@@ -314,9 +345,14 @@ def export_onnx(model: nn.Module, path: Union[str, os.PathLike], example_input: 
         raise TypeError(f"example_input must be a tensor, got {type(example_input).__name__}")
     if not isinstance(opset, int) or opset < 9:
         raise ValueError(f"opset must be an int >= 9, got {opset!r}")
-    exportable = export_module(model, form)
+    if not isinstance(absorb, bool):
+        raise TypeError(f"absorb must be a bool, got {absorb!r}")
+    work = copy.deepcopy(model).eval()
     if fold_bn:
-        fold_batchnorm(exportable)
+        fold_batchnorm(work)
+    if absorb and form == "grouped":
+        work, _ = _absorbed(work, example_input)
+    exportable = export_module(work, form)
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)

@@ -1,0 +1,233 @@
+"""absorb_permutations: shifted HetConv layers run as blocked ones on class-sorted activations."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+import hetconv
+from hetconv import pattern as P
+from hetconv.permute import _blocked_twin, absorb_permutations
+from test_deploy import _randomise_bn
+
+
+def _randomise(model: nn.Module) -> nn.Module:
+    torch.manual_seed(1)
+    return _randomise_bn(model)
+
+
+def _gathers(gm: fx.GraphModule) -> int:
+    return sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target is torch.index_select)
+
+
+def _hets(model: nn.Module):
+    return [m for m in model.modules() if isinstance(m, hetconv.HetConv2d)]
+
+
+@pytest.mark.parametrize("m,n,part", [(8, 8, 2), (12, 20, 4), (16, 10, 4), (6, 9, 3), (8, 12, 8),
+                                      (12, 7, 3)])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_blocked_twin_is_the_permuted_layer(m, n, part, stride):
+    torch.manual_seed(0)
+    layer = hetconv.HetConv2d(m, n, 3, stride=stride, part=part, bias=True)
+    twin = _blocked_twin(layer)
+    assert twin.pattern == "blocked" and twin.part == layer.part
+    pi_in, pi_out = P.channel_order(m, layer.part), P.filter_order(n, layer.part)
+    # The definition, on dense kernels: blocked kernel = shifted kernel with rows/columns sorted.
+    assert torch.equal(twin.dense_weight(), layer.dense_weight()[pi_out][:, pi_in])
+    x = torch.randn(2, m, 7, 7)
+    with torch.no_grad():
+        torch.testing.assert_close(twin(x[:, pi_in]), layer(x)[:, pi_out], rtol=1e-5, atol=1e-5)
+
+
+def _vgg(part, width=0.25):
+    torch.manual_seed(0)
+    return _randomise(hetconv.create_model("vgg16_cifar", part=part, width=width))
+
+
+@pytest.mark.parametrize("with_example", [False, True])
+def test_vgg_absorbs_every_permutation(with_example):
+    model = _vgg(4)
+    x = torch.randn(3, 3, 32, 32)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    gm = absorb_permutations(model, x if with_example else None)
+    # Every HetConv is blocked now; all 12 consecutive layers share P = 4, the stem conv's
+    # output channels are permuted instead of gathered: one gather is left, before flatten.
+    assert [h.pattern for h in _hets(gm)] == ["blocked"] * 12
+    assert gm.hetconv_permutations == {"rewritten_layers": 12, "gathers": 1}
+    assert _gathers(gm) == 1
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), model(x), rtol=1e-4, atol=1e-5)
+    for k, v in model.state_dict().items():  # the original is left as it was
+        assert torch.equal(v, before[k]) and model.training is False
+    assert all(h.pattern == "shifted" for h in _hets(model))
+
+
+def test_vgg_pc_gathers_only_where_widths_change():
+    # P = C: a layer's output order (filters sorted by n mod M) is the next layer's input
+    # order (identity, one class per channel) only when M == N.
+    model = _vgg("C")
+    x = torch.randn(2, 3, 32, 32)
+    gm = absorb_permutations(model, x)
+    widths = [(h.in_channels, h.out_channels) for h in _hets(model)]
+    changes = sum(1 for m, n in widths if m != n)
+    assert gm.hetconv_permutations["gathers"] == changes + 1  # + the classifier's input
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_resnet_shape_information_keeps_stages_permuted():
+    torch.manual_seed(0)
+    model = _randomise(hetconv.create_model("resnet56_cifar", part=4, width=0.5))
+    x = torch.randn(2, 3, 32, 32)
+    plain = absorb_permutations(model)
+    shaped = absorb_permutations(model, x)
+    with torch.no_grad():
+        ref = model(x)
+        torch.testing.assert_close(plain(x), ref, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(shaped(x), ref, rtol=1e-4, atol=1e-5)
+    assert plain.hetconv_permutations["rewritten_layers"] == 54
+    # Without shapes, each residual sum with a natural shortcut gathers back; with them the
+    # shortcut is brought into the stored order: only stage transitions and the head gather.
+    assert shaped.hetconv_permutations["gathers"] < plain.hetconv_permutations["gathers"]
+    assert shaped.hetconv_permutations["gathers"] <= 5
+
+
+def test_torchvision_resnet_with_downsample_convs():
+    torch.manual_seed(0)
+    model = _randomise(hetconv.create_model("resnet50", part=4, num_classes=7))
+    x = torch.randn(1, 3, 64, 64)
+    gm = absorb_permutations(model, x)
+    assert gm.hetconv_permutations["rewritten_layers"] == len(_hets(model))
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+class _Branchy(nn.Module):
+    """A shared HetConv called twice, a concatenation, a broadcast gate and a dense conv reader."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.het = hetconv.HetConv2d(8, 8, part=2, bias=True)
+        self.other = hetconv.HetConv2d(8, 8, part=4)
+        self.reader = nn.Conv2d(8, 6, 1)
+        self.head = nn.Linear(14, 4)
+
+    def forward(self, x):
+        a = F.relu(self.stem(x))
+        b = self.het(a).relu()
+        c = self.het(b)                      # same module, second call site
+        d = self.other(c)                    # another P: needs a re-gather
+        gate = torch.sigmoid(d.mean((2, 3), keepdim=True))  # natural (B, C, 1, 1) operand
+        e = d * gate
+        f = self.reader(e + c)               # dense conv reading a permuted sum
+        g = torch.cat([e, f], 1)             # unknown consumer: natural order
+        return self.head(torch.flatten(F.adaptive_avg_pool2d(g, 1), 1))
+
+
+@pytest.mark.parametrize("with_example", [False, True])
+def test_branches_shared_modules_and_broadcasts(with_example):
+    torch.manual_seed(0)
+    model = _Branchy().eval()
+    x = torch.randn(2, 3, 9, 9)
+    gm = absorb_permutations(model, x if with_example else None)
+    assert gm.hetconv_permutations["rewritten_layers"] == 3
+    assert all(h.pattern == "blocked" for h in _hets(gm))
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), model(x), rtol=1e-4, atol=1e-5)
+    assert model.het.pattern == "shifted"
+
+
+class _Untraceable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.het = hetconv.HetConv2d(4, 4, part=2)
+
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent control flow
+            return self.het(x)
+        return x
+
+
+def test_untraceable_model_is_reported_and_optimize_falls_back():
+    model = _Untraceable().eval()
+    with pytest.raises(TypeError, match="torch.fx"):
+        absorb_permutations(model)
+    x = torch.rand(1, 4, 5, 5)
+    with pytest.warns(RuntimeWarning, match="not absorbed"):
+        fast = hetconv.optimize_for_inference(model, x, repeats=1)
+    assert "error" in fast.hetconv_plan["permutations"]
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_bad_arguments():
+    with pytest.raises(TypeError, match="model"):
+        absorb_permutations("vgg")
+    with pytest.raises(TypeError, match="example_input"):
+        absorb_permutations(nn.Identity(), [1, 2])
+    with pytest.raises(TypeError, match="absorb"):
+        hetconv.optimize_for_inference(nn.Identity(), absorb="yes")
+
+
+def test_optimize_for_inference_absorbs_and_matches():
+    model = _vgg(4)
+    x = torch.randn(2, 3, 32, 32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fast = hetconv.optimize_for_inference(model, x, repeats=1)
+    assert fast.hetconv_plan["permutations"] == {"rewritten_layers": 12, "gathers": 1}
+    assert all(h.pattern == "blocked" for h in _hets(fast))
+    assert all(not p.requires_grad for p in fast.parameters())
+    kept = hetconv.optimize_for_inference(model, x, repeats=1, absorb=False)
+    assert all(h.pattern == "shifted" for h in _hets(kept))
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_export_onnx_without_per_layer_gathers(tmp_path):
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    model = _vgg(4)
+    x = torch.randn(2, 3, 32, 32)
+    counts = {}
+    for absorb in (False, True):
+        path = hetconv.export_onnx(model, tmp_path / f"m{absorb}.onnx", x, absorb=absorb)
+        graph = onnx.load(path).graph
+        # Gathers on the channel axis (flatten's shape arithmetic may add others on axis 0).
+        counts[absorb] = sum(1 for node in graph.node if node.op_type == "Gather" and any(
+            a.name == "axis" and a.i == 1 for a in node.attribute))
+        sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        got = torch.from_numpy(sess.run(None, {"input": x.numpy()})[0])
+        with torch.no_grad():
+            torch.testing.assert_close(got, model(x), rtol=1e-3, atol=1e-4)
+    assert counts[False] == 2 * 12  # input and output gather per shifted layer
+    assert counts[True] == 1
+
+
+def test_hetconv_fed_by_the_input_and_gathers_shared():
+    # The first layer reads the model input (gathered once); its output feeds two readers
+    # that need natural order: one gather serves both.
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.het = hetconv.HetConv2d(8, 8, part=4)
+
+        def forward(self, x, y):
+            z = self.het(x)
+            return torch.cat([z, y], 1), z.flatten(1)
+
+    torch.manual_seed(0)
+    model = Two().eval()
+    x, y = torch.randn(2, 8, 5, 5), torch.randn(2, 3, 5, 5)
+    gm = absorb_permutations(model)
+    assert gm.hetconv_permutations == {"rewritten_layers": 1, "gathers": 2}
+    with torch.no_grad():
+        for got, ref in zip(gm(x, y), model(x, y)):
+            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
