@@ -114,11 +114,28 @@ def test_bench_bad_arguments():
 
 
 def test_bench_run_models_smoke():
+    from hetconv.bench.report import target_checks
+
     rows = bench.run_models(["vgg16_cifar"], ["throughput_b64", "train_step_b64"],
-                            parts={"vgg16_cifar": (1, 4)}, repeats=1, warmup=0, batch=2,
+                            parts={"vgg16_cifar": (1, 4, "4b")}, repeats=1, warmup=0, batch=2,
                             width=0.125, onnx=False)
     variants = {(r["model"], r["metric"], r["variant"]) for r in rows}
     assert ("P4", "throughput_b64", "optimized") in variants
+    assert ("P4b", "throughput_b64", "optimized") in variants
     assert ("P4", "train_step_b64", "eager_cl") in variants
     assert all(r["ratio"] > 0 for r in rows)
-    assert sum(r["best"] for r in rows) == 4  # one best variant per (model, metric)
+    assert sum(r["best"] for r in rows) == 6  # one best variant per (model, metric)
+    for r in rows:
+        if r["model"] in ("P4", "P4b"):
+            assert r["theory_layer"] == pytest.approx(hetconv.pattern.speedup(4))
+    lines = target_checks([], rows)
+    assert any("blocked', vgg16_cifar P4 throughput_b64" in line for line in lines)
+
+
+def test_bench_blocked_twin_models():
+    from hetconv.bench.models import _build
+
+    twin, default = _build("vgg16_cifar", "4b", 0.125), _build("vgg16_cifar", 4, 0.125)
+    hets = lambda m: [h for h in m.modules() if isinstance(h, hetconv.HetConv2d)]  # noqa: E731
+    assert {(h.part, h.pattern) for h in hets(twin)} == {(4, "blocked")}
+    assert {(h.part, h.pattern) for h in hets(default)} == {(4, "shifted")}

@@ -28,10 +28,12 @@ from .._timing import time_interleaved
 
 __all__ = ["MODEL_SUITES", "METRICS", "run_models"]
 
-#: family -> parts (None = the family's reference architecture).
+#: family -> parts (None = the family's reference architecture; a trailing "b", e.g.
+#: ``"4b"``, builds the same model with ``pattern="blocked"``: the default "shifted"
+#: pattern is compared with it at model level).
 MODEL_SUITES: Dict[str, tuple] = {
-    "vgg16_cifar": (1, 2, 4, 8, 16, 32, 64, "C"),
-    "resnet56_cifar": (1, 2, 4),
+    "vgg16_cifar": (1, 2, 4, "4b", 8, "8b", 16, 32, 64, "C"),
+    "resnet56_cifar": (1, 2, 4, "4b"),
     "mobilenet_cifar": (None, 32),
 }
 
@@ -42,12 +44,20 @@ def _label(part) -> str:
     return "ref" if part is None else f"P{part}"
 
 
+def _split_part(part):
+    """``4`` -> (4, "shifted"); ``"4b"`` -> (4, "blocked"); ``"C"`` -> ("C", "shifted")."""
+    if isinstance(part, str) and part.endswith("b"):
+        return int(part[:-1]), "blocked"
+    return part, "shifted"
+
+
 def _build(family: str, part, width: float) -> nn.Module:
     from ..models import create_model
 
     kwargs = {"width": width}
+    part, pattern = _split_part(part)
     if part is not None and part != 1:
-        kwargs["part"] = part
+        kwargs.update(part=part, pattern=pattern)
     torch.manual_seed(0)
     return create_model(family, **kwargs)
 
@@ -154,7 +164,7 @@ def run_models(families: Sequence[str] = tuple(MODEL_SUITES), metrics: Sequence[
                 ref = best[_label(fam_parts[0])]
                 for key, t in times.items():
                     label, variant = key.split("|")
-                    part = label[1:] if label.startswith("P") else None
+                    part = _split_part(label[1:])[0] if label.startswith("P") else None
                     rows.append({
                         "family": family, "model": label, "metric": metric, "variant": variant,
                         "batch": b, "ms": t.median * 1e3, "images_per_s": b / t.median,
