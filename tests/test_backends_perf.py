@@ -123,6 +123,8 @@ def test_bench_run_models_smoke():
     assert ("P4", "throughput_b64", "optimized") in variants
     assert ("P4b", "throughput_b64", "optimized") in variants
     assert ("P4", "train_step_b64", "eager_cl") in variants
+    assert ("P4", "train_step_b64", "absorbed_cl") in variants
+    assert ("P4b", "train_step_b64", "absorbed_cl") not in variants  # nothing to absorb
     assert all(r["ratio"] > 0 for r in rows)
     assert sum(r["best"] for r in rows) == 6  # one best variant per (model, metric)
     for r in rows:

@@ -231,3 +231,56 @@ def test_hetconv_fed_by_the_input_and_gathers_shared():
     with torch.no_grad():
         for got, ref in zip(gm(x, y), model(x, y)):
             torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+
+
+def _train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    model.train()
+    model.zero_grad()
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    return loss.item()
+
+
+@pytest.mark.parametrize("family", ["vgg16_cifar", "resnet56_cifar"])
+def test_shared_parameters_train_the_original(family):
+    import copy
+
+    torch.manual_seed(0)
+    model = hetconv.create_model(family, part=4, width=0.25)
+    reference = copy.deepcopy(model)
+    gm = absorb_permutations(model, torch.randn(2, 3, 16, 16), share_parameters=True)
+    assert gm.hetconv_permutations["rewritten_layers"] == len(_hets(model))
+    # The result owns nothing new: same state_dict keys, the very same tensors.
+    assert list(gm.state_dict()) == list(model.state_dict())
+    for k, v in gm.state_dict().items():
+        assert v.data_ptr() == model.state_dict()[k].data_ptr()
+    assert all(h.pattern == "shifted" for h in _hets(model))
+    # Training through the rewrite = training the model itself: same loss, the gradients
+    # land on the model's parameters, BatchNorm statistics are updated in natural order.
+    x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,))
+    assert _train_step(gm, x, y) == pytest.approx(_train_step(reference, x, y), rel=1e-5)
+    for (k, a), b in zip(model.named_parameters(), reference.parameters()):
+        scale = b.grad.abs().max().item() + 1e-3  # grads under BatchNorm can be ~0
+        assert (a.grad - b.grad).abs().max().item() <= 1e-3 * scale, k
+    for (k, a), b in zip(model.state_dict().items(), reference.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=k)
+    gm.eval()
+    reference.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), reference(x), rtol=1e-3, atol=1e-4)
+
+
+def test_shared_parameters_copy_and_modes():
+    import copy
+    model = _vgg(4)
+    gm = absorb_permutations(model, share_parameters=True)
+    clone = copy.deepcopy(gm)  # a deep copy owns its own parameters, views included
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), model(x), rtol=1e-4, atol=1e-5)
+        assert not torch.allclose(clone(x), model(x), rtol=1e-3, atol=1e-4)
+    with pytest.raises(TypeError, match="share_parameters"):
+        absorb_permutations(model, share_parameters=1)

@@ -408,3 +408,48 @@ def test_compile_trains_like_eager(tmp_path, data_dir):
         if a[k].is_floating_point():
             assert torch.allclose(a[k], b[k], rtol=1e-3, atol=1e-4), k
     assert compiled["val_loss"] == pytest.approx(eager["val_loss"], rel=1e-3)
+
+
+class TinyShifted(nn.Module):
+    """Stem conv + BN feeding two shifted HetConv layers: every permutation can be absorbed."""
+
+    def __init__(self, in_chans: int = 1, num_classes: int = 10):
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(in_chans, 8, 3, 2, 1), nn.BatchNorm2d(8), nn.ReLU(),
+                                 hetconv.HetConv2d(8, 8, 3, part=4), nn.BatchNorm2d(8), nn.ReLU(),
+                                 hetconv.HetConv2d(8, 8, 3, part=4), nn.ReLU(),
+                                 nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(32, num_classes))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def test_absorb_permutations_trains_the_same_model(tmp_path, data_dir, caplog):
+    """--absorb-permutations changes how the forward runs, not the parameters or checkpoints;
+    a run may switch it on when resumed."""
+    common = dict(epochs=2, limit_train_batches=3, augment=False)
+    plain = fit(tiny_config(data_dir, tmp_path, name="plain", **common), model=fresh(TinyShifted))
+    with caplog.at_level("INFO", logger="hetconv.train"):
+        absorbed = fit(tiny_config(data_dir, tmp_path, name="absorbed", absorb_permutations=True,
+                                   **common), model=fresh(TinyShifted))
+    assert "absorbed the channel permutations of 2 shifted HetConv layer(s); 1 gather(s)" \
+        in caplog.text  # the one before Flatten
+    fit(tiny_config(data_dir, tmp_path, name="switched", **dict(common, epochs=1)),
+        model=fresh(TinyShifted))
+    switched = fit(tiny_config(data_dir, tmp_path, name="switched", absorb_permutations=True,
+                               **common), model=fresh(TinyShifted), resume=tmp_path / "switched")
+    a = model_tensors(tmp_path / "plain")
+    for run, result in (("absorbed", absorbed), ("switched", switched)):
+        b = model_tensors(tmp_path / run)
+        assert a.keys() == b.keys()
+        for k in a:
+            if a[k].is_floating_point():
+                assert torch.allclose(a[k], b[k], rtol=1e-3, atol=1e-4), (run, k)
+            else:
+                assert torch.equal(a[k], b[k]), (run, k)
+        assert result["val_loss"] == pytest.approx(plain["val_loss"], rel=1e-3)
+
+
+def test_absorb_permutations_config_is_validated(tmp_path, data_dir):
+    with pytest.raises(TypeError, match="absorb_permutations"):
+        tiny_config(data_dir, tmp_path, absorb_permutations="yes")

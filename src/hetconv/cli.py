@@ -203,8 +203,8 @@ def _add_train(sub) -> None:
     g.add_argument("--name", help="run directory name (default: <model>-<data>-s<seed>)")
     g.add_argument("--resume", metavar="RUN_DIR",
                    help="continue RUN_DIR from its last complete checkpoint (its saved config; "
-                        "only --epochs, --workers, --data-dir, --device, --eval-batch-size "
-                        "and --compile may change)")
+                        "only --epochs, --workers, --data-dir, --device, --eval-batch-size, "
+                        "--compile and --absorb-permutations may change)")
     g.add_argument("--force", action="store_true", help="overwrite an existing run directory")
     g.add_argument("--limit-train-batches", type=int, metavar="N",
                    help="stop each epoch after N batches (smoke tests)")
@@ -215,6 +215,9 @@ def _add_train(sub) -> None:
     g.add_argument("--channels-last", action="store_true", default=None,
                    help="channels-last memory format for model and inputs")
     g.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    g.add_argument("--absorb-permutations", action="store_true", default=None,
+                   help="run shifted HetConv layers as blocked ones on class-sorted activations "
+                        "(no per-layer channel gathers; same parameters and checkpoints)")
     g.add_argument("--amp", choices=("bf16",), help="bfloat16 autocast")
     p.set_defaults(func=_run_train)
 

@@ -81,32 +81,125 @@ def _shifted(m: nn.Module) -> bool:
     return isinstance(m, HetConv2d) and m.pattern == "shifted" and m.part > 1
 
 
+def _blocked_maps(layer: HetConv2d) -> Dict[str, torch.Tensor]:
+    """Index maps from a shifted layer to its blocked twin on class-sorted channels.
+
+    ``pi_in``/``pi_out``: stored channel/filter k is natural channel/filter
+    ``pi_*[k]``.  The twin's weights are ``weight_k[pi_out]``,
+    ``weight_1[pi_out].gather(1, w1_cols)`` and ``bias[pi_out]``: row
+    permutations and a column reorder, cheap and differentiable.
+    """
+    m, n, p = layer.in_channels, layer.out_channels, layer.part
+    pi_in = _pattern.channel_order(m, p, "shifted")
+    pi_out = _pattern.filter_order(n, p, "shifted")
+    pw_s = _pattern.pointwise_channels(m, n, p, "shifted")   # natural channels, per filter
+    pw_b = _pattern.pointwise_channels(m, n, p, "blocked")   # stored channels, per stored filter
+    # pos[f, c]: where natural channel c sits in filter f's shifted 1x1 list.
+    pos = torch.full((n, m), -1, dtype=torch.long).scatter_(
+        1, pw_s, torch.arange(pw_s.shape[1]).expand_as(pw_s).contiguous())
+    w1_cols = pos[pi_out].gather(1, pi_in[pw_b])
+    device = layer.weight_k.device
+    return {"pi_in": pi_in.to(device), "pi_out": pi_out.to(device), "w1_cols": w1_cols.to(device)}
+
+
+def _blocked_weights(layer: HetConv2d, maps: Dict[str, torch.Tensor]):
+    wk = layer.weight_k.index_select(0, maps["pi_out"])
+    w1 = layer.weight_1.index_select(0, maps["pi_out"]).gather(1, maps["w1_cols"])
+    bias = None if layer.bias is None else layer.bias.index_select(0, maps["pi_out"])
+    return wk, w1, bias
+
+
 def _blocked_twin(layer: HetConv2d) -> HetConv2d:
     """The blocked HetConv2d computing ``layer`` on class-sorted channels, in class-sorted filters."""
-    m, n, p = layer.in_channels, layer.out_channels, layer.part
-    pi_in = _pattern.channel_order(m, p, "shifted").to(layer.weight_k.device)
-    pi_out = _pattern.filter_order(n, p, "shifted").to(layer.weight_k.device)
-    twin = HetConv2d(m, n, layer.kernel_size, layer.stride, layer.padding, layer.dilation,
-                     bias=layer.bias is not None, part=layer.part_spec, pattern="blocked",
-                     backend=layer.backend, device=layer.weight_k.device,
-                     dtype=layer.weight_k.dtype)
-    kh, kw = layer.kernel_size
+    maps = _blocked_maps(layer)
+    twin = HetConv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride,
+                     layer.padding, layer.dilation, bias=layer.bias is not None,
+                     part=layer.part_spec, pattern="blocked", backend=layer.backend,
+                     device=layer.weight_k.device, dtype=layer.weight_k.dtype)
     with torch.no_grad():
-        dense = layer.dense_weight()[pi_out][:, pi_in]
-        idx = HF._indices(m, n, p, "blocked", dense.device)
-        twin.weight_k.copy_(torch.gather(dense, 1, idx["kxk"][:, :, None, None].expand_as(
-            twin.weight_k)))
-        twin.weight_1.copy_(torch.gather(dense[:, :, kh // 2, kw // 2], 1, idx["pw"]))
-        if layer.bias is not None:
-            twin.bias.copy_(layer.bias[pi_out])
-        if not torch.equal(twin.dense_weight(), dense):  # a pattern that is not a permutation
+        for dst, src in zip((twin.weight_k, twin.weight_1, twin.bias),
+                            _blocked_weights(layer, maps)):
+            if dst is not None:
+                dst.copy_(src)
+        # The definition: the twin's kernel is the layer's with rows and columns sorted.
+        dense = layer.dense_weight()[maps["pi_out"]][:, maps["pi_in"]]
+        if not torch.equal(twin.dense_weight(), dense):
             raise AssertionError("internal error: shifted -> blocked rewrite is not exact")
+    for dst, src in zip(twin.parameters(), (layer.weight_k, layer.weight_1, layer.bias)):
+        dst.requires_grad_(src.requires_grad)
     twin.train(layer.training)
-    twin.weight_k.requires_grad_(layer.weight_k.requires_grad)
-    twin.weight_1.requires_grad_(layer.weight_1.requires_grad)
-    if twin.bias is not None:
-        twin.bias.requires_grad_(layer.bias.requires_grad)
     return twin
+
+
+class _Borrowed(nn.Module):
+    """Runs a module of the original model with permuted parameters, computed per call.
+
+    The original is referenced, not registered: parameters, buffers and the
+    state_dict stay the original model's (``share_parameters=True``).
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.__dict__["module"] = module  # not a submodule
+
+    def set_order(self, name: str, order: torch.Tensor) -> None:
+        self.register_buffer(name, order.clone(), persistent=False)
+
+
+class _BlockedView(_Borrowed):
+    """A shifted HetConv2d of the original model, executed as its blocked twin."""
+
+    def __init__(self, layer: HetConv2d) -> None:
+        super().__init__(layer)
+        for name, t in _blocked_maps(layer).items():
+            self.set_order(name, t)
+
+    def _maps(self) -> Dict[str, torch.Tensor]:
+        return {"pi_in": self.pi_in, "pi_out": self.pi_out, "w1_cols": self.w1_cols}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        layer = self.module
+        wk, w1, bias = _blocked_weights(layer, self._maps())
+        return HF.het_conv2d(x, wk, w1, bias, layer.stride, layer.padding, layer.dilation,
+                             "blocked", layer.backend)
+
+
+class _PermutedModule(_Borrowed):
+    """A dense conv (input and/or output channels) or BatchNorm (channels) of the original
+    model with permuted parameters; BatchNorm statistics are written back in place."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.module
+        out, inp = getattr(self, "out_order", None), getattr(self, "in_order", None)
+        if isinstance(m, nn.Conv2d):
+            w, b = m.weight, m.bias
+            if inp is not None:
+                w = w.index_select(1, inp)
+            if out is not None:
+                w = w.index_select(0, out)
+                b = None if b is None else b.index_select(0, out)
+            return m._conv_forward(x, w, b)
+        return self._batch_norm(m, x, out)
+
+    @staticmethod
+    def _batch_norm(bn: nn.BatchNorm2d, x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+        # nn.BatchNorm2d.forward, with every per-channel tensor taken in ``order``.
+        bn._check_input_dim(x)
+        factor = 0.0 if bn.momentum is None else bn.momentum
+        if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+            bn.num_batches_tracked.add_(1)
+            factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+        use_batch = bn.training or (bn.running_mean is None and bn.running_var is None)
+        track = not bn.training or bn.track_running_stats
+        pick = lambda t: None if t is None else t.index_select(0, order)  # noqa: E731
+        mean = pick(bn.running_mean) if track else None
+        var = pick(bn.running_var) if track else None
+        y = F.batch_norm(x, mean, var, pick(bn.weight), pick(bn.bias), use_batch, factor, bn.eps)
+        if bn.training and mean is not None:  # updated statistics, back in natural order
+            with torch.no_grad():
+                bn.running_mean.index_copy_(0, order, mean)
+                bn.running_var.index_copy_(0, order, var)
+        return y
 
 
 def _permute_channels_(m: nn.Module, order: torch.Tensor, side: str) -> None:
@@ -126,9 +219,15 @@ def _permute_channels_(m: nn.Module, order: torch.Tensor, side: str) -> None:
             raise AssertionError(f"cannot permute {type(m).__name__}")
 
 
+def _base(m: Optional[nn.Module]) -> Optional[nn.Module]:
+    """The original module behind a view made by the rewrite (or ``m`` itself)."""
+    return m.module if isinstance(m, _Borrowed) else m
+
+
 class _Rewriter:
-    def __init__(self, gm: fx.GraphModule) -> None:
+    def __init__(self, gm: fx.GraphModule, share: bool) -> None:
         self.gm = gm
+        self.share = share
         self.graph = gm.graph
         self.modules = dict(gm.named_modules())
         self.perm: Dict[fx.Node, torch.Tensor] = {}  # stored channel k = natural channel perm[k]
@@ -140,6 +239,7 @@ class _Rewriter:
         self.reordered: Dict[tuple, fx.Node] = {}  # (node, order) -> gathered node
         self.done: set = set()  # nodes already rewritten (their inputs' orders are fixed)
         self.n_buffers = 0
+        self.n_views = 0
         self.gathers = 0
         self.rewritten = 0
 
@@ -148,14 +248,33 @@ class _Rewriter:
         return self.modules.get(node.target) if node.op == "call_module" else None
 
     def _private(self, node) -> bool:
-        """The node's module is called only here (safe to change its parameters)."""
+        """Its parameters may be permuted for this call site: views permute per call;
+        in-place permutation needs a module called only here."""
         mod = self._module(node)
-        return mod is not None and self.calls.get(mod) == 1
+        return mod is not None and (self.share or self.calls.get(mod) == 1)
+
+    def _add_view(self, node: fx.Node, view: nn.Module) -> None:
+        name = f"_hetconv_view_{self.n_views}"
+        self.n_views += 1
+        self.gm.add_submodule(name, view)
+        node.target = name
+        self.modules[name] = view
+
+    def _permute(self, node: fx.Node, order: torch.Tensor, side: str) -> None:
+        """Channels of the node's conv/BatchNorm permuted (``side`` "in" or "out")."""
+        mod = self._module(node)
+        if not self.share:
+            _permute_channels_(mod, order, side)
+            return
+        if not isinstance(mod, _PermutedModule):
+            mod = _PermutedModule(mod)
+            self._add_view(node, mod)
+        mod.set_order(f"{side}_order", order)
 
     def _gather(self, node: fx.Node, index: torch.Tensor, before: fx.Node) -> fx.Node:
         name = f"_hetconv_order_{self.n_buffers}"
         self.n_buffers += 1
-        self.gm.register_buffer(name, index.clone())
+        self.gm.register_buffer(name, index.clone(), persistent=False)
         with self.graph.inserting_before(before):
             buf = self.graph.get_attr(name)
             out = self.graph.call_function(torch.index_select, (node, 1, buf))
@@ -209,7 +328,7 @@ class _Rewriter:
             # (``prev``, the chain's next link, is rewritten below).
             if cur in self.perm or any(u in self.done and u is not prev for u in cur.users):
                 return False
-            mod = self._module(cur)
+            mod = _base(self._module(cur))
             if isinstance(mod, nn.Conv2d) and mod.groups == 1 and self._private(cur):
                 if mod.out_channels != want.numel():
                     return False
@@ -222,9 +341,8 @@ class _Rewriter:
             if not isinstance(cur, fx.Node):
                 return False
         for n in chain:
-            mod = self._module(n)
-            if isinstance(mod, (nn.Conv2d, nn.BatchNorm2d)):
-                _permute_channels_(mod, want, "out")
+            if isinstance(_base(self._module(n)), (nn.Conv2d, nn.BatchNorm2d)):
+                self._permute(n, want, "out")
             self.perm[n] = want
         return True
 
@@ -233,7 +351,7 @@ class _Rewriter:
         if not node.args or not isinstance(node.args[0], fx.Node):
             return False
         if node.op == "call_module":
-            mod = self._module(node)
+            mod = _base(self._module(node))
             if isinstance(mod, nn.BatchNorm2d):
                 return self._private(node)
             return isinstance(mod, _CHANNELWISE_MODULES)
@@ -258,7 +376,7 @@ class _Rewriter:
                 src = node.args[0]
                 if src in self.perm:
                     if isinstance(mod, nn.BatchNorm2d):
-                        _permute_channels_(mod, self.perm[src], "out")
+                        self._permute(node, self.perm[src], "out")
                     self.perm[node] = self.perm[src]
             elif (node.op == "call_function" and node.target in _BINARY) or (
                     node.op == "call_method" and node.target in _BINARY_METHODS):
@@ -266,19 +384,23 @@ class _Rewriter:
             elif isinstance(mod, nn.Conv2d) and mod.groups == 1 and self._private(node) \
                     and len(node.args) == 1 and node.args[0] in self.perm:
                 # A dense conv reads the stored order: permute its input channels instead.
-                _permute_channels_(mod, self.perm[node.args[0]], "in")
+                self._permute(node, self.perm[node.args[0]], "in")
             else:
                 self._materialize(node)
             self.done.add(node)
 
     def _hetconv(self, node: fx.Node, layer: HetConv2d) -> None:
-        m, n, p = layer.in_channels, layer.out_channels, layer.part
-        pi_in = _pattern.channel_order(m, p, "shifted").to(layer.weight_k.device)
-        pi_out = _pattern.filter_order(n, p, "shifted").to(layer.weight_k.device)
+        maps = _blocked_maps(layer)
+        pi_in, pi_out = maps["pi_in"], maps["pi_out"]
         src = node.args[0]
         if src not in self.perm:
             self._pull_back(src, pi_in)  # else _reorder gathers
         node.args = (self._reorder(src, pi_in),)
+        self.perm[node] = pi_out
+        self.rewritten += 1
+        if self.share:
+            self._add_view(node, _BlockedView(layer))
+            return
         twin = _blocked_twin(layer)
         name = node.target
         if self.calls.get(layer) == 1:
@@ -290,8 +412,6 @@ class _Rewriter:
             node.target = name
         self.modules[node.target] = twin
         self.calls[twin] = 1
-        self.perm[node] = pi_out
-        self.rewritten += 1
 
     def _binary(self, node: fx.Node) -> None:
         tensors = [a for a in list(node.args) + list(node.kwargs.values()) if isinstance(a, fx.Node)]
@@ -319,17 +439,24 @@ class _Rewriter:
         return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
 
 
-def absorb_permutations(model: nn.Module, example_input: Optional[torch.Tensor] = None,
-                        ) -> fx.GraphModule:
-    """A copy of ``model`` with every shifted HetConv2d run as a blocked one on class-sorted channels.
+def absorb_permutations(model: nn.Module, example_input: Optional[torch.Tensor] = None, *,
+                        share_parameters: bool = False) -> fx.GraphModule:
+    """``model`` with every shifted HetConv2d run as a blocked one on class-sorted channels.
 
     Args:
         model: a module traceable by ``torch.fx`` (HetConv2d and the package's
-            layers are kept as leaves).  Left untouched.
-        example_input: optional input batch; with it, shapes are propagated and a
-            residual sum of a permuted and a natural tensor gathers the natural
-            one into the stored order (keeping the rest of the network permuted)
-            instead of gathering the permuted one back.
+            layers are kept as leaves).
+        example_input: optional input batch; with it, shapes are propagated (in
+            eval mode) and a residual sum of a permuted and a natural tensor
+            gathers the natural one into the stored order (keeping the rest of
+            the network permuted) instead of gathering the permuted one back.
+        share_parameters: ``False`` (inference, the default): work on a copy
+            and store the permuted weights (``model`` is left untouched).
+            ``True`` (training): the result runs on ``model``'s own parameters
+            and buffers, permuting them per call (weight-sized, differentiable
+            index ops; BatchNorm statistics are written back in natural order),
+            so its ``state_dict`` is ``model``'s, optimizers and checkpoints of
+            ``model`` keep working, and training it trains ``model``.
 
     Returns a ``torch.fx.GraphModule`` computing the same function (float
     summation order aside).  ``hetconv_permutations`` on it reports the number
@@ -340,22 +467,33 @@ def absorb_permutations(model: nn.Module, example_input: Optional[torch.Tensor] 
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if example_input is not None and not isinstance(example_input, torch.Tensor):
         raise TypeError(f"example_input must be a tensor or None, got {type(example_input).__name__}")
-    root = copy.deepcopy(model)
+    if not isinstance(share_parameters, bool):
+        raise TypeError(f"share_parameters must be a bool, got {share_parameters!r}")
+    root = model if share_parameters else copy.deepcopy(model)
     try:
         graph = PermutationTracer().trace(root)
     except Exception as exc:  # fx raises many types for untraceable code
         raise TypeError(f"model cannot be traced by torch.fx ({type(exc).__name__}: {exc}); "
                         "absorb_permutations needs a symbolically traceable model") from exc
+    # Built before the rewrite: every module the model calls is registered in it, under
+    # its own name (shared, not copied, with share_parameters).
     gm = fx.GraphModule(root, graph, root.__class__.__name__)
-    gm.train(model.training)
     if example_input is not None:
         from torch.fx.passes.shape_prop import ShapeProp
-        with torch.no_grad():
-            ShapeProp(gm).propagate(example_input)
-    rewriter = _Rewriter(gm)
+        modes = {m: m.training for m in gm.modules()}
+        gm.eval()  # no BatchNorm statistics update, no dropout
+        try:
+            with torch.no_grad():
+                ShapeProp(gm).propagate(example_input)
+        finally:
+            for m, mode in modes.items():
+                m.training = mode
+    gm.training = model.training
+    rewriter = _Rewriter(gm, share_parameters)
     rewriter.run()
     gm.graph.lint()
-    gm.delete_all_unused_submodules()
+    if not share_parameters:  # the views keep the originals registered (state_dict)
+        gm.delete_all_unused_submodules()
     gm.recompile()
     gm.hetconv_permutations = {"rewritten_layers": rewriter.rewritten, "gathers": rewriter.gathers}
     return gm

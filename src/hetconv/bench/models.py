@@ -11,7 +11,10 @@ depthwise+pointwise MobileNet):
   layer and memory format measured) - inference only;
 * ``onnxruntime``: :func:`hetconv.export_onnx` (grouped form) run by
   onnxruntime with the same thread count - inference only, when installed;
-* ``compiled``: ``torch.compile`` of the eager channels_last model, when asked.
+* ``compiled``: ``torch.compile`` of the eager channels_last model, when asked;
+* ``absorbed_cl`` (training, models with shifted layers): the channels_last
+  model run through :func:`hetconv.absorb_permutations` with
+  ``share_parameters=True``, as ``hetconv train --absorb-permutations`` does.
 """
 
 from __future__ import annotations
@@ -108,12 +111,22 @@ def _no_grad(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
 def _train_variants(model: nn.Module, x: torch.Tensor) -> Dict[str, Callable[[], None]]:
     import copy
 
+    from ..layers import HetConv2d
+    from ..permute import absorb_permutations
+
     out = {}
     target = torch.randint(0, 10, (x.shape[0],))
-    for name, fmt in (("eager_nchw", torch.contiguous_format), ("eager_cl", torch.channels_last)):
+    variants = [("eager_nchw", torch.contiguous_format, False),
+                ("eager_cl", torch.channels_last, False)]
+    if any(isinstance(m, HetConv2d) and m.pattern == "shifted" and m.part > 1
+           for m in model.modules()):
+        variants.append(("absorbed_cl", torch.channels_last, True))
+    for name, fmt, absorb in variants:
         m = copy.deepcopy(model).train().to(memory_format=fmt)
         xx = x.contiguous(memory_format=fmt)
         opt = torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9)
+        if absorb:  # trains m's own parameters (hetconv train --absorb-permutations)
+            m = absorb_permutations(m, xx[:1], share_parameters=True)
 
         def step(m=m, xx=xx, opt=opt):
             opt.zero_grad(set_to_none=True)

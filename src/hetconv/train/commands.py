@@ -27,7 +27,8 @@ _EXPECTED = (ValueError, TypeError, FileNotFoundError, FileExistsError, Checkpoi
 # CLI option dest -> TrainConfig field, for the options that map one to one.
 _FIELDS = ("model", "data", "data_dir", "preset", "epochs", "batch_size", "eval_batch_size", "lr",
            "momentum", "weight_decay", "schedule", "lr_step", "lr_gamma", "label_smoothing",
-           "seed", "out", "name", "workers", "device", "channels_last", "compile", "amp",
+           "seed", "out", "name", "workers", "device", "channels_last", "compile",
+           "absorb_permutations", "amp",
            "augment", "image_size", "train_subset", "val_subset", "limit_train_batches",
            "limit_val_batches")
 

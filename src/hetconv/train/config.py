@@ -59,6 +59,7 @@ class TrainConfig:
     device: str = "auto"
     channels_last: bool = False
     compile: bool = False
+    absorb_permutations: bool = False
     amp: Optional[str] = None
     out: str = "runs"
     name: Optional[str] = None
@@ -89,6 +90,9 @@ class TrainConfig:
             raise TypeError(f"model_kwargs must be a dict, got {type(self.model_kwargs).__name__}")
         if not isinstance(self.data, str):
             raise TypeError(f"data must be a data set name (str), got {self.data!r}")
+        for name in ("augment", "nesterov", "channels_last", "compile", "absorb_permutations"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
         for name in ("epochs", "batch_size", "lr_step"):
             check_int(name, 1)
         check_int("seed", 0)

@@ -48,7 +48,7 @@ log = logging.getLogger("hetconv.train")
 # Fields that may differ when a run is resumed (they do not change what is computed,
 # or - ``epochs`` - only extend it).
 RESUME_MUTABLE = ("epochs", "workers", "data_dir", "out", "name", "device", "eval_batch_size",
-                  "compile")
+                  "compile", "absorb_permutations")
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -307,6 +307,29 @@ def fit(config: Union[TrainConfig, Mapping[str, Any]], *, resume: Union[str, Pat
         ctx.close()
 
 
+def _absorbed(net: nn.Module, info, ctx: DistContext) -> nn.Module:
+    """``net`` run through :func:`hetconv.absorb_permutations` on its own parameters.
+
+    The state_dict, optimizer and checkpoints stay ``net``'s; only the forward
+    runs shifted HetConv layers as blocked ones on class-sorted activations.
+    The example input for shape propagation is zeros (no random draw: resumed
+    runs must see the same random streams).
+    """
+    from ..permute import absorb_permutations
+
+    example = torch.zeros(1, info.in_chans, info.image_size, info.image_size, device=ctx.device)
+    try:
+        gm = absorb_permutations(net, example, share_parameters=True)
+    except TypeError as exc:
+        log.warning("absorb_permutations: model kept as it is (%s)", exc)
+        return net
+    if ctx.is_main:
+        log.info("absorbed the channel permutations of %d shifted HetConv layer(s); %d gather(s) "
+                 "left", gm.hetconv_permutations["rewritten_layers"],
+                 gm.hetconv_permutations["gathers"])
+    return gm
+
+
 def _fit(config: TrainConfig, ctx: DistContext, resume, force: bool,
          model: Optional[nn.Module]) -> Dict[str, Any]:
     if config.batch_size % ctx.world_size:
@@ -390,9 +413,11 @@ def _fit(config: TrainConfig, ctx: DistContext, resume, force: bool,
                          f"{config.batch_size}")
 
     wrapped: nn.Module = net
+    if config.absorb_permutations:
+        wrapped = _absorbed(net, info, ctx)
     if ctx.distributed:
         wrapped = nn.parallel.DistributedDataParallel(
-            net, device_ids=[ctx.device] if ctx.device.type == "cuda" else None)
+            wrapped, device_ids=[ctx.device] if ctx.device.type == "cuda" else None)
     if config.compile:
         wrapped = torch.compile(wrapped)
 
