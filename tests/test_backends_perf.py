@@ -41,25 +41,29 @@ def test_fused_layouts_and_geometry(fmt, pattern, n, p, stride, padding, dilatio
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
-def test_fused_weight_cache_hits_and_invalidates():
-    layer = hetconv.HetConv2d(8, 8, part=2, backend="fused")
+@pytest.mark.parametrize("backend,cache,bumped", [
+    ("fused", "_WEIGHT_CACHE", "weight_1"), ("dense", "_DENSE_CACHE", "weight_k")])
+def test_weight_cache_hits_and_invalidates(backend, cache, bumped):
+    layer = hetconv.HetConv2d(8, 8, part=2, backend=backend)
+    cache = getattr(HF, cache)
     x = torch.randn(1, 8, 5, 5)
     with torch.no_grad():
         layer(x)
-        first = HF._WEIGHT_CACHE[layer.weight_k][1]
+        first = cache[layer.weight_k][1]
         layer(x)
-        assert HF._WEIGHT_CACHE[layer.weight_k][1] is first  # reused, not rebuilt
-        layer.weight_1.mul_(-1)  # version bump: must rebuild
+        assert cache[layer.weight_k][1] is first  # reused, not rebuilt
+        getattr(layer, bumped).mul_(-1)  # version bump: must rebuild
         y = layer(x)
-        assert HF._WEIGHT_CACHE[layer.weight_k][1] is not first
+        assert cache[layer.weight_k][1] is not first
         torch.testing.assert_close(y, _ref(x, layer), rtol=1e-4, atol=1e-5)
     # Under autograd nothing is cached: gradients flow into the parameters.
     layer(x).sum().backward()
     assert layer.weight_k.grad is not None and layer.weight_1.grad is not None
 
 
-def test_fused_cache_from_inference_mode_usable_with_autograd():
-    layer = hetconv.HetConv2d(16, 16, part=4, backend="fused")
+@pytest.mark.parametrize("backend", ["fused", "dense"])
+def test_cache_from_inference_mode_usable_with_autograd(backend):
+    layer = hetconv.HetConv2d(16, 16, part=4, backend=backend)
     x = torch.randn(2, 16, 6, 6)
     with torch.inference_mode():
         a = layer(x)
@@ -70,14 +74,48 @@ def test_fused_cache_from_inference_mode_usable_with_autograd():
     assert xr.grad is not None
 
 
-@pytest.mark.parametrize("m,p,dtype,expected", [
-    (64, 1, torch.float32, "dense"), (64, 4, torch.float32, "fused"),
-    (16, 4, torch.float32, "dense"), (64, 4, torch.float64, "dense"), (64, 16, torch.float32, "dense")])
-def test_auto_rule(m, p, dtype, expected):
+@pytest.mark.parametrize("m,n,p,k,dtype,expected", [
+    (64, 64, 1, 3, torch.float32, "dense"),       # P = 1: a plain convolution
+    (128, 128, 4, 1, torch.float32, "dense"),     # 1x1 kernel
+    (128, 128, 4, 3, torch.float64, "dense"),     # oneDNN does not accelerate float64
+    (128, 128, 2, 3, torch.float32, "fused"),     # M >= 64, N >= 128, any P >= 2
+    (512, 512, 2, 3, torch.float32, "fused"),
+    (64, 64, 2, 3, torch.float32, "dense"),       # N < 128
+    (32, 32, 2, 3, torch.float32, "dense"),
+    (128, 128, 4, 3, torch.float32, "fused"),
+    (128, 128, 4, 3, torch.bfloat16, "fused"),
+    (64, 128, 16, 3, torch.float32, "fused"),     # narrow groups (M/P = 4)
+    (128, 256, 64, 3, torch.float32, "fused"),
+    (512, 512, 512, 3, torch.float32, "fused"),
+    (32, 128, 4, 3, torch.float32, "dense"),      # M < 64
+    (128, 64, 4, 3, torch.float32, "dense"),      # N < 128
+    (64, 64, 8, 3, torch.float32, "dense"),
+    (64, 64, 64, 3, torch.float32, "fused"),      # depthwise KxK part (P = M = N), M >= 32
+    (32, 32, 32, 3, torch.float32, "fused"),
+    (32, 64, 32, 3, torch.float32, "dense"),      # M/P = 1 but N != M
+    (16, 16, 16, 3, torch.float32, "dense"),      # depthwise but M < 32
+    (16, 16, 4, 3, torch.float32, "dense")])
+def test_auto_rule(m, n, p, k, dtype, expected):
     x = torch.randn(1, m, 4, 4, dtype=dtype)
-    wk = torch.randn(m, m // p, 3, 3, dtype=dtype)
-    w1 = torch.randn(m, m - m // p, dtype=dtype)
+    wk = torch.randn(n, m // p, k, k, dtype=dtype)
+    w1 = torch.randn(n, m - m // p, dtype=dtype)
     assert HF.select_backend(x, wk, w1) == expected
+
+
+@pytest.mark.parametrize("batch,size,stride,nchw", [
+    (1, 8, 1, True), (4, 4, 1, True), (1, 9, 1, False), (2, 6, 1, False), (2, 8, 2, True),
+    (2, 12, 2, False)])
+def test_auto_dense_layout(batch, size, stride, nchw):
+    """auto's dense path makes channels_last input NCHW iff B*Ho*Wo <= 4*M (here M = 16)."""
+    wk, w1 = torch.randn(8, 8, 3, 3), torch.randn(8, 8)
+    x = torch.randn(batch, 16, size, size).contiguous(memory_format=torch.channels_last)
+    assert HF.select_backend(x, wk, w1) == "dense"
+    y = HF.het_conv2d(x, wk, w1, stride=stride)
+    assert y.is_contiguous() == nchw
+    assert y.is_contiguous(memory_format=torch.channels_last) != nchw
+    torch.testing.assert_close(y, HF.het_conv2d(x, wk, w1, stride=stride, backend="dense"))
+    # NCHW input stays NCHW whatever the size.
+    assert HF.het_conv2d(x.contiguous(), wk, w1, stride=stride).is_contiguous()
 
 
 def test_bench_layer_candidates_agree():

@@ -48,8 +48,20 @@ BACKENDS: Tuple[str, ...] = ("dense", "grouped", "fused")
 
 IntPair = Union[int, Sequence[int]]
 
-#: Smallest channels per group (M/P and N/P) for which ``"auto"`` picks ``"fused"``.
-MIN_GROUP_CHANNELS: int = 8
+#: ``"auto"`` picks ``"fused"`` when M >= FUSED_MIN_IN and N >= FUSED_MIN_OUT, or when
+#: the KxK part is a true depthwise convolution (P = M = N) with M >=
+#: DEPTHWISE_MIN_CHANNELS.  See :func:`select_backend`.
+FUSED_MIN_IN: int = 64
+FUSED_MIN_OUT: int = 128
+DEPTHWISE_MIN_CHANNELS: int = 32
+
+#: ``"auto"``'s dense path runs NCHW (copying channels_last input) when the GEMM the
+#: convolution amounts to has at most this many rows (B*Ho*Wo) per input channel:
+#: oneDNN's dense convolution is up to 2x faster in NCHW there (many channels, small
+#: outputs: 512 channels at 7x7 or 14x14, 256 at 4x4) and the copy is cheap.  Otherwise
+#: the input's layout is kept (channels_last is faster for those shapes; NCHW input is
+#: not converted, that was not measured to pay).
+DENSE_NCHW_MAX_ROWS_PER_CHANNEL: int = 4
 
 _INDEX_CACHE: dict = {}
 
@@ -219,16 +231,30 @@ def select_backend(x: torch.Tensor, weight_k: torch.Tensor, weight_1: torch.Tens
                    pattern: str = "shifted") -> str:
     """The concrete backend ``"auto"`` runs for this call (a documented rule).
 
-    * P = 1, or a 1x1 kernel: a plain convolution, ``"dense"``.
-    * ``"fused"`` when every group of the KxK part has at least
-      :data:`MIN_GROUP_CHANNELS` input and output channels (M/P >= 8 and
-      N/P >= 8 by default).  Below that, oneDNN's grouped convolution no
-      longer runs at GEMM speed on CPUs (measured in docs/performance.md:
-      ResNet-56's 16-channel stage at P = 4 is slower than dense), so
-      ``"dense"`` is used.
-    * Inputs that are not float32/bfloat16 (e.g. float64, which oneDNN does
-      not accelerate) go to ``"dense"`` as well.
+    A pure function of the shapes, dtype, stride and pattern (no timing at run
+    time, so a layer always runs the same backend).  Re-derived from
+    ``benchmarks/auto_rule_sweep.py`` over the benchmark layer shapes
+    (docs/performance.md, "auto rule (re-derived)"):
 
+    * P = 1, a 1x1 kernel, or a dtype other than float32/bfloat16 (oneDNN does
+      not accelerate e.g. float64): ``"dense"``.
+    * ``"fused"`` when M >= :data:`FUSED_MIN_IN` (64) and N >=
+      :data:`FUSED_MIN_OUT` (128), at any P >= 2, narrow groups (M/P = 1, 2,
+      4) included: 1.4-7x at P >= 4 on most such layers (0.75-1.0x on
+      ResNet-50's 128-channel stride-2 layer at 56x56), 0.7-1.45x (median
+      1.1x) at P = 2, where the dense path is no better (0.5-1.0x: its kernel
+      is assembled per call under autograd).
+    * ``"fused"`` when the KxK part is a true depthwise convolution (P = M = N)
+      with M >= :data:`DEPTHWISE_MIN_CHANNELS` (32): oneDNN's depthwise
+      kernel, 1.3-3.4x.
+    * Otherwise ``"dense"``: on 16-64-channel layers (ResNet-56, 64->64
+      layers) the grouped convolution plus the two permuting copies cost
+      about as much as the dense convolution (``"fused"`` 0.3-1.3x).
+
+    The dense path runs at about the speed of ``nn.Conv2d``: its kernel is
+    cached outside autograd, and ``"auto"`` makes channels_last input NCHW
+    when the output is small for the channel count
+    (:data:`DENSE_NCHW_MAX_ROWS_PER_CHANNEL`).
     ``hetconv.optimize_for_inference`` replaces this rule by a measurement
     per layer.  A GPU path would add its own branch here.
     """
@@ -238,9 +264,19 @@ def select_backend(x: torch.Tensor, weight_k: torch.Tensor, weight_1: torch.Tens
         return "dense"
     if x.dtype not in (torch.float32, torch.bfloat16):
         return "dense"
-    if m // p < MIN_GROUP_CHANNELS or n // p < MIN_GROUP_CHANNELS:
-        return "dense"
-    return "fused"
+    if m >= FUSED_MIN_IN and n >= FUSED_MIN_OUT:
+        return "fused"
+    if p == m == n and m >= DEPTHWISE_MIN_CHANNELS:
+        return "fused"
+    return "dense"
+
+
+def _out_area(x: torch.Tensor, kernel, stride, padding, dilation) -> int:
+    """Ho * Wo of the convolution."""
+    area = 1
+    for size, k, s, p, d in zip(x.shape[2:], kernel, stride, padding, dilation):
+        area *= (size + 2 * p - d * (k - 1) - 1) // s + 1
+    return area
 
 
 def _centre_input(x: torch.Tensor, kernel: Tuple[int, int], padding: Tuple[int, int],
@@ -404,6 +440,10 @@ def het_conv2d(x: torch.Tensor, weight_k: torch.Tensor, weight_1: torch.Tensor,
         x = x.unsqueeze(0)
     if backend == "auto":
         backend = select_backend(x, weight_k, weight_1, stride_, dilation_, pattern)
+        if backend == "dense" and x.is_contiguous(memory_format=torch.channels_last) and \
+                x.shape[0] * _out_area(x, kernel, stride_, padding_, dilation_) \
+                <= DENSE_NCHW_MAX_ROWS_PER_CHANNEL * m:
+            x = x.contiguous()  # see DENSE_NCHW_MAX_ROWS_PER_CHANNEL
     if backend == "dense" or p == 1:
         y = F.conv2d(x, _dense_kernel(weight_k, weight_1, pattern, n, m, p), bias, stride_,
                      padding_, dilation_)
