@@ -3,11 +3,15 @@
 Used by :mod:`hetconv.deploy` (to pick a backend per layer) and by
 :mod:`hetconv.bench`.  Candidates are warmed up, then run round-robin
 (interleaved), so a burst of load from another process hits all of them
-alike; each candidate's median over the repeats is reported.
+alike; each candidate's median over the repeats is reported.  Each round
+visits the candidates in a new (seeded) random order: a call is slowed by
+what ran just before it (caches, memory allocator, up to 2x on ~1 ms calls),
+so a fixed order would bias some candidates in every round.
 """
 
 from __future__ import annotations
 
+import random
 import statistics
 import time
 from dataclasses import dataclass
@@ -34,11 +38,14 @@ class Timing:
 
 
 def time_interleaved(candidates: Mapping[str, Callable[[], object]], repeats: int = 7,
-                     warmup: int = 2, min_seconds: float = 0.0) -> Dict[str, Timing]:
+                     warmup: int = 2, min_seconds: float = 0.0,
+                     shuffle: bool = True, seed: int = 0) -> Dict[str, Timing]:
     """Time each zero-argument callable ``repeats`` times, interleaved after ``warmup`` calls.
 
     ``min_seconds`` extends the repeats (up to 10x) until every candidate has
     been timed for at least that long in total, so tiny calls get more samples.
+    ``shuffle`` runs each round in a random order drawn from ``seed`` (the
+    same orders every run); ``False`` keeps the mapping's order.
     """
     if not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"repeats must be a positive int, got {repeats!r}")
@@ -50,9 +57,14 @@ def time_interleaved(candidates: Mapping[str, Callable[[], object]], repeats: in
         for _ in range(warmup):
             fn()
     samples: Dict[str, List[float]] = {k: [] for k in candidates}
+    order = list(candidates)
+    rng = random.Random(seed)
     rounds = 0
     while True:
-        for name, fn in candidates.items():
+        if shuffle:
+            rng.shuffle(order)
+        for name in order:
+            fn = candidates[name]
             t0 = time.perf_counter()
             fn()
             samples[name].append(time.perf_counter() - t0)

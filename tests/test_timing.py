@@ -1,0 +1,44 @@
+"""time_interleaved: every candidate timed, rounds interleaved in seeded random orders."""
+
+from __future__ import annotations
+
+import pytest
+
+from hetconv._timing import Timing, time_interleaved
+
+
+def _recorder():
+    calls = []
+    return calls, {name: (lambda name=name: calls.append(name)) for name in "abcdef"}
+
+
+def test_rounds_are_interleaved_and_shuffled_reproducibly():
+    calls, cands = _recorder()
+    out = time_interleaved(cands, repeats=6, warmup=1)
+    assert set(out) == set(cands) and all(isinstance(t, Timing) for t in out.values())
+    assert all(len(t.samples) == 6 for t in out.values())
+    timed = calls[len(cands):]  # after one warm-up call each
+    rounds = [timed[i:i + len(cands)] for i in range(0, len(timed), len(cands))]
+    assert len(rounds) == 6 and all(sorted(r) == sorted(cands) for r in rounds)
+    assert len({tuple(r) for r in rounds}) > 1  # the order changes between rounds
+    # Each candidate follows different predecessors across rounds.
+    first = {r[0] for r in rounds}
+    assert len(first) > 1
+    again, cands2 = _recorder()
+    time_interleaved(cands2, repeats=6, warmup=1)
+    assert again == calls  # same seed, same orders
+    other, cands3 = _recorder()
+    time_interleaved(cands3, repeats=6, warmup=1, seed=1)
+    assert other != calls
+
+
+def test_fixed_order_and_bad_arguments():
+    calls, cands = _recorder()
+    time_interleaved(cands, repeats=2, warmup=0, shuffle=False)
+    assert calls == list("abcdef") * 2
+    with pytest.raises(ValueError, match="repeats"):
+        time_interleaved(cands, repeats=0)
+    with pytest.raises(ValueError, match="warmup"):
+        time_interleaved(cands, warmup=-1)
+    with pytest.raises(ValueError, match="candidates"):
+        time_interleaved({})
