@@ -284,3 +284,34 @@ def test_shared_parameters_copy_and_modes():
         assert not torch.allclose(clone(x), model(x), rtol=1e-3, atol=1e-4)
     with pytest.raises(TypeError, match="share_parameters"):
         absorb_permutations(model, share_parameters=1)
+
+
+class _InPlace(nn.Module):
+    """In-place sums whose mutated operand is natural, or permuted with a broadcast partner."""
+
+    def __init__(self, gate_shape):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.het = hetconv.HetConv2d(8, 8, part=4)
+        self.register_buffer("gate", torch.rand(gate_shape))
+
+    def forward(self, x):
+        a = self.stem(x)
+        b = self.het(torch.relu(a))
+        a.add_(b)                    # natural operand mutated: it must stay the same tensor
+        b.mul_(self.gate)            # permuted operand mutated, broadcast partner
+        return a + b.mean((2, 3), keepdim=True), a
+
+
+@pytest.mark.parametrize("gate_shape", [(1, 8, 1, 1), (1,)])
+def test_in_place_operands_are_never_replaced_by_copies(gate_shape):
+    torch.manual_seed(0)
+    model = _InPlace(gate_shape).eval()
+    x = torch.randn(2, 3, 6, 6)
+    gm = absorb_permutations(model, x)  # shapes known: the gate is gathered, b stays permuted
+    with torch.no_grad():
+        for got, ref in zip(gm(x), model(x)):
+            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    if gate_shape == (1, 8, 1, 1):  # unknown shapes: b cannot be re-ordered in place
+        with pytest.raises(TypeError, match="in-place"):
+            absorb_permutations(model)

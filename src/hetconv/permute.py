@@ -66,6 +66,7 @@ _CHANNELWISE_METHODS = {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_",
 _BINARY = {operator.add, operator.iadd, operator.mul, operator.imul, operator.sub,
            operator.isub, torch.add, torch.mul, torch.sub}
 _BINARY_METHODS = {"add", "add_", "mul", "mul_", "sub", "sub_"}
+_INPLACE = {operator.iadd, operator.imul, operator.isub}
 
 
 class PermutationTracer(fx.Tracer):
@@ -236,7 +237,7 @@ class _Rewriter:
             if node.op == "call_module":
                 mod = self.modules[node.target]
                 self.calls[mod] = self.calls.get(mod, 0) + 1
-        self.reordered: Dict[tuple, fx.Node] = {}  # (node, order) -> gathered node
+        self.reordered: Dict[tuple, fx.Node] = {}  # (node, dim, order) -> gathered node
         self.done: set = set()  # nodes already rewritten (their inputs' orders are fixed)
         self.n_buffers = 0
         self.n_views = 0
@@ -271,25 +272,27 @@ class _Rewriter:
             self._add_view(node, mod)
         mod.set_order(f"{side}_order", order)
 
-    def _gather(self, node: fx.Node, index: torch.Tensor, before: fx.Node) -> fx.Node:
+    def _gather(self, node: fx.Node, index: torch.Tensor, before: fx.Node, dim: int = 1) -> fx.Node:
         name = f"_hetconv_order_{self.n_buffers}"
         self.n_buffers += 1
         self.gm.register_buffer(name, index.clone(), persistent=False)
         with self.graph.inserting_before(before):
             buf = self.graph.get_attr(name)
-            out = self.graph.call_function(torch.index_select, (node, 1, buf))
+            out = self.graph.call_function(torch.index_select, (node, dim, buf))
         self.gathers += 1
         return out
 
-    def _reorder(self, node: fx.Node, want: Optional[torch.Tensor]) -> fx.Node:
-        """``node`` re-stored in order ``want`` (None = natural), gathering if needed."""
+    def _reorder(self, node: fx.Node, want: Optional[torch.Tensor], before: fx.Node,
+                 dim: int = 1) -> fx.Node:
+        """``node`` re-stored in order ``want`` (None = natural) along ``dim`` for the
+        consumer ``before``, gathering (just before it) if needed."""
         have = self.perm.get(node)
         if have is None and want is None:
             return node
         if have is not None and want is not None and torch.equal(have, want):
             return node
-        key = (node, None if want is None else tuple(want.tolist()))
-        if key in self.reordered:  # the same tensor already gathered into this order
+        key = (node, dim, None if want is None else tuple(want.tolist()))
+        if key in self.reordered:  # already gathered into this order (and not mutated since)
             return self.reordered[key]
         if have is None:
             index = want
@@ -297,13 +300,8 @@ class _Rewriter:
             inverse = torch.empty_like(have)
             inverse[have] = torch.arange(have.numel(), device=have.device)
             index = inverse if want is None else inverse[want]
-        # Insert right after ``node`` (after the inputs, for an input): every later user
-        # may reuse the gathered tensor.
-        at = node.next
-        while at.op == "placeholder":
-            at = at.next
-        out = self._gather(node, index, at)
-        if want is not None:
+        out = self._gather(node, index, before, dim)
+        if want is not None and dim == 1:
             self.perm[out] = want
         self.reordered[key] = out
         return out
@@ -311,7 +309,7 @@ class _Rewriter:
     def _materialize(self, node: fx.Node) -> None:
         """Every permuted tensor argument of ``node`` back in natural order."""
         def fix(arg):
-            return self._reorder(arg, None) if arg in self.perm else arg
+            return self._reorder(arg, None, node) if arg in self.perm else arg
         node.args = fx.map_arg(node.args, fix)
         node.kwargs = fx.map_arg(node.kwargs, fix)
 
@@ -387,6 +385,9 @@ class _Rewriter:
                 self._permute(node, self.perm[node.args[0]], "in")
             else:
                 self._materialize(node)
+            if self._mutates(node):  # gathered copies of its input are stale from here on
+                self.reordered = {k: v for k, v in self.reordered.items()
+                                  if k[0] is not node.args[0]}
             self.done.add(node)
 
     def _hetconv(self, node: fx.Node, layer: HetConv2d) -> None:
@@ -395,7 +396,7 @@ class _Rewriter:
         src = node.args[0]
         if src not in self.perm:
             self._pull_back(src, pi_in)  # else _reorder gathers
-        node.args = (self._reorder(src, pi_in),)
+        node.args = (self._reorder(src, pi_in, node),)
         self.perm[node] = pi_out
         self.rewritten += 1
         if self.share:
@@ -416,22 +417,62 @@ class _Rewriter:
     def _binary(self, node: fx.Node) -> None:
         tensors = [a for a in list(node.args) + list(node.kwargs.values()) if isinstance(a, fx.Node)]
         orders = [self.perm.get(a) for a in tensors]
-        first = next((o for o in orders if o is not None), None)
-        if first is None:
-            return
-        lead = tensors[orders.index(first)]
-        shape = self._shape(lead)
-        # Natural operands are brought into the stored order only when their shape is
-        # known to equal the permuted operand's (else they may broadcast): otherwise the
-        # permuted operands go back to natural order.
-        if all(o is not None or (shape is not None and self._shape(a) == shape)
-               for a, o in zip(tensors, orders)):
-            fix = lambda a: self._reorder(a, first)  # noqa: E731
+        inplace = self._inplace(node) and isinstance(node.args[0], fx.Node)
+        if inplace:  # the mutated operand must not be replaced by a copy: its order wins
+            first = self.perm.get(node.args[0])
+            if first is None:
+                self._materialize(node)  # gathers the other operands only
+                return
+            lead = node.args[0]
+        else:
+            first = next((o for o in orders if o is not None), None)
+            if first is None:
+                return
+            lead = tensors[[o is first for o in orders].index(True)]
+        # How each natural operand follows the stored order: gathered along the dim that
+        # broadcasts against the channels, left alone when it has no channel extent.
+        # Unknown shapes (no example_input) cannot be told from broadcasts: give up.
+        dims = {}
+        for a, o in zip(tensors, orders):
+            dims[a] = 1 if o is not None else self._channel_dim(a, self._shape(lead))
+        if all(d is not False for d in dims.values()):
+            def fix(a):
+                if not isinstance(a, fx.Node) or dims[a] is None:
+                    return a
+                return self._reorder(a, first, node, dims[a])
             node.args = fx.map_arg(node.args, fix)
             node.kwargs = fx.map_arg(node.kwargs, fix)
             self.perm[node] = first
+        elif inplace:
+            raise TypeError(f"{node.format_node()}: an in-place op on a permuted tensor with an "
+                            "operand of unknown shape; pass example_input")
         else:
             self._materialize(node)
+
+    def _channel_dim(self, node: fx.Node, lead_shape):
+        """Dim of ``node`` that broadcasts against the channels of a ``lead_shape`` tensor
+        (None: size 1 or absent, nothing to reorder; False: unknown or incompatible)."""
+        shape = self._shape(node)
+        if shape is None or lead_shape is None or len(shape) > len(lead_shape):
+            return False
+        dim = 1 - (len(lead_shape) - len(shape))
+        if dim < 0 or shape[dim] == 1:
+            return None
+        return dim if shape[dim] == lead_shape[1] else False
+
+    def _mutates(self, node: fx.Node) -> bool:
+        """May ``node`` write into its first argument?"""
+        if not node.args or not isinstance(node.args[0], fx.Node):
+            return False
+        mod = _base(self._module(node))
+        return self._inplace(node) or node.kwargs.get("inplace") is True or (
+            node.op == "call_function" and node.target in (torch.relu_, F.relu_)) or (
+            mod is not None and getattr(mod, "inplace", False) is True)
+
+    @staticmethod
+    def _inplace(node: fx.Node) -> bool:
+        return (node.op == "call_function" and node.target in _INPLACE) or (
+            node.op == "call_method" and node.target.endswith("_"))
 
     @staticmethod
     def _shape(node: fx.Node):
