@@ -403,10 +403,14 @@ def _fused(x, weight_k, weight_1, bias, stride, padding, dilation, pattern, n, m
     yf = y.permute(0, 2, 3, 1).reshape(-1, slots)
     # Under autocast the conv returns bf16/fp16 while addmm_ (in place) is not autocast.
     xf, w1t = xf.to(yf.dtype), w1t.to(yf.dtype)
-    if idx["identity_slots"]:
-        out = yf.addmm_(xf, w1t)
+    if not idx["identity_slots"]:
+        out = _filter_order(yf, idx).addmm_(xf, w1t)  # a fresh buffer: accumulate in place
+    elif torch.is_grad_enabled() and any(t.requires_grad for t in (yf, xf, w1t)):
+        # In place on a view of the conv's output, autograd would copy the whole buffer
+        # back (CopySlices) in the backward pass: out of place is faster when training.
+        out = torch.addmm(yf, xf, w1t)
     else:
-        out = _filter_order(yf, idx).addmm_(xf, w1t)
+        out = yf.addmm_(xf, w1t)
     return out.view(batch, ho, wo, n).permute(0, 3, 1, 2)
 
 
