@@ -315,3 +315,26 @@ def test_in_place_operands_are_never_replaced_by_copies(gate_shape):
     if gate_shape == (1, 8, 1, 1):  # unknown shapes: b cannot be re-ordered in place
         with pytest.raises(TypeError, match="in-place"):
             absorb_permutations(model)
+
+
+@pytest.mark.parametrize("m,n,part,bias", [(8, 8, 2, True), (12, 20, 4, False), (6, 9, 3, True)])
+def test_blocked_view_weights_and_gradients_equal_the_twin(m, n, part, bias):
+    from hetconv.permute import _BlockedView
+
+    torch.manual_seed(0)
+    layer = hetconv.HetConv2d(m, n, part=part, bias=bias)
+    twin, view = _blocked_twin(layer), _BlockedView(layer)
+    x = torch.randn(2, m, 5, 5)
+    g = torch.randn(2, n, 5, 5)
+    view(x).backward(g)
+    twin(x).backward(g)
+    with torch.no_grad():
+        torch.testing.assert_close(view(x), twin(x), rtol=1e-5, atol=1e-6)
+    # The twin's gradients are the layer's, permuted the same way as its weights.
+    maps = hetconv.permute._blocked_maps(layer)
+    pi_out, cols = maps["pi_out"], maps["w1_cols"]
+    torch.testing.assert_close(layer.weight_k.grad[pi_out], twin.weight_k.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(layer.weight_1.grad[pi_out].gather(1, cols), twin.weight_1.grad,
+                               rtol=1e-5, atol=1e-6)
+    if bias:
+        torch.testing.assert_close(layer.bias.grad[pi_out], twin.bias.grad, rtol=1e-5, atol=1e-6)

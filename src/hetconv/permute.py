@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import copy
 import operator
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.fx as fx
@@ -147,20 +147,60 @@ class _Borrowed(nn.Module):
         self.register_buffer(name, order.clone(), persistent=False)
 
 
+class _Permute(torch.autograd.Function):
+    """``src.reshape(-1)[index]`` for a bijective ``index``, differentiable.
+
+    The backward pass gathers with the inverse permutation instead of
+    scattering (autograd's index_add/scatter_add backward is the slow part of
+    permuting weights on every training step).
+    """
+
+    @staticmethod
+    def forward(ctx, src: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor):
+        ctx.save_for_backward(inverse)
+        ctx.src_shape = src.shape
+        return src.reshape(-1).index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (inverse,) = ctx.saved_tensors
+        return grad.reshape(-1).index_select(0, inverse).view(ctx.src_shape), None, None
+
+
+def _flat_permutation(index: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A flat bijective index and its inverse."""
+    index = index.reshape(-1)
+    inverse = torch.empty_like(index)
+    inverse[index] = torch.arange(index.numel(), device=index.device)
+    return index, inverse
+
+
 class _BlockedView(_Borrowed):
     """A shifted HetConv2d of the original model, executed as its blocked twin."""
 
     def __init__(self, layer: HetConv2d) -> None:
         super().__init__(layer)
-        for name, t in _blocked_maps(layer).items():
-            self.set_order(name, t)
-
-    def _maps(self) -> Dict[str, torch.Tensor]:
-        return {"pi_in": self.pi_in, "pi_out": self.pi_out, "w1_cols": self.w1_cols}
+        maps = _blocked_maps(layer)
+        pi_out, w1_cols = maps["pi_out"], maps["w1_cols"]
+        per_row_k = layer.weight_k[0].numel()
+        per_row_1 = layer.weight_1.shape[1]
+        rows = torch.arange(per_row_k, device=pi_out.device)
+        flat = {"k": pi_out[:, None] * per_row_k + rows,       # whole rows of weight_k
+                "1": pi_out[:, None] * per_row_1 + w1_cols,    # rows, then columns, of weight_1
+                "b": pi_out}
+        for key, index in flat.items():
+            index, inverse = _flat_permutation(index)
+            self.set_order(f"index_{key}", index)
+            self.set_order(f"inverse_{key}", inverse)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         layer = self.module
-        wk, w1, bias = _blocked_weights(layer, self._maps())
+        wk = _Permute.apply(layer.weight_k, self.index_k, self.inverse_k).view(
+            layer.weight_k.shape)
+        w1 = _Permute.apply(layer.weight_1, self.index_1, self.inverse_1).view(
+            layer.weight_1.shape)
+        bias = None if layer.bias is None else _Permute.apply(layer.bias, self.index_b,
+                                                              self.inverse_b)
         return HF.het_conv2d(x, wk, w1, bias, layer.stride, layer.padding, layer.dilation,
                              "blocked", layer.backend)
 
