@@ -95,16 +95,24 @@ def _split_shapes(weight_k: torch.Tensor, weight_1: torch.Tensor) -> Tuple[int, 
     return n, m, m // m_k
 
 
-def _indices(m: int, n: int, p: int, pattern: str, device: torch.device) -> dict:
-    """Index tensors for a layer shape, cached per device (fresh while compiling)."""
-    key = (m, n, p, pattern, device)
-    compiling = torch.compiler.is_compiling()
-    if not compiling and key in _INDEX_CACHE:
-        return _INDEX_CACHE[key]
-    if not compiling and torch.is_inference_mode_enabled():
+def _memo_index(key: tuple, build):
+    """``build()`` cached in ``_INDEX_CACHE`` under ``key`` (built fresh while compiling)."""
+    if torch.compiler.is_compiling():
+        return build()
+    if key not in _INDEX_CACHE:
         # Cached index tensors are reused under autograd later: never inference tensors.
         with torch.inference_mode(False):
-            return _indices(m, n, p, pattern, device)
+            _INDEX_CACHE[key] = build()
+    return _INDEX_CACHE[key]
+
+
+def _indices(m: int, n: int, p: int, pattern: str, device: torch.device) -> dict:
+    """Index tensors for a layer shape, cached per device (fresh while compiling)."""
+    return _memo_index((m, n, p, pattern, device),
+                       lambda: _build_indices(m, n, p, pattern, device))
+
+
+def _build_indices(m: int, n: int, p: int, pattern: str, device: torch.device) -> dict:
     cls = _pattern.class_of_filter(n, p, pattern)
     # Slot of each filter in the grouped conv's output: class-major, ceil(N/P) per group.
     per_group = -(-n // p)
@@ -127,8 +135,6 @@ def _indices(m: int, n: int, p: int, pattern: str, device: torch.device) -> dict
         "channel_split": (m // p, p) if pattern == "shifted" else None,
         "slot_split": (p, n // p) if pattern == "shifted" and n % p == 0 else None,
     }
-    if not compiling:
-        _INDEX_CACHE[key] = out
     return out
 
 
@@ -161,22 +167,14 @@ def _dense_index(m: int, n: int, p: int, pattern: str, kernel: Tuple[int, int],
     Of ``cat([weight_k.flatten(1), weight_1], 1)``: each KxK tap at its channel
     and tap, each 1x1 kernel at its channel's centre tap.  Cached like :func:`_indices`.
     """
-    key = ("dense", m, n, p, pattern, kernel, device)
-    compiling = torch.compiler.is_compiling()
-    if not compiling and key in _INDEX_CACHE:
-        return _INDEX_CACHE[key]
-    if not compiling and torch.is_inference_mode_enabled():
-        with torch.inference_mode(False):
-            return _dense_index(m, n, p, pattern, kernel, device)
-    idx = _indices(m, n, p, pattern, device)
-    kh, kw = kernel
-    kk = kh * kw
-    taps = torch.arange(kk, device=device)
-    kxk = (idx["kxk"][:, :, None] * kk + taps).flatten(1)
-    out = torch.cat([kxk, idx["pw"] * kk + (kh // 2) * kw + kw // 2], 1)
-    if not compiling:
-        _INDEX_CACHE[key] = out
-    return out
+    def build():
+        idx = _indices(m, n, p, pattern, device)
+        kh, kw = kernel
+        kk = kh * kw
+        taps = torch.arange(kk, device=device)
+        kxk = (idx["kxk"][:, :, None] * kk + taps).flatten(1)
+        return torch.cat([kxk, idx["pw"] * kk + (kh // 2) * kw + kw // 2], 1)
+    return _memo_index(("dense", m, n, p, pattern, kernel, device), build)
 
 
 def _swap_split(t: torch.Tensor, split: Tuple[int, int]) -> torch.Tensor:
