@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from . import functional as HF
 from ._timing import time_interleaved
 from .layers import HetConv2d
-from .permute import absorb_permutations
+from .permute import absorb_permutations, has_shifted_layers
 
 __all__ = ["fold_batchnorm", "optimize_for_inference", "export_onnx", "export_module"]
 
@@ -143,9 +143,7 @@ def _fastest_backend(layer: HetConv2d, x: torch.Tensor, repeats: int) -> Tuple[s
 
 def _absorbed(model: nn.Module, example_input: Optional[torch.Tensor]) -> Tuple[nn.Module, dict]:
     """``absorb_permutations(model)`` when it has shifted layers and fx can trace it."""
-    if isinstance(model, HetConv2d) or not any(
-            isinstance(m, HetConv2d) and m.pattern == "shifted" and m.part > 1
-            for m in model.modules()):
+    if isinstance(model, HetConv2d) or not has_shifted_layers(model):
         return model, {"rewritten_layers": 0, "gathers": 0}
     try:
         out = absorb_permutations(model, example_input)

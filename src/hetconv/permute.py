@@ -26,17 +26,18 @@ sum of a residual block) just needs its per-channel parameters permuted.
 * anything else (flatten, Linear, concatenation, unknown modules, the
   model's outputs) gets its input gathered back into natural order.
 
-The rewritten model computes the same function (up to float summation order)
-and is meant for inference (:func:`hetconv.optimize_for_inference` and
-:func:`hetconv.export_onnx` use it); its parameters are laid out differently
-from the original's, so train and checkpoint the original.
+The rewritten model computes the same function (up to float summation order).
+By default it is a copy with its weights stored permuted, for inference
+(:func:`hetconv.optimize_for_inference` and :func:`hetconv.export_onnx` use
+it); with ``share_parameters=True`` it runs on the original's own parameters,
+permuting them per call, so training it trains (and checkpoints) the original.
 """
 
 from __future__ import annotations
 
 import copy
 import operator
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Optional
 
 import torch
 import torch.fx as fx
@@ -47,7 +48,7 @@ from . import functional as HF
 from . import pattern as _pattern
 from .layers import HetConv2d
 
-__all__ = ["absorb_permutations", "PermutationTracer"]
+__all__ = ["absorb_permutations", "has_shifted_layers", "PermutationTracer"]
 
 # Modules and functions that act on each channel of dim 1 separately (and keep dim 1).
 _CHANNELWISE_MODULES = (
@@ -80,6 +81,18 @@ class PermutationTracer(fx.Tracer):
 
 def _shifted(m: nn.Module) -> bool:
     return isinstance(m, HetConv2d) and m.pattern == "shifted" and m.part > 1
+
+
+def has_shifted_layers(model: nn.Module) -> bool:
+    """Does ``model`` hold a shifted HetConv2d with P > 1 (something to absorb)?"""
+    return any(_shifted(m) for m in model.modules())
+
+
+def _inverse(index: torch.Tensor) -> torch.Tensor:
+    """The inverse of the permutation ``index`` (1-D): ``inverse[index[k]] = k``."""
+    inverse = torch.empty_like(index)
+    inverse[index] = torch.arange(index.numel(), device=index.device)
+    return inverse
 
 
 def _blocked_maps(layer: HetConv2d) -> Dict[str, torch.Tensor]:
@@ -167,14 +180,6 @@ class _Permute(torch.autograd.Function):
         return grad.reshape(-1).index_select(0, inverse).view(ctx.src_shape), None, None
 
 
-def _flat_permutation(index: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """A flat bijective index and its inverse."""
-    index = index.reshape(-1)
-    inverse = torch.empty_like(index)
-    inverse[index] = torch.arange(index.numel(), device=index.device)
-    return index, inverse
-
-
 class _BlockedView(_Borrowed):
     """A shifted HetConv2d of the original model, executed as its blocked twin."""
 
@@ -189,9 +194,9 @@ class _BlockedView(_Borrowed):
                 "1": pi_out[:, None] * per_row_1 + w1_cols,    # rows, then columns, of weight_1
                 "b": pi_out}
         for key, index in flat.items():
-            index, inverse = _flat_permutation(index)
+            index = index.reshape(-1)
             self.set_order(f"index_{key}", index)
-            self.set_order(f"inverse_{key}", inverse)
+            self.set_order(f"inverse_{key}", _inverse(index))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         layer = self.module
@@ -337,8 +342,7 @@ class _Rewriter:
         if have is None:
             index = want
         else:  # position of natural channel c in storage: inverse of ``have``
-            inverse = torch.empty_like(have)
-            inverse[have] = torch.arange(have.numel(), device=have.device)
+            inverse = _inverse(have)
             index = inverse if want is None else inverse[want]
         out = self._gather(node, index, before, dim)
         if want is not None and dim == 1:
@@ -372,7 +376,7 @@ class _Rewriter:
                     return False
                 chain.append(cur)
                 break
-            if not self._channelwise(cur, with_params=True):
+            if not self._channelwise(cur):
                 return False
             chain.append(cur)
             prev, cur = cur, cur.args[0]
@@ -384,7 +388,7 @@ class _Rewriter:
             self.perm[n] = want
         return True
 
-    def _channelwise(self, node: fx.Node, with_params: bool = False) -> bool:
+    def _channelwise(self, node: fx.Node) -> bool:
         """A unary op acting per channel on its first argument (BatchNorm only if private)."""
         if not node.args or not isinstance(node.args[0], fx.Node):
             return False
@@ -393,13 +397,9 @@ class _Rewriter:
             if isinstance(mod, nn.BatchNorm2d):
                 return self._private(node)
             return isinstance(mod, _CHANNELWISE_MODULES)
-        if node.op == "call_function":
-            return node.target in _CHANNELWISE_FUNCTIONS and not any(
-                isinstance(a, fx.Node) for a in list(node.args[1:]) + list(node.kwargs.values()))
-        if node.op == "call_method":
-            return node.target in _CHANNELWISE_METHODS and not any(
-                isinstance(a, fx.Node) for a in list(node.args[1:]) + list(node.kwargs.values()))
-        return False
+        known = {"call_function": _CHANNELWISE_FUNCTIONS, "call_method": _CHANNELWISE_METHODS}
+        return node.target in known.get(node.op, ()) and not any(  # no second tensor operand
+            isinstance(a, fx.Node) for a in list(node.args[1:]) + list(node.kwargs.values()))
 
     # -- the pass ----------------------------------------------------------
     def run(self) -> None:

@@ -111,15 +111,13 @@ def _no_grad(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
 def _train_variants(model: nn.Module, x: torch.Tensor) -> Dict[str, Callable[[], None]]:
     import copy
 
-    from ..layers import HetConv2d
-    from ..permute import absorb_permutations
+    from ..permute import absorb_permutations, has_shifted_layers
 
     out = {}
     target = torch.randint(0, 10, (x.shape[0],))
     variants = [("eager_nchw", torch.contiguous_format, False),
                 ("eager_cl", torch.channels_last, False)]
-    if any(isinstance(m, HetConv2d) and m.pattern == "shifted" and m.part > 1
-           for m in model.modules()):
+    if has_shifted_layers(model):
         variants.append(("absorbed_cl", torch.channels_last, True))
     for name, fmt, absorb in variants:
         m = copy.deepcopy(model).train().to(memory_format=fmt)
