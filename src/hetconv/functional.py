@@ -28,6 +28,15 @@ Backends
     part only, by a strided transpose); assembled weights are cached outside
     autograd.  Returns channels_last memory.  See docs/performance.md for
     what it gains and what was tried.
+``"native"``
+    One direct convolution in C with exactly ``FL_HC`` multiply-adds
+    (:mod:`hetconv.native`: centre taps as one dense pointwise matrix, the
+    other taps on each filter's class channels only, vectorised over output
+    pixels so narrow groups waste nothing; "shifted" costs no permutation).
+    CPU float32 NCHW, stride 1, dilation 1, "same" padding, odd kernels; the
+    backward pass is the dense reference's.  Where it does not apply (or the
+    kernel could not be compiled) the call runs what ``"auto"`` would pick
+    among the other backends.  Returns NCHW memory.
 ``"auto"``
     Resolves to a concrete backend per call with :func:`select_backend`.
 """
@@ -40,11 +49,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils.weak import WeakIdKeyDictionary
 
+from . import native as _native
 from . import pattern as _pattern
 
 __all__ = ["BACKENDS", "het_conv2d", "dense_weight", "select_backend", "IntPair"]
 
-BACKENDS: Tuple[str, ...] = ("dense", "grouped", "fused")
+BACKENDS: Tuple[str, ...] = ("dense", "grouped", "fused", "native")
 
 IntPair = Union[int, Sequence[int]]
 
@@ -54,6 +64,12 @@ IntPair = Union[int, Sequence[int]]
 FUSED_MIN_IN: int = 64
 FUSED_MIN_OUT: int = 128
 DEPTHWISE_MIN_CHANNELS: int = 32
+
+#: ``"auto"`` picks ``"native"`` (NCHW float32 input, stride 1, the kernel built with
+#: AVX-512) when the output has at least NATIVE_MIN_AREA pixels, or at least
+#: NATIVE_MIN_AREA_NARROW on layers ``"fused"`` does not take.  See :func:`select_backend`.
+NATIVE_MIN_AREA: int = 256
+NATIVE_MIN_AREA_NARROW: int = 64
 
 #: ``"auto"``'s dense path runs NCHW (copying channels_last input) when the GEMM the
 #: convolution amounts to has at most this many rows (B*Ho*Wo) per input channel:
@@ -226,7 +242,8 @@ def _dense_kernel(weight_k, weight_1, pattern, n, m, p):
 
 def select_backend(x: torch.Tensor, weight_k: torch.Tensor, weight_1: torch.Tensor,
                    stride: Tuple[int, int] = (1, 1), dilation: Tuple[int, int] = (1, 1),
-                   pattern: str = "shifted") -> str:
+                   pattern: str = "shifted", padding: Optional[Tuple[int, int]] = None,
+                   native: bool = True) -> str:
     """The concrete backend ``"auto"`` runs for this call (a documented rule).
 
     A pure function of the shapes, dtype, stride and pattern (no timing at run
@@ -260,6 +277,8 @@ def select_backend(x: torch.Tensor, weight_k: torch.Tensor, weight_1: torch.Tens
     kh, kw = weight_k.shape[2:]
     if p == 1 or kh * kw == 1:
         return "dense"
+    if native and _native_pick(x, weight_k, n, m, p, stride, dilation, padding):
+        return "native"
     if x.dtype not in (torch.float32, torch.bfloat16):
         return "dense"
     if m >= FUSED_MIN_IN and n >= FUSED_MIN_OUT:
@@ -267,6 +286,22 @@ def select_backend(x: torch.Tensor, weight_k: torch.Tensor, weight_1: torch.Tens
     if p == m == n and m >= DEPTHWISE_MIN_CHANNELS:
         return "fused"
     return "dense"
+
+
+def _native_pick(x, weight_k, n, m, p, stride, dilation, padding) -> bool:
+    """``select_backend``'s native branch (see its docstring)."""
+    if torch.compiler.is_compiling() or not x.is_contiguous():
+        return False
+    if padding is None:
+        padding = _padding(None, tuple(weight_k.shape[2:]), tuple(dilation))
+    if _native.unsupported_reason(x, weight_k, stride, padding, dilation) is not None:
+        return False
+    if not _native.vectorized():
+        return False
+    area = _out_area(x, tuple(weight_k.shape[2:]), stride, padding, dilation)
+    if area >= NATIVE_MIN_AREA:
+        return True
+    return area >= NATIVE_MIN_AREA_NARROW and not (m >= FUSED_MIN_IN and n >= FUSED_MIN_OUT)
 
 
 def _out_area(x: torch.Tensor, kernel, stride, padding, dilation) -> int:
@@ -312,6 +347,7 @@ def _grouped(x, weight_k, weight_1, bias, stride, padding, dilation, pattern, n,
 
 _WEIGHT_CACHE = WeakIdKeyDictionary()  # weight_k -> (key, fused weights)
 _DENSE_CACHE = WeakIdKeyDictionary()  # weight_k -> (key, dense kernel)
+_NATIVE_CACHE = WeakIdKeyDictionary()  # weight_k -> (key, native kernel block layout)
 
 
 def _cached(cache: WeakIdKeyDictionary, tensors: tuple, extra: tuple, build):
@@ -440,8 +476,17 @@ def het_conv2d(x: torch.Tensor, weight_k: torch.Tensor, weight_1: torch.Tensor,
     unbatched = x.dim() == 3
     if unbatched:
         x = x.unsqueeze(0)
+    if backend == "native":
+        if p > 1 and _native.unsupported_reason(x, weight_k, stride_, padding_,
+                                                dilation_) is None:
+            y = _native.native_conv2d(x, weight_k, weight_1, bias, pattern)
+            return y.squeeze(0) if unbatched else y
+        backend = "auto"
     if backend == "auto":
-        backend = select_backend(x, weight_k, weight_1, stride_, dilation_, pattern)
+        backend = select_backend(x, weight_k, weight_1, stride_, dilation_, pattern, padding_)
+        if backend == "native":
+            y = _native.native_conv2d(x, weight_k, weight_1, bias, pattern)
+            return y.squeeze(0) if unbatched else y
         if backend == "dense" and x.is_contiguous(memory_format=torch.channels_last) and \
                 x.shape[0] * _out_area(x, kernel, stride_, padding_, dilation_) \
                 <= DENSE_NCHW_MAX_ROWS_PER_CHANNEL * m:

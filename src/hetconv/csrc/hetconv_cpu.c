@@ -1,0 +1,324 @@
+/*
+ * hetconv native CPU kernel: the HetConv forward pass as one direct convolution
+ * with exactly the paper's multiply-adds (FL_HC), for NCHW float32 input,
+ * stride 1, dilation 1 and "same" padding (odd Kh, Kw).
+ *
+ * Formulation.  Every filter reads every input channel at the centre tap (its
+ * 1x1 kernels and the centre of its KxK kernels), so the centre taps form one
+ * dense (N x M) pointwise matrix with no zero in it.  The remaining Kh*Kw - 1
+ * taps touch only the M/P input channels of the filter's class.  Per output
+ * pixel that is M + (Kh*Kw - 1) * M/P multiply-adds per filter: FL_HC exactly.
+ *
+ * Vectorisation is over output pixels (16 consecutive pixels of the flattened
+ * H*W plane per AVX-512 register), never over channels, so narrow groups (M/P
+ * = 1..16) waste no lanes.  A micro-kernel computes 4 filters (all of one
+ * class) x 64 pixels in 16 accumulators: each input vector loaded feeds 4
+ * FMAs.  Taps that leave the image are masked loads (zero), so no padded copy
+ * of the input is made.  Output planes are written at arbitrary indices and
+ * input planes read through an index list, so the "shifted" pattern costs no
+ * permutation at all.
+ *
+ * The Python side (hetconv/native.py) packs the weights:
+ *   w1p   (nblk, M, 4)        centre-tap matrix, per block of 4 filters
+ *   wkp   (nblk, Mk, T, 4)    the T = Kh*Kw - 1 other taps of each KxK kernel
+ *   bp    (nblk, 4)           bias (or NULL)
+ *   blk_class (nblk)          the class of each block's filters
+ *   blk_out   (nblk, 4)       output plane of each filter slot (-1: unused)
+ *   chan  (P, Mk)             the input channels of each class
+ *   tap_dh, tap_dw (T)        offsets of the non-centre taps
+ * Built without AVX-512 the same loops run in scalar C (correct, not fast);
+ * hetconv_native_isa() tells which.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#define NB 4   /* filters per micro-kernel block */
+#define NCMAX 6  /* 16-position chunks per micro-kernel block, at most */
+#define VL 16  /* pixels per chunk */
+
+int hetconv_native_isa(void) {
+#if defined(__AVX512F__)
+    return 512;
+#else
+    return 0;
+#endif
+}
+
+int hetconv_native_version(void) { return 2; }
+
+/*
+ * Geometry.  Each image is copied (by the thread that computes it, into a
+ * buffer that stays in L2) into zero-padded planes: ph zero rows above and
+ * below, rows of Wp = W + pw floats (the pw zero columns after each row are
+ * also the left border of the next row).  Outputs are computed at every
+ * position of the H padded rows (the pw border columns are computed and
+ * thrown away: pw / (W + pw) of the work), so every tap is a plain unaligned
+ * load at a fixed offset: no masks in the inner loop.  Each 16-position chunk
+ * is written out with a compress (its valid lanes are consecutive output
+ * pixels) and one masked store.
+ */
+typedef struct {
+    int H, W, ph, pw, Wp, PS;   /* PS: padded plane size */
+    int nchunk;                 /* chunks of computed positions */
+    int npb, *pb_start, *pb_len;/* pixel blocks: runs of at most NCMAX chunks */
+    int first;                  /* first computed position: row ph, column 0 */
+    uint16_t *smask;            /* per chunk: lanes that are real output pixels */
+    int *sidx;                  /* per chunk: output index of the first such lane */
+} geom_t;
+
+static int geom_init(geom_t *g, int H, int W, int ph, int pw) {
+    memset(g, 0, sizeof(*g));
+    g->H = H; g->W = W; g->ph = ph; g->pw = pw;
+    g->Wp = W + pw;
+    g->PS = (H + 2 * ph) * g->Wp + pw;  /* + pw: the last row's right border */
+    g->first = ph * g->Wp;
+    const int count = H * g->Wp;
+    g->nchunk = (count + VL - 1) / VL;
+    g->npb = (g->nchunk + NCMAX - 1) / NCMAX;
+    g->smask = (uint16_t *)calloc((size_t)g->nchunk, sizeof(uint16_t));
+    g->sidx = (int *)calloc((size_t)g->nchunk, sizeof(int));
+    g->pb_start = (int *)calloc((size_t)g->npb, sizeof(int));
+    g->pb_len = (int *)calloc((size_t)g->npb, sizeof(int));
+    if (!g->smask || !g->sidx || !g->pb_start || !g->pb_len) return -1;
+    for (int i = 0, start = 0; i < g->npb; ++i) {  /* balanced runs */
+        const int len = (g->nchunk - start) / (g->npb - i) +
+                        ((g->nchunk - start) % (g->npb - i) ? 1 : 0);
+        g->pb_start[i] = start;
+        g->pb_len[i] = len;
+        start += len;
+    }
+    for (int q = 0; q < g->nchunk; ++q) {
+        int found = 0;
+        for (int l = 0; l < VL; ++l) {
+            const int pos = q * VL + l;  /* relative to first */
+            if (pos >= count) break;
+            const int r = pos / g->Wp, c = pos % g->Wp;
+            if (c >= W) continue;
+            g->smask[q] |= (uint16_t)(1u << l);
+            if (!found) { g->sidx[q] = r * W + c; found = 1; }
+        }
+    }
+    return 0;
+}
+
+static void geom_free(geom_t *g) { free(g->smask); free(g->sidx); free(g->pb_start); free(g->pb_len); }
+
+/* Zero-padded copy of one image's M planes (borders of buf are already zero). */
+static void pad_image(const float *xb, float *buf, int M, const geom_t *g) {
+    const int H = g->H, W = g->W;
+    for (int c = 0; c < M; ++c) {
+        const float *src = xb + (size_t)c * H * W;
+        float *dst = buf + (size_t)c * g->PS + g->ph * g->Wp;
+        for (int r = 0; r < H; ++r, src += W, dst += g->Wp) {
+#if defined(__AVX512F__)
+            int w = 0;
+            for (; w + VL <= W; w += VL) _mm512_storeu_ps(dst + w, _mm512_loadu_ps(src + w));
+            if (w < W) {
+                const __mmask16 m = (__mmask16)((1u << (W - w)) - 1u);
+                _mm512_mask_storeu_ps(dst + w, m, _mm512_maskz_loadu_ps(m, src + w));
+            }
+#else
+            memcpy(dst, src, sizeof(float) * (size_t)W);
+#endif
+        }
+    }
+}
+
+#if defined(__AVX512F__)
+/*
+ * 4 filters x nch chunks of 16 positions (nch <= NCMAX, a literal at every
+ * call so the loops unroll and the accumulators stay in registers).  ``pe``
+ * (np entries): offsets of the centre taps (one per input channel), weights
+ * ``w1`` (np x 4).  Tap entries: when ``shared``, the 4 filters share one
+ * class: ``te[0]`` (nt entries), weights ``wk`` (nt x 4); otherwise filter
+ * i's taps are ``te[i]``, weights ``wk[e*4 + i]``.
+ */
+static inline __attribute__((always_inline)) void
+micro_kernel_n(const int nch, const float *xp, float *const yo[NB], const geom_t *g, int q0,
+               int np, const int *pe, const float *w1, int nt, const int *const te[NB],
+               int shared, const float *wk, const float *bias, int relu) {
+    const float *x0 = xp + g->first + q0 * VL;
+    __m512 acc[NB][NCMAX];
+#pragma GCC unroll 4
+    for (int i = 0; i < NB; ++i) {
+        const __m512 bv = _mm512_set1_ps(bias ? bias[i] : 0.f);
+#pragma GCC unroll 8
+        for (int k = 0; k < nch; ++k) acc[i][k] = bv;
+    }
+#define LOADS(xe)                                                                  \
+    __m512 v[NCMAX];                                                               \
+    _Pragma("GCC unroll 8") for (int k = 0; k < nch; ++k) v[k] = _mm512_loadu_ps((xe) + k * VL);
+#define FMAS(i, wv)                                                                \
+    do {                                                                           \
+        const __m512 wb_ = _mm512_set1_ps(wv);                                     \
+        _Pragma("GCC unroll 8") for (int k = 0; k < nch; ++k)                      \
+            acc[i][k] = _mm512_fmadd_ps(wb_, v[k], acc[i][k]);                     \
+    } while (0)
+    for (int e = 0; e < np; ++e) {
+        LOADS(x0 + pe[e]);
+        const float *w = w1 + 4 * e;
+        FMAS(0, w[0]); FMAS(1, w[1]); FMAS(2, w[2]); FMAS(3, w[3]);
+    }
+    if (shared) {
+        const int *t0 = te[0];
+        for (int e = 0; e < nt; ++e) {
+            LOADS(x0 + t0[e]);
+            const float *w = wk + 4 * e;
+            FMAS(0, w[0]); FMAS(1, w[1]); FMAS(2, w[2]); FMAS(3, w[3]);
+        }
+    } else {
+#pragma GCC unroll 4
+        for (int i = 0; i < NB; ++i) {
+            const int *ti = te[i];
+            if (!ti) continue;
+            for (int e = 0; e < nt; ++e) {
+                LOADS(x0 + ti[e]);
+                FMAS(i, wk[4 * e + i]);
+            }
+        }
+    }
+#undef LOADS
+#undef FMAS
+    const __m512 zero = _mm512_setzero_ps();
+#pragma GCC unroll 4
+    for (int i = 0; i < NB; ++i) {
+        if (!yo[i]) continue;
+#pragma GCC unroll 8
+        for (int k = 0; k < nch; ++k) {
+            const __mmask16 m = (__mmask16)g->smask[q0 + k];
+            __m512 r = relu ? _mm512_max_ps(acc[i][k], zero) : acc[i][k];
+            r = _mm512_maskz_compress_ps(m, r);
+            const __mmask16 dst = (__mmask16)((1u << __builtin_popcount(m)) - 1u);
+            _mm512_mask_storeu_ps(yo[i] + g->sidx[q0 + k], dst, r);
+        }
+    }
+}
+
+static void micro_kernel(int nch, const float *xp, float *const yo[NB], const geom_t *g, int q0,
+                         int np, const int *pe, const float *w1, int nt,
+                         const int *const te[NB], int shared, const float *wk,
+                         const float *bias, int relu) {
+    switch (nch) {
+#define CASE(n) case n: micro_kernel_n(n, xp, yo, g, q0, np, pe, w1, nt, te, shared, wk, bias, relu); break;
+        CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6)
+#undef CASE
+        default: break;
+    }
+}
+#else
+static void micro_kernel(int nch, const float *xp, float *const yo[NB], const geom_t *g, int q0,
+                                int np, const int *pe, const float *w1,
+                                int nt, const int *const te[NB], int shared, const float *wk,
+                                const float *bias, int relu) {
+    (void)shared;
+    const float *x0 = xp + g->first + q0 * VL;
+    for (int k = 0; k < nch; ++k) {
+        const int q = q0 + k;
+        if (q >= g->nchunk) break;
+        int o = g->sidx[q];
+        for (int l = 0; l < VL; ++l) {
+            if (!((g->smask[q] >> l) & 1)) continue;
+            const float *xl = x0 + k * VL + l;
+            for (int i = 0; i < NB; ++i) {
+                if (!yo[i]) continue;
+                float acc = bias ? bias[i] : 0.f;
+                for (int e = 0; e < np; ++e) acc += w1[4 * e + i] * xl[pe[e]];
+                const int *ti = te[i] ? te[i] : te[0];
+                if (te[i])
+                    for (int e = 0; e < nt; ++e) acc += wk[4 * e + i] * xl[ti[e]];
+                yo[i][o] = (relu && acc < 0.f) ? 0.f : acc;
+            }
+            ++o;
+        }
+    }
+}
+#endif
+
+/*
+ * y (B, N, H, W) = HetConv(x (B, M, H, W)), stride 1, padding (ph, pw).
+ * blk_out (nblk, 4): output plane of each filter slot, -1 unused;
+ * blk_cls (nblk, 4): the class of each slot (-1 unused); a block whose used
+ * slots share one class runs the shared-tap loop.
+ * w1p (nblk, M, 4), wkp (nblk, Mk*T, 4), bp (nblk, 4) or NULL.
+ * chan (P, Mk): input channels of each class; tap_dh/dw (T): tap offsets.
+ * Returns 0, or a negative code (bad arguments, out of memory).
+ */
+int hetconv_native_forward(const float *x, float *y, int B, int M, int N, int H, int W,
+                           int nblk, const int *blk_cls, const int *blk_out,
+                           const float *w1p, const float *wkp, const float *bp,
+                           int P, int Mk, const int *chan, int T, const int *tap_dh,
+                           const int *tap_dw, int ph, int pw, int relu, int nthreads) {
+    if (B < 0 || M < 1 || N < 1 || H < 1 || W < 1 || nblk < 1 || P < 1 || Mk < 0 || T < 0 ||
+        ph < 0 || pw < 0)
+        return -1;
+    geom_t g;
+    if (geom_init(&g, H, W, ph, pw)) { geom_free(&g); return -2; }
+    const int nte = Mk * T;
+    int *pe = (int *)malloc(sizeof(int) * (size_t)M);
+    int *te = (int *)malloc(sizeof(int) * (size_t)P * (size_t)(nte > 0 ? nte : 1));
+    if (!pe || !te) { free(pe); free(te); geom_free(&g); return -2; }
+    for (int c = 0; c < M; ++c) pe[c] = c * g.PS;
+    for (int p = 0; p < P; ++p)
+        for (int j = 0; j < Mk; ++j)
+            for (int t = 0; t < T; ++t)
+                te[(size_t)p * nte + j * T + t] = chan[p * Mk + j] * g.PS + tap_dh[t] * g.Wp + tap_dw[t];
+    /* Work items: (image, group of filter blocks); groups only when images are too few. */
+    if (nthreads < 1) nthreads = 1;
+    int groups = 1;
+    while ((long)B * groups < 2L * nthreads && groups < nblk) ++groups;
+    const int per_group = (nblk + groups - 1) / groups;
+    const long total = (long)B * groups;
+    /* padded image + slack for the last block's overrun (reads only feed discarded lanes) */
+    const size_t lead = (size_t)(g.pw + VL), slack = (size_t)(2 * VL + g.ph * g.Wp + g.pw);
+    const size_t buf_len = lead + (size_t)M * g.PS + slack;
+    int status = 0;
+#pragma omp parallel num_threads(nthreads) if (total > 1)
+    {
+        float *buf = (float *)calloc(buf_len, sizeof(float));
+        int last_b = -1;
+        if (!buf) {
+#pragma omp atomic write
+            status = -2;
+        }
+#pragma omp for schedule(static)
+        for (long it = 0; it < total; ++it) {
+            if (!buf) continue;
+            const int b = (int)(it / groups), grp = (int)(it % groups);
+            float *xp = buf + lead;
+            if (b != last_b) { pad_image(x + (size_t)b * M * H * W, xp, M, &g); last_b = b; }
+            float *yb = y + (size_t)b * N * H * W;
+            const int end = (grp + 1) * per_group < nblk ? (grp + 1) * per_group : nblk;
+            for (int pb = 0; pb < g.npb; ++pb) {
+                const int q0 = g.pb_start[pb], nch = g.pb_len[pb];
+                for (int blk = grp * per_group; blk < end; ++blk) {
+                    float *yo[NB];
+                    const int *tei[NB];
+                    const int *bc = blk_cls + (size_t)blk * NB, *bo = blk_out + (size_t)blk * NB;
+                    int shared = 1, c0 = -1;
+                    for (int i = 0; i < NB; ++i) {
+                        yo[i] = bo[i] >= 0 ? yb + (size_t)bo[i] * H * W : NULL;
+                        tei[i] = bc[i] >= 0 ? te + (size_t)bc[i] * nte : NULL;
+                        if (bc[i] >= 0) {
+                            if (c0 < 0) c0 = bc[i];
+                            else if (bc[i] != c0) shared = 0;
+                        }
+                    }
+                    if (shared && !tei[0]) shared = 0;
+                    micro_kernel(nch, xp, yo, &g, q0, M, pe, w1p + (size_t)blk * M * NB,
+                                 nte, tei, shared, wkp + (size_t)blk * nte * NB,
+                                 bp ? bp + (size_t)blk * NB : NULL, relu);
+                }
+            }
+        }
+        free(buf);
+    }
+    free(pe); free(te); geom_free(&g);
+    return status;
+}

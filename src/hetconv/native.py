@@ -1,0 +1,324 @@
+"""The ``"native"`` backend: HetConv as one direct convolution in C (AVX-512, OpenMP).
+
+PyTorch has no operator whose cost is the paper's FL_HC: a grouped KxK
+convolution plus a pointwise one costs ``FL_K + Do*Do*N*M`` and, for groups
+of 4-16 channels (ResNet-56's layers), oneDNN's grouped convolution runs no
+faster than the dense one.  ``csrc/hetconv_cpu.c`` computes the layer
+directly: the centre taps of all kernels form one dense (N x M) pointwise
+matrix, the other taps touch only each filter's M/P class channels, and the
+arithmetic is vectorised over output pixels, so narrow groups waste no SIMD
+lanes and the multiply-adds are exactly FL_HC.  "shifted" costs no
+permutation: input planes are read, output planes written, through index
+lists.
+
+Scope: CPU, float32, NCHW, stride 1, dilation 1, "same" padding with an odd
+kernel.  The forward pass is the C kernel; the backward pass (when autograd
+needs one) is the dense reference's (``aten.convolution_backward`` on the
+dense kernel): correct, at dense cost.
+
+The C file is compiled on first use with the system C compiler (``cc``,
+``-O3 -march=native -fopenmp``; ``$HETCONV_NATIVE_MARCH`` replaces ``native``)
+into a cache directory
+(``$HETCONV_CACHE_DIR``, else ``$XDG_CACHE_HOME/hetconv``, else
+``~/.cache/hetconv``), keyed by the source, the flags and the CPU's feature
+flags; the build is atomic (a temporary file renamed into place), so
+concurrent processes are safe.  :func:`available` says whether the kernel
+loaded; :func:`vectorized` whether it was built with AVX-512 (without it the
+kernel runs scalar loops, correct but slow, and ``"auto"`` never picks it).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from . import pattern as _pattern
+
+__all__ = ["available", "vectorized", "unsupported_reason", "native_conv2d", "build_error"]
+
+log = logging.getLogger(__name__)
+
+_SOURCE = os.path.join(os.path.dirname(__file__), "csrc", "hetconv_cpu.c")
+_FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+
+
+def _flags() -> list:
+    """Compiler flags; ``$HETCONV_NATIVE_MARCH`` overrides ``-march=native``."""
+    return _FLAGS + [f"-march={os.environ.get('HETCONV_NATIVE_MARCH') or 'native'}"]
+_LOCK = threading.Lock()
+_LIB: Optional[ctypes.CDLL] = None
+_ERROR: Optional[str] = None
+_TRIED = False
+
+
+def _cache_dir() -> str:
+    root = os.environ.get("HETCONV_CACHE_DIR")
+    if not root:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        root = os.path.join(base, "hetconv")
+    return root
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return line
+    except OSError:
+        pass
+    return ""
+
+
+def _build(cc: str) -> str:
+    with open(_SOURCE, "rb") as f:
+        src = f.read()
+    flags = _flags()
+    key = hashlib.sha256(src + " ".join([cc] + flags).encode() + _cpu_flags().encode())
+    out_dir = _cache_dir()
+    path = os.path.join(out_dir, f"hetconv_cpu_{key.hexdigest()[:16]}.so")
+    if os.path.exists(path):
+        return path
+    os.makedirs(out_dir, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
+    os.close(fd)
+    try:
+        proc = subprocess.run([cc, *flags, _SOURCE, "-o", tmp, "-lm"],
+                              capture_output=True, text=True, timeout=300)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{cc} failed: {proc.stderr.strip()[-2000:]}")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def _load() -> Optional[ctypes.CDLL]:
+    """The compiled kernel (built on first call), or None with :func:`build_error` set."""
+    global _LIB, _ERROR, _TRIED
+    if _TRIED:
+        return _LIB
+    with _LOCK:
+        if _TRIED:
+            return _LIB
+        try:
+            if os.environ.get("HETCONV_DISABLE_NATIVE", "") not in ("", "0"):
+                raise RuntimeError("disabled by HETCONV_DISABLE_NATIVE")
+            if not sys.platform.startswith("linux"):
+                raise RuntimeError(f"built only on Linux (this is {sys.platform})")
+            cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+            if not cc:
+                raise RuntimeError("no C compiler found (set CC, or install gcc)")
+            # torch is imported first, so its OpenMP runtime is the one the kernel binds to.
+            lib = ctypes.CDLL(_build(cc))
+            i, p = ctypes.c_int, ctypes.c_void_p
+            lib.hetconv_native_forward.restype = i
+            lib.hetconv_native_forward.argtypes = ([p, p] + [i] * 6 + [p] * 5
+                                                   + [i, i, p, i, p, p, i, i, i, i])
+            lib.hetconv_native_isa.restype = i
+            _LIB = lib
+        except Exception as exc:  # no compiler, failed build, odd platform: fall back
+            _ERROR = f"{type(exc).__name__}: {exc}"
+            log.info("hetconv native kernel unavailable: %s", _ERROR)
+        _TRIED = True
+    return _LIB
+
+
+def available() -> bool:
+    """True when the C kernel is compiled and loaded (compiles it on first call)."""
+    return _load() is not None
+
+
+def vectorized() -> bool:
+    """True when the loaded kernel was built with AVX-512 (else it runs scalar loops)."""
+    lib = _load()
+    return lib is not None and lib.hetconv_native_isa() == 512
+
+
+def build_error() -> Optional[str]:
+    """Why the kernel is unavailable (None when it loaded or was not tried yet)."""
+    return _ERROR
+
+
+def unsupported_reason(x: torch.Tensor, weight_k: torch.Tensor, stride: Tuple[int, int],
+                       padding: Tuple[int, int], dilation: Tuple[int, int]) -> Optional[str]:
+    """Why the native kernel cannot run this call, or None if it can."""
+    kh, kw = weight_k.shape[2:]
+    if x.device.type != "cpu":
+        return f"input on {x.device.type}: the native kernel is CPU-only"
+    if x.dtype != torch.float32 or weight_k.dtype != torch.float32:
+        return f"dtype {x.dtype}: the native kernel computes float32 only"
+    if torch.is_autocast_enabled("cpu"):
+        return "autocast is on: the native kernel computes float32 only"
+    if tuple(stride) != (1, 1) or tuple(dilation) != (1, 1):
+        return "the native kernel supports stride 1 and dilation 1 only"
+    if kh % 2 == 0 or kw % 2 == 0 or tuple(padding) != (kh // 2, kw // 2):
+        return "the native kernel supports odd kernels with 'same' padding (kernel // 2) only"
+    if x.numel() >= 2 ** 31 or x.shape[0] * weight_k.shape[0] * x.shape[2] * x.shape[3] >= 2 ** 31:
+        return "tensor too large for the native kernel's 32-bit plane indexing"
+    if not available():
+        return f"native kernel unavailable ({build_error()})"
+    return None
+
+
+def _layout(n: int, m: int, p: int, pattern: str, kh: int, kw: int) -> dict:
+    """Index tensors of the block layout for a layer shape (cached like the other indices)."""
+    def build():
+        fcls = _pattern.class_of_filter(n, p, pattern)
+        ccls = _pattern.class_of_channel(m, p, pattern)
+        chan = torch.stack([torch.nonzero(ccls == j).flatten() for j in range(p)])  # (P, Mk)
+        # Blocks of 4 filters.  With >= 4 filters per class a block holds one class (its
+        # taps share input loads); with fewer, blocks run through the filters in class
+        # order and mix classes (each filter its own taps): no slot is left empty.
+        order = torch.argsort(fcls, stable=True).tolist()
+        if n >= 4 * p:
+            groups = [[f for f in order if fcls[f] == j] for j in range(p)]
+        else:
+            groups = [order]
+        blocks = []
+        for members in groups:
+            for s in range(0, len(members), 4):
+                blk = members[s:s + 4]
+                blocks.append(blk + [-1] * (4 - len(blk)))
+        out = torch.tensor(blocks, dtype=torch.long)  # (nblk, 4)
+        slot_cls = torch.where(out >= 0, fcls[out.clamp(min=0)], -1)
+        taps = [(a, b) for a in range(kh) for b in range(kw) if (a, b) != (kh // 2, kw // 2)]
+        ta = torch.tensor([a for a, _ in taps], dtype=torch.long)
+        tb = torch.tensor([b for _, b in taps], dtype=torch.long)
+        i32 = torch.int32
+        return {
+            "rows": out.clamp(min=0), "valid": (out >= 0).float(),
+            "chan_of_slot": chan[slot_cls.clamp(min=0)],  # (nblk, 4, Mk)
+            "ta": ta, "tb": tb, "nblk": len(blocks), "p": p, "mk": m // p, "T": len(taps),
+            "pad": (kh // 2, kw // 2),
+            "blk_class": slot_cls.to(i32).contiguous(), "blk_out": out.to(i32).contiguous(),
+            "chan": chan.to(i32).contiguous(),
+            "tap_dh": (ta - kh // 2).to(i32), "tap_dw": (tb - kw // 2).to(i32),
+        }
+    from .functional import _memo_index
+    return _memo_index(("native", n, m, p, pattern, kh, kw), build)
+
+
+def _pack(weight_k: torch.Tensor, weight_1: torch.Tensor, bias: Optional[torch.Tensor],
+          pattern: str, n: int, m: int, p: int) -> dict:
+    """Weights in the C kernel's block layout (see csrc/hetconv_cpu.c); no autograd."""
+    from .functional import dense_weight
+
+    kh, kw = weight_k.shape[2:]
+    lay = _layout(n, m, p, pattern, kh, kw)
+    rows, valid = lay["rows"], lay["valid"]
+    dense = dense_weight(weight_k, weight_1, pattern).float()  # (N, M, Kh, Kw)
+    # centre taps: (nblk, 4, M) -> (nblk, M, 4)
+    w1p = dense[rows][:, :, :, kh // 2, kw // 2] * valid[:, :, None]
+    # other taps on each filter's class channels: (nblk, 4, Mk, T) -> (nblk, Mk, T, 4)
+    ch = lay["chan_of_slot"]
+    wk = dense[rows[:, :, None, None], ch[:, :, :, None], lay["ta"][None, None, None, :],
+               lay["tb"][None, None, None, :]] * valid[:, :, None, None]
+    bp = None if bias is None else (bias.float()[rows] * valid).contiguous()
+    return dict(lay, w1p=w1p.permute(0, 2, 1).contiguous(),
+                wkp=wk.permute(0, 2, 3, 1).contiguous(), bp=bp)
+
+
+def _packed(weight_k, weight_1, bias, pattern, n, m, p) -> dict:
+    from .functional import _cached, _NATIVE_CACHE
+
+    return _cached(_NATIVE_CACHE, (weight_k, weight_1, bias), (pattern, "native"),
+                   lambda wk, w1, b: _pack(wk.detach(), w1.detach(),
+                                           None if b is None else b.detach(), pattern, n, m, p))
+
+
+def _run(x: torch.Tensor, pk: dict, n: int, relu: bool = False) -> torch.Tensor:
+    lib = _load()
+    if lib is None:
+        raise RuntimeError(f"hetconv native kernel unavailable ({build_error()})")
+    x = x.contiguous()
+    b, m, h, w = x.shape
+    y = torch.empty(b, n, h, w, dtype=x.dtype)
+    if b == 0:
+        return y
+    ptr = lambda t: None if t is None else ctypes.c_void_p(t.data_ptr())  # noqa: E731
+    rc = lib.hetconv_native_forward(
+        ptr(x), ptr(y), b, m, n, h, w, pk["nblk"], ptr(pk["blk_class"]), ptr(pk["blk_out"]),
+        ptr(pk["w1p"]), ptr(pk["wkp"]), ptr(pk["bp"]), pk["p"], pk["mk"], ptr(pk["chan"]),
+        pk["T"], ptr(pk["tap_dh"]), ptr(pk["tap_dw"]), pk["pad"][0], pk["pad"][1], int(relu),
+        torch.get_num_threads())
+    if rc != 0:
+        raise RuntimeError(f"hetconv native kernel failed (code {rc})")
+    return y
+
+
+def _shapes(weight_k: torch.Tensor, weight_1: torch.Tensor) -> Tuple[int, int, int]:
+    n, m_k = weight_k.shape[:2]
+    m = m_k + weight_1.shape[1]
+    return n, m, m // m_k
+
+
+# One custom operator (torch.library), so torch.compile and torch.export see the layer as a
+# single node instead of breaking the graph at a ctypes call.
+@torch.library.custom_op("hetconv::native_conv2d", mutates_args=())
+def _native_op(x: torch.Tensor, weight_k: torch.Tensor, weight_1: torch.Tensor,
+               bias: Optional[torch.Tensor], pattern: str, relu: bool) -> torch.Tensor:
+    n, m, p = _shapes(weight_k, weight_1)
+    return _run(x, _packed(weight_k, weight_1, bias, pattern, n, m, p), n, relu)
+
+
+@_native_op.register_fake
+def _native_op_fake(x, weight_k, weight_1, bias, pattern, relu):
+    return x.new_empty((x.shape[0], weight_k.shape[0], x.shape[2], x.shape[3]))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight_k, weight_1, bias, pattern, relu = inputs
+    ctx.save_for_backward(x, weight_k, weight_1, output if relu else None)
+    ctx.pattern, ctx.has_bias = pattern, bias is not None
+
+
+def _backward(ctx, gy):
+    """The dense reference's gradients (``aten.convolution_backward`` on the dense kernel)."""
+    from .functional import _assemble_dense, _dense_index
+
+    x, weight_k, weight_1, out = ctx.saved_tensors
+    n, m, p = _shapes(weight_k, weight_1)
+    kh, kw = weight_k.shape[2:]
+    if out is not None:  # fused ReLU
+        gy = gy * (out > 0)
+    dense = _assemble_dense(weight_k.detach(), weight_1.detach(), ctx.pattern, n, m, p)
+    need_x, need_wk, need_w1, need_b = ctx.needs_input_grad[:4]
+    need_w = need_wk or need_w1
+    gx, gw, gb = torch.ops.aten.convolution_backward(
+        gy, x, dense, [n] if ctx.has_bias else None, [1, 1], [kh // 2, kw // 2], [1, 1],
+        False, [0, 0], 1, [need_x, need_w, need_b and ctx.has_bias])
+    gwk = gw1 = None
+    if need_w:
+        index = _dense_index(m, n, p, ctx.pattern, (kh, kw), weight_k.device)
+        flat = gw.reshape(n, -1).gather(1, index)
+        split = weight_k[0].numel()
+        gwk = flat[:, :split].reshape(weight_k.shape) if need_wk else None
+        gw1 = flat[:, split:].reshape(weight_1.shape) if need_w1 else None
+    return (gx if need_x else None), gwk, gw1, (gb if need_b else None), None, None
+
+
+_native_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def native_conv2d(x: torch.Tensor, weight_k: torch.Tensor, weight_1: torch.Tensor,
+                  bias: Optional[torch.Tensor] = None, pattern: str = "shifted",
+                  relu: bool = False) -> torch.Tensor:
+    """HetConv of ``x`` (B, M, H, W) by the C kernel; ``relu=True`` fuses a ReLU.
+
+    Callers check :func:`unsupported_reason` first (``het_conv2d`` does); the
+    result is NCHW float32.
+    """
+    return _native_op(x, weight_k, weight_1, bias, pattern, relu)

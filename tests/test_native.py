@@ -1,0 +1,238 @@
+"""The "native" backend (C kernel): same function as the dense reference, forward and backward."""
+
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
+
+import hetconv
+from hetconv import functional as HF
+from hetconv import native
+from hetconv.pattern import PATTERNS
+
+HAS_CC = bool(os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc"))
+needs_kernel = pytest.mark.skipif(not native.available(),
+                                  reason=f"native kernel unavailable: {native.build_error()}")
+
+
+@pytest.fixture
+def runs(monkeypatch):
+    """Counts calls of the C kernel (so a test knows the native path really ran)."""
+    calls = []
+    real = native._run
+
+    def counting(*args, **kwargs):
+        calls.append(args[0].shape)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(native, "_run", counting)
+    return calls
+
+
+def _weights(m, n, p, k=3, requires_grad=False, dtype=torch.float32):
+    wk = torch.randn(n, m // p, k, k, dtype=dtype, requires_grad=requires_grad)
+    w1 = torch.randn(n, m - m // p, dtype=dtype, requires_grad=requires_grad)
+    return wk, w1
+
+
+def _reference(x, wk, w1, bias, pattern, padding=None):
+    kh, kw = wk.shape[2:]
+    pad = (kh // 2, kw // 2) if padding is None else padding
+    return F.conv2d(x, HF.dense_weight(wk, w1, pattern), bias, 1, pad)
+
+
+@pytest.mark.skipif(not HAS_CC or not sys.platform.startswith("linux"),
+                    reason="needs a C compiler on Linux")
+def test_kernel_builds_where_a_compiler_exists():
+    assert native.available(), native.build_error()
+    assert native.build_error() is None
+
+
+@needs_kernel
+@settings(max_examples=60, deadline=None)
+@given(m_k=st.integers(1, 6), p=st.integers(1, 6), n=st.integers(1, 13),
+       h=st.integers(1, 19), w=st.integers(1, 23), batch=st.integers(0, 3),
+       k=st.sampled_from([(3, 3), (5, 5), (1, 3), (3, 1), (5, 3)]),
+       pattern=st.sampled_from(PATTERNS), bias=st.booleans())
+def test_forward_matches_dense_reference(m_k, p, n, h, w, batch, k, pattern, bias):
+    m = m_k * p
+    torch.manual_seed(m * 1000 + n * 10 + h)
+    wk = torch.randn(n, m_k, *k)
+    w1 = torch.randn(n, m - m_k)
+    b = torch.randn(n) if bias else None
+    x = torch.randn(batch, m, h, w)
+    y = native.native_conv2d(x, wk, w1, b, pattern)
+    ref = _reference(x, wk, w1, b, pattern)
+    assert y.shape == ref.shape and y.dtype == torch.float32
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
+
+
+@needs_kernel
+@pytest.mark.parametrize("m,n,p", [(16, 16, 4), (16, 16, 16), (12, 10, 3), (8, 5, 4), (6, 9, 2),
+                                   (32, 64, 8)])
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_forward_and_backward_match_dense(m, n, p, pattern, runs):
+    torch.manual_seed(0)
+    x = torch.randn(3, m, 9, 11, requires_grad=True)
+    wk, w1 = _weights(m, n, p, requires_grad=True)
+    b = torch.randn(n, requires_grad=True)
+    y = HF.het_conv2d(x, wk, w1, b, pattern=pattern, backend="native")
+    assert runs, "the C kernel did not run"
+    g = torch.randn_like(y)
+    grads = torch.autograd.grad(y, (x, wk, w1, b), g)
+    ref = _reference(x, wk, w1, b, pattern)
+    ref_grads = torch.autograd.grad(ref, (x, wk, w1, b), g)
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@needs_kernel
+def test_fused_relu_forward_and_backward():
+    torch.manual_seed(1)
+    x = torch.randn(2, 8, 7, 7, requires_grad=True)
+    wk, w1 = _weights(8, 8, 4, requires_grad=True)
+    y = native.native_conv2d(x, wk, w1, None, "shifted", relu=True)
+    ref = F.relu(_reference(x, wk, w1, None, "shifted"))
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
+    g = torch.randn_like(y)
+    for got, want in zip(torch.autograd.grad(y, (x, wk, w1), g),
+                         torch.autograd.grad(ref, (x, wk, w1), g)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@needs_kernel
+def test_result_does_not_depend_on_thread_count():
+    torch.manual_seed(2)
+    x = torch.randn(5, 16, 12, 12)
+    wk, w1 = _weights(16, 24, 4)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = native.native_conv2d(x, wk, w1)
+        torch.set_num_threads(max(2, threads))
+        many = native.native_conv2d(x, wk, w1)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, many)
+
+
+@needs_kernel
+def test_packed_weights_follow_in_place_updates(runs):
+    torch.manual_seed(3)
+    x = torch.randn(2, 8, 6, 6)
+    wk, w1 = _weights(8, 8, 2)
+    with torch.no_grad():
+        first = HF.het_conv2d(x, wk, w1, backend="native")
+        wk.mul_(2)
+        w1.mul_(2)
+        second = HF.het_conv2d(x, wk, w1, backend="native")
+    torch.testing.assert_close(second, 2 * first, rtol=1e-5, atol=1e-5)
+    assert len(runs) == 2
+
+
+@needs_kernel
+def test_channels_last_input_is_accepted():
+    torch.manual_seed(4)
+    x = torch.randn(2, 8, 6, 7).contiguous(memory_format=torch.channels_last)
+    wk, w1 = _weights(8, 4, 4)
+    y = HF.het_conv2d(x, wk, w1, backend="native")
+    torch.testing.assert_close(y, _reference(x, wk, w1, None, "shifted"), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kwargs,dtype", [
+    ({"stride": 2}, torch.float32), ({"dilation": 2}, torch.float32),
+    ({"padding": 0}, torch.float32), ({}, torch.float64)])
+def test_unsupported_calls_fall_back_to_the_other_backends(kwargs, dtype, runs):
+    torch.manual_seed(5)
+    x = torch.randn(2, 8, 9, 9, dtype=dtype, requires_grad=True)
+    wk, w1 = _weights(8, 6, 4, dtype=dtype, requires_grad=True)
+    y = HF.het_conv2d(x, wk, w1, backend="native", **kwargs)
+    stride = HF._pair(kwargs.get("stride", 1), "stride")
+    dilation = HF._pair(kwargs.get("dilation", 1), "dilation")
+    padding = HF._padding(kwargs.get("padding"), (3, 3), dilation)
+    ref = F.conv2d(x, HF.dense_weight(wk, w1), None, stride, padding, dilation)
+    torch.testing.assert_close(y, ref)
+    assert not runs
+    assert native.unsupported_reason(x, wk, stride, padding, dilation) is not None
+
+
+def test_even_kernels_are_not_native():
+    x = torch.randn(1, 4, 6, 6)
+    wk = torch.randn(3, 2, 2, 2)
+    assert "odd kernels" in native.unsupported_reason(x, wk, (1, 1), (1, 1), (1, 1))
+
+
+@needs_kernel
+def test_auto_picks_native_for_narrow_nchw_layers_only():
+    wk, w1 = _weights(16, 16, 4)
+    big = torch.randn(2, 16, 32, 32)
+    assert HF.select_backend(big, wk, w1, padding=(1, 1)) == (
+        "native" if native.vectorized() else "dense")
+    # channels_last input, stride 2, small outputs, P = 1: not native
+    assert HF.select_backend(big.contiguous(memory_format=torch.channels_last), wk, w1) != "native"
+    assert HF.select_backend(big, wk, w1, stride=(2, 2)) != "native"
+    assert HF.select_backend(torch.randn(2, 16, 4, 4), wk, w1) != "native"
+    assert HF.select_backend(big, torch.randn(16, 16, 3, 3), torch.randn(16, 0)) == "dense"
+    assert HF.select_backend(big, wk, w1, native=False) != "native"
+
+
+@needs_kernel
+def test_compiled_layer_runs_native_as_one_op():
+    torch.manual_seed(6)
+    layer = hetconv.HetConv2d(8, 8, 3, part=4, bias=True, backend="native")
+    x = torch.randn(2, 8, 10, 10)
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x), layer(x))
+    x.requires_grad_(True)
+    compiled(x).sum().backward()
+    ref = x.grad.clone()
+    x.grad = None
+    layer(x).sum().backward()
+    torch.testing.assert_close(x.grad, ref)
+
+
+def _python(code: str, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+                          text=True, env={**os.environ, **env}, timeout=300)
+
+
+CHECK = """
+    import torch, torch.nn.functional as F
+    from hetconv import native, functional as HF
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 9, 9)
+    wk, w1 = torch.randn(6, 2, 3, 3), torch.randn(6, 6)
+    y = HF.het_conv2d(x, wk, w1, backend="native")
+    ref = F.conv2d(x, HF.dense_weight(wk, w1), None, 1, 1)
+    assert (y - ref).abs().max() < 1e-4, (y - ref).abs().max()
+    print(native.available(), native.vectorized(), native.build_error())
+"""
+
+
+def test_disabled_kernel_falls_back(tmp_path):
+    out = _python(CHECK, {"HETCONV_DISABLE_NATIVE": "1", "HETCONV_CACHE_DIR": str(tmp_path)})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("False False") and "HETCONV_DISABLE_NATIVE" in out.stdout
+
+
+def test_failed_build_falls_back_and_says_why(tmp_path):
+    out = _python(CHECK, {"CC": "false", "HETCONV_CACHE_DIR": str(tmp_path)})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("False False") and "false failed" in out.stdout
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".so")]
+
+
+@pytest.mark.skipif(not HAS_CC or not sys.platform.startswith("linux")
+                    or platform.machine() != "x86_64", reason="needs a C compiler on x86-64 Linux")
+def test_portable_build_without_avx512_is_correct(tmp_path):
+    # The scalar loops (what a CPU without AVX-512 runs) against the dense reference.
+    out = _python(CHECK, {"HETCONV_NATIVE_MARCH": "x86-64", "HETCONV_CACHE_DIR": str(tmp_path)})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("True False None")
