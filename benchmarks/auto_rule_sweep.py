@@ -9,7 +9,9 @@ and part P it times, interleaved (``hetconv._timing.time_interleaved``):
 * ``dense_nchw`` / ``dense_cl``: ``F.conv2d`` with a dense kernel on NCHW /
   channels_last input, the baselines of ``hetconv bench``;
 * ``het_dense`` / ``het_fused`` / ``het_auto``: ``het_conv2d`` on the
-  channels_last input, as ``hetconv bench`` feeds it;
+  channels_last input;
+* ``het_native`` / ``het_auto_nchw``: ``het_conv2d`` on the NCHW input (the
+  C kernel's layout; ``"auto"`` picks ``"native"`` only for NCHW input);
 
 each item twice, in opposite orders (:func:`timed`), and prints one
 markdown row per item: the best dense baseline in ms, each
@@ -40,7 +42,8 @@ from hetconv import functional as HF
 from hetconv._timing import time_interleaved
 from hetconv.bench.layers import ALL_PARTS, LAYER_SUITES, _runner, layer_shapes, parts_for
 
-HET = ("dense", "fused", "auto")
+HET = ("dense", "fused", "auto")  # on channels_last input
+HET_NCHW = ("native", "auto")  # on NCHW input (key het_native, het_auto_nchw)
 
 
 def candidates(shape, part, train):
@@ -57,8 +60,16 @@ def candidates(shape, part, train):
         return {"dense_nchw": _runner(lambda: F.conv2d(x, w, None, s, 1), train, (x, w)),
                 "dense_cl": _runner(lambda: F.conv2d(x_cl, w, None, s, 1), train, (x_cl, w))}
     wk, w1 = param(n, m // part, 3, 3), param(n, m - m // part)
-    return {f"het_{b}": _runner(lambda b=b: HF.het_conv2d(x_cl, wk, w1, None, s, 1, 1, "shifted", b),
-                              train, (x_cl, wk, w1)) for b in HET}
+    out = {f"het_{b}": _runner(lambda b=b: HF.het_conv2d(x_cl, wk, w1, None, s, 1, 1, "shifted", b),
+                               train, (x_cl, wk, w1)) for b in HET}
+    for b in HET_NCHW:
+        out[_nchw_key(b)] = _runner(lambda b=b: HF.het_conv2d(x, wk, w1, None, s, 1, 1, "shifted", b),
+                                    train, (x, wk, w1))
+    return out
+
+
+def _nchw_key(backend: str) -> str:
+    return "het_native" if backend == "native" else f"het_{backend}_nchw"
 
 
 def timed(cands, repeats, warmup):
@@ -72,11 +83,13 @@ def timed(cands, repeats, warmup):
     return {k: statistics.median(fwd[k].samples + rev[k].samples) * 1e3 for k in cands}
 
 
-def choice(shape, part):
-    x = torch.empty(1, shape.in_ch, 1, 1)
-    return HF.select_backend(x, torch.empty(shape.out_ch, shape.in_ch // part, 3, 3),
-                             torch.empty(shape.out_ch, shape.in_ch - shape.in_ch // part),
-                             (shape.stride, shape.stride))
+def choice(shape, part, train=False, layout=torch.contiguous_format):
+    """What ``select_backend`` picks for the shape (input of the shape's size and layout)."""
+    x = torch.empty(1, shape.in_ch, shape.size, shape.size).contiguous(memory_format=layout)
+    wk = torch.empty(shape.out_ch, shape.in_ch // part, 3, 3, requires_grad=train)
+    w1 = torch.empty(shape.out_ch, shape.in_ch - shape.in_ch // part, requires_grad=train)
+    with torch.set_grad_enabled(train):
+        return HF.select_backend(x, wk, w1, (shape.stride, shape.stride), padding=(1, 1))
 
 
 def bucket(row) -> str:
@@ -97,17 +110,18 @@ def summary(paths) -> None:
     for r in rows:
         groups.setdefault((bucket(r), r["mode"]), []).append(r)
     print("| rule branch | mode | cases | fused: min / median / max | dense path: median "
-          "| auto: min / median | auto < 0.9x | auto picks |")
-    print("|---|---|---|---|---|---|---|---|")
+          "| native: min / median / max | auto (NCHW): min / median | auto < 0.9x | auto picks |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for (name, mode), rs in sorted(groups.items()):
         def ratios(key):
             return sorted(min(r["ms"]["dense_nchw"], r["ms"]["dense_cl"]) / r["ms"][key] for r in rs)
-        fused, dense, auto = ratios("het_fused"), ratios("het_dense"), ratios("het_auto")
+        fused, dense, auto = ratios("het_fused"), ratios("het_dense"), ratios("het_auto_nchw")
+        native = ratios("het_native")
         med = lambda v: v[len(v) // 2]  # noqa: E731
         picks = "/".join(sorted({r["rule"] for r in rs}))
         print(f"| {name} | {mode} | {len(rs)} | {fused[0]:.2f} / {med(fused):.2f} / {fused[-1]:.2f} "
-              f"| {med(dense):.2f} | {auto[0]:.2f} / {med(auto):.2f} "
-              f"| {sum(a < 0.9 for a in auto)} | {picks} |")
+              f"| {med(dense):.2f} | {native[0]:.2f} / {med(native):.2f} / {native[-1]:.2f} "
+              f"| {auto[0]:.2f} / {med(auto):.2f} | {sum(a < 0.9 for a in auto)} | {picks} |")
 
 
 def main(argv=None):
@@ -136,8 +150,8 @@ def main(argv=None):
               and (not args.batches or s.batch in args.batches)]
     deadline = time.perf_counter() + args.max_seconds
     print("| suite | layer | B | mode | P | dense ms | best dense | het_dense | het_fused | het_auto "
-          "| faster | rule |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| het_native | het_auto (NCHW) | fastest | rule (NCHW) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     out = open(args.json, "a") if args.json else None
     for shape in shapes:
         for mode in args.modes:
@@ -155,11 +169,12 @@ def main(argv=None):
                 best_name = min(("dense_nchw", "dense_cl"), key=t.get)
                 best = t[best_name]
                 r = {b: best / t[f"het_{b}"] for b in HET}
-                faster = "fused" if r["fused"] > r["dense"] else "dense"
-                rule = choice(shape, part)
+                r["native"], r["auto_nchw"] = (best / t[_nchw_key(b)] for b in HET_NCHW)
+                faster = max(("dense", "fused", "native"), key=r.get)
+                rule = choice(shape, part, train)
                 print(f"| {shape.suite} | {shape.name} | {shape.batch} | {mode} | {part} | {best:.2f} "
                       f"| {best_name[6:]} | {r['dense']:.2f} | {r['fused']:.2f} | {r['auto']:.2f} "
-                      f"| {faster} | {rule} |", flush=True)
+                      f"| {r['native']:.2f} | {r['auto_nchw']:.2f} | {faster} | {rule} |", flush=True)
                 if out:
                     out.write(json.dumps({"suite": shape.suite, "layer": shape.name,
                                           "batch": shape.batch, "in_ch": shape.in_ch,

@@ -60,17 +60,21 @@ def test_kernel_builds_where_a_compiler_exists():
        h=st.integers(1, 19), w=st.integers(1, 23), batch=st.integers(0, 3),
        k=st.sampled_from([(3, 3), (5, 5), (1, 3), (3, 1), (5, 3)]),
        pattern=st.sampled_from(PATTERNS), bias=st.booleans())
-def test_forward_matches_dense_reference(m_k, p, n, h, w, batch, k, pattern, bias):
+def test_forward_and_backward_match_dense_reference(m_k, p, n, h, w, batch, k, pattern, bias):
     m = m_k * p
     torch.manual_seed(m * 1000 + n * 10 + h)
-    wk = torch.randn(n, m_k, *k)
-    w1 = torch.randn(n, m - m_k)
-    b = torch.randn(n) if bias else None
-    x = torch.randn(batch, m, h, w)
+    wk = torch.randn(n, m_k, *k, requires_grad=True)
+    w1 = torch.randn(n, m - m_k, requires_grad=True)
+    b = torch.randn(n, requires_grad=True) if bias else None
+    x = torch.randn(batch, m, h, w, requires_grad=True)
     y = native.native_conv2d(x, wk, w1, b, pattern)
     ref = _reference(x, wk, w1, b, pattern)
     assert y.shape == ref.shape and y.dtype == torch.float32
     torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
+    leaves = [t for t in (x, wk, w1, b) if t is not None]
+    g = torch.randn_like(y)
+    for got, want in zip(torch.autograd.grad(y, leaves, g), torch.autograd.grad(ref, leaves, g)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
 @needs_kernel
@@ -212,6 +216,12 @@ CHECK = """
     y = HF.het_conv2d(x, wk, w1, backend="native")
     ref = F.conv2d(x, HF.dense_weight(wk, w1), None, 1, 1)
     assert (y - ref).abs().max() < 1e-4, (y - ref).abs().max()
+    leaves = [t.requires_grad_() for t in (x, wk, w1)]
+    g = torch.randn_like(ref)
+    y = HF.het_conv2d(x, wk, w1, backend="native")
+    ref = F.conv2d(x, HF.dense_weight(wk, w1), None, 1, 1)
+    for a, b in zip(torch.autograd.grad(y, leaves, g), torch.autograd.grad(ref, leaves, g)):
+        assert (a - b).abs().max() < 1e-3, (a - b).abs().max()
     print(native.available(), native.vectorized(), native.build_error())
 """
 

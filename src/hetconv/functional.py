@@ -70,6 +70,8 @@ DEPTHWISE_MIN_CHANNELS: int = 32
 #: NATIVE_MIN_AREA_NARROW on layers ``"fused"`` does not take.  See :func:`select_backend`.
 NATIVE_MIN_AREA: int = 256
 NATIVE_MIN_AREA_NARROW: int = 64
+#: ... and, under autograd, on those narrow layers with small outputs only from this P on.
+NATIVE_MIN_PART_NARROW_TRAINING: int = 4
 
 #: ``"auto"``'s dense path runs NCHW (copying channels_last input) when the GEMM the
 #: convolution amounts to has at most this many rows (B*Ho*Wo) per input channel:
@@ -251,8 +253,20 @@ def select_backend(x: torch.Tensor, weight_k: torch.Tensor, weight_1: torch.Tens
     ``benchmarks/auto_rule_sweep.py`` over the benchmark layer shapes
     (docs/performance.md, "auto rule (re-derived)"):
 
-    * P = 1, a 1x1 kernel, or a dtype other than float32/bfloat16 (oneDNN does
-      not accelerate e.g. float64): ``"dense"``.
+    * P = 1, a 1x1 kernel: ``"dense"``.
+    * ``"native"`` (the C kernel, :mod:`hetconv.native`) when it applies
+      (contiguous NCHW float32 CPU input, stride 1, dilation 1, "same"
+      padding, odd kernel, no autocast, not while torch.compile traces, the
+      kernel built with AVX-512) and the output has >= :data:`NATIVE_MIN_AREA`
+      (256) pixels, or >= :data:`NATIVE_MIN_AREA_NARROW` (64) on a layer the
+      next rule does not send to ``"fused"`` (under autograd there only from
+      P = :data:`NATIVE_MIN_PART_NARROW_TRAINING` (4) on).  Measured
+      (benchmarks/auto_rule_sweep.py): 1.2-4x of the best ``nn.Conv2d`` on
+      ResNet-56's and VGG-16's 32x32/16x16 layers in inference, 1.0-2.9x
+      forward+backward; on 4x4 and 2x2 outputs it loses (a 16-pixel vector
+      row is mostly padding there), so those keep the rules below.
+    * A dtype other than float32/bfloat16 (oneDNN does not accelerate e.g.
+      float64): ``"dense"``.
     * ``"fused"`` when M >= :data:`FUSED_MIN_IN` (64) and N >=
       :data:`FUSED_MIN_OUT` (128), at any P >= 2, narrow groups (M/P = 1, 2,
       4) included: 1.4-7x at P >= 4 on most such layers (0.75-1.0x on
@@ -263,7 +277,7 @@ def select_backend(x: torch.Tensor, weight_k: torch.Tensor, weight_1: torch.Tens
       with M >= :data:`DEPTHWISE_MIN_CHANNELS` (32): oneDNN's depthwise
       kernel, 1.3-3.4x.
     * Otherwise ``"dense"``: on 16-64-channel layers (ResNet-56, 64->64
-      layers) the grouped convolution plus the two permuting copies cost
+      layers, when ``"native"`` does not apply) the grouped convolution plus the two permuting copies cost
       about as much as the dense convolution (``"fused"`` 0.3-1.3x).
 
     The dense path runs at about the speed of ``nn.Conv2d``: its kernel is
@@ -301,7 +315,10 @@ def _native_pick(x, weight_k, n, m, p, stride, dilation, padding) -> bool:
     area = _out_area(x, tuple(weight_k.shape[2:]), stride, padding, dilation)
     if area >= NATIVE_MIN_AREA:
         return True
-    return area >= NATIVE_MIN_AREA_NARROW and not (m >= FUSED_MIN_IN and n >= FUSED_MIN_OUT)
+    if area < NATIVE_MIN_AREA_NARROW or (m >= FUSED_MIN_IN and n >= FUSED_MIN_OUT):
+        return False
+    training = torch.is_grad_enabled() and (x.requires_grad or weight_k.requires_grad)
+    return not training or p >= NATIVE_MIN_PART_NARROW_TRAINING
 
 
 def _out_area(x: torch.Tensor, kernel, stride, padding, dilation) -> int:

@@ -41,7 +41,7 @@ import threading
 from typing import Optional, Tuple
 
 import torch
-import torch.nn.functional as F
+from torch.utils.weak import WeakIdKeyDictionary
 
 from . import pattern as _pattern
 
@@ -127,6 +127,9 @@ def _load() -> Optional[ctypes.CDLL]:
             lib.hetconv_native_forward.restype = i
             lib.hetconv_native_forward.argtypes = ([p, p] + [i] * 6 + [p] * 5
                                                    + [i, i, p, i, p, p, i, i, i, i])
+            lib.hetconv_native_wgrad.restype = i
+            lib.hetconv_native_wgrad.argtypes = ([p] * 4 + [i] * 6 + [p, p, i, i, p, i, p, p]
+                                                 + [i] * 3)
             lib.hetconv_native_isa.restype = i
             _LIB = lib
         except Exception as exc:  # no compiler, failed build, odd platform: fall back
@@ -173,18 +176,30 @@ def unsupported_reason(x: torch.Tensor, weight_k: torch.Tensor, stride: Tuple[in
     return None
 
 
-def _layout(n: int, m: int, p: int, pattern: str, kh: int, kw: int) -> dict:
-    """Index tensors of the block layout for a layer shape (cached like the other indices)."""
+def _layout(n: int, m: int, p: int, pattern: str, kh: int, kw: int,
+            transposed: bool = False, per_class: bool = False) -> dict:
+    """Index tensors of the block layout for a layer shape (cached like the other indices).
+
+    The kernel's outputs are the layer's N filters and its inputs the M
+    channels; ``transposed=True`` swaps them (the input gradient is a HetConv
+    of the output gradient with the kernel transposed and flipped: output
+    channel c of class j reads the class-j filters at its non-centre taps),
+    which needs classes of equal size (P | N).  ``per_class=True`` never mixes
+    classes in a block (the weight-gradient kernel needs that).
+    """
     def build():
-        fcls = _pattern.class_of_filter(n, p, pattern)
-        ccls = _pattern.class_of_channel(m, p, pattern)
-        chan = torch.stack([torch.nonzero(ccls == j).flatten() for j in range(p)])  # (P, Mk)
-        # Blocks of 4 filters.  With >= 4 filters per class a block holds one class (its
-        # taps share input loads); with fewer, blocks run through the filters in class
-        # order and mix classes (each filter its own taps): no slot is left empty.
-        order = torch.argsort(fcls, stable=True).tolist()
-        if n >= 4 * p:
-            groups = [[f for f in order if fcls[f] == j] for j in range(p)]
+        out_cls = _pattern.class_of_filter(n, p, pattern)
+        in_cls = _pattern.class_of_channel(m, p, pattern)
+        if transposed:
+            out_cls, in_cls = in_cls, out_cls
+        n_out, n_in = len(out_cls), len(in_cls)
+        chan = torch.stack([torch.nonzero(in_cls == j).flatten() for j in range(p)])  # (P, Mk)
+        # Blocks of 4 outputs.  With >= 4 outputs per class a block holds one class (its
+        # taps share input loads); with fewer, blocks run through the outputs in class
+        # order and mix classes (each output its own taps): no slot is left empty.
+        order = torch.argsort(out_cls, stable=True).tolist()
+        if n_out >= 4 * p or per_class:
+            groups = [[f for f in order if out_cls[f] == j] for j in range(p)]
         else:
             groups = [order]
         blocks = []
@@ -193,7 +208,7 @@ def _layout(n: int, m: int, p: int, pattern: str, kh: int, kw: int) -> dict:
                 blk = members[s:s + 4]
                 blocks.append(blk + [-1] * (4 - len(blk)))
         out = torch.tensor(blocks, dtype=torch.long)  # (nblk, 4)
-        slot_cls = torch.where(out >= 0, fcls[out.clamp(min=0)], -1)
+        slot_cls = torch.where(out >= 0, out_cls[out.clamp(min=0)], -1)
         taps = [(a, b) for a in range(kh) for b in range(kw) if (a, b) != (kh // 2, kw // 2)]
         ta = torch.tensor([a for a, _ in taps], dtype=torch.long)
         tb = torch.tensor([b for _, b in taps], dtype=torch.long)
@@ -201,28 +216,30 @@ def _layout(n: int, m: int, p: int, pattern: str, kh: int, kw: int) -> dict:
         return {
             "rows": out.clamp(min=0), "valid": (out >= 0).float(),
             "chan_of_slot": chan[slot_cls.clamp(min=0)],  # (nblk, 4, Mk)
-            "ta": ta, "tb": tb, "nblk": len(blocks), "p": p, "mk": m // p, "T": len(taps),
-            "pad": (kh // 2, kw // 2),
+            "ta": ta, "tb": tb, "nblk": len(blocks), "p": p, "mk": n_in // p, "T": len(taps),
+            "pad": (kh // 2, kw // 2), "n_out": n_out, "n_in": n_in,
             "blk_class": slot_cls.to(i32).contiguous(), "blk_out": out.to(i32).contiguous(),
             "chan": chan.to(i32).contiguous(),
             "tap_dh": (ta - kh // 2).to(i32), "tap_dw": (tb - kw // 2).to(i32),
         }
     from .functional import _memo_index
-    return _memo_index(("native", n, m, p, pattern, kh, kw), build)
+    return _memo_index(("native", n, m, p, pattern, kh, kw, transposed, per_class), build)
 
 
 def _pack(weight_k: torch.Tensor, weight_1: torch.Tensor, bias: Optional[torch.Tensor],
-          pattern: str, n: int, m: int, p: int) -> dict:
+          pattern: str, n: int, m: int, p: int, transposed: bool = False) -> dict:
     """Weights in the C kernel's block layout (see csrc/hetconv_cpu.c); no autograd."""
     from .functional import dense_weight
 
     kh, kw = weight_k.shape[2:]
-    lay = _layout(n, m, p, pattern, kh, kw)
+    lay = _layout(n, m, p, pattern, kh, kw, transposed)
     rows, valid = lay["rows"], lay["valid"]
     dense = dense_weight(weight_k, weight_1, pattern).float()  # (N, M, Kh, Kw)
-    # centre taps: (nblk, 4, M) -> (nblk, M, 4)
+    if transposed:
+        dense = dense.transpose(0, 1).flip(2, 3)
+    # centre taps: (nblk, 4, n_in) -> (nblk, n_in, 4)
     w1p = dense[rows][:, :, :, kh // 2, kw // 2] * valid[:, :, None]
-    # other taps on each filter's class channels: (nblk, 4, Mk, T) -> (nblk, Mk, T, 4)
+    # other taps on each output's class inputs: (nblk, 4, Mk, T) -> (nblk, Mk, T, 4)
     ch = lay["chan_of_slot"]
     wk = dense[rows[:, :, None, None], ch[:, :, :, None], lay["ta"][None, None, None, :],
                lay["tb"][None, None, None, :]] * valid[:, :, None, None]
@@ -231,12 +248,44 @@ def _pack(weight_k: torch.Tensor, weight_1: torch.Tensor, bias: Optional[torch.T
                 wkp=wk.permute(0, 2, 3, 1).contiguous(), bp=bp)
 
 
-def _packed(weight_k, weight_1, bias, pattern, n, m, p) -> dict:
+_TRANSPOSED_CACHE = WeakIdKeyDictionary()  # weight_k -> (key, transposed block layout)
+
+
+def _packed(weight_k, weight_1, bias, pattern, n, m, p, transposed: bool = False) -> dict:
     from .functional import _cached, _NATIVE_CACHE
 
-    return _cached(_NATIVE_CACHE, (weight_k, weight_1, bias), (pattern, "native"),
+    cache = _TRANSPOSED_CACHE if transposed else _NATIVE_CACHE
+    return _cached(cache, (weight_k, weight_1, bias), (pattern, "native"),
                    lambda wk, w1, b: _pack(wk.detach(), w1.detach(),
-                                           None if b is None else b.detach(), pattern, n, m, p))
+                                           None if b is None else b.detach(), pattern, n, m, p,
+                                           transposed))
+
+
+def _wgrad(x: torch.Tensor, gy: torch.Tensor, weight_k: torch.Tensor, pattern: str,
+           n: int, m: int, p: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of ``weight_k`` and ``weight_1`` by the C weight-gradient kernel."""
+    from .functional import _indices
+
+    kh, kw = weight_k.shape[2:]
+    lay = _layout(n, m, p, pattern, kh, kw, per_class=True)
+    x, gy = x.contiguous(), gy.contiguous()
+    b, _, h, w = x.shape
+    gc = torch.empty(n, m)
+    gt = torch.empty(n, lay["mk"], lay["T"])
+    ptr = lambda t: ctypes.c_void_p(t.data_ptr())  # noqa: E731
+    rc = _load().hetconv_native_wgrad(
+        ptr(x), ptr(gy), ptr(gc), ptr(gt), b, m, n, h, w, lay["nblk"], ptr(lay["blk_class"]),
+        ptr(lay["blk_out"]), p, lay["mk"], ptr(lay["chan"]), lay["T"], ptr(lay["tap_dh"]),
+        ptr(lay["tap_dw"]), lay["pad"][0], lay["pad"][1], torch.get_num_threads())
+    if rc != 0:
+        raise RuntimeError(f"hetconv native weight-gradient kernel failed (code {rc})")
+    idx = _indices(m, n, p, pattern, x.device)
+    centre = (kh // 2) * kw + kw // 2
+    gwk = gt.new_empty(n, lay["mk"], kh * kw)
+    gwk[:, :, centre] = gc.gather(1, idx["kxk"])
+    others = [t for t in range(kh * kw) if t != centre]
+    gwk[:, :, others] = gt
+    return gwk.view(n, lay["mk"], kh, kw), gc.gather(1, idx["pw"])
 
 
 def _run(x: torch.Tensor, pk: dict, n: int, relu: bool = False) -> torch.Tensor:
@@ -285,29 +334,56 @@ def _setup_context(ctx, inputs, output):
     ctx.pattern, ctx.has_bias = pattern, bias is not None
 
 
+@torch.library.custom_op("hetconv::native_conv2d_input_grad", mutates_args=())
+def _input_grad_op(gy: torch.Tensor, weight_k: torch.Tensor, weight_1: torch.Tensor,
+                   pattern: str) -> torch.Tensor:
+    n, m, p = _shapes(weight_k, weight_1)
+    return _run(gy, _packed(weight_k, weight_1, None, pattern, n, m, p, True), m)
+
+
+@_input_grad_op.register_fake
+def _input_grad_fake(gy, weight_k, weight_1, pattern):
+    m = weight_k.shape[1] + weight_1.shape[1]
+    return gy.new_empty((gy.shape[0], m, gy.shape[2], gy.shape[3]))
+
+
+@torch.library.custom_op("hetconv::native_conv2d_weight_grad", mutates_args=())
+def _weight_grad_op(x: torch.Tensor, gy: torch.Tensor, weight_k: torch.Tensor,
+                    weight_1: torch.Tensor, pattern: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    n, m, p = _shapes(weight_k, weight_1)
+    return _wgrad(x, gy, weight_k, pattern, n, m, p)
+
+
+@_weight_grad_op.register_fake
+def _weight_grad_fake(x, gy, weight_k, weight_1, pattern):
+    return weight_k.new_empty(weight_k.shape), weight_1.new_empty(weight_1.shape)
+
+
 def _backward(ctx, gy):
-    """The dense reference's gradients (``aten.convolution_backward`` on the dense kernel)."""
-    from .functional import _assemble_dense, _dense_index
+    """Input gradient: the C kernel on ``gy`` with the kernel transposed (needs P | N, else
+    the dense reference's); weight gradients: the C weight-gradient kernel."""
+    from .functional import _assemble_dense
 
     x, weight_k, weight_1, out = ctx.saved_tensors
     n, m, p = _shapes(weight_k, weight_1)
     kh, kw = weight_k.shape[2:]
     if out is not None:  # fused ReLU
         gy = gy * (out > 0)
-    dense = _assemble_dense(weight_k.detach(), weight_1.detach(), ctx.pattern, n, m, p)
     need_x, need_wk, need_w1, need_b = ctx.needs_input_grad[:4]
-    need_w = need_wk or need_w1
-    gx, gw, gb = torch.ops.aten.convolution_backward(
-        gy, x, dense, [n] if ctx.has_bias else None, [1, 1], [kh // 2, kw // 2], [1, 1],
-        False, [0, 0], 1, [need_x, need_w, need_b and ctx.has_bias])
-    gwk = gw1 = None
-    if need_w:
-        index = _dense_index(m, n, p, ctx.pattern, (kh, kw), weight_k.device)
-        flat = gw.reshape(n, -1).gather(1, index)
-        split = weight_k[0].numel()
-        gwk = flat[:, :split].reshape(weight_k.shape) if need_wk else None
-        gw1 = flat[:, split:].reshape(weight_1.shape) if need_w1 else None
-    return (gx if need_x else None), gwk, gw1, (gb if need_b else None), None, None
+    gx = gwk = gw1 = gb = None
+    gy = gy.contiguous()
+    if need_x and n % p == 0:
+        gx = _input_grad_op(gy, weight_k, weight_1, ctx.pattern)
+    elif need_x:
+        dense = _assemble_dense(weight_k.detach(), weight_1.detach(), ctx.pattern, n, m, p)
+        gx = torch.ops.aten.convolution_backward(
+            gy, x, dense, None, [1, 1], [kh // 2, kw // 2], [1, 1], False, [0, 0], 1,
+            [True, False, False])[0]
+    if need_wk or need_w1:
+        gwk, gw1 = _weight_grad_op(x, gy, weight_k, weight_1, ctx.pattern)
+    if need_b and ctx.has_bias:
+        gb = gy.sum((0, 2, 3))
+    return gx, (gwk if need_wk else None), (gw1 if need_w1 else None), gb, None, None
 
 
 _native_op.register_autograd(_backward, setup_context=_setup_context)

@@ -10,7 +10,10 @@ Candidates for a shape (M -> N, HxW input, stride) and part P:
   unmasked full pointwise conv, two convs summed), ``branches`` (P per-class
   gathers, one dense conv each, scattered back).
 * paper baselines: ``gwc_pwc`` (GWC with G=P, then PWC) and ``dwc_pwc``.
-* every hetconv backend (``het_<name>``) and ``het_auto``.
+* every hetconv backend (``het_<name>``: ``"native"`` on NCHW input, the
+  others on channels_last), ``het_auto`` (NCHW input) and ``het_auto_cl``
+  (channels_last input), and the fused and native backends with the other
+  pattern (``het_fused_blocked``, ``het_native_blocked``).
 """
 
 from __future__ import annotations
@@ -163,13 +166,18 @@ def layer_candidates(shape: LayerShape, part: int, train: bool = False,
     if part <= 8:  # P dense convs per call: the loop is the point, and it gets slow
         cands["branches"] = _runner(lambda: _branches(x, w_full, mask, part, s, pattern),
                                     train, (x, w_full))
-    for backend in HF.BACKENDS + ("auto",):
-        cands[f"het_{backend}"] = _runner(
-            lambda b=backend: HF.het_conv2d(x_cl, wk, w1, None, s, 1, 1, pattern, b),
-            train, (x_cl, wk, w1))
+    # Each backend gets the layout it is built for: "native" NCHW, the others channels_last;
+    # "auto" runs on both (het_auto: NCHW, PyTorch's default; het_auto_cl: channels_last).
+    def het(xx, backend, pat=pattern):
+        return _runner(lambda: HF.het_conv2d(xx, wk, w1, None, s, 1, 1, pat, backend),
+                       train, (xx, wk, w1))
+    for backend in HF.BACKENDS:
+        cands[f"het_{backend}"] = het(x if backend == "native" else x_cl, backend)
+    cands["het_auto"] = het(x, "auto")
+    cands["het_auto_cl"] = het(x_cl, "auto")
     other = "blocked" if pattern == "shifted" else "shifted"
-    cands[f"het_fused_{other}"] = _runner(
-        lambda: HF.het_conv2d(x_cl, wk, w1, None, s, 1, 1, other, "fused"), train, (x_cl, wk, w1))
+    cands[f"het_fused_{other}"] = het(x_cl, "fused", other)
+    cands[f"het_native_{other}"] = het(x, "native", other)
     return cands
 
 

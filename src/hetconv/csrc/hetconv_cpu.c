@@ -322,3 +322,156 @@ int hetconv_native_forward(const float *x, float *y, int B, int M, int N, int H,
     free(pe); free(te); geom_free(&g);
     return status;
 }
+
+/*
+ * Weight gradient.  For every filter n and every weight the pattern gives it:
+ *   centre  gc[n, c]    = sum_{b, pixel} gy[b, n, pixel] * x[b, c, pixel]          (all M channels)
+ *   taps    gt[n, j, t] = sum_{b, pixel} gy[b, n, pixel] * x[b, chan_j, pixel + tap_t]
+ * (chan_j: the j-th channel of n's class).  Same geometry as the forward pass:
+ * each image's x is copied into zero-padded planes and its gy into planes of
+ * the computed positions (zero in the border columns), so a sum over computed
+ * positions is the sum over real pixels.  Blocks of 4 filters of one class
+ * (blk_cls: -1 = unused slot) x 4 weights accumulate in 16 registers over all
+ * positions of an image; each thread sums its images into its own partial
+ * gradient, and the partials are added at the end (fixed order: the result
+ * does not depend on thread timing).
+ * gc (N, M) and gt (N, Mk, T) are overwritten.  Returns 0 or a negative code.
+ */
+static void pad_grad(const float *gyb, float *buf, int N, const geom_t *g, int plane) {
+    const int H = g->H, W = g->W;
+    for (int n = 0; n < N; ++n) {
+        const float *src = gyb + (size_t)n * H * W;
+        float *dst = buf + (size_t)n * plane;
+        for (int r = 0; r < H; ++r, src += W, dst += g->Wp) memcpy(dst, src, sizeof(float) * (size_t)W);
+    }
+}
+
+#if defined(__AVX512F__)
+static inline float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
+
+/* acc[i][e] += sum over chunks of gy_i * x_e; 4 filters x ne (<= 4) entries. */
+static inline void wgrad_block(const float *const gyp[NB], const float *x0, const int *off, int ne,
+                               int nchunk, float out[NB][4]) {
+    __m512 acc[NB][4];
+    for (int i = 0; i < NB; ++i)
+        for (int e = 0; e < 4; ++e) acc[i][e] = _mm512_setzero_ps();
+    const float *x1 = x0 + off[0], *x2 = x0 + off[ne > 1 ? 1 : 0];
+    const float *x3 = x0 + off[ne > 2 ? 2 : 0], *x4 = x0 + off[ne > 3 ? 3 : 0];
+    for (int q = 0; q < nchunk; ++q) {
+        const int p = q * VL;
+        const __m512 g0 = _mm512_loadu_ps(gyp[0] + p), g1 = _mm512_loadu_ps(gyp[1] + p);
+        const __m512 g2 = _mm512_loadu_ps(gyp[2] + p), g3 = _mm512_loadu_ps(gyp[3] + p);
+        const __m512 xs[4] = {_mm512_loadu_ps(x1 + p), _mm512_loadu_ps(x2 + p),
+                              _mm512_loadu_ps(x3 + p), _mm512_loadu_ps(x4 + p)};
+#pragma GCC unroll 4
+        for (int e = 0; e < 4; ++e) {
+            acc[0][e] = _mm512_fmadd_ps(g0, xs[e], acc[0][e]);
+            acc[1][e] = _mm512_fmadd_ps(g1, xs[e], acc[1][e]);
+            acc[2][e] = _mm512_fmadd_ps(g2, xs[e], acc[2][e]);
+            acc[3][e] = _mm512_fmadd_ps(g3, xs[e], acc[3][e]);
+        }
+    }
+    for (int i = 0; i < NB; ++i)
+        for (int e = 0; e < ne; ++e) out[i][e] = hsum(acc[i][e]);
+}
+#else
+static void wgrad_block(const float *const gyp[NB], const float *x0, const int *off, int ne,
+                        int nchunk, float out[NB][4]) {
+    for (int i = 0; i < NB; ++i)
+        for (int e = 0; e < ne; ++e) {
+            float s = 0.f;
+            for (int p = 0; p < nchunk * VL; ++p) s += gyp[i][p] * x0[off[e] + p];
+            out[i][e] = s;
+        }
+}
+#endif
+
+int hetconv_native_wgrad(const float *x, const float *gy, float *gc, float *gt,
+                         int B, int M, int N, int H, int W, int nblk, const int *blk_cls,
+                         const int *blk_out, int P, int Mk, const int *chan, int T,
+                         const int *tap_dh, const int *tap_dw, int ph, int pw, int nthreads) {
+    if (B < 0 || M < 1 || N < 1 || H < 1 || W < 1 || nblk < 1 || P < 1 || Mk < 0 || T < 0 ||
+        ph < 0 || pw < 0)
+        return -1;
+    geom_t g;
+    if (geom_init(&g, H, W, ph, pw)) { geom_free(&g); return -2; }
+    const int nte = Mk * T;
+    const size_t per = (size_t)N * M + (size_t)N * nte;  /* one partial gradient */
+    if (nthreads < 1) nthreads = 1;
+    if (nthreads > B) nthreads = B > 0 ? B : 1;
+    float *partial = (float *)calloc(per * (size_t)nthreads, sizeof(float));
+    int *pe = (int *)malloc(sizeof(int) * (size_t)M);
+    int *te = (int *)malloc(sizeof(int) * (size_t)P * (size_t)(nte > 0 ? nte : 1));
+    if (!partial || !pe || !te) { free(partial); free(pe); free(te); geom_free(&g); return -2; }
+    for (int c = 0; c < M; ++c) pe[c] = c * g.PS;
+    for (int p = 0; p < P; ++p)
+        for (int j = 0; j < Mk; ++j)
+            for (int t = 0; t < T; ++t)
+                te[(size_t)p * nte + j * T + t] = chan[p * Mk + j] * g.PS + tap_dh[t] * g.Wp + tap_dw[t];
+    const int gplane = g.nchunk * VL;  /* gy planes hold whole chunks (tail zero) */
+    const size_t lead = (size_t)(g.pw + VL), slack = (size_t)(2 * VL + g.ph * g.Wp + g.pw);
+    const size_t xlen = lead + (size_t)M * g.PS + slack, glen = (size_t)N * gplane + VL;
+    int status = 0;
+#pragma omp parallel num_threads(nthreads) if (nthreads > 1)
+    {
+        int tid = 0;
+#ifdef _OPENMP
+        tid = omp_get_thread_num();
+#endif
+        float *xbuf = (float *)calloc(xlen, sizeof(float));
+        float *gbuf = (float *)calloc(glen, sizeof(float));
+        float *mine = partial + per * (size_t)tid;
+        if (!xbuf || !gbuf) {
+#pragma omp atomic write
+            status = -2;
+        }
+        /* static: image b always goes to the same thread, partials add in a fixed order */
+#pragma omp for schedule(static)
+        for (int b = 0; b < B; ++b) {
+            if (!xbuf || !gbuf) continue;
+            float *xp = xbuf + lead;
+            pad_image(x + (size_t)b * M * H * W, xp, M, &g);
+            pad_grad(gy + (size_t)b * N * H * W, gbuf, N, &g, gplane);
+            const float *x0 = xp + g.first;
+            for (int blk = 0; blk < nblk; ++blk) {
+                const int *bc = blk_cls + (size_t)blk * NB, *bo = blk_out + (size_t)blk * NB;
+                const float *gyp[NB];
+                for (int i = 0; i < NB; ++i)
+                    gyp[i] = gbuf + (size_t)(bo[i] >= 0 ? bo[i] : bo[0]) * gplane;
+                float out[NB][4];
+                for (int e0 = 0; e0 < M; e0 += 4) {
+                    const int ne = M - e0 < 4 ? M - e0 : 4;
+                    wgrad_block(gyp, x0, pe + e0, ne, g.nchunk, out);
+                    for (int i = 0; i < NB; ++i)
+                        if (bo[i] >= 0)
+                            for (int e = 0; e < ne; ++e) mine[(size_t)bo[i] * M + e0 + e] += out[i][e];
+                }
+                if (bc[0] < 0 || nte == 0) continue;
+                const int *tc = te + (size_t)bc[0] * nte;
+                float *gtm = mine + (size_t)N * M;
+                for (int e0 = 0; e0 < nte; e0 += 4) {
+                    const int ne = nte - e0 < 4 ? nte - e0 : 4;
+                    wgrad_block(gyp, x0, tc + e0, ne, g.nchunk, out);
+                    for (int i = 0; i < NB; ++i)
+                        if (bo[i] >= 0)
+                            for (int e = 0; e < ne; ++e) gtm[(size_t)bo[i] * nte + e0 + e] += out[i][e];
+                }
+            }
+        }
+        free(xbuf); free(gbuf);
+    }
+    if (status == 0) {
+        for (size_t k = 0; k < (size_t)N * M; ++k) {
+            float s = 0.f;
+            for (int t = 0; t < nthreads; ++t) s += partial[per * (size_t)t + k];
+            gc[k] = s;
+        }
+        for (size_t k = 0; k < (size_t)N * nte; ++k) {
+            float s = 0.f;
+            for (int t = 0; t < nthreads; ++t) s += partial[per * (size_t)t + (size_t)N * M + k];
+            gt[k] = s;
+        }
+    }
+    free(partial); free(pe); free(te); geom_free(&g);
+    return status;
+}
