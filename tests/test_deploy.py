@@ -162,3 +162,80 @@ def test_export_onnx_bad_arguments(tmp_path):
         hetconv.export_onnx(_handmade(), tmp_path / "m.onnx", torch.randn(1, 3, 8, 8), form="sparse")
     with pytest.raises(TypeError, match="example_input"):
         hetconv.export_onnx(_handmade(), tmp_path / "m.onnx", None)
+
+
+# --------------------------------------------------------------------------- native fusion
+needs_native = pytest.mark.skipif(not hetconv.native.available(),
+                                  reason="native kernel unavailable")
+
+
+def _fused(model: nn.Module):
+    return [m for m in model.modules() if isinstance(m, deploy.NativeFused)]
+
+
+@needs_native
+@pytest.mark.parametrize("pattern", ["shifted", "blocked"])
+def test_optimize_fuses_residual_and_relu_into_native_layers(pattern):
+    torch.manual_seed(0)
+    model = _randomise_bn(hetconv.create_model("resnet56_cifar",
+                                               part=4, width=0.5, pattern=pattern)).eval()
+    x = torch.randn(2, 3, 16, 16)
+    fast = hetconv.optimize_for_inference(model, x, backend="native", memory_format="contiguous")
+    fused = _fused(fast)
+    # every block: unit1 conv (+ReLU) and unit2 conv (+ shortcut sum + ReLU); stride-2 layers
+    # fall back inside NativeFused but are fused in the graph all the same
+    assert fast.hetconv_plan["fused_native"] == len(fused) == 54
+    assert sum(f.residual for f in fused) == 27 and all(f.relu for f in fused)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), model(x), rtol=1e-4, atol=1e-4)
+    plain = hetconv.optimize_for_inference(model, x, backend="native", fuse=False)
+    assert plain.hetconv_plan["fused_native"] == 0 and not _fused(plain)
+
+
+@needs_native
+def test_fusion_skips_outputs_used_twice_and_other_backends():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = hetconv.HetConv2d(8, 8, 3, part=4)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return torch.relu(y) + y
+
+    torch.manual_seed(1)
+    x = torch.randn(2, 8, 8, 8)
+    model = Twice().eval()
+    fast = hetconv.optimize_for_inference(model, x, backend="native", absorb=False)
+    assert fast.hetconv_plan["fused_native"] == 0
+    seq = nn.Sequential(hetconv.HetConv2d(8, 8, 3, part=4), nn.ReLU()).eval()
+    dense = hetconv.optimize_for_inference(seq, x, backend="dense")
+    assert dense.hetconv_plan["fused_native"] == 0
+    native = hetconv.optimize_for_inference(seq, x, backend="native")
+    assert native.hetconv_plan["fused_native"] == 1
+    with torch.no_grad():
+        torch.testing.assert_close(native(x), seq(x), rtol=1e-4, atol=1e-4)
+
+
+@needs_native
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "stride2", "float64"])
+def test_native_fused_falls_back_where_the_kernel_does_not_apply(layout, monkeypatch):
+    torch.manual_seed(2)
+    stride = 2 if layout == "stride2" else 1
+    dtype = torch.float64 if layout == "float64" else torch.float32
+    layer = hetconv.HetConv2d(8, 6, 3, stride=stride, part=2, bias=True, backend="native").to(dtype)
+    fused = deploy.NativeFused(layer, relu=True, residual=True)
+    x = torch.randn(2, 8, 10, 10, dtype=dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    r = torch.randn(2, 6, 10 // stride, 10 // stride, dtype=dtype)
+    calls = []
+    real = hetconv.native.native_conv2d
+    monkeypatch.setattr(hetconv.native, "native_conv2d",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    with torch.no_grad():
+        got = fused(x, r)
+        want = torch.relu(layer(x) + r)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    # NCHW and channels_last (converted) run the kernel; stride 2 and float64 fall back
+    assert bool(calls) == (layout in ("nchw", "channels_last"))

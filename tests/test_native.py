@@ -246,3 +246,29 @@ def test_portable_build_without_avx512_is_correct(tmp_path):
     out = _python(CHECK, {"HETCONV_NATIVE_MARCH": "x86-64", "HETCONV_CACHE_DIR": str(tmp_path)})
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("True False None")
+
+
+@needs_kernel
+@pytest.mark.parametrize("relu", [False, True])
+def test_fused_residual_forward_and_backward(relu):
+    torch.manual_seed(7)
+    x = torch.randn(3, 8, 9, 7, requires_grad=True)
+    wk, w1 = _weights(8, 12, 4, requires_grad=True)
+    b = torch.randn(12, requires_grad=True)
+    r = torch.randn(3, 12, 9, 7, requires_grad=True)
+    y = native.native_conv2d(x, wk, w1, b, "shifted", relu=relu, residual=r)
+    ref = _reference(x, wk, w1, b, "shifted") + r
+    ref = F.relu(ref) if relu else ref
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
+    g = torch.randn_like(y)
+    leaves = (x, wk, w1, b, r)
+    for got, want in zip(torch.autograd.grad(y, leaves, g), torch.autograd.grad(ref, leaves, g)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@needs_kernel
+def test_residual_of_the_wrong_shape_is_refused():
+    x = torch.randn(2, 8, 5, 5)
+    wk, w1 = _weights(8, 4, 4)
+    with pytest.raises(ValueError, match="residual must be"):
+        native.native_conv2d(x, wk, w1, residual=torch.randn(2, 4, 5, 4))

@@ -181,10 +181,19 @@ def test_optimize_for_inference_absorbs_and_matches():
     x = torch.randn(2, 3, 32, 32)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        fast = hetconv.optimize_for_inference(model, x, repeats=1)
+        fast = hetconv.optimize_for_inference(model, x, repeats=1, backend="auto")
     assert fast.hetconv_plan["permutations"] == {"rewritten_layers": 12, "gathers": 1}
     assert all(h.pattern == "blocked" for h in _hets(fast))
     assert all(not p.requires_grad for p in fast.parameters())
+    # measured: the absorbed and the plain graph are both timed, the faster is kept
+    measured = hetconv.optimize_for_inference(model, x, repeats=1)
+    plan = measured.hetconv_plan
+    assert set(plan["absorb_seconds"]) == {"absorbed", "plain"}
+    absorbed = plan["absorb_seconds"]["absorbed"] <= plan["absorb_seconds"]["plain"]
+    assert plan["permutations"]["rewritten_layers"] == (12 if absorbed else 0)
+    assert all(h.pattern == ("blocked" if absorbed else "shifted") for h in _hets(measured))
+    with torch.no_grad():
+        torch.testing.assert_close(measured(x), model(x), rtol=1e-4, atol=1e-4)
     kept = hetconv.optimize_for_inference(model, x, repeats=1, absorb=False)
     assert all(h.pattern == "shifted" for h in _hets(kept))
     with torch.no_grad():

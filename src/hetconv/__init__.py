@@ -1,6 +1,6 @@
 """hetconv: heterogeneous-kernel convolutions (HetConv, CVPR 2019) for PyTorch."""
 
-from . import functional, pattern
+from . import functional, native, pattern
 from .functional import BACKENDS
 from .complexity import profile
 from .convert import convert
@@ -31,6 +31,7 @@ __all__ = [
     "profile",
     "register_model",
     "functional",
+    "native",
     "kernel_mask",
     "pattern",
     "__version__",

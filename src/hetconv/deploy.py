@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import operator
 import os
 import tempfile
 import warnings
@@ -30,9 +31,10 @@ import torch.nn.functional as F
 from . import functional as HF
 from ._timing import time_interleaved
 from .layers import HetConv2d
-from .permute import absorb_permutations, has_shifted_layers
+from .permute import PermutationTracer, absorb_permutations, has_shifted_layers
 
-__all__ = ["fold_batchnorm", "optimize_for_inference", "export_onnx", "export_module"]
+__all__ = ["fold_batchnorm", "optimize_for_inference", "export_onnx", "export_module",
+           "NativeFused"]
 
 log = logging.getLogger(__name__)
 
@@ -155,67 +157,136 @@ def _absorbed(model: nn.Module, example_input: Optional[torch.Tensor]) -> Tuple[
     return out, dict(out.hetconv_permutations)
 
 
-def _time_model(model: nn.Module, x: torch.Tensor, repeats: int) -> float:
-    with torch.no_grad():
-        return time_interleaved({"m": lambda: model(x)}, repeats=repeats, warmup=1)["m"].median
+# ---------------------------------------------------------------------------
+# Fusing what follows a native HetConv2d into its kernel
+# ---------------------------------------------------------------------------
 
+class NativeFused(nn.Module):
+    """A :class:`HetConv2d` with the residual sum and/or ReLU after it run in its kernel.
 
-def optimize_for_inference(model: nn.Module, example_input: Optional[torch.Tensor] = None, *,
-                           fold_bn: bool = True, backend: str = "measure",
-                           memory_format: str = "auto", repeats: int = 5, check: bool = True,
-                           rtol: float = 1e-4, atol: float = 1e-4,
-                           absorb: bool = True) -> nn.Module:
-    """A faster copy of ``model`` for inference (``model`` itself is left untouched).
-
-    Args:
-        model: any ``nn.Module`` (HetConv2d layers anywhere in it).
-        example_input: a representative input batch.  Needed for
-            ``backend="measure"``, ``memory_format="auto"`` and ``check``;
-            without it the documented ``"auto"`` rule and channels_last are used.
-        fold_bn: fold BatchNorm into the preceding conv (:func:`fold_batchnorm`).
-        backend: ``"measure"`` (time every backend of :data:`hetconv.BACKENDS`
-            on each layer's real input, keep the fastest), ``"auto"`` (the
-            rule of :func:`hetconv.functional.select_backend`) or a backend name.
-        memory_format: ``"auto"`` (measure both), ``"contiguous"`` or ``"channels_last"``.
-        repeats: timed repeats per candidate (medians are compared).
-        check: compare outputs with ``model``'s on ``example_input``; raise
-            ``RuntimeError`` when they differ beyond ``rtol``/``atol``.
-        absorb: run ``pattern="shifted"`` layers as blocked ones on class-sorted
-            activations (:func:`hetconv.permute.absorb_permutations`): the
-            per-layer channel gathers disappear.  The result is then a
-            ``torch.fx.GraphModule``; a model fx cannot trace is kept as it is
-            (with a warning).
-
-    The returned copy is in eval mode and carries ``hetconv_plan``: a dict with
-    the chosen memory format, the number of folded BatchNorms, the absorbed
-    permutations and the backend (with measured medians in seconds) of every
-    HetConv2d by module name.
+    ``forward(x[, residual])`` equals ``relu(layer(x) + residual)`` (each part
+    optional).  When the ``"native"`` kernel applies to the call (the layer's
+    backend is ``"native"``, float32 NCHW input, stride 1, ...) the sum and the
+    ReLU happen as the kernel stores each output value: no extra passes over
+    the activations.  Otherwise the layer runs as usual and the sum and ReLU
+    follow as separate ops.  Built by :func:`optimize_for_inference`.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    choices = ("measure", "auto") + tuple(HF.BACKENDS)
-    if backend not in choices:
-        raise ValueError(f"backend must be one of {choices}, got {backend!r}")
-    if memory_format not in MEMORY_FORMATS:
-        raise ValueError(f"memory_format must be one of {MEMORY_FORMATS}, got {memory_format!r}")
-    if not isinstance(repeats, int) or repeats < 1:
-        raise ValueError(f"repeats must be a positive int, got {repeats!r}")
-    if not isinstance(absorb, bool):
-        raise TypeError(f"absorb must be a bool, got {absorb!r}")
-    if example_input is not None and not isinstance(example_input, torch.Tensor):
-        raise TypeError(f"example_input must be a tensor or None, got {type(example_input).__name__}")
-    if example_input is None and (backend == "measure" or memory_format == "auto"):
-        backend = "auto" if backend == "measure" else backend
-        memory_format = "channels_last" if memory_format == "auto" else memory_format
 
-    out = copy.deepcopy(model).eval()
-    for p in out.parameters():
-        p.requires_grad_(False)
-    plan: dict = {"folded_batchnorms": fold_batchnorm(out) if fold_bn else 0, "layers": {}}
-    if absorb:
-        out, plan["permutations"] = _absorbed(out, example_input)
+    def __init__(self, layer: HetConv2d, relu: bool, residual: bool) -> None:
+        super().__init__()
+        self.layer, self.relu, self.residual = layer, bool(relu), bool(residual)
+
+    def _native(self, x: torch.Tensor, residual: Optional[torch.Tensor]) -> bool:
+        layer = self.layer
+        if getattr(layer, "backend", None) != "native" or layer.part == 1 or x.dim() != 4:
+            return False
+        if getattr(layer, "padding_mode", "zeros") != "zeros":
+            return False
+        if HF._native.unsupported_reason(x, layer.weight_k, layer.stride, layer.padding,
+                                         layer.dilation) is not None:
+            return False
+        want = (x.shape[0], layer.out_channels, x.shape[2], x.shape[3])
+        return residual is None or (tuple(residual.shape) == want
+                                    and residual.dtype == torch.float32)
+
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        layer = self.layer
+        if self._native(x, residual):
+            return HF._native.native_conv2d(x, layer.weight_k, layer.weight_1, layer.bias,
+                                            layer.pattern, self.relu, residual)
+        y = layer(x)
+        if residual is not None:
+            y = y + residual
+        return F.relu(y) if self.relu else y
+
+    def extra_repr(self) -> str:
+        return f"relu={self.relu}, residual={self.residual}"
+
+
+_RELU_FUNCTIONS = {F.relu, torch.relu, torch.relu_, F.relu_}
+_ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
+
+
+def _only_user(node):
+    return next(iter(node.users)) if len(node.users) == 1 else None
+
+
+def _fuse_native(model: nn.Module) -> Tuple[nn.Module, int]:
+    """Fuse ``[Identity] -> [+ residual] -> [ReLU]`` after each native HetConv2d into it.
+
+    Returns the (possibly traced) model and the number of fused layers; a
+    model torch.fx cannot trace, or with nothing to fuse, comes back as it is.
+    """
+    if not any(isinstance(m, HetConv2d) and m.backend == "native" for m in model.modules()):
+        return model, 0
+    try:
+        graph = PermutationTracer().trace(model)
+    except Exception:  # data-dependent control flow: leave the model alone
+        return model, 0
+    gm = torch.fx.GraphModule(model, graph, model.__class__.__name__)
+    modules = dict(gm.named_modules())
+
+    def module(node, kind):
+        return node is not None and node.op == "call_module" and isinstance(
+            modules.get(node.target), kind)
+
+    def is_relu(node):
+        if node is None:
+            return False
+        if node.op == "call_function":
+            return node.target in _RELU_FUNCTIONS and len(node.args) == 1
+        if node.op == "call_method":
+            return node.target in ("relu", "relu_") and len(node.args) == 1
+        return module(node, nn.ReLU)
+
+    fused = 0
+    for node in list(gm.graph.nodes):
+        if not module(node, HetConv2d) or modules[node.target].backend != "native" \
+                or len(node.args) != 1 or node.kwargs:
+            continue
+        chain, cur = [node], node
+        nxt = _only_user(cur)
+        while module(nxt, nn.Identity):
+            chain.append(nxt)
+            cur, nxt = nxt, _only_user(nxt)
+        residual = None
+        if nxt is not None and nxt.op == "call_function" and nxt.target in _ADD_FUNCTIONS \
+                and len(nxt.args) == 2 and not nxt.kwargs:
+            other = [a for a in nxt.args if a is not cur]
+            if len(other) == 1 and isinstance(other[0], torch.fx.Node):
+                residual = other[0]
+                chain.append(nxt)
+                cur, nxt = nxt, _only_user(nxt)
+        relu = is_relu(nxt)
+        if relu:
+            chain.append(nxt)
+        if residual is None and not relu:
+            continue
+        name = node.target.replace(".", "_") + "_fused"
+        gm.add_submodule(name, NativeFused(modules[node.target], relu, residual is not None))
+        last = chain[-1]
+        with gm.graph.inserting_before(last):
+            args = (node.args[0],) + ((residual,) if residual is not None else ())
+            new = gm.graph.call_module(name, args)
+        last.replace_all_uses_with(new)
+        for n in reversed(chain):
+            gm.graph.erase_node(n)
+        fused += 1
+    if not fused:
+        return model, 0
+    gm.graph.lint()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    for attr in ("hetconv_permutations",):
+        if hasattr(model, attr):
+            setattr(gm, attr, getattr(model, attr))
+    return gm, fused
+
+
+def _configure(out: nn.Module, plan: dict, example_input: Optional[torch.Tensor], backend: str,
+               memory_format: str, repeats: int, fuse: bool) -> nn.Module:
+    """Memory format, per-layer backends and fusion of one candidate model (fills ``plan``)."""
     names = {m: n for n, m in out.named_modules()}
-
     formats = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
     if memory_format == "auto":
         timed = {}
@@ -241,6 +312,107 @@ def optimize_for_inference(model: nn.Module, example_input: Optional[torch.Tenso
         for layer in hets:
             layer.backend = backend
             plan["layers"][names[layer]] = {"backend": backend}
+    plan["fused_native"] = 0
+    if fuse:
+        out, plan["fused_native"] = _fuse_native(out)
+    return out
+
+
+def _time_model(model: nn.Module, x: torch.Tensor, repeats: int) -> float:
+    with torch.no_grad():
+        return time_interleaved({"m": lambda: model(x)}, repeats=repeats, warmup=1)["m"].median
+
+
+def optimize_for_inference(model: nn.Module, example_input: Optional[torch.Tensor] = None, *,
+                           fold_bn: bool = True, backend: str = "measure",
+                           memory_format: str = "auto", repeats: int = 5, check: bool = True,
+                           rtol: float = 1e-4, atol: float = 1e-4,
+                           absorb: bool = True, fuse: bool = True) -> nn.Module:
+    """A faster copy of ``model`` for inference (``model`` itself is left untouched).
+
+    Args:
+        model: any ``nn.Module`` (HetConv2d layers anywhere in it).
+        example_input: a representative input batch.  Needed for
+            ``backend="measure"``, ``memory_format="auto"`` and ``check``;
+            without it the documented ``"auto"`` rule and channels_last are used.
+        fold_bn: fold BatchNorm into the preceding conv (:func:`fold_batchnorm`).
+        backend: ``"measure"`` (time every backend of :data:`hetconv.BACKENDS`
+            on each layer's real input, keep the fastest), ``"auto"`` (the
+            rule of :func:`hetconv.functional.select_backend`) or a backend name.
+        memory_format: ``"auto"`` (measure both), ``"contiguous"`` or ``"channels_last"``.
+        repeats: timed repeats per candidate (medians are compared).
+        check: compare outputs with ``model``'s on ``example_input``; raise
+            ``RuntimeError`` when they differ beyond ``rtol``/``atol``.
+        absorb: run ``pattern="shifted"`` layers as blocked ones on class-sorted
+            activations (:func:`hetconv.permute.absorb_permutations`): the
+            per-layer channel gathers disappear.  The result is then a
+            ``torch.fx.GraphModule``; a model fx cannot trace is kept as it is
+            (with a warning).  With ``backend="measure"`` the model is also
+            configured without absorbing (the ``"native"`` backend needs no
+            permutation, while the absorbed graph keeps a few gathers) and the
+            faster of the two is returned (``hetconv_plan["absorb_seconds"]``).
+        fuse: a residual sum and/or ReLU right after a HetConv2d that runs the
+            ``"native"`` backend is computed inside its kernel
+            (:class:`NativeFused`; needs an fx-traceable model).
+
+    The returned copy is in eval mode and carries ``hetconv_plan``: a dict with
+    the chosen memory format, the number of folded BatchNorms, the absorbed
+    permutations, the number of native layers with a fused sum/ReLU
+    (``fused_native``) and the backend (with measured medians in seconds) of every
+    HetConv2d by module name.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    choices = ("measure", "auto") + tuple(HF.BACKENDS)
+    if backend not in choices:
+        raise ValueError(f"backend must be one of {choices}, got {backend!r}")
+    if memory_format not in MEMORY_FORMATS:
+        raise ValueError(f"memory_format must be one of {MEMORY_FORMATS}, got {memory_format!r}")
+    if not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats must be a positive int, got {repeats!r}")
+    if not isinstance(absorb, bool):
+        raise TypeError(f"absorb must be a bool, got {absorb!r}")
+    if not isinstance(fuse, bool):
+        raise TypeError(f"fuse must be a bool, got {fuse!r}")
+    if example_input is not None and not isinstance(example_input, torch.Tensor):
+        raise TypeError(f"example_input must be a tensor or None, got {type(example_input).__name__}")
+    if example_input is None and (backend == "measure" or memory_format == "auto"):
+        backend = "auto" if backend == "measure" else backend
+        memory_format = "channels_last" if memory_format == "auto" else memory_format
+
+    out = copy.deepcopy(model).eval()
+    for p in out.parameters():
+        p.requires_grad_(False)
+    folded = fold_batchnorm(out) if fold_bn else 0
+    variants = [(out, None)]
+    if absorb:
+        absorbed, info = _absorbed(out, example_input)
+        if info["rewritten_layers"]:
+            # The native kernel runs "shifted" layers without any permutation; the absorbed
+            # graph keeps a few gathers.  With measurements, both are configured and timed.
+            variants = [(absorbed, info)] + (
+                [(out, {"rewritten_layers": 0, "gathers": 0})]
+                if backend == "measure" and example_input is not None else [])
+        else:
+            variants = [(out, info)]
+    best, seconds = None, {}
+    for candidate, info in variants:
+        plan: dict = {"folded_batchnorms": folded, "layers": {}}
+        if absorb:
+            plan["permutations"] = info
+        candidate = _configure(candidate, plan, example_input, backend, memory_format,
+                               repeats, fuse)
+        if len(variants) > 1:
+            fmt = torch.channels_last if plan["memory_format"] == "channels_last" \
+                else torch.contiguous_format
+            plan["seconds"] = _time_model(candidate, example_input.contiguous(memory_format=fmt),
+                                          repeats)
+            seconds["absorbed" if info["rewritten_layers"] else "plain"] = plan["seconds"]
+        if best is None or plan["seconds"] < best[1]["seconds"]:
+            best = (candidate, plan)
+    out, plan = best
+    if seconds:  # both timed: what absorbing the permutations gave on this input
+        plan["absorb_seconds"] = seconds
     out.hetconv_plan = plan
 
     if check and example_input is not None:

@@ -126,7 +126,7 @@ def _load() -> Optional[ctypes.CDLL]:
             i, p = ctypes.c_int, ctypes.c_void_p
             lib.hetconv_native_forward.restype = i
             lib.hetconv_native_forward.argtypes = ([p, p] + [i] * 6 + [p] * 5
-                                                   + [i, i, p, i, p, p, i, i, i, i])
+                                                   + [i, i, p, i, p, p, i, i, p, i, i])
             lib.hetconv_native_wgrad.restype = i
             lib.hetconv_native_wgrad.argtypes = ([p] * 4 + [i] * 6 + [p, p, i, i, p, i, p, p]
                                                  + [i] * 3)
@@ -288,21 +288,27 @@ def _wgrad(x: torch.Tensor, gy: torch.Tensor, weight_k: torch.Tensor, pattern: s
     return gwk.view(n, lay["mk"], kh, kw), gc.gather(1, idx["pw"])
 
 
-def _run(x: torch.Tensor, pk: dict, n: int, relu: bool = False) -> torch.Tensor:
+def _run(x: torch.Tensor, pk: dict, n: int, relu: bool = False,
+         residual: Optional[torch.Tensor] = None) -> torch.Tensor:
     lib = _load()
     if lib is None:
         raise RuntimeError(f"hetconv native kernel unavailable ({build_error()})")
     x = x.contiguous()
     b, m, h, w = x.shape
     y = torch.empty(b, n, h, w, dtype=x.dtype)
+    if residual is not None:
+        if tuple(residual.shape) != (b, n, h, w) or residual.dtype != torch.float32:
+            raise ValueError(f"residual must be a float32 tensor of shape {(b, n, h, w)}, got "
+                             f"{residual.dtype} {tuple(residual.shape)}")
+        residual = residual.contiguous()
     if b == 0:
         return y
     ptr = lambda t: None if t is None else ctypes.c_void_p(t.data_ptr())  # noqa: E731
     rc = lib.hetconv_native_forward(
         ptr(x), ptr(y), b, m, n, h, w, pk["nblk"], ptr(pk["blk_class"]), ptr(pk["blk_out"]),
         ptr(pk["w1p"]), ptr(pk["wkp"]), ptr(pk["bp"]), pk["p"], pk["mk"], ptr(pk["chan"]),
-        pk["T"], ptr(pk["tap_dh"]), ptr(pk["tap_dw"]), pk["pad"][0], pk["pad"][1], int(relu),
-        torch.get_num_threads())
+        pk["T"], ptr(pk["tap_dh"]), ptr(pk["tap_dw"]), pk["pad"][0], pk["pad"][1], ptr(residual),
+        int(relu), torch.get_num_threads())
     if rc != 0:
         raise RuntimeError(f"hetconv native kernel failed (code {rc})")
     return y
@@ -318,18 +324,19 @@ def _shapes(weight_k: torch.Tensor, weight_1: torch.Tensor) -> Tuple[int, int, i
 # single node instead of breaking the graph at a ctypes call.
 @torch.library.custom_op("hetconv::native_conv2d", mutates_args=())
 def _native_op(x: torch.Tensor, weight_k: torch.Tensor, weight_1: torch.Tensor,
-               bias: Optional[torch.Tensor], pattern: str, relu: bool) -> torch.Tensor:
+               bias: Optional[torch.Tensor], pattern: str, relu: bool,
+               residual: Optional[torch.Tensor]) -> torch.Tensor:
     n, m, p = _shapes(weight_k, weight_1)
-    return _run(x, _packed(weight_k, weight_1, bias, pattern, n, m, p), n, relu)
+    return _run(x, _packed(weight_k, weight_1, bias, pattern, n, m, p), n, relu, residual)
 
 
 @_native_op.register_fake
-def _native_op_fake(x, weight_k, weight_1, bias, pattern, relu):
+def _native_op_fake(x, weight_k, weight_1, bias, pattern, relu, residual):
     return x.new_empty((x.shape[0], weight_k.shape[0], x.shape[2], x.shape[3]))
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight_k, weight_1, bias, pattern, relu = inputs
+    x, weight_k, weight_1, bias, pattern, relu, residual = inputs
     ctx.save_for_backward(x, weight_k, weight_1, output if relu else None)
     ctx.pattern, ctx.has_bias = pattern, bias is not None
 
@@ -383,7 +390,8 @@ def _backward(ctx, gy):
         gwk, gw1 = _weight_grad_op(x, gy, weight_k, weight_1, ctx.pattern)
     if need_b and ctx.has_bias:
         gb = gy.sum((0, 2, 3))
-    return gx, (gwk if need_wk else None), (gw1 if need_w1 else None), gb, None, None
+    gr = gy if ctx.needs_input_grad[6] else None
+    return gx, (gwk if need_wk else None), (gw1 if need_w1 else None), gb, None, None, gr
 
 
 _native_op.register_autograd(_backward, setup_context=_setup_context)
@@ -391,10 +399,13 @@ _native_op.register_autograd(_backward, setup_context=_setup_context)
 
 def native_conv2d(x: torch.Tensor, weight_k: torch.Tensor, weight_1: torch.Tensor,
                   bias: Optional[torch.Tensor] = None, pattern: str = "shifted",
-                  relu: bool = False) -> torch.Tensor:
-    """HetConv of ``x`` (B, M, H, W) by the C kernel; ``relu=True`` fuses a ReLU.
+                  relu: bool = False, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """HetConv of ``x`` (B, M, H, W) by the C kernel, optionally fused with what follows it.
 
-    Callers check :func:`unsupported_reason` first (``het_conv2d`` does); the
-    result is NCHW float32.
+    Computes ``relu(conv(x) + residual)`` with the sum and the ReLU applied
+    as each output value is stored (no extra pass over the activations);
+    ``residual`` (B, N, H, W) and ``relu`` are optional.  Callers check
+    :func:`unsupported_reason` first (``het_conv2d`` does); the result is
+    NCHW float32.
     """
-    return _native_op(x, weight_k, weight_1, bias, pattern, relu)
+    return _native_op(x, weight_k, weight_1, bias, pattern, relu, residual)

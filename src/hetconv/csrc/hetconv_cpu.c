@@ -141,7 +141,8 @@ static void pad_image(const float *xb, float *buf, int M, const geom_t *g) {
  * i's taps are ``te[i]``, weights ``wk[e*4 + i]``.
  */
 static inline __attribute__((always_inline)) void
-micro_kernel_n(const int nch, const float *xp, float *const yo[NB], const geom_t *g, int q0,
+micro_kernel_n(const int nch, const float *xp, float *const yo[NB], const float *const ro[NB],
+               const geom_t *g, int q0,
                int np, const int *pe, const float *w1, int nt, const int *const te[NB],
                int shared, const float *wk, const float *bias, int relu) {
     const float *x0 = xp + g->first + q0 * VL;
@@ -193,7 +194,9 @@ micro_kernel_n(const int nch, const float *xp, float *const yo[NB], const geom_t
 #pragma GCC unroll 8
         for (int k = 0; k < nch; ++k) {
             const __mmask16 m = (__mmask16)g->smask[q0 + k];
-            __m512 r = relu ? _mm512_max_ps(acc[i][k], zero) : acc[i][k];
+            __m512 r = acc[i][k];
+            if (ro[i]) r = _mm512_add_ps(r, _mm512_maskz_expandloadu_ps(m, ro[i] + g->sidx[q0 + k]));
+            if (relu) r = _mm512_max_ps(r, zero);
             r = _mm512_maskz_compress_ps(m, r);
             const __mmask16 dst = (__mmask16)((1u << __builtin_popcount(m)) - 1u);
             _mm512_mask_storeu_ps(yo[i] + g->sidx[q0 + k], dst, r);
@@ -201,20 +204,20 @@ micro_kernel_n(const int nch, const float *xp, float *const yo[NB], const geom_t
     }
 }
 
-static void micro_kernel(int nch, const float *xp, float *const yo[NB], const geom_t *g, int q0,
-                         int np, const int *pe, const float *w1, int nt,
+static void micro_kernel(int nch, const float *xp, float *const yo[NB], const float *const ro[NB],
+                         const geom_t *g, int q0, int np, const int *pe, const float *w1, int nt,
                          const int *const te[NB], int shared, const float *wk,
                          const float *bias, int relu) {
     switch (nch) {
-#define CASE(n) case n: micro_kernel_n(n, xp, yo, g, q0, np, pe, w1, nt, te, shared, wk, bias, relu); break;
+#define CASE(n) case n: micro_kernel_n(n, xp, yo, ro, g, q0, np, pe, w1, nt, te, shared, wk, bias, relu); break;
         CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6)
 #undef CASE
         default: break;
     }
 }
 #else
-static void micro_kernel(int nch, const float *xp, float *const yo[NB], const geom_t *g, int q0,
-                                int np, const int *pe, const float *w1,
+static void micro_kernel(int nch, const float *xp, float *const yo[NB], const float *const ro[NB],
+                         const geom_t *g, int q0, int np, const int *pe, const float *w1,
                                 int nt, const int *const te[NB], int shared, const float *wk,
                                 const float *bias, int relu) {
     (void)shared;
@@ -233,6 +236,7 @@ static void micro_kernel(int nch, const float *xp, float *const yo[NB], const ge
                 const int *ti = te[i] ? te[i] : te[0];
                 if (te[i])
                     for (int e = 0; e < nt; ++e) acc += wk[4 * e + i] * xl[ti[e]];
+                if (ro[i]) acc += ro[i][o];
                 yo[i][o] = (relu && acc < 0.f) ? 0.f : acc;
             }
             ++o;
@@ -248,13 +252,16 @@ static void micro_kernel(int nch, const float *xp, float *const yo[NB], const ge
  * slots share one class runs the shared-tap loop.
  * w1p (nblk, M, 4), wkp (nblk, Mk*T, 4), bp (nblk, 4) or NULL.
  * chan (P, Mk): input channels of each class; tap_dh/dw (T): tap offsets.
+ * res (B, N, H, W) or NULL: added to the result (a residual), before the ReLU
+ * when relu != 0.
  * Returns 0, or a negative code (bad arguments, out of memory).
  */
 int hetconv_native_forward(const float *x, float *y, int B, int M, int N, int H, int W,
                            int nblk, const int *blk_cls, const int *blk_out,
                            const float *w1p, const float *wkp, const float *bp,
                            int P, int Mk, const int *chan, int T, const int *tap_dh,
-                           const int *tap_dw, int ph, int pw, int relu, int nthreads) {
+                           const int *tap_dw, int ph, int pw, const float *res, int relu,
+                           int nthreads) {
     if (B < 0 || M < 1 || N < 1 || H < 1 || W < 1 || nblk < 1 || P < 1 || Mk < 0 || T < 0 ||
         ph < 0 || pw < 0)
         return -1;
@@ -299,11 +306,13 @@ int hetconv_native_forward(const float *x, float *y, int B, int M, int N, int H,
                 const int q0 = g.pb_start[pb], nch = g.pb_len[pb];
                 for (int blk = grp * per_group; blk < end; ++blk) {
                     float *yo[NB];
+                    const float *ro[NB];
                     const int *tei[NB];
                     const int *bc = blk_cls + (size_t)blk * NB, *bo = blk_out + (size_t)blk * NB;
                     int shared = 1, c0 = -1;
                     for (int i = 0; i < NB; ++i) {
                         yo[i] = bo[i] >= 0 ? yb + (size_t)bo[i] * H * W : NULL;
+                        ro[i] = (res && bo[i] >= 0) ? res + ((size_t)b * N + bo[i]) * H * W : NULL;
                         tei[i] = bc[i] >= 0 ? te + (size_t)bc[i] * nte : NULL;
                         if (bc[i] >= 0) {
                             if (c0 < 0) c0 = bc[i];
@@ -311,7 +320,7 @@ int hetconv_native_forward(const float *x, float *y, int B, int M, int N, int H,
                         }
                     }
                     if (shared && !tei[0]) shared = 0;
-                    micro_kernel(nch, xp, yo, &g, q0, M, pe, w1p + (size_t)blk * M * NB,
+                    micro_kernel(nch, xp, yo, ro, &g, q0, M, pe, w1p + (size_t)blk * M * NB,
                                  nte, tei, shared, wkp + (size_t)blk * nte * NB,
                                  bp ? bp + (size_t)blk * NB : NULL, relu);
                 }
