@@ -244,8 +244,17 @@ def _pack(weight_k: torch.Tensor, weight_1: torch.Tensor, bias: Optional[torch.T
     wk = dense[rows[:, :, None, None], ch[:, :, :, None], lay["ta"][None, None, None, :],
                lay["tb"][None, None, None, :]] * valid[:, :, None, None]
     bp = None if bias is None else (bias.float()[rows] * valid).contiguous()
-    return dict(lay, w1p=w1p.permute(0, 2, 1).contiguous(),
-                wkp=wk.permute(0, 2, 3, 1).contiguous(), bp=bp)
+    pk = dict(lay, w1p=w1p.permute(0, 2, 1).contiguous(),
+              wkp=wk.permute(0, 2, 3, 1).contiguous(), bp=bp)
+    # The kernel's weight arguments as ctypes values, built once (the dict keeps the tensors).
+    pk["args"] = (pk["nblk"], _ptr(pk["blk_class"]), _ptr(pk["blk_out"]), _ptr(pk["w1p"]),
+                  _ptr(pk["wkp"]), _ptr(bp), pk["p"], pk["mk"], _ptr(pk["chan"]), pk["T"],
+                  _ptr(pk["tap_dh"]), _ptr(pk["tap_dw"]), pk["pad"][0], pk["pad"][1])
+    return pk
+
+
+def _ptr(t: Optional[torch.Tensor]) -> Optional[ctypes.c_void_p]:
+    return None if t is None else ctypes.c_void_p(t.data_ptr())
 
 
 _TRANSPOSED_CACHE = WeakIdKeyDictionary()  # weight_k -> (key, transposed block layout)
@@ -272,7 +281,7 @@ def _wgrad(x: torch.Tensor, gy: torch.Tensor, weight_k: torch.Tensor, pattern: s
     b, _, h, w = x.shape
     gc = torch.empty(n, m)
     gt = torch.empty(n, lay["mk"], lay["T"])
-    ptr = lambda t: ctypes.c_void_p(t.data_ptr())  # noqa: E731
+    ptr = _ptr
     rc = _load().hetconv_native_wgrad(
         ptr(x), ptr(gy), ptr(gc), ptr(gt), b, m, n, h, w, lay["nblk"], ptr(lay["blk_class"]),
         ptr(lay["blk_out"]), p, lay["mk"], ptr(lay["chan"]), lay["T"], ptr(lay["tap_dh"]),
@@ -303,12 +312,8 @@ def _run(x: torch.Tensor, pk: dict, n: int, relu: bool = False,
         residual = residual.contiguous()
     if b == 0:
         return y
-    ptr = lambda t: None if t is None else ctypes.c_void_p(t.data_ptr())  # noqa: E731
-    rc = lib.hetconv_native_forward(
-        ptr(x), ptr(y), b, m, n, h, w, pk["nblk"], ptr(pk["blk_class"]), ptr(pk["blk_out"]),
-        ptr(pk["w1p"]), ptr(pk["wkp"]), ptr(pk["bp"]), pk["p"], pk["mk"], ptr(pk["chan"]),
-        pk["T"], ptr(pk["tap_dh"]), ptr(pk["tap_dw"]), pk["pad"][0], pk["pad"][1], ptr(residual),
-        int(relu), torch.get_num_threads())
+    rc = lib.hetconv_native_forward(_ptr(x), _ptr(y), b, m, n, h, w, *pk["args"], _ptr(residual),
+                                    int(relu), torch.get_num_threads())
     if rc != 0:
         raise RuntimeError(f"hetconv native kernel failed (code {rc})")
     return y
@@ -341,11 +346,14 @@ def _setup_context(ctx, inputs, output):
     ctx.pattern, ctx.has_bias = pattern, bias is not None
 
 
-@torch.library.custom_op("hetconv::native_conv2d_input_grad", mutates_args=())
-def _input_grad_op(gy: torch.Tensor, weight_k: torch.Tensor, weight_1: torch.Tensor,
-                   pattern: str) -> torch.Tensor:
+def _input_grad(gy: torch.Tensor, weight_k: torch.Tensor, weight_1: torch.Tensor,
+                pattern: str) -> torch.Tensor:
     n, m, p = _shapes(weight_k, weight_1)
     return _run(gy, _packed(weight_k, weight_1, None, pattern, n, m, p, True), m)
+
+
+_input_grad_op = torch.library.custom_op("hetconv::native_conv2d_input_grad",
+                                         mutates_args=())(_input_grad)
 
 
 @_input_grad_op.register_fake
@@ -354,11 +362,14 @@ def _input_grad_fake(gy, weight_k, weight_1, pattern):
     return gy.new_empty((gy.shape[0], m, gy.shape[2], gy.shape[3]))
 
 
-@torch.library.custom_op("hetconv::native_conv2d_weight_grad", mutates_args=())
-def _weight_grad_op(x: torch.Tensor, gy: torch.Tensor, weight_k: torch.Tensor,
-                    weight_1: torch.Tensor, pattern: str) -> Tuple[torch.Tensor, torch.Tensor]:
+def _weight_grad(x: torch.Tensor, gy: torch.Tensor, weight_k: torch.Tensor,
+                 weight_1: torch.Tensor, pattern: str) -> Tuple[torch.Tensor, torch.Tensor]:
     n, m, p = _shapes(weight_k, weight_1)
     return _wgrad(x, gy, weight_k, pattern, n, m, p)
+
+
+_weight_grad_op = torch.library.custom_op("hetconv::native_conv2d_weight_grad",
+                                          mutates_args=())(_weight_grad)
 
 
 @_weight_grad_op.register_fake
@@ -379,15 +390,19 @@ def _backward(ctx, gy):
     need_x, need_wk, need_w1, need_b = ctx.needs_input_grad[:4]
     gx = gwk = gw1 = gb = None
     gy = gy.contiguous()
+    # torch.library ops while torch.compile traces; plain calls in eager mode (an op call
+    # costs ~0.1 ms of Python dispatch, as much as a small layer's whole kernel)
+    compiling = torch.compiler.is_compiling()
     if need_x and n % p == 0:
-        gx = _input_grad_op(gy, weight_k, weight_1, ctx.pattern)
+        gx = (_input_grad_op if compiling else _input_grad)(gy, weight_k, weight_1, ctx.pattern)
     elif need_x:
         dense = _assemble_dense(weight_k.detach(), weight_1.detach(), ctx.pattern, n, m, p)
         gx = torch.ops.aten.convolution_backward(
             gy, x, dense, None, [1, 1], [kh // 2, kw // 2], [1, 1], False, [0, 0], 1,
             [True, False, False])[0]
     if need_wk or need_w1:
-        gwk, gw1 = _weight_grad_op(x, gy, weight_k, weight_1, ctx.pattern)
+        gwk, gw1 = (_weight_grad_op if compiling else _weight_grad)(x, gy, weight_k, weight_1,
+                                                                    ctx.pattern)
     if need_b and ctx.has_bias:
         gb = gy.sum((0, 2, 3))
     gr = gy if ctx.needs_input_grad[6] else None
@@ -408,4 +423,24 @@ def native_conv2d(x: torch.Tensor, weight_k: torch.Tensor, weight_1: torch.Tenso
     :func:`unsupported_reason` first (``het_conv2d`` does); the result is
     NCHW float32.
     """
-    return _native_op(x, weight_k, weight_1, bias, pattern, relu, residual)
+    if torch.compiler.is_compiling():
+        return _native_op(x, weight_k, weight_1, bias, pattern, relu, residual)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                       for t in (x, weight_k, weight_1, bias, residual)):
+        return _NativeFunction.apply(x, weight_k, weight_1, bias, pattern, relu, residual)
+    n, m, p = _shapes(weight_k, weight_1)
+    return _run(x, _packed(weight_k, weight_1, bias, pattern, n, m, p), n, relu, residual)
+
+
+class _NativeFunction(torch.autograd.Function):
+    """Eager autograd for the kernel (the same forward and backward as the op, without the
+    op's dispatch cost)."""
+
+    @staticmethod
+    def forward(ctx, x, weight_k, weight_1, bias, pattern, relu, residual):
+        n, m, p = _shapes(weight_k, weight_1)
+        out = _run(x, _packed(weight_k, weight_1, bias, pattern, n, m, p), n, relu, residual)
+        _setup_context(ctx, (x, weight_k, weight_1, bias, pattern, relu, residual), out)
+        return out
+
+    backward = staticmethod(_backward)
