@@ -355,41 +355,53 @@ static void pad_grad(const float *gyb, float *buf, int N, const geom_t *g, int p
     }
 }
 
-#if defined(__AVX512F__)
-static inline float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
+/* Images whose positions one weight-gradient accumulation runs over: enough for about
+ * WG_CHUNKS chunks, so the horizontal sums at its end stay a small part of the work. */
+#define WG_CHUNKS 64
+#define WG_MAX 16
 
-/* acc[i][e] += sum over chunks of gy_i * x_e; 4 filters x ne (<= 4) entries. */
-static inline void wgrad_block(const float *const gyp[NB], const float *x0, const int *off, int ne,
-                               int nchunk, float out[NB][4]) {
+#if defined(__AVX512F__)
+/* out[i][e] = sum over the ng images' chunks of gy_i * x_e; 4 filters x ne (<= 4) entries. */
+static inline void wgrad_block(const float *const gyp[NB], size_t gstride, const float *x0,
+                               size_t xstride, int ng, const int *off, int ne, int nchunk,
+                               float out[NB][4]) {
     __m512 acc[NB][4];
     for (int i = 0; i < NB; ++i)
         for (int e = 0; e < 4; ++e) acc[i][e] = _mm512_setzero_ps();
-    const float *x1 = x0 + off[0], *x2 = x0 + off[ne > 1 ? 1 : 0];
-    const float *x3 = x0 + off[ne > 2 ? 2 : 0], *x4 = x0 + off[ne > 3 ? 3 : 0];
-    for (int q = 0; q < nchunk; ++q) {
-        const int p = q * VL;
-        const __m512 g0 = _mm512_loadu_ps(gyp[0] + p), g1 = _mm512_loadu_ps(gyp[1] + p);
-        const __m512 g2 = _mm512_loadu_ps(gyp[2] + p), g3 = _mm512_loadu_ps(gyp[3] + p);
-        const __m512 xs[4] = {_mm512_loadu_ps(x1 + p), _mm512_loadu_ps(x2 + p),
-                              _mm512_loadu_ps(x3 + p), _mm512_loadu_ps(x4 + p)};
+    for (int img = 0; img < ng; ++img) {
+        const float *xi = x0 + (size_t)img * xstride;
+        const float *x1 = xi + off[0], *x2 = xi + off[ne > 1 ? 1 : 0];
+        const float *x3 = xi + off[ne > 2 ? 2 : 0], *x4 = xi + off[ne > 3 ? 3 : 0];
+        const float *gp0 = gyp[0] + img * gstride, *gp1 = gyp[1] + img * gstride;
+        const float *gp2 = gyp[2] + img * gstride, *gp3 = gyp[3] + img * gstride;
+        for (int q = 0; q < nchunk; ++q) {
+            const int p = q * VL;
+            const __m512 g0 = _mm512_loadu_ps(gp0 + p), g1 = _mm512_loadu_ps(gp1 + p);
+            const __m512 g2 = _mm512_loadu_ps(gp2 + p), g3 = _mm512_loadu_ps(gp3 + p);
+            const __m512 xs[4] = {_mm512_loadu_ps(x1 + p), _mm512_loadu_ps(x2 + p),
+                                  _mm512_loadu_ps(x3 + p), _mm512_loadu_ps(x4 + p)};
 #pragma GCC unroll 4
-        for (int e = 0; e < 4; ++e) {
-            acc[0][e] = _mm512_fmadd_ps(g0, xs[e], acc[0][e]);
-            acc[1][e] = _mm512_fmadd_ps(g1, xs[e], acc[1][e]);
-            acc[2][e] = _mm512_fmadd_ps(g2, xs[e], acc[2][e]);
-            acc[3][e] = _mm512_fmadd_ps(g3, xs[e], acc[3][e]);
+            for (int e = 0; e < 4; ++e) {
+                acc[0][e] = _mm512_fmadd_ps(g0, xs[e], acc[0][e]);
+                acc[1][e] = _mm512_fmadd_ps(g1, xs[e], acc[1][e]);
+                acc[2][e] = _mm512_fmadd_ps(g2, xs[e], acc[2][e]);
+                acc[3][e] = _mm512_fmadd_ps(g3, xs[e], acc[3][e]);
+            }
         }
     }
     for (int i = 0; i < NB; ++i)
-        for (int e = 0; e < ne; ++e) out[i][e] = hsum(acc[i][e]);
+        for (int e = 0; e < ne; ++e) out[i][e] = _mm512_reduce_add_ps(acc[i][e]);
 }
 #else
-static void wgrad_block(const float *const gyp[NB], const float *x0, const int *off, int ne,
-                        int nchunk, float out[NB][4]) {
+static void wgrad_block(const float *const gyp[NB], size_t gstride, const float *x0,
+                        size_t xstride, int ng, const int *off, int ne, int nchunk,
+                        float out[NB][4]) {
     for (int i = 0; i < NB; ++i)
         for (int e = 0; e < ne; ++e) {
             float s = 0.f;
-            for (int p = 0; p < nchunk * VL; ++p) s += gyp[i][p] * x0[off[e] + p];
+            for (int img = 0; img < ng; ++img)
+                for (int p = 0; p < nchunk * VL; ++p)
+                    s += gyp[i][img * gstride + p] * x0[img * xstride + off[e] + p];
             out[i][e] = s;
         }
 }
@@ -407,7 +419,6 @@ int hetconv_native_wgrad(const float *x, const float *gy, float *gc, float *gt,
     const int nte = Mk * T;
     const size_t per = (size_t)N * M + (size_t)N * nte;  /* one partial gradient */
     if (nthreads < 1) nthreads = 1;
-    if (nthreads > B) nthreads = B > 0 ? B : 1;
     float *partial = (float *)calloc(per * (size_t)nthreads, sizeof(float));
     int *pe = (int *)malloc(sizeof(int) * (size_t)M);
     int *te = (int *)malloc(sizeof(int) * (size_t)P * (size_t)(nte > 0 ? nte : 1));
@@ -419,7 +430,15 @@ int hetconv_native_wgrad(const float *x, const float *gy, float *gc, float *gt,
                 te[(size_t)p * nte + j * T + t] = chan[p * Mk + j] * g.PS + tap_dh[t] * g.Wp + tap_dw[t];
     const int gplane = g.nchunk * VL;  /* gy planes hold whole chunks (tail zero) */
     const size_t lead = (size_t)(g.pw + VL), slack = (size_t)(2 * VL + g.ph * g.Wp + g.pw);
-    const size_t xlen = lead + (size_t)M * g.PS + slack, glen = (size_t)N * gplane + VL;
+    const size_t ximg = (size_t)M * g.PS + slack, gimg = (size_t)N * gplane;
+    int WG = (WG_CHUNKS + g.nchunk - 1) / g.nchunk;
+    if (WG > WG_MAX) WG = WG_MAX;
+    if (WG > B) WG = B > 0 ? B : 1;
+    const size_t xlen = lead + WG * ximg, glen = WG * gimg + VL;
+    /* image groups: WG consecutive images; group k always goes to the same thread (static
+     * schedule), so the partials add in a fixed order */
+    const int ngroups = (B + WG - 1) / WG;
+    if (nthreads > ngroups) nthreads = ngroups > 0 ? ngroups : 1;
     int status = 0;
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
     {
@@ -434,13 +453,15 @@ int hetconv_native_wgrad(const float *x, const float *gy, float *gc, float *gt,
 #pragma omp atomic write
             status = -2;
         }
-        /* static: image b always goes to the same thread, partials add in a fixed order */
 #pragma omp for schedule(static)
-        for (int b = 0; b < B; ++b) {
+        for (int grp = 0; grp < ngroups; ++grp) {
             if (!xbuf || !gbuf) continue;
+            const int b0 = grp * WG, ng = B - b0 < WG ? B - b0 : WG;
             float *xp = xbuf + lead;
-            pad_image(x + (size_t)b * M * H * W, xp, M, &g);
-            pad_grad(gy + (size_t)b * N * H * W, gbuf, N, &g, gplane);
+            for (int img = 0; img < ng; ++img) {
+                pad_image(x + (size_t)(b0 + img) * M * H * W, xp + img * ximg, M, &g);
+                pad_grad(gy + (size_t)(b0 + img) * N * H * W, gbuf + img * gimg, N, &g, gplane);
+            }
             const float *x0 = xp + g.first;
             for (int blk = 0; blk < nblk; ++blk) {
                 const int *bc = blk_cls + (size_t)blk * NB, *bo = blk_out + (size_t)blk * NB;
@@ -450,7 +471,7 @@ int hetconv_native_wgrad(const float *x, const float *gy, float *gc, float *gt,
                 float out[NB][4];
                 for (int e0 = 0; e0 < M; e0 += 4) {
                     const int ne = M - e0 < 4 ? M - e0 : 4;
-                    wgrad_block(gyp, x0, pe + e0, ne, g.nchunk, out);
+                    wgrad_block(gyp, gimg, x0, ximg, ng, pe + e0, ne, g.nchunk, out);
                     for (int i = 0; i < NB; ++i)
                         if (bo[i] >= 0)
                             for (int e = 0; e < ne; ++e) mine[(size_t)bo[i] * M + e0 + e] += out[i][e];
@@ -460,7 +481,7 @@ int hetconv_native_wgrad(const float *x, const float *gy, float *gc, float *gt,
                 float *gtm = mine + (size_t)N * M;
                 for (int e0 = 0; e0 < nte; e0 += 4) {
                     const int ne = nte - e0 < 4 ? nte - e0 : 4;
-                    wgrad_block(gyp, x0, tc + e0, ne, g.nchunk, out);
+                    wgrad_block(gyp, gimg, x0, ximg, ng, tc + e0, ne, g.nchunk, out);
                     for (int i = 0; i < NB; ++i)
                         if (bo[i] >= 0)
                             for (int e = 0; e < ne; ++e) gtm[(size_t)bo[i] * nte + e0 + e] += out[i][e];
