@@ -299,7 +299,7 @@ def _add_bench(sub) -> None:
     p.add_argument("--no-onnx", action="store_true", help="skip the onnxruntime model variant")
     p.add_argument("--pattern", choices=PATTERNS, default="shifted",
                    help="HetConv pattern of the per-layer candidates (default: shifted; the "
-                        "other pattern is always timed for the fused backend)")
+                        "other pattern is always timed for the fused and native backends)")
     p.add_argument("--max-minutes", type=float, default=None,
                    help="start no new item after this many minutes; report what was measured")
     p.set_defaults(func=_run_bench)
