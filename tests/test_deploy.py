@@ -218,17 +218,18 @@ def test_fusion_skips_outputs_used_twice_and_other_backends():
 
 
 @needs_native
-@pytest.mark.parametrize("layout", ["nchw", "channels_last", "stride2", "float64"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "stride2", "stride3", "float64"])
 def test_native_fused_falls_back_where_the_kernel_does_not_apply(layout, monkeypatch):
     torch.manual_seed(2)
-    stride = 2 if layout == "stride2" else 1
+    stride = {"stride2": 2, "stride3": 3}.get(layout, 1)
     dtype = torch.float64 if layout == "float64" else torch.float32
     layer = hetconv.HetConv2d(8, 6, 3, stride=stride, part=2, bias=True, backend="native").to(dtype)
     fused = deploy.NativeFused(layer, relu=True, residual=True)
     x = torch.randn(2, 8, 10, 10, dtype=dtype)
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
-    r = torch.randn(2, 6, 10 // stride, 10 // stride, dtype=dtype)
+    out = (10 - 1) // stride + 1
+    r = torch.randn(2, 6, out, out, dtype=dtype)
     calls = []
     real = hetconv.native.native_conv2d
     monkeypatch.setattr(hetconv.native, "native_conv2d",
@@ -237,5 +238,5 @@ def test_native_fused_falls_back_where_the_kernel_does_not_apply(layout, monkeyp
         got = fused(x, r)
         want = torch.relu(layer(x) + r)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-    # NCHW and channels_last (converted) run the kernel; stride 2 and float64 fall back
-    assert bool(calls) == (layout in ("nchw", "channels_last"))
+    # NCHW, channels_last (converted) and stride 2 run the kernel; stride 3, float64 fall back
+    assert bool(calls) == (layout in ("nchw", "channels_last", "stride2"))

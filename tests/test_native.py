@@ -41,10 +41,10 @@ def _weights(m, n, p, k=3, requires_grad=False, dtype=torch.float32):
     return wk, w1
 
 
-def _reference(x, wk, w1, bias, pattern, padding=None):
+def _reference(x, wk, w1, bias, pattern, padding=None, stride=1):
     kh, kw = wk.shape[2:]
     pad = (kh // 2, kw // 2) if padding is None else padding
-    return F.conv2d(x, HF.dense_weight(wk, w1, pattern), bias, 1, pad)
+    return F.conv2d(x, HF.dense_weight(wk, w1, pattern), bias, stride, pad)
 
 
 @pytest.mark.skipif(not HAS_CC or not sys.platform.startswith("linux"),
@@ -59,16 +59,17 @@ def test_kernel_builds_where_a_compiler_exists():
 @given(m_k=st.integers(1, 6), p=st.integers(1, 6), n=st.integers(1, 13),
        h=st.integers(1, 19), w=st.integers(1, 23), batch=st.integers(0, 3),
        k=st.sampled_from([(3, 3), (5, 5), (1, 3), (3, 1), (5, 3)]),
-       pattern=st.sampled_from(PATTERNS), bias=st.booleans())
-def test_forward_and_backward_match_dense_reference(m_k, p, n, h, w, batch, k, pattern, bias):
+       pattern=st.sampled_from(PATTERNS), bias=st.booleans(), stride=st.sampled_from([1, 2]))
+def test_forward_and_backward_match_dense_reference(m_k, p, n, h, w, batch, k, pattern, bias,
+                                                    stride):
     m = m_k * p
     torch.manual_seed(m * 1000 + n * 10 + h)
     wk = torch.randn(n, m_k, *k, requires_grad=True)
     w1 = torch.randn(n, m - m_k, requires_grad=True)
     b = torch.randn(n, requires_grad=True) if bias else None
     x = torch.randn(batch, m, h, w, requires_grad=True)
-    y = native.native_conv2d(x, wk, w1, b, pattern)
-    ref = _reference(x, wk, w1, b, pattern)
+    y = native.native_conv2d(x, wk, w1, b, pattern, stride=stride)
+    ref = _reference(x, wk, w1, b, pattern, stride=stride)
     assert y.shape == ref.shape and y.dtype == torch.float32
     torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
     leaves = [t for t in (x, wk, w1, b) if t is not None]
@@ -151,7 +152,8 @@ def test_channels_last_input_is_accepted():
 
 
 @pytest.mark.parametrize("kwargs,dtype", [
-    ({"stride": 2}, torch.float32), ({"dilation": 2}, torch.float32),
+    ({"stride": 3}, torch.float32), ({"stride": (1, 2)}, torch.float32),
+    ({"dilation": 2}, torch.float32),
     ({"padding": 0}, torch.float32), ({}, torch.float64)])
 def test_unsupported_calls_fall_back_to_the_other_backends(kwargs, dtype, runs):
     torch.manual_seed(5)
@@ -181,10 +183,17 @@ def test_auto_picks_native_for_narrow_nchw_layers_only():
         "native" if native.vectorized() else "dense")
     # channels_last input, stride 2, small outputs, P = 1: not native
     assert HF.select_backend(big.contiguous(memory_format=torch.channels_last), wk, w1) != "native"
-    assert HF.select_backend(big, wk, w1, stride=(2, 2)) != "native"
+    assert HF.select_backend(big, wk, w1, stride=(3, 3)) != "native"
     assert HF.select_backend(torch.randn(2, 16, 4, 4), wk, w1) != "native"
     assert HF.select_backend(big, torch.randn(16, 16, 3, 3), torch.randn(16, 0)) == "dense"
     assert HF.select_backend(big, wk, w1, native=False) != "native"
+    # stride 2: wide layers with large outputs, outside autograd only
+    wide_k, wide_1 = _weights(128, 128, 4)
+    wide = torch.randn(1, 128, 56, 56)
+    assert HF.select_backend(wide, wide_k, wide_1, stride=(2, 2)) == (
+        "native" if native.vectorized() else "fused")
+    assert HF.select_backend(wide, wide_k.requires_grad_(), wide_1, stride=(2, 2)) != "native"
+    assert HF.select_backend(big, wk, w1, stride=(2, 2)) != "native"
 
 
 @needs_kernel
@@ -222,6 +231,9 @@ CHECK = """
     ref = F.conv2d(x, HF.dense_weight(wk, w1), None, 1, 1)
     for a, b in zip(torch.autograd.grad(y, leaves, g), torch.autograd.grad(ref, leaves, g)):
         assert (a - b).abs().max() < 1e-3, (a - b).abs().max()
+    y2 = HF.het_conv2d(x, wk, w1, stride=2, backend="native")
+    ref2 = F.conv2d(x, HF.dense_weight(wk, w1), None, 2, 1)
+    assert (y2 - ref2).abs().max() < 1e-4, (y2 - ref2).abs().max()
     print(native.available(), native.vectorized(), native.build_error())
 """
 
@@ -272,3 +284,25 @@ def test_residual_of_the_wrong_shape_is_refused():
     wk, w1 = _weights(8, 4, 4)
     with pytest.raises(ValueError, match="residual must be"):
         native.native_conv2d(x, wk, w1, residual=torch.randn(2, 4, 5, 4))
+
+
+@needs_kernel
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("size", [(16, 16), (15, 9), (2, 3)])
+def test_stride_two_with_fused_epilogue(size, relu, runs):
+    torch.manual_seed(8)
+    x = torch.randn(2, 16, *size, requires_grad=True)
+    wk, w1 = _weights(16, 8, 4, requires_grad=True)
+    b = torch.randn(8, requires_grad=True)
+    ref = _reference(x, wk, w1, b, "shifted", stride=2)
+    r = torch.randn_like(ref, requires_grad=True)
+    y = HF.het_conv2d(x, wk, w1, b, stride=2, backend="native")
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
+    fused = native.native_conv2d(x, wk, w1, b, "shifted", relu=relu, residual=r, stride=2)
+    want = F.relu(ref + r) if relu else ref + r
+    torch.testing.assert_close(fused, want, rtol=1e-4, atol=1e-4)
+    assert len(runs) == 2
+    g = torch.randn_like(want)
+    leaves = (x, wk, w1, b, r)
+    for got, exp in zip(torch.autograd.grad(fused, leaves, g), torch.autograd.grad(want, leaves, g)):
+        torch.testing.assert_close(got, exp, rtol=1e-4, atol=1e-4)

@@ -166,7 +166,7 @@ class NativeFused(nn.Module):
 
     ``forward(x[, residual])`` equals ``relu(layer(x) + residual)`` (each part
     optional).  When the ``"native"`` kernel applies to the call (the layer's
-    backend is ``"native"``, float32 NCHW input, stride 1, ...) the sum and the
+    backend is ``"native"``, float32 input, stride 1 or 2, ...) the sum and the
     ReLU happen as the kernel stores each output value: no extra passes over
     the activations.  Otherwise the layer runs as usual and the sum and ReLU
     follow as separate ops.  Built by :func:`optimize_for_inference`.
@@ -185,7 +185,9 @@ class NativeFused(nn.Module):
         if HF._native.unsupported_reason(x, layer.weight_k, layer.stride, layer.padding,
                                          layer.dilation) is not None:
             return False
-        want = (x.shape[0], layer.out_channels, x.shape[2], x.shape[3])
+        s = layer.stride[0]
+        want = (x.shape[0], layer.out_channels) + tuple(
+            HF._native._out_size(size, k, s) for size, k in zip(x.shape[2:], layer.kernel_size))
         return residual is None or (tuple(residual.shape) == want
                                     and residual.dtype == torch.float32)
 
@@ -193,7 +195,7 @@ class NativeFused(nn.Module):
         layer = self.layer
         if self._native(x, residual):
             return HF._native.native_conv2d(x, layer.weight_k, layer.weight_1, layer.bias,
-                                            layer.pattern, self.relu, residual)
+                                            layer.pattern, self.relu, residual, layer.stride[0])
         y = layer(x)
         if residual is not None:
             y = y + residual

@@ -33,8 +33,9 @@ Backends
     (:mod:`hetconv.native`: centre taps as one dense pointwise matrix, the
     other taps on each filter's class channels only, vectorised over output
     pixels so narrow groups waste nothing; "shifted" costs no permutation).
-    CPU float32 NCHW, stride 1, dilation 1, "same" padding, odd kernels; the
-    backward pass is the dense reference's.  Where it does not apply (or the
+    CPU float32 NCHW, stride 1 or 2, dilation 1, padding ``kernel // 2``, odd
+    kernels; backward in C too (the input gradient of a stride-2 layer, or of
+    a layer with P not dividing N, is the dense reference's).  Where it does not apply (or the
     kernel could not be compiled) the call runs what ``"auto"`` would pick
     among the other backends.  Returns NCHW memory.
 ``"auto"``
@@ -72,6 +73,9 @@ NATIVE_MIN_AREA: int = 256
 NATIVE_MIN_AREA_NARROW: int = 64
 #: ... and, under autograd, on those narrow layers with small outputs only from this P on.
 NATIVE_MIN_PART_NARROW_TRAINING: int = 4
+#: Stride 2: ``"native"`` only outside autograd, for M >= FUSED_MIN_IN and outputs of at
+#: least this many pixels (ResNet-50's 128- and 256-channel stride-2 layers).
+NATIVE_MIN_AREA_STRIDED: int = 196
 
 #: ``"auto"``'s dense path runs NCHW (copying channels_last input) when the GEMM the
 #: convolution amounts to has at most this many rows (B*Ho*Wo) per input channel:
@@ -260,7 +264,11 @@ def select_backend(x: torch.Tensor, weight_k: torch.Tensor, weight_1: torch.Tens
       kernel built with AVX-512) and the output has >= :data:`NATIVE_MIN_AREA`
       (256) pixels, or >= :data:`NATIVE_MIN_AREA_NARROW` (64) on a layer the
       next rule does not send to ``"fused"`` (under autograd there only from
-      P = :data:`NATIVE_MIN_PART_NARROW_TRAINING` (4) on).  Measured
+      P = :data:`NATIVE_MIN_PART_NARROW_TRAINING` (4) on).  Stride 2: only
+      outside autograd, M >= 64 and >= :data:`NATIVE_MIN_AREA_STRIDED` (196)
+      output pixels (1.05-2.0x at P >= 4 on ResNet-50's 128->128 56x56 and
+      256->256 28x28 stride-2 layers; narrow stride-2 layers 0.75-1.1x, and
+      its backward uses the dense input gradient).  Measured
       (benchmarks/auto_rule_sweep.py): 1.2-4x of the best ``nn.Conv2d`` on
       ResNet-56's and VGG-16's 32x32/16x16 layers in inference, 1.0-2.9x
       forward+backward; on 4x4 and 2x2 outputs it loses (a 16-pixel vector
@@ -313,11 +321,13 @@ def _native_pick(x, weight_k, n, m, p, stride, dilation, padding) -> bool:
     if not _native.vectorized():
         return False
     area = _out_area(x, tuple(weight_k.shape[2:]), stride, padding, dilation)
+    training = torch.is_grad_enabled() and (x.requires_grad or weight_k.requires_grad)
+    if tuple(stride) != (1, 1):  # stride 2: its input gradient is the dense reference's
+        return not training and m >= FUSED_MIN_IN and area >= NATIVE_MIN_AREA_STRIDED
     if area >= NATIVE_MIN_AREA:
         return True
     if area < NATIVE_MIN_AREA_NARROW or (m >= FUSED_MIN_IN and n >= FUSED_MIN_OUT):
         return False
-    training = torch.is_grad_enabled() and (x.requires_grad or weight_k.requires_grad)
     return not training or p >= NATIVE_MIN_PART_NARROW_TRAINING
 
 
@@ -496,13 +506,13 @@ def het_conv2d(x: torch.Tensor, weight_k: torch.Tensor, weight_1: torch.Tensor,
     if backend == "native":
         if p > 1 and _native.unsupported_reason(x, weight_k, stride_, padding_,
                                                 dilation_) is None:
-            y = _native.native_conv2d(x, weight_k, weight_1, bias, pattern)
+            y = _native.native_conv2d(x, weight_k, weight_1, bias, pattern, stride=stride_[0])
             return y.squeeze(0) if unbatched else y
         backend = "auto"
     if backend == "auto":
         backend = select_backend(x, weight_k, weight_1, stride_, dilation_, pattern, padding_)
         if backend == "native":
-            y = _native.native_conv2d(x, weight_k, weight_1, bias, pattern)
+            y = _native.native_conv2d(x, weight_k, weight_1, bias, pattern, stride=stride_[0])
             return y.squeeze(0) if unbatched else y
         if backend == "dense" and x.is_contiguous(memory_format=torch.channels_last) and \
                 x.shape[0] * _out_area(x, kernel, stride_, padding_, dilation_) \

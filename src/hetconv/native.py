@@ -11,8 +11,8 @@ lanes and the multiply-adds are exactly FL_HC.  "shifted" costs no
 permutation: input planes are read, output planes written, through index
 lists.
 
-Scope: CPU, float32, NCHW, stride 1, dilation 1, "same" padding with an odd
-kernel.  The forward pass is the C kernel; the backward pass (when autograd
+Scope: CPU, float32, NCHW, stride 1 or 2, dilation 1, padding ``kernel // 2``
+with an odd kernel.  The forward pass is the C kernel; the backward pass (when autograd
 needs one) is the dense reference's (``aten.convolution_backward`` on the
 dense kernel): correct, at dense cost.
 
@@ -126,10 +126,10 @@ def _load() -> Optional[ctypes.CDLL]:
             i, p = ctypes.c_int, ctypes.c_void_p
             lib.hetconv_native_forward.restype = i
             lib.hetconv_native_forward.argtypes = ([p, p] + [i] * 6 + [p] * 5
-                                                   + [i, i, p, i, p, p, i, i, p, i, i])
+                                                   + [i, i, p, i, p, p, i, i, i, p, i, i])
             lib.hetconv_native_wgrad.restype = i
             lib.hetconv_native_wgrad.argtypes = ([p] * 4 + [i] * 6 + [p, p, i, i, p, i, p, p]
-                                                 + [i] * 3)
+                                                 + [i] * 4)
             lib.hetconv_native_isa.restype = i
             _LIB = lib
         except Exception as exc:  # no compiler, failed build, odd platform: fall back
@@ -165,10 +165,10 @@ def unsupported_reason(x: torch.Tensor, weight_k: torch.Tensor, stride: Tuple[in
         return f"dtype {x.dtype}: the native kernel computes float32 only"
     if torch.is_autocast_enabled("cpu"):
         return "autocast is on: the native kernel computes float32 only"
-    if tuple(stride) != (1, 1) or tuple(dilation) != (1, 1):
-        return "the native kernel supports stride 1 and dilation 1 only"
+    if tuple(stride) not in ((1, 1), (2, 2)) or tuple(dilation) != (1, 1):
+        return "the native kernel supports stride 1 or 2 (the same in both dims) and dilation 1"
     if kh % 2 == 0 or kw % 2 == 0 or tuple(padding) != (kh // 2, kw // 2):
-        return "the native kernel supports odd kernels with 'same' padding (kernel // 2) only"
+        return "the native kernel supports odd kernels with padding kernel // 2 only"
     if x.numel() >= 2 ** 31 or x.shape[0] * weight_k.shape[0] * x.shape[2] * x.shape[3] >= 2 ** 31:
         return "tensor too large for the native kernel's 32-bit plane indexing"
     if not available():
@@ -217,7 +217,7 @@ def _layout(n: int, m: int, p: int, pattern: str, kh: int, kw: int,
             "rows": out.clamp(min=0), "valid": (out >= 0).float(),
             "chan_of_slot": chan[slot_cls.clamp(min=0)],  # (nblk, 4, Mk)
             "ta": ta, "tb": tb, "nblk": len(blocks), "p": p, "mk": n_in // p, "T": len(taps),
-            "pad": (kh // 2, kw // 2), "n_out": n_out, "n_in": n_in,
+            "kernel": (kh, kw), "n_out": n_out, "n_in": n_in,
             "blk_class": slot_cls.to(i32).contiguous(), "blk_out": out.to(i32).contiguous(),
             "chan": chan.to(i32).contiguous(),
             "tap_dh": (ta - kh // 2).to(i32), "tap_dw": (tb - kw // 2).to(i32),
@@ -249,7 +249,7 @@ def _pack(weight_k: torch.Tensor, weight_1: torch.Tensor, bias: Optional[torch.T
     # The kernel's weight arguments as ctypes values, built once (the dict keeps the tensors).
     pk["args"] = (pk["nblk"], _ptr(pk["blk_class"]), _ptr(pk["blk_out"]), _ptr(pk["w1p"]),
                   _ptr(pk["wkp"]), _ptr(bp), pk["p"], pk["mk"], _ptr(pk["chan"]), pk["T"],
-                  _ptr(pk["tap_dh"]), _ptr(pk["tap_dw"]), pk["pad"][0], pk["pad"][1])
+                  _ptr(pk["tap_dh"]), _ptr(pk["tap_dw"]))
     return pk
 
 
@@ -271,7 +271,7 @@ def _packed(weight_k, weight_1, bias, pattern, n, m, p, transposed: bool = False
 
 
 def _wgrad(x: torch.Tensor, gy: torch.Tensor, weight_k: torch.Tensor, pattern: str,
-           n: int, m: int, p: int) -> Tuple[torch.Tensor, torch.Tensor]:
+           n: int, m: int, p: int, stride: int = 1) -> Tuple[torch.Tensor, torch.Tensor]:
     """Gradients of ``weight_k`` and ``weight_1`` by the C weight-gradient kernel."""
     from .functional import _indices
 
@@ -285,7 +285,7 @@ def _wgrad(x: torch.Tensor, gy: torch.Tensor, weight_k: torch.Tensor, pattern: s
     rc = _load().hetconv_native_wgrad(
         ptr(x), ptr(gy), ptr(gc), ptr(gt), b, m, n, h, w, lay["nblk"], ptr(lay["blk_class"]),
         ptr(lay["blk_out"]), p, lay["mk"], ptr(lay["chan"]), lay["T"], ptr(lay["tap_dh"]),
-        ptr(lay["tap_dw"]), lay["pad"][0], lay["pad"][1], torch.get_num_threads())
+        ptr(lay["tap_dw"]), stride, kh, kw, torch.get_num_threads())
     if rc != 0:
         raise RuntimeError(f"hetconv native weight-gradient kernel failed (code {rc})")
     idx = _indices(m, n, p, pattern, x.device)
@@ -297,23 +297,29 @@ def _wgrad(x: torch.Tensor, gy: torch.Tensor, weight_k: torch.Tensor, pattern: s
     return gwk.view(n, lay["mk"], kh, kw), gc.gather(1, idx["pw"])
 
 
+def _out_size(size: int, k: int, stride: int) -> int:
+    return (size + 2 * (k // 2) - k) // stride + 1
+
+
 def _run(x: torch.Tensor, pk: dict, n: int, relu: bool = False,
-         residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+         residual: Optional[torch.Tensor] = None, stride: int = 1) -> torch.Tensor:
     lib = _load()
     if lib is None:
         raise RuntimeError(f"hetconv native kernel unavailable ({build_error()})")
     x = x.contiguous()
     b, m, h, w = x.shape
-    y = torch.empty(b, n, h, w, dtype=x.dtype)
+    kh, kw = pk["kernel"]
+    shape = (b, n, _out_size(h, kh, stride), _out_size(w, kw, stride))
+    y = torch.empty(shape, dtype=x.dtype)
     if residual is not None:
-        if tuple(residual.shape) != (b, n, h, w) or residual.dtype != torch.float32:
-            raise ValueError(f"residual must be a float32 tensor of shape {(b, n, h, w)}, got "
+        if tuple(residual.shape) != shape or residual.dtype != torch.float32:
+            raise ValueError(f"residual must be a float32 tensor of shape {shape}, got "
                              f"{residual.dtype} {tuple(residual.shape)}")
         residual = residual.contiguous()
     if b == 0:
         return y
-    rc = lib.hetconv_native_forward(_ptr(x), _ptr(y), b, m, n, h, w, *pk["args"], _ptr(residual),
-                                    int(relu), torch.get_num_threads())
+    rc = lib.hetconv_native_forward(_ptr(x), _ptr(y), b, m, n, h, w, *pk["args"], stride, kh, kw,
+                                    _ptr(residual), int(relu), torch.get_num_threads())
     if rc != 0:
         raise RuntimeError(f"hetconv native kernel failed (code {rc})")
     return y
@@ -330,20 +336,23 @@ def _shapes(weight_k: torch.Tensor, weight_1: torch.Tensor) -> Tuple[int, int, i
 @torch.library.custom_op("hetconv::native_conv2d", mutates_args=())
 def _native_op(x: torch.Tensor, weight_k: torch.Tensor, weight_1: torch.Tensor,
                bias: Optional[torch.Tensor], pattern: str, relu: bool,
-               residual: Optional[torch.Tensor]) -> torch.Tensor:
+               residual: Optional[torch.Tensor], stride: int) -> torch.Tensor:
     n, m, p = _shapes(weight_k, weight_1)
-    return _run(x, _packed(weight_k, weight_1, bias, pattern, n, m, p), n, relu, residual)
+    return _run(x, _packed(weight_k, weight_1, bias, pattern, n, m, p), n, relu, residual,
+                stride)
 
 
 @_native_op.register_fake
-def _native_op_fake(x, weight_k, weight_1, bias, pattern, relu, residual):
-    return x.new_empty((x.shape[0], weight_k.shape[0], x.shape[2], x.shape[3]))
+def _native_op_fake(x, weight_k, weight_1, bias, pattern, relu, residual, stride):
+    kh, kw = weight_k.shape[2:]
+    return x.new_empty((x.shape[0], weight_k.shape[0], _out_size(x.shape[2], kh, stride),
+                        _out_size(x.shape[3], kw, stride)))
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight_k, weight_1, bias, pattern, relu, residual = inputs
+    x, weight_k, weight_1, bias, pattern, relu, residual, stride = inputs
     ctx.save_for_backward(x, weight_k, weight_1, output if relu else None)
-    ctx.pattern, ctx.has_bias = pattern, bias is not None
+    ctx.pattern, ctx.has_bias, ctx.stride = pattern, bias is not None, stride
 
 
 def _input_grad(gy: torch.Tensor, weight_k: torch.Tensor, weight_1: torch.Tensor,
@@ -363,9 +372,10 @@ def _input_grad_fake(gy, weight_k, weight_1, pattern):
 
 
 def _weight_grad(x: torch.Tensor, gy: torch.Tensor, weight_k: torch.Tensor,
-                 weight_1: torch.Tensor, pattern: str) -> Tuple[torch.Tensor, torch.Tensor]:
+                 weight_1: torch.Tensor, pattern: str,
+                 stride: int) -> Tuple[torch.Tensor, torch.Tensor]:
     n, m, p = _shapes(weight_k, weight_1)
-    return _wgrad(x, gy, weight_k, pattern, n, m, p)
+    return _wgrad(x, gy, weight_k, pattern, n, m, p, stride)
 
 
 _weight_grad_op = torch.library.custom_op("hetconv::native_conv2d_weight_grad",
@@ -373,13 +383,13 @@ _weight_grad_op = torch.library.custom_op("hetconv::native_conv2d_weight_grad",
 
 
 @_weight_grad_op.register_fake
-def _weight_grad_fake(x, gy, weight_k, weight_1, pattern):
+def _weight_grad_fake(x, gy, weight_k, weight_1, pattern, stride):
     return weight_k.new_empty(weight_k.shape), weight_1.new_empty(weight_1.shape)
 
 
 def _backward(ctx, gy):
-    """Input gradient: the C kernel on ``gy`` with the kernel transposed (needs P | N, else
-    the dense reference's); weight gradients: the C weight-gradient kernel."""
+    """Input gradient: the C kernel on ``gy`` with the kernel transposed (needs stride 1 and
+    P | N, else the dense reference's); weight gradients: the C weight-gradient kernel."""
     from .functional import _assemble_dense
 
     x, weight_k, weight_1, out = ctx.saved_tensors
@@ -393,20 +403,21 @@ def _backward(ctx, gy):
     # torch.library ops while torch.compile traces; plain calls in eager mode (an op call
     # costs ~0.1 ms of Python dispatch, as much as a small layer's whole kernel)
     compiling = torch.compiler.is_compiling()
-    if need_x and n % p == 0:
+    s = ctx.stride
+    if need_x and n % p == 0 and s == 1:
         gx = (_input_grad_op if compiling else _input_grad)(gy, weight_k, weight_1, ctx.pattern)
     elif need_x:
         dense = _assemble_dense(weight_k.detach(), weight_1.detach(), ctx.pattern, n, m, p)
         gx = torch.ops.aten.convolution_backward(
-            gy, x, dense, None, [1, 1], [kh // 2, kw // 2], [1, 1], False, [0, 0], 1,
+            gy, x, dense, None, [s, s], [kh // 2, kw // 2], [1, 1], False, [0, 0], 1,
             [True, False, False])[0]
     if need_wk or need_w1:
         gwk, gw1 = (_weight_grad_op if compiling else _weight_grad)(x, gy, weight_k, weight_1,
-                                                                    ctx.pattern)
+                                                                    ctx.pattern, s)
     if need_b and ctx.has_bias:
         gb = gy.sum((0, 2, 3))
     gr = gy if ctx.needs_input_grad[6] else None
-    return gx, (gwk if need_wk else None), (gw1 if need_w1 else None), gb, None, None, gr
+    return gx, (gwk if need_wk else None), (gw1 if need_w1 else None), gb, None, None, gr, None
 
 
 _native_op.register_autograd(_backward, setup_context=_setup_context)
@@ -414,22 +425,25 @@ _native_op.register_autograd(_backward, setup_context=_setup_context)
 
 def native_conv2d(x: torch.Tensor, weight_k: torch.Tensor, weight_1: torch.Tensor,
                   bias: Optional[torch.Tensor] = None, pattern: str = "shifted",
-                  relu: bool = False, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+                  relu: bool = False, residual: Optional[torch.Tensor] = None,
+                  stride: int = 1) -> torch.Tensor:
     """HetConv of ``x`` (B, M, H, W) by the C kernel, optionally fused with what follows it.
 
     Computes ``relu(conv(x) + residual)`` with the sum and the ReLU applied
     as each output value is stored (no extra pass over the activations);
-    ``residual`` (B, N, H, W) and ``relu`` are optional.  Callers check
-    :func:`unsupported_reason` first (``het_conv2d`` does); the result is
-    NCHW float32.
+    ``residual`` (B, N, Ho, Wo) and ``relu`` are optional; ``stride`` 1 or 2,
+    padding ``kernel // 2``.  Callers check :func:`unsupported_reason` first
+    (``het_conv2d`` does); the result is NCHW float32.
     """
+    if stride not in (1, 2):
+        raise ValueError(f"stride must be 1 or 2 for the native kernel, got {stride!r}")
     if torch.compiler.is_compiling():
-        return _native_op(x, weight_k, weight_1, bias, pattern, relu, residual)
+        return _native_op(x, weight_k, weight_1, bias, pattern, relu, residual, stride)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                        for t in (x, weight_k, weight_1, bias, residual)):
-        return _NativeFunction.apply(x, weight_k, weight_1, bias, pattern, relu, residual)
+        return _NativeFunction.apply(x, weight_k, weight_1, bias, pattern, relu, residual, stride)
     n, m, p = _shapes(weight_k, weight_1)
-    return _run(x, _packed(weight_k, weight_1, bias, pattern, n, m, p), n, relu, residual)
+    return _run(x, _packed(weight_k, weight_1, bias, pattern, n, m, p), n, relu, residual, stride)
 
 
 class _NativeFunction(torch.autograd.Function):
@@ -437,10 +451,11 @@ class _NativeFunction(torch.autograd.Function):
     op's dispatch cost)."""
 
     @staticmethod
-    def forward(ctx, x, weight_k, weight_1, bias, pattern, relu, residual):
+    def forward(ctx, x, weight_k, weight_1, bias, pattern, relu, residual, stride):
         n, m, p = _shapes(weight_k, weight_1)
-        out = _run(x, _packed(weight_k, weight_1, bias, pattern, n, m, p), n, relu, residual)
-        _setup_context(ctx, (x, weight_k, weight_1, bias, pattern, relu, residual), out)
+        out = _run(x, _packed(weight_k, weight_1, bias, pattern, n, m, p), n, relu, residual,
+                   stride)
+        _setup_context(ctx, (x, weight_k, weight_1, bias, pattern, relu, residual, stride), out)
         return out
 
     backward = staticmethod(_backward)

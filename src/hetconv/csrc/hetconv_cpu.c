@@ -51,35 +51,60 @@ int hetconv_native_isa(void) {
 #endif
 }
 
-int hetconv_native_version(void) { return 2; }
+int hetconv_native_version(void) { return 3; }
 
 /*
  * Geometry.  Each image is copied (by the thread that computes it, into a
- * buffer that stays in L2) into zero-padded planes: ph zero rows above and
- * below, rows of Wp = W + pw floats (the pw zero columns after each row are
- * also the left border of the next row).  Outputs are computed at every
- * position of the H padded rows (the pw border columns are computed and
- * thrown away: pw / (W + pw) of the work), so every tap is a plain unaligned
- * load at a fixed offset: no masks in the inner loop.  Each 16-position chunk
- * is written out with a compress (its valid lanes are consecutive output
- * pixels) and one masked store.
+ * buffer that stays in L2) into zero-padded planes, and outputs are computed
+ * at every position of a regular grid of rows, some of whose columns are
+ * thrown away, so every tap is a plain unaligned load at a fixed offset: no
+ * masks in the inner loop.  Each 16-position chunk is written out with a
+ * compress (its valid lanes are consecutive output pixels) and one masked
+ * store.
+ *
+ * Stride 1: per channel one plane of ph zero rows, the H rows of Wp = W + pw
+ *   floats (the pw zero columns after each row are also the left border of the
+ *   next row) and ph zero rows; computed positions are the H rows (pw / (W + pw)
+ *   of them thrown away).  Tap (u, v) is at offset (u - ph) * Wp + (v - pw).
+ * Stride 2: per channel four phase planes, phase (a, b) holding the padded
+ *   input's rows 2i + a and columns 2j + b, of Hq = Ho + (Kh - 1) / 2 rows of
+ *   Wp = Wo + (Kw - 1) / 2 floats; computed positions are the Ho rows of the
+ *   phase grid (columns >= Wo thrown away), and tap (u, v) is phase
+ *   (u % 2, v % 2) at offset (u / 2) * Wp + v / 2: a strided convolution
+ *   becomes four contiguous ones.
  */
 typedef struct {
-    int H, W, ph, pw, Wp, PS;   /* PS: padded plane size */
+    int H, W, Ho, Wo, s, ph, pw, Wp, PS;  /* PS: storage per channel */
+    int QS, Hq;                 /* stride 2: phase plane size and rows */
     int nchunk;                 /* chunks of computed positions */
     int npb, *pb_start, *pb_len;/* pixel blocks: runs of at most NCMAX chunks */
-    int first;                  /* first computed position: row ph, column 0 */
+    int first;                  /* first computed position within a channel's storage */
+    int lead, slack;            /* buffer margins before the first and after the last channel */
     uint16_t *smask;            /* per chunk: lanes that are real output pixels */
     int *sidx;                  /* per chunk: output index of the first such lane */
 } geom_t;
 
-static int geom_init(geom_t *g, int H, int W, int ph, int pw) {
+static int geom_init(geom_t *g, int H, int W, int s, int kh, int kw, int ph, int pw) {
     memset(g, 0, sizeof(*g));
-    g->H = H; g->W = W; g->ph = ph; g->pw = pw;
-    g->Wp = W + pw;
-    g->PS = (H + 2 * ph) * g->Wp + pw;  /* + pw: the last row's right border */
-    g->first = ph * g->Wp;
-    const int count = H * g->Wp;
+    g->H = H; g->W = W; g->s = s; g->ph = ph; g->pw = pw;
+    g->Ho = (H + 2 * ph - kh) / s + 1;
+    g->Wo = (W + 2 * pw - kw) / s + 1;
+    if (s == 1) {
+        g->Wp = W + pw;
+        g->PS = (H + 2 * ph) * g->Wp + pw;  /* + pw: the last row's right border */
+        g->first = ph * g->Wp;
+        g->lead = pw + VL;
+        g->slack = 2 * VL + ph * g->Wp + pw;
+    } else {
+        g->Wp = g->Wo + (kw - 1) / 2;
+        g->Hq = g->Ho + (kh - 1) / 2;
+        g->QS = g->Hq * g->Wp;
+        g->PS = 4 * g->QS;
+        g->first = 0;
+        g->lead = VL;
+        g->slack = 2 * VL + 2 * g->Wp + 2;
+    }
+    const int count = g->Ho * g->Wp;
     g->nchunk = (count + VL - 1) / VL;
     g->npb = (g->nchunk + NCMAX - 1) / NCMAX;
     g->smask = (uint16_t *)calloc((size_t)g->nchunk, sizeof(uint16_t));
@@ -100,9 +125,9 @@ static int geom_init(geom_t *g, int H, int W, int ph, int pw) {
             const int pos = q * VL + l;  /* relative to first */
             if (pos >= count) break;
             const int r = pos / g->Wp, c = pos % g->Wp;
-            if (c >= W) continue;
+            if (c >= g->Wo) continue;
             g->smask[q] |= (uint16_t)(1u << l);
-            if (!found) { g->sidx[q] = r * W + c; found = 1; }
+            if (!found) { g->sidx[q] = r * g->Wo + c; found = 1; }
         }
     }
     return 0;
@@ -110,23 +135,64 @@ static int geom_init(geom_t *g, int H, int W, int ph, int pw) {
 
 static void geom_free(geom_t *g) { free(g->smask); free(g->sidx); free(g->pb_start); free(g->pb_len); }
 
+/* Offset of kernel tap (u, v) from a computed position, within a channel's storage. */
+static int geom_tap(const geom_t *g, int u, int v) {
+    if (g->s == 1) return (u - g->ph) * g->Wp + (v - g->pw);
+    return ((u % 2) * 2 + v % 2) * g->QS + (u / 2) * g->Wp + v / 2;
+}
+
+static inline void copy_row(float *dst, const float *src, int n) {
+#if defined(__AVX512F__)
+    int w = 0;
+    for (; w + VL <= n; w += VL) _mm512_storeu_ps(dst + w, _mm512_loadu_ps(src + w));
+    if (w < n) {
+        const __mmask16 m = (__mmask16)((1u << (n - w)) - 1u);
+        _mm512_mask_storeu_ps(dst + w, m, _mm512_maskz_loadu_ps(m, src + w));
+    }
+#else
+    memcpy(dst, src, sizeof(float) * (size_t)n);
+#endif
+}
+
+/* dst[k] = src[2k] for k < n (the even elements of 2n - 1 floats). */
+static inline void copy_even(float *dst, const float *src, int n) {
+    int k = 0;
+#if defined(__AVX512F__)
+    const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+    for (; k + VL <= n; k += VL) {
+        const __mmask16 hi = (__mmask16)(k + VL < n ? 0xFFFF : 0x7FFF);  /* never past 2n - 1 */
+        const __m512 a = _mm512_loadu_ps(src + 2 * k);
+        const __m512 b = _mm512_maskz_loadu_ps(hi, src + 2 * k + VL);
+        _mm512_storeu_ps(dst + k, _mm512_permutex2var_ps(a, even, b));
+    }
+#endif
+    for (; k < n; ++k) dst[k] = src[2 * k];
+}
+
 /* Zero-padded copy of one image's M planes (borders of buf are already zero). */
 static void pad_image(const float *xb, float *buf, int M, const geom_t *g) {
     const int H = g->H, W = g->W;
     for (int c = 0; c < M; ++c) {
         const float *src = xb + (size_t)c * H * W;
-        float *dst = buf + (size_t)c * g->PS + g->ph * g->Wp;
-        for (int r = 0; r < H; ++r, src += W, dst += g->Wp) {
-#if defined(__AVX512F__)
-            int w = 0;
-            for (; w + VL <= W; w += VL) _mm512_storeu_ps(dst + w, _mm512_loadu_ps(src + w));
-            if (w < W) {
-                const __mmask16 m = (__mmask16)((1u << (W - w)) - 1u);
-                _mm512_mask_storeu_ps(dst + w, m, _mm512_maskz_loadu_ps(m, src + w));
+        float *base = buf + (size_t)c * g->PS;
+        if (g->s == 1) {
+            float *dst = base + g->ph * g->Wp;
+            for (int r = 0; r < H; ++r) copy_row(dst + (size_t)r * g->Wp, src + (size_t)r * W, W);
+            continue;
+        }
+        for (int r = 0; r < H; ++r) {  /* padded row r + ph: phase row (r + ph) % 2 */
+            const int pr = r + g->ph, a = pr % 2, i = pr / 2;
+            if (i >= g->Hq) continue;
+            for (int b = 0; b < 2; ++b) {
+                /* padded column 2j + b = input column 2j + b - pw, inside [0, W) */
+                int j0 = (g->pw - b + 1) / 2;
+                if (j0 < 0) j0 = 0;
+                int j1 = (W - 1 + g->pw - b) / 2;  /* last j with column < W */
+                if (j1 > g->Wp - 1) j1 = g->Wp - 1;
+                if (j1 < j0) continue;
+                float *dst = base + (a * 2 + b) * g->QS + (size_t)i * g->Wp + j0;
+                copy_even(dst, src + (size_t)r * W + 2 * j0 + b - g->pw, j1 - j0 + 1);
             }
-#else
-            memcpy(dst, src, sizeof(float) * (size_t)W);
-#endif
         }
     }
 }
@@ -260,22 +326,24 @@ int hetconv_native_forward(const float *x, float *y, int B, int M, int N, int H,
                            int nblk, const int *blk_cls, const int *blk_out,
                            const float *w1p, const float *wkp, const float *bp,
                            int P, int Mk, const int *chan, int T, const int *tap_dh,
-                           const int *tap_dw, int ph, int pw, const float *res, int relu,
-                           int nthreads) {
+                           const int *tap_dw, int stride, int kh, int kw, const float *res,
+                           int relu, int nthreads) {
     if (B < 0 || M < 1 || N < 1 || H < 1 || W < 1 || nblk < 1 || P < 1 || Mk < 0 || T < 0 ||
-        ph < 0 || pw < 0)
+        (stride != 1 && stride != 2) || kh < 1 || kw < 1 || kh % 2 == 0 || kw % 2 == 0)
         return -1;
     geom_t g;
-    if (geom_init(&g, H, W, ph, pw)) { geom_free(&g); return -2; }
+    if (geom_init(&g, H, W, stride, kh, kw, kh / 2, kw / 2)) { geom_free(&g); return -2; }
+    const int HWo = g.Ho * g.Wo;
     const int nte = Mk * T;
     int *pe = (int *)malloc(sizeof(int) * (size_t)M);
     int *te = (int *)malloc(sizeof(int) * (size_t)P * (size_t)(nte > 0 ? nte : 1));
     if (!pe || !te) { free(pe); free(te); geom_free(&g); return -2; }
-    for (int c = 0; c < M; ++c) pe[c] = c * g.PS;
+    for (int c = 0; c < M; ++c) pe[c] = c * g.PS + geom_tap(&g, kh / 2, kw / 2);
     for (int p = 0; p < P; ++p)
         for (int j = 0; j < Mk; ++j)
             for (int t = 0; t < T; ++t)
-                te[(size_t)p * nte + j * T + t] = chan[p * Mk + j] * g.PS + tap_dh[t] * g.Wp + tap_dw[t];
+                te[(size_t)p * nte + j * T + t] = chan[p * Mk + j] * g.PS +
+                    geom_tap(&g, tap_dh[t] + kh / 2, tap_dw[t] + kw / 2);
     /* Work items: (image, group of filter blocks); groups only when images are too few. */
     if (nthreads < 1) nthreads = 1;
     int groups = 1;
@@ -283,7 +351,7 @@ int hetconv_native_forward(const float *x, float *y, int B, int M, int N, int H,
     const int per_group = (nblk + groups - 1) / groups;
     const long total = (long)B * groups;
     /* padded image + slack for the last block's overrun (reads only feed discarded lanes) */
-    const size_t lead = (size_t)(g.pw + VL), slack = (size_t)(2 * VL + g.ph * g.Wp + g.pw);
+    const size_t lead = (size_t)g.lead, slack = (size_t)g.slack;
     const size_t buf_len = lead + (size_t)M * g.PS + slack;
     int status = 0;
 #pragma omp parallel num_threads(nthreads) if (total > 1)
@@ -300,7 +368,7 @@ int hetconv_native_forward(const float *x, float *y, int B, int M, int N, int H,
             const int b = (int)(it / groups), grp = (int)(it % groups);
             float *xp = buf + lead;
             if (b != last_b) { pad_image(x + (size_t)b * M * H * W, xp, M, &g); last_b = b; }
-            float *yb = y + (size_t)b * N * H * W;
+            float *yb = y + (size_t)b * N * HWo;
             const int end = (grp + 1) * per_group < nblk ? (grp + 1) * per_group : nblk;
             for (int pb = 0; pb < g.npb; ++pb) {
                 const int q0 = g.pb_start[pb], nch = g.pb_len[pb];
@@ -311,8 +379,8 @@ int hetconv_native_forward(const float *x, float *y, int B, int M, int N, int H,
                     const int *bc = blk_cls + (size_t)blk * NB, *bo = blk_out + (size_t)blk * NB;
                     int shared = 1, c0 = -1;
                     for (int i = 0; i < NB; ++i) {
-                        yo[i] = bo[i] >= 0 ? yb + (size_t)bo[i] * H * W : NULL;
-                        ro[i] = (res && bo[i] >= 0) ? res + ((size_t)b * N + bo[i]) * H * W : NULL;
+                        yo[i] = bo[i] >= 0 ? yb + (size_t)bo[i] * HWo : NULL;
+                        ro[i] = (res && bo[i] >= 0) ? res + ((size_t)b * N + bo[i]) * HWo : NULL;
                         tei[i] = bc[i] >= 0 ? te + (size_t)bc[i] * nte : NULL;
                         if (bc[i] >= 0) {
                             if (c0 < 0) c0 = bc[i];
@@ -347,7 +415,7 @@ int hetconv_native_forward(const float *x, float *y, int B, int M, int N, int H,
  * gc (N, M) and gt (N, Mk, T) are overwritten.  Returns 0 or a negative code.
  */
 static void pad_grad(const float *gyb, float *buf, int N, const geom_t *g, int plane) {
-    const int H = g->H, W = g->W;
+    const int H = g->Ho, W = g->Wo;
     for (int n = 0; n < N; ++n) {
         const float *src = gyb + (size_t)n * H * W;
         float *dst = buf + (size_t)n * plane;
@@ -410,12 +478,14 @@ static void wgrad_block(const float *const gyp[NB], size_t gstride, const float 
 int hetconv_native_wgrad(const float *x, const float *gy, float *gc, float *gt,
                          int B, int M, int N, int H, int W, int nblk, const int *blk_cls,
                          const int *blk_out, int P, int Mk, const int *chan, int T,
-                         const int *tap_dh, const int *tap_dw, int ph, int pw, int nthreads) {
+                         const int *tap_dh, const int *tap_dw, int stride, int kh, int kw,
+                         int nthreads) {
     if (B < 0 || M < 1 || N < 1 || H < 1 || W < 1 || nblk < 1 || P < 1 || Mk < 0 || T < 0 ||
-        ph < 0 || pw < 0)
+        (stride != 1 && stride != 2) || kh < 1 || kw < 1 || kh % 2 == 0 || kw % 2 == 0)
         return -1;
     geom_t g;
-    if (geom_init(&g, H, W, ph, pw)) { geom_free(&g); return -2; }
+    if (geom_init(&g, H, W, stride, kh, kw, kh / 2, kw / 2)) { geom_free(&g); return -2; }
+    const int HWo = g.Ho * g.Wo;
     const int nte = Mk * T;
     const size_t per = (size_t)N * M + (size_t)N * nte;  /* one partial gradient */
     if (nthreads < 1) nthreads = 1;
@@ -423,13 +493,14 @@ int hetconv_native_wgrad(const float *x, const float *gy, float *gc, float *gt,
     int *pe = (int *)malloc(sizeof(int) * (size_t)M);
     int *te = (int *)malloc(sizeof(int) * (size_t)P * (size_t)(nte > 0 ? nte : 1));
     if (!partial || !pe || !te) { free(partial); free(pe); free(te); geom_free(&g); return -2; }
-    for (int c = 0; c < M; ++c) pe[c] = c * g.PS;
+    for (int c = 0; c < M; ++c) pe[c] = c * g.PS + geom_tap(&g, kh / 2, kw / 2);
     for (int p = 0; p < P; ++p)
         for (int j = 0; j < Mk; ++j)
             for (int t = 0; t < T; ++t)
-                te[(size_t)p * nte + j * T + t] = chan[p * Mk + j] * g.PS + tap_dh[t] * g.Wp + tap_dw[t];
+                te[(size_t)p * nte + j * T + t] = chan[p * Mk + j] * g.PS +
+                    geom_tap(&g, tap_dh[t] + kh / 2, tap_dw[t] + kw / 2);
     const int gplane = g.nchunk * VL;  /* gy planes hold whole chunks (tail zero) */
-    const size_t lead = (size_t)(g.pw + VL), slack = (size_t)(2 * VL + g.ph * g.Wp + g.pw);
+    const size_t lead = (size_t)g.lead, slack = (size_t)g.slack;
     const size_t ximg = (size_t)M * g.PS + slack, gimg = (size_t)N * gplane;
     int WG = (WG_CHUNKS + g.nchunk - 1) / g.nchunk;
     if (WG > WG_MAX) WG = WG_MAX;
@@ -460,7 +531,7 @@ int hetconv_native_wgrad(const float *x, const float *gy, float *gc, float *gt,
             float *xp = xbuf + lead;
             for (int img = 0; img < ng; ++img) {
                 pad_image(x + (size_t)(b0 + img) * M * H * W, xp + img * ximg, M, &g);
-                pad_grad(gy + (size_t)(b0 + img) * N * H * W, gbuf + img * gimg, N, &g, gplane);
+                pad_grad(gy + (size_t)(b0 + img) * N * HWo, gbuf + img * gimg, N, &g, gplane);
             }
             const float *x0 = xp + g.first;
             for (int blk = 0; blk < nblk; ++blk) {
