@@ -428,32 +428,34 @@ static void pad_grad(const float *gyb, float *buf, int N, const geom_t *g, int p
 #define WG_CHUNKS 64
 #define WG_MAX 16
 
+#define WE 6  /* weights (entries) per weight-gradient block */
+
 #if defined(__AVX512F__)
-/* out[i][e] = sum over the ng images' chunks of gy_i * x_e; 4 filters x ne (<= 4) entries. */
+/* out[i][e] = sum over the ng images' chunks of gy_i * x_e; 4 filters x ne (<= WE) entries
+ * in 24 registers: per chunk 4 + WE loads feed 4 * WE FMAs. */
 static inline void wgrad_block(const float *const gyp[NB], size_t gstride, const float *x0,
                                size_t xstride, int ng, const int *off, int ne, int nchunk,
-                               float out[NB][4]) {
-    __m512 acc[NB][4];
+                               float out[NB][WE]) {
+    __m512 acc[NB][WE];
     for (int i = 0; i < NB; ++i)
-        for (int e = 0; e < 4; ++e) acc[i][e] = _mm512_setzero_ps();
+        for (int e = 0; e < WE; ++e) acc[i][e] = _mm512_setzero_ps();
+    int o[WE];
+    for (int e = 0; e < WE; ++e) o[e] = off[e < ne ? e : 0];
     for (int img = 0; img < ng; ++img) {
         const float *xi = x0 + (size_t)img * xstride;
-        const float *x1 = xi + off[0], *x2 = xi + off[ne > 1 ? 1 : 0];
-        const float *x3 = xi + off[ne > 2 ? 2 : 0], *x4 = xi + off[ne > 3 ? 3 : 0];
         const float *gp0 = gyp[0] + img * gstride, *gp1 = gyp[1] + img * gstride;
         const float *gp2 = gyp[2] + img * gstride, *gp3 = gyp[3] + img * gstride;
         for (int q = 0; q < nchunk; ++q) {
             const int p = q * VL;
             const __m512 g0 = _mm512_loadu_ps(gp0 + p), g1 = _mm512_loadu_ps(gp1 + p);
             const __m512 g2 = _mm512_loadu_ps(gp2 + p), g3 = _mm512_loadu_ps(gp3 + p);
-            const __m512 xs[4] = {_mm512_loadu_ps(x1 + p), _mm512_loadu_ps(x2 + p),
-                                  _mm512_loadu_ps(x3 + p), _mm512_loadu_ps(x4 + p)};
-#pragma GCC unroll 4
-            for (int e = 0; e < 4; ++e) {
-                acc[0][e] = _mm512_fmadd_ps(g0, xs[e], acc[0][e]);
-                acc[1][e] = _mm512_fmadd_ps(g1, xs[e], acc[1][e]);
-                acc[2][e] = _mm512_fmadd_ps(g2, xs[e], acc[2][e]);
-                acc[3][e] = _mm512_fmadd_ps(g3, xs[e], acc[3][e]);
+#pragma GCC unroll 6
+            for (int e = 0; e < WE; ++e) {
+                const __m512 xv = _mm512_loadu_ps(xi + o[e] + p);
+                acc[0][e] = _mm512_fmadd_ps(g0, xv, acc[0][e]);
+                acc[1][e] = _mm512_fmadd_ps(g1, xv, acc[1][e]);
+                acc[2][e] = _mm512_fmadd_ps(g2, xv, acc[2][e]);
+                acc[3][e] = _mm512_fmadd_ps(g3, xv, acc[3][e]);
             }
         }
     }
@@ -463,7 +465,7 @@ static inline void wgrad_block(const float *const gyp[NB], size_t gstride, const
 #else
 static void wgrad_block(const float *const gyp[NB], size_t gstride, const float *x0,
                         size_t xstride, int ng, const int *off, int ne, int nchunk,
-                        float out[NB][4]) {
+                        float out[NB][WE]) {
     for (int i = 0; i < NB; ++i)
         for (int e = 0; e < ne; ++e) {
             float s = 0.f;
@@ -539,9 +541,9 @@ int hetconv_native_wgrad(const float *x, const float *gy, float *gc, float *gt,
                 const float *gyp[NB];
                 for (int i = 0; i < NB; ++i)
                     gyp[i] = gbuf + (size_t)(bo[i] >= 0 ? bo[i] : bo[0]) * gplane;
-                float out[NB][4];
-                for (int e0 = 0; e0 < M; e0 += 4) {
-                    const int ne = M - e0 < 4 ? M - e0 : 4;
+                float out[NB][WE];
+                for (int e0 = 0; e0 < M; e0 += WE) {
+                    const int ne = M - e0 < WE ? M - e0 : WE;
                     wgrad_block(gyp, gimg, x0, ximg, ng, pe + e0, ne, g.nchunk, out);
                     for (int i = 0; i < NB; ++i)
                         if (bo[i] >= 0)
@@ -550,8 +552,8 @@ int hetconv_native_wgrad(const float *x, const float *gy, float *gc, float *gt,
                 if (bc[0] < 0 || nte == 0) continue;
                 const int *tc = te + (size_t)bc[0] * nte;
                 float *gtm = mine + (size_t)N * M;
-                for (int e0 = 0; e0 < nte; e0 += 4) {
-                    const int ne = nte - e0 < 4 ? nte - e0 : 4;
+                for (int e0 = 0; e0 < nte; e0 += WE) {
+                    const int ne = nte - e0 < WE ? nte - e0 : WE;
                     wgrad_block(gyp, gimg, x0, ximg, ng, tc + e0, ne, g.nchunk, out);
                     for (int i = 0; i < NB; ++i)
                         if (bo[i] >= 0)
