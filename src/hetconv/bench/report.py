@@ -118,24 +118,33 @@ def target_checks(layer_rows: Sequence[dict], model_rows: Sequence[dict]) -> Lis
             out.append(f"{family} P4 {metric} vs P1: {v:.2f}x (target >= {goal}x): {mark(v >= goal)}")
     by = {(r["suite"], r["layer"], r["batch"], r["mode"], r["part"], r["candidate"]): r
           for r in layer_rows}
+    # "auto" on the input layout that suits it: the dense baseline is the faster of NCHW and
+    # channels_last too, so this is the like-for-like comparison.
+    for k in [k for k in by if k[5] == "het_auto" and k[:5] + ("het_auto_cl",) in by]:
+        a, c = by[k], by[k[:5] + ("het_auto_cl",)]
+        by[k[:5] + ("het_auto_best",)] = a if a["speedup"] >= c["speedup"] else c
+    autos_named = (("het_auto", "NCHW input"), ("het_auto_best", "the faster input layout"))
     for part in (4, 8):
         for mode in ("infer", "train"):
-            fr = [(k, r["speedup"] / r["theory"]) for k, r in by.items()
-                  if k[4] == part and k[3] == mode and k[5] == "het_auto" and r["in_ch"] >= 128]
-            if fr:
-                worst = min(fr, key=lambda t: t[1])
-                n_ok = sum(f >= 0.8 for _, f in fr)
-                out.append(f"layers with >= 128 channels, P={part}, {mode}: {n_ok}/{len(fr)} reach "
-                           f"80% of theory; geomean {_geomean([f for _, f in fr]):.0%}, worst "
-                           f"{worst[1]:.0%} ({worst[0][0]} {worst[0][1]} b{worst[0][2]}): "
-                           f"{mark(n_ok == len(fr))}")
-    for cand, layout in (("het_auto", "NCHW"), ("het_auto_cl", "channels_last")):
+            for cand, label in autos_named:
+                fr = [(k, r["speedup"] / r["theory"]) for k, r in by.items()
+                      if k[4] == part and k[3] == mode and k[5] == cand and r["in_ch"] >= 128]
+                if fr:
+                    worst = min(fr, key=lambda t: t[1])
+                    n_ok = sum(f >= 0.8 for _, f in fr)
+                    out.append(f"layers with >= 128 channels, P={part}, {mode}, auto ({label}): "
+                               f"{n_ok}/{len(fr)} reach 80% of theory; geomean "
+                               f"{_geomean([f for _, f in fr]):.0%}, best {max(f for _, f in fr):.0%}, "
+                               f"worst {worst[1]:.0%} ({worst[0][0]} {worst[0][1]} b{worst[0][2]}): "
+                               f"{mark(n_ok == len(fr))}")
+    for cand, label in (("het_auto", "NCHW input"), ("het_auto_cl", "channels_last input"),
+                        ("het_auto_best", "the faster input layout")):
         autos = [(k, r["speedup"]) for k, r in by.items() if k[5] == cand]
         if autos:
             slow = [(k, s) for k, s in autos if s < 1.0]
             noise = sum(s >= 0.9 for _, s in slow)
             worst = min(autos, key=lambda t: t[1])
-            out.append(f"backend='auto' ({layout} input) never slower than the best dense baseline: "
+            out.append(f"backend='auto' ({label}) never slower than the best dense baseline: "
                        f"{len(slow)}/{len(autos)} cases slower ({noise} of them within 10%), "
                        f"worst {worst[1]:.2f}x ({' '.join(map(str, worst[0][:5]))}): "
                        f"{mark(not slow)}")
