@@ -306,3 +306,14 @@ def test_stride_two_with_fused_epilogue(size, relu, runs):
     leaves = (x, wk, w1, b, r)
     for got, exp in zip(torch.autograd.grad(fused, leaves, g), torch.autograd.grad(want, leaves, g)):
         torch.testing.assert_close(got, exp, rtol=1e-4, atol=1e-4)
+
+
+def test_unwritable_cache_dir_falls_back_to_a_temp_dir(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    env = {"HETCONV_CACHE_DIR": str(blocker / "cache"), "TMPDIR": str(tmp_path)}
+    out = _python(CHECK, env)
+    assert out.returncode == 0, out.stderr
+    if HAS_CC and sys.platform.startswith("linux"):
+        assert out.stdout.startswith("True")
+        assert any(p.startswith("hetconv-") for p in os.listdir(tmp_path))

@@ -20,7 +20,8 @@ The C file is compiled on first use with the system C compiler (``cc``,
 ``-O3 -march=native -fopenmp``; ``$HETCONV_NATIVE_MARCH`` replaces ``native``)
 into a cache directory
 (``$HETCONV_CACHE_DIR``, else ``$XDG_CACHE_HOME/hetconv``, else
-``~/.cache/hetconv``), keyed by the source, the flags and the CPU's feature
+``~/.cache/hetconv``; a private directory under the system temp dir when that is not
+writable), keyed by the source, the flags and the CPU's feature
 flags; the build is atomic (a temporary file renamed into place), so
 concurrent processes are safe.  :func:`available` says whether the kernel
 loaded; :func:`vectorized` whether it was built with AVX-512 (without it the
@@ -87,10 +88,16 @@ def _build(cc: str) -> str:
     flags = _flags()
     key = hashlib.sha256(src + " ".join([cc] + flags).encode() + _cpu_flags().encode())
     out_dir = _cache_dir()
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        if not os.access(out_dir, os.W_OK):
+            raise PermissionError(out_dir)
+    except OSError:  # read-only home: a private directory under the system temp dir
+        out_dir = os.path.join(tempfile.gettempdir(), f"hetconv-{os.getuid()}")
+        os.makedirs(out_dir, mode=0o700, exist_ok=True)
     path = os.path.join(out_dir, f"hetconv_cpu_{key.hexdigest()[:16]}.so")
     if os.path.exists(path):
         return path
-    os.makedirs(out_dir, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
     os.close(fd)
     try:
