@@ -453,3 +453,34 @@ def test_absorb_permutations_trains_the_same_model(tmp_path, data_dir, caplog):
 def test_absorb_permutations_config_is_validated(tmp_path, data_dir):
     with pytest.raises(TypeError, match="absorb_permutations"):
         tiny_config(data_dir, tmp_path, absorb_permutations="yes")
+
+
+class TinyBlocked(TinyHet):
+    """TinyHet with the blocked pattern: nothing for absorb_permutations to do."""
+
+    def __init__(self, in_chans: int = 1, num_classes: int = 10):
+        super().__init__(in_chans, num_classes)
+        self.net[3] = hetconv.HetConv2d(8, 8, 3, part=4, pattern="blocked")
+
+
+def test_absorb_permutations_without_shifted_layers_keeps_the_model(tmp_path, data_dir, caplog):
+    common = dict(epochs=1, limit_train_batches=2, augment=False)
+    with caplog.at_level("INFO", logger="hetconv.train"):
+        result = fit(tiny_config(data_dir, tmp_path, name="noshift", absorb_permutations=True,
+                                 **common), model=fresh(TinyBlocked))
+    assert "no shifted HetConv layer, model kept as it is" in caplog.text
+    plain = fit(tiny_config(data_dir, tmp_path, name="plain", **common), model=fresh(TinyBlocked))
+    assert result["val_loss"] == pytest.approx(plain["val_loss"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_compile_with_absorbed_permutations_trains_like_eager(tmp_path, data_dir):
+    common = dict(epochs=1, limit_train_batches=3, augment=False)
+    eager = fit(tiny_config(data_dir, tmp_path, name="eager", **common), model=fresh(TinyShifted))
+    both = fit(tiny_config(data_dir, tmp_path, name="both", compile=True, absorb_permutations=True,
+                           **common), model=fresh(TinyShifted))
+    a, b = model_tensors(tmp_path / "eager"), model_tensors(tmp_path / "both")
+    for k in a:
+        if a[k].is_floating_point():
+            assert torch.allclose(a[k], b[k], rtol=1e-3, atol=1e-4), k
+    assert both["val_loss"] == pytest.approx(eager["val_loss"], rel=1e-3)

@@ -315,8 +315,12 @@ def _absorbed(net: nn.Module, info, ctx: DistContext) -> nn.Module:
     The example input for shape propagation is zeros (no random draw: resumed
     runs must see the same random streams).
     """
-    from ..permute import absorb_permutations
+    from ..permute import absorb_permutations, has_shifted_layers
 
+    if not has_shifted_layers(net):  # nothing to absorb: no trace, no graph module
+        if ctx.is_main:
+            log.info("absorb_permutations: no shifted HetConv layer, model kept as it is")
+        return net
     example = torch.zeros(1, info.in_chans, info.image_size, info.image_size, device=ctx.device)
     try:
         gm = absorb_permutations(net, example, share_parameters=True)
