@@ -503,22 +503,18 @@ def het_conv2d(x: torch.Tensor, weight_k: torch.Tensor, weight_1: torch.Tensor,
     unbatched = x.dim() == 3
     if unbatched:
         x = x.unsqueeze(0)
-    if backend == "native":
-        if p > 1 and _native.unsupported_reason(x, weight_k, stride_, padding_,
-                                                dilation_) is None:
-            y = _native.native_conv2d(x, weight_k, weight_1, bias, pattern, stride=stride_[0])
-            return y.squeeze(0) if unbatched else y
-        backend = "auto"
+    if backend == "native" and (p == 1 or _native.unsupported_reason(
+            x, weight_k, stride_, padding_, dilation_) is not None):
+        backend = "auto"  # where the kernel does not apply: what "auto" picks among the rest
     if backend == "auto":
         backend = select_backend(x, weight_k, weight_1, stride_, dilation_, pattern, padding_)
-        if backend == "native":
-            y = _native.native_conv2d(x, weight_k, weight_1, bias, pattern, stride=stride_[0])
-            return y.squeeze(0) if unbatched else y
         if backend == "dense" and x.is_contiguous(memory_format=torch.channels_last) and \
                 x.shape[0] * _out_area(x, kernel, stride_, padding_, dilation_) \
                 <= DENSE_NCHW_MAX_ROWS_PER_CHANNEL * m:
             x = x.contiguous()  # see DENSE_NCHW_MAX_ROWS_PER_CHANNEL
-    if backend == "dense" or p == 1:
+    if backend == "native":
+        y = _native.native_conv2d(x, weight_k, weight_1, bias, pattern, stride=stride_[0])
+    elif backend == "dense" or p == 1:
         y = F.conv2d(x, _dense_kernel(weight_k, weight_1, pattern, n, m, p), bias, stride_,
                      padding_, dilation_)
     elif backend == "fused":

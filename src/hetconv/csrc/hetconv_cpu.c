@@ -197,6 +197,37 @@ static void pad_image(const float *xb, float *buf, int M, const geom_t *g) {
     }
 }
 
+/*
+ * What the forward and weight-gradient kernels share: the argument check, the
+ * geometry and the entry offsets (pe: the centre tap of each of the M input
+ * channels; te: per class, the Mk * T other taps of its channels).  Returns 0,
+ * or a negative code with nothing left allocated.
+ */
+static int kernel_setup(geom_t *g, int **pe, int **te, int B, int M, int N, int H, int W,
+                        int nblk, int P, int Mk, const int *chan, int T, const int *tap_dh,
+                        const int *tap_dw, int stride, int kh, int kw) {
+    *pe = *te = NULL;
+    if (B < 0 || M < 1 || N < 1 || H < 1 || W < 1 || nblk < 1 || P < 1 || Mk < 0 || T < 0 ||
+        (stride != 1 && stride != 2) || kh < 1 || kw < 1 || kh % 2 == 0 || kw % 2 == 0)
+        return -1;
+    if (geom_init(g, H, W, stride, kh, kw, kh / 2, kw / 2)) { geom_free(g); return -2; }
+    const int nte = Mk * T;
+    *pe = (int *)malloc(sizeof(int) * (size_t)M);
+    *te = (int *)malloc(sizeof(int) * (size_t)P * (size_t)(nte > 0 ? nte : 1));
+    if (!*pe || !*te) {
+        free(*pe); free(*te); *pe = *te = NULL;
+        geom_free(g);
+        return -2;
+    }
+    for (int c = 0; c < M; ++c) (*pe)[c] = c * g->PS + geom_tap(g, kh / 2, kw / 2);
+    for (int p = 0; p < P; ++p)
+        for (int j = 0; j < Mk; ++j)
+            for (int t = 0; t < T; ++t)
+                (*te)[(size_t)p * nte + j * T + t] = chan[p * Mk + j] * g->PS +
+                    geom_tap(g, tap_dh[t] + kh / 2, tap_dw[t] + kw / 2);
+    return 0;
+}
+
 #if defined(__AVX512F__)
 /*
  * 4 filters x nch chunks of 16 positions (nch <= NCMAX, a literal at every
@@ -328,22 +359,13 @@ int hetconv_native_forward(const float *x, float *y, int B, int M, int N, int H,
                            int P, int Mk, const int *chan, int T, const int *tap_dh,
                            const int *tap_dw, int stride, int kh, int kw, const float *res,
                            int relu, int nthreads) {
-    if (B < 0 || M < 1 || N < 1 || H < 1 || W < 1 || nblk < 1 || P < 1 || Mk < 0 || T < 0 ||
-        (stride != 1 && stride != 2) || kh < 1 || kw < 1 || kh % 2 == 0 || kw % 2 == 0)
-        return -1;
     geom_t g;
-    if (geom_init(&g, H, W, stride, kh, kw, kh / 2, kw / 2)) { geom_free(&g); return -2; }
+    int *pe, *te;
+    const int rc = kernel_setup(&g, &pe, &te, B, M, N, H, W, nblk, P, Mk, chan, T, tap_dh,
+                                tap_dw, stride, kh, kw);
+    if (rc) return rc;
     const int HWo = g.Ho * g.Wo;
     const int nte = Mk * T;
-    int *pe = (int *)malloc(sizeof(int) * (size_t)M);
-    int *te = (int *)malloc(sizeof(int) * (size_t)P * (size_t)(nte > 0 ? nte : 1));
-    if (!pe || !te) { free(pe); free(te); geom_free(&g); return -2; }
-    for (int c = 0; c < M; ++c) pe[c] = c * g.PS + geom_tap(&g, kh / 2, kw / 2);
-    for (int p = 0; p < P; ++p)
-        for (int j = 0; j < Mk; ++j)
-            for (int t = 0; t < T; ++t)
-                te[(size_t)p * nte + j * T + t] = chan[p * Mk + j] * g.PS +
-                    geom_tap(&g, tap_dh[t] + kh / 2, tap_dw[t] + kw / 2);
     /* Work items: (image, group of filter blocks); groups only when images are too few. */
     if (nthreads < 1) nthreads = 1;
     int groups = 1;
@@ -482,25 +504,17 @@ int hetconv_native_wgrad(const float *x, const float *gy, float *gc, float *gt,
                          const int *blk_out, int P, int Mk, const int *chan, int T,
                          const int *tap_dh, const int *tap_dw, int stride, int kh, int kw,
                          int nthreads) {
-    if (B < 0 || M < 1 || N < 1 || H < 1 || W < 1 || nblk < 1 || P < 1 || Mk < 0 || T < 0 ||
-        (stride != 1 && stride != 2) || kh < 1 || kw < 1 || kh % 2 == 0 || kw % 2 == 0)
-        return -1;
     geom_t g;
-    if (geom_init(&g, H, W, stride, kh, kw, kh / 2, kw / 2)) { geom_free(&g); return -2; }
+    int *pe, *te;
+    const int rc = kernel_setup(&g, &pe, &te, B, M, N, H, W, nblk, P, Mk, chan, T, tap_dh,
+                                tap_dw, stride, kh, kw);
+    if (rc) return rc;
     const int HWo = g.Ho * g.Wo;
     const int nte = Mk * T;
     const size_t per = (size_t)N * M + (size_t)N * nte;  /* one partial gradient */
     if (nthreads < 1) nthreads = 1;
     float *partial = (float *)calloc(per * (size_t)nthreads, sizeof(float));
-    int *pe = (int *)malloc(sizeof(int) * (size_t)M);
-    int *te = (int *)malloc(sizeof(int) * (size_t)P * (size_t)(nte > 0 ? nte : 1));
-    if (!partial || !pe || !te) { free(partial); free(pe); free(te); geom_free(&g); return -2; }
-    for (int c = 0; c < M; ++c) pe[c] = c * g.PS + geom_tap(&g, kh / 2, kw / 2);
-    for (int p = 0; p < P; ++p)
-        for (int j = 0; j < Mk; ++j)
-            for (int t = 0; t < T; ++t)
-                te[(size_t)p * nte + j * T + t] = chan[p * Mk + j] * g.PS +
-                    geom_tap(&g, tap_dh[t] + kh / 2, tap_dw[t] + kw / 2);
+    if (!partial) { free(pe); free(te); geom_free(&g); return -2; }
     const int gplane = g.nchunk * VL;  /* gy planes hold whole chunks (tail zero) */
     const size_t lead = (size_t)g.lead, slack = (size_t)g.slack;
     const size_t ximg = (size_t)M * g.PS + slack, gimg = (size_t)N * gplane;
