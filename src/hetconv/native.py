@@ -51,6 +51,7 @@ __all__ = ["available", "vectorized", "unsupported_reason", "native_conv2d", "bu
 log = logging.getLogger(__name__)
 
 _SOURCE = os.path.join(os.path.dirname(__file__), "csrc", "hetconv_cpu.c")
+_SOURCES = (_SOURCE, os.path.join(os.path.dirname(__file__), "csrc", "hetconv_nhwc.c"))
 _FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 
 
@@ -83,8 +84,10 @@ def _cpu_flags() -> str:
 
 
 def _build(cc: str) -> str:
-    with open(_SOURCE, "rb") as f:
-        src = f.read()
+    src = b""
+    for source in _SOURCES:
+        with open(source, "rb") as f:
+            src += f.read()
     flags = _flags()
     key = hashlib.sha256(src + " ".join([cc] + flags).encode() + _cpu_flags().encode())
     out_dir = _cache_dir()
@@ -101,7 +104,7 @@ def _build(cc: str) -> str:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
     os.close(fd)
     try:
-        proc = subprocess.run([cc, *flags, _SOURCE, "-o", tmp, "-lm"],
+        proc = subprocess.run([cc, *flags, *_SOURCES, "-o", tmp, "-lm"],
                               capture_output=True, text=True, timeout=300)
         if proc.returncode != 0:
             raise RuntimeError(f"{cc} failed: {proc.stderr.strip()[-2000:]}")
@@ -138,6 +141,10 @@ def _load() -> Optional[ctypes.CDLL]:
             lib.hetconv_native_wgrad.argtypes = ([p] * 4 + [i] * 6 + [p, p, i, i, p, i, p, p]
                                                  + [i] * 4)
             lib.hetconv_native_isa.restype = i
+            lib.hetconv_nhwc_forward.restype = i
+            lib.hetconv_nhwc_forward.argtypes = [p, p] + [i] * 14 + [p] * 7 + [i] * 3
+            lib.hetconv_nhwc_wgrad.restype = i
+            lib.hetconv_nhwc_wgrad.argtypes = [p] * 3 + [i] * 14 + [p] * 3 + [i]
             _LIB = lib
         except Exception as exc:  # no compiler, failed build, odd platform: fall back
             _ERROR = f"{type(exc).__name__}: {exc}"
@@ -304,6 +311,193 @@ def _wgrad(x: torch.Tensor, gy: torch.Tensor, weight_k: torch.Tensor, pattern: s
     return gwk.view(n, lay["mk"], kh, kw), gc.gather(1, idx["pw"])
 
 
+# ---------------------------------------------------------------------------------------
+# The channels-last kernel (csrc/hetconv_nhwc.c): vectorised over output channels, for
+# channels_last input.
+
+_NHWC_CACHE = WeakIdKeyDictionary()  # weight_k -> (key, channels-last packing)
+_NHWC_T_CACHE = WeakIdKeyDictionary()  # weight_k -> (key, transposed channels-last packing)
+
+
+def _nhwc_step(n_out: int, n_in: int, p: int, pattern: str) -> Optional[Tuple[int, int]]:
+    """``(ts, lw)`` of the channels-last kernel for ``n_out`` outputs reading ``n_in``
+    inputs, or None when the layer is not one of its two cases (see csrc/hetconv_nhwc.c):
+    "shifted" with P in {2, 4, 8, 16}, or "blocked" with 16 | N / P; 16 | N_out, P | N_in."""
+    if n_out % 16 or n_in % p or p < 2:
+        return None
+    if pattern == "shifted":
+        return (p, p) if p in (2, 4, 8, 16) else None
+    return (1, 1) if n_out % p == 0 and (n_out // p) % 16 == 0 else None
+
+
+def nhwc_supported(n: int, m: int, p: int, pattern: str) -> bool:
+    """True when the channels-last kernel can compute a layer with N filters, M input
+    channels and part P (its input gradient needs the same of the transposed layer)."""
+    return _nhwc_step(n, m, p, pattern) is not None
+
+
+def _is_channels_last(t: torch.Tensor) -> bool:
+    return (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last)
+            and not t.is_contiguous())
+
+
+def _nhwc_layout(n: int, m: int, p: int, pattern: str, kh: int, kw: int,
+                 transposed: bool = False) -> dict:
+    """Filter blocks and index tensors of the channels-last packing (cached per shape)."""
+    def build():
+        out_cls = _pattern.class_of_filter(n, p, pattern)
+        in_cls = _pattern.class_of_channel(m, p, pattern)
+        if transposed:
+            out_cls, in_cls = in_cls, out_cls
+        n_out, n_in = len(out_cls), len(in_cls)
+        ts, lw = _nhwc_step(n_out, n_in, p, pattern)
+        chan = torch.stack([torch.nonzero(in_cls == j).flatten() for j in range(p)])  # (P, Mk)
+        mk = chan.shape[1]
+        cof = chan[out_cls]  # (n_out, Mk): the input read by output n at step j
+        blocks = []  # (n0, vectors, toff); a block's vectors share one channel offset
+        for v in range(n_out // 16):
+            toff = 0 if pattern == "shifted" else int(out_cls[16 * v]) * mk
+            if blocks and blocks[-1][2] == toff and blocks[-1][1] < 4:
+                blocks[-1][1] += 1
+            else:
+                blocks.append([16 * v, 1, toff])
+        # The kernel reads, for output n at step j, channel toff + j * ts + (n - n0) % lw:
+        # check that it is n's own class channel.
+        read = torch.empty_like(cof)
+        for n0, nv, toff in blocks:
+            lane = torch.arange(16 * nv) % lw
+            read[n0:n0 + 16 * nv] = toff + torch.arange(mk)[None, :] * ts + lane[:, None]
+        if not torch.equal(read, cof):
+            raise AssertionError("channels-last kernel layout does not match the pattern")
+        taps = [(a, b) for a in range(kh) for b in range(kw) if (a, b) != (kh // 2, kw // 2)]
+        i32 = torch.int32
+        return {
+            "blk_n0": torch.tensor([b[0] for b in blocks], dtype=i32),
+            "blk_v": torch.tensor([b[1] for b in blocks], dtype=i32),
+            "blk_toff": torch.tensor([b[2] for b in blocks], dtype=i32),
+            "blocks": [tuple(b) for b in blocks], "nfb": len(blocks), "mk": mk, "ts": ts,
+            "lw": lw, "cof": cof, "T": len(taps), "kernel": (kh, kw), "n_out": n_out,
+            "ta": torch.tensor([a for a, _ in taps]), "tb": torch.tensor([b for _, b in taps]),
+        }
+    from .functional import _memo_index
+    return _memo_index(("nhwc", n, m, p, pattern, kh, kw, transposed), build)
+
+
+def _nhwc_pack(weight_k: torch.Tensor, weight_1: torch.Tensor, bias: Optional[torch.Tensor],
+               pattern: str, n: int, m: int, p: int, transposed: bool = False) -> dict:
+    """Weights in the channels-last kernel's layout (see csrc/hetconv_nhwc.c); no autograd."""
+    from .functional import dense_weight
+
+    kh, kw = weight_k.shape[2:]
+    lay = _nhwc_layout(n, m, p, pattern, kh, kw, transposed)
+    dense = dense_weight(weight_k, weight_1, pattern).float()  # (N, M, Kh, Kw)
+    if transposed:
+        dense = dense.transpose(0, 1).flip(2, 3)
+    n_out = dense.shape[0]
+    w1 = dense[:, :, kh // 2, kw // 2]  # (n_out, n_in)
+    g = dense[torch.arange(n_out)[:, None, None], lay["cof"][:, None, :],
+              lay["ta"][None, :, None], lay["tb"][None, :, None]]  # (n_out, T, Mk)
+    w1p = torch.cat([w1[n0:n0 + 16 * v].t().reshape(-1) for n0, v, _ in lay["blocks"]])
+    wkp = torch.cat([g[n0:n0 + 16 * v].permute(1, 2, 0).reshape(-1)
+                     for n0, v, _ in lay["blocks"]])
+    bp = None if bias is None else bias.detach().float().contiguous()
+    pk = dict(lay, w1p=w1p.contiguous(), wkp=wkp.contiguous(), bp=bp)
+    pk["args"] = (lay["mk"], lay["ts"], lay["lw"], lay["nfb"], _ptr(lay["blk_n0"]),
+                  _ptr(lay["blk_v"]), _ptr(lay["blk_toff"]), _ptr(pk["w1p"]), _ptr(pk["wkp"]),
+                  _ptr(bp))
+    return pk
+
+
+def _nhwc_packed(weight_k, weight_1, bias, pattern, n, m, p, transposed: bool = False) -> dict:
+    from .functional import _cached
+
+    cache = _NHWC_T_CACHE if transposed else _NHWC_CACHE
+    return _cached(cache, (weight_k, weight_1, bias), (pattern, "nhwc"),
+                   lambda wk, w1, b: _nhwc_pack(wk.detach(), w1.detach(),
+                                                None if b is None else b.detach(), pattern,
+                                                n, m, p, transposed))
+
+
+#: Planes of at most this many output pixels are computed position-major (a tile holds one
+#: position of several images, so taps in the padding are skipped for the whole tile).
+NHWC_POSITION_MAJOR_MAX_AREA: int = 64
+
+
+def _run_nhwc(x: torch.Tensor, pk: dict, n: int, relu: bool = False,
+              residual: Optional[torch.Tensor] = None, stride: int = 1) -> torch.Tensor:
+    lib = _load()
+    if lib is None:
+        raise RuntimeError(f"hetconv native kernel unavailable ({build_error()})")
+    cl = torch.channels_last
+    x = x.contiguous(memory_format=cl)
+    b, m, h, w = x.shape
+    kh, kw = pk["kernel"]
+    ho, wo = _out_size(h, kh, stride), _out_size(w, kw, stride)
+    y = torch.empty((b, n, ho, wo), dtype=x.dtype, memory_format=cl)
+    if residual is not None:
+        if tuple(residual.shape) != tuple(y.shape) or residual.dtype != torch.float32:
+            raise ValueError(f"residual must be a float32 tensor of shape {tuple(y.shape)}, "
+                             f"got {residual.dtype} {tuple(residual.shape)}")
+        residual = residual.contiguous(memory_format=cl)
+    if b == 0:
+        return y
+    posmajor = int(ho * wo <= NHWC_POSITION_MAJOR_MAX_AREA and b > 1)
+    rc = lib.hetconv_nhwc_forward(_ptr(x), _ptr(y), b, m, n, h, w, kh, kw, stride, kh // 2,
+                                  kw // 2, *pk["args"], _ptr(residual), int(relu), posmajor,
+                                  torch.get_num_threads())
+    if rc != 0:
+        raise RuntimeError(f"hetconv channels-last kernel failed (code {rc})")
+    return y
+
+
+def _wgrad_nhwc(x: torch.Tensor, gy: torch.Tensor, weight_k: torch.Tensor, pattern: str,
+                n: int, m: int, p: int, stride: int = 1) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of ``weight_k`` and ``weight_1``: the centre taps as one matrix product, the
+    other taps by the channels-last weight-gradient kernel."""
+    from .functional import _indices
+
+    cl = torch.channels_last
+    kh, kw = weight_k.shape[2:]
+    lay = _nhwc_layout(n, m, p, pattern, kh, kw)
+    x, gy = x.contiguous(memory_format=cl), gy.contiguous(memory_format=cl)
+    b, _, h, w = x.shape
+    # centre tap of output pixel (i, j) reads input pixel (s*i, s*j) ("same" padding)
+    xc = x if stride == 1 else x[:, :, ::stride, ::stride]
+    gc = gy.permute(0, 2, 3, 1).reshape(-1, n).t() @ xc.permute(0, 2, 3, 1).reshape(-1, m)
+    mk, t = lay["mk"], lay["T"]
+    packed = torch.empty(n * t * mk)
+    if t:
+        rc = _load().hetconv_nhwc_wgrad(
+            _ptr(x), _ptr(gy), _ptr(packed), b, m, n, h, w, kh, kw, stride, kh // 2, kw // 2,
+            mk, lay["ts"], lay["lw"], lay["nfb"], _ptr(lay["blk_n0"]), _ptr(lay["blk_v"]),
+            _ptr(lay["blk_toff"]), torch.get_num_threads())
+        if rc != 0:
+            raise RuntimeError(f"hetconv channels-last weight-gradient kernel failed (code {rc})")
+    gt = torch.empty(n, t, mk)
+    for n0, v, _ in lay["blocks"]:
+        off = n0 * t * mk
+        gt[n0:n0 + 16 * v] = packed[off:off + 16 * v * t * mk].view(t, mk, 16 * v).permute(2, 0, 1)
+    idx = _indices(m, n, p, pattern, x.device)
+    centre = (kh // 2) * kw + kw // 2
+    gwk = gt.new_empty(n, mk, kh * kw)
+    gwk[:, :, centre] = gc.gather(1, idx["kxk"])
+    gwk[:, :, [e for e in range(kh * kw) if e != centre]] = gt.permute(0, 2, 1)
+    return gwk.view(n, mk, kh, kw), gc.gather(1, idx["pw"])
+
+
+def _use_nhwc(x: torch.Tensor, n: int, m: int, p: int, pattern: str) -> bool:
+    """Whether a native call on ``x`` runs the channels-last kernel (else the NCHW one)."""
+    return _is_channels_last(x) and _nhwc_step(n, m, p, pattern) is not None
+
+
+def _forward(x, weight_k, weight_1, bias, pattern, relu, residual, stride) -> torch.Tensor:
+    n, m, p = _shapes(weight_k, weight_1)
+    if _use_nhwc(x, n, m, p, pattern):
+        return _run_nhwc(x, _nhwc_packed(weight_k, weight_1, bias, pattern, n, m, p), n, relu,
+                         residual, stride)
+    return _run(x, _packed(weight_k, weight_1, bias, pattern, n, m, p), n, relu, residual, stride)
+
+
 def _out_size(size: int, k: int, stride: int) -> int:
     return (size + 2 * (k // 2) - k) // stride + 1
 
@@ -344,16 +538,21 @@ def _shapes(weight_k: torch.Tensor, weight_1: torch.Tensor) -> Tuple[int, int, i
 def _native_op(x: torch.Tensor, weight_k: torch.Tensor, weight_1: torch.Tensor,
                bias: Optional[torch.Tensor], pattern: str, relu: bool,
                residual: Optional[torch.Tensor], stride: int) -> torch.Tensor:
-    n, m, p = _shapes(weight_k, weight_1)
-    return _run(x, _packed(weight_k, weight_1, bias, pattern, n, m, p), n, relu, residual,
-                stride)
+    return _forward(x, weight_k, weight_1, bias, pattern, relu, residual, stride)
+
+
+def _empty_like_run(x: torch.Tensor, shape: tuple, nhwc: bool) -> torch.Tensor:
+    return x.new_empty(shape, memory_format=torch.channels_last if nhwc else
+                       torch.contiguous_format)
 
 
 @_native_op.register_fake
 def _native_op_fake(x, weight_k, weight_1, bias, pattern, relu, residual, stride):
+    n, m, p = _shapes(weight_k, weight_1)
     kh, kw = weight_k.shape[2:]
-    return x.new_empty((x.shape[0], weight_k.shape[0], _out_size(x.shape[2], kh, stride),
-                        _out_size(x.shape[3], kw, stride)))
+    return _empty_like_run(x, (x.shape[0], n, _out_size(x.shape[2], kh, stride),
+                               _out_size(x.shape[3], kw, stride)),
+                           _use_nhwc(x, n, m, p, pattern))
 
 
 def _setup_context(ctx, inputs, output):
@@ -365,6 +564,8 @@ def _setup_context(ctx, inputs, output):
 def _input_grad(gy: torch.Tensor, weight_k: torch.Tensor, weight_1: torch.Tensor,
                 pattern: str) -> torch.Tensor:
     n, m, p = _shapes(weight_k, weight_1)
+    if _is_channels_last(gy) and _nhwc_step(m, n, p, pattern) is not None:
+        return _run_nhwc(gy, _nhwc_packed(weight_k, weight_1, None, pattern, n, m, p, True), m)
     return _run(gy, _packed(weight_k, weight_1, None, pattern, n, m, p, True), m)
 
 
@@ -374,14 +575,17 @@ _input_grad_op = torch.library.custom_op("hetconv::native_conv2d_input_grad",
 
 @_input_grad_op.register_fake
 def _input_grad_fake(gy, weight_k, weight_1, pattern):
-    m = weight_k.shape[1] + weight_1.shape[1]
-    return gy.new_empty((gy.shape[0], m, gy.shape[2], gy.shape[3]))
+    n, m, p = _shapes(weight_k, weight_1)
+    return _empty_like_run(gy, (gy.shape[0], m, gy.shape[2], gy.shape[3]),
+                           _is_channels_last(gy) and _nhwc_step(m, n, p, pattern) is not None)
 
 
 def _weight_grad(x: torch.Tensor, gy: torch.Tensor, weight_k: torch.Tensor,
                  weight_1: torch.Tensor, pattern: str,
                  stride: int) -> Tuple[torch.Tensor, torch.Tensor]:
     n, m, p = _shapes(weight_k, weight_1)
+    if _use_nhwc(x, n, m, p, pattern):
+        return _wgrad_nhwc(x, gy, weight_k, pattern, n, m, p, stride)
     return _wgrad(x, gy, weight_k, pattern, n, m, p, stride)
 
 
@@ -406,7 +610,8 @@ def _backward(ctx, gy):
         gy = gy * (out > 0)
     need_x, need_wk, need_w1, need_b = ctx.needs_input_grad[:4]
     gx = gwk = gw1 = gb = None
-    gy = gy.contiguous()
+    nhwc = _use_nhwc(x, n, m, p, ctx.pattern)  # the layout the forward pass ran in
+    gy = gy.contiguous(memory_format=torch.channels_last if nhwc else torch.contiguous_format)
     # torch.library ops while torch.compile traces; plain calls in eager mode (an op call
     # costs ~0.1 ms of Python dispatch, as much as a small layer's whole kernel)
     compiling = torch.compiler.is_compiling()
@@ -449,8 +654,7 @@ def native_conv2d(x: torch.Tensor, weight_k: torch.Tensor, weight_1: torch.Tenso
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                        for t in (x, weight_k, weight_1, bias, residual)):
         return _NativeFunction.apply(x, weight_k, weight_1, bias, pattern, relu, residual, stride)
-    n, m, p = _shapes(weight_k, weight_1)
-    return _run(x, _packed(weight_k, weight_1, bias, pattern, n, m, p), n, relu, residual, stride)
+    return _forward(x, weight_k, weight_1, bias, pattern, relu, residual, stride)
 
 
 class _NativeFunction(torch.autograd.Function):
@@ -459,9 +663,7 @@ class _NativeFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight_k, weight_1, bias, pattern, relu, residual, stride):
-        n, m, p = _shapes(weight_k, weight_1)
-        out = _run(x, _packed(weight_k, weight_1, bias, pattern, n, m, p), n, relu, residual,
-                   stride)
+        out = _forward(x, weight_k, weight_1, bias, pattern, relu, residual, stride)
         _setup_context(ctx, (x, weight_k, weight_1, bias, pattern, relu, residual, stride), out)
         return out
 

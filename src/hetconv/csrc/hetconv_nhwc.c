@@ -1,0 +1,372 @@
+/*
+ * hetconv native CPU kernel, channels-last (NHWC) variant: the HetConv forward
+ * pass and its weight gradient vectorised over output channels, for wide
+ * layers (hetconv_cpu.c vectorises over output pixels, for narrow ones).
+ *
+ * The same formulation as hetconv_cpu.c, with exactly FL_HC multiply-adds: the
+ * centre taps of all kernels form one dense (N x M) pointwise matrix and the
+ * other taps touch only the Mk = M/P channels of each filter's class.
+ *
+ * Vectorisation.  A register holds 16 consecutive filters (n0 .. n0 + 15).  At
+ * step j of a non-centre tap, lane l needs channel chan[class(n0 + l)][j] of
+ * the input pixel.  Two patterns make that one cheap load:
+ *   "shifted" with P | 16: class(n) = n % P and chan[k][j] = j * P + k, so the
+ *     16 lanes want channels j*P .. j*P + P - 1 repeated 16 / P times: a
+ *     broadcast of P floats (lw = P, step ts = P, offset toff = 0).
+ *   "blocked" with 16 | N / P: a block's 16 filters share one class k and
+ *     chan[k][j] = k * Mk + j: a broadcast of one float (lw = 1, ts = 1,
+ *     toff = k * Mk).
+ * The Python side (hetconv/native.py) packs the weights so lane l of step j
+ * holds the weight of exactly that channel, and checks that the layer is one
+ * of the two cases.  The centre taps read all M channels: a broadcast of one
+ * float per channel.
+ *
+ * Micro-kernel: R output pixels x V vectors (16V filters) in R*V accumulators
+ * (V = 4, R = 6: 24 registers; each step loads V weight vectors and R input
+ * broadcasts for R*V FMAs).  Pixels are addressed through a pointer per pixel
+ * and tap, so padding is a pointer to a row of zeros (no padded copy of the
+ * input), any stride works, and a tap that leaves the image for all R pixels
+ * of a tile is skipped.  For small planes the pixels of a tile are the same
+ * position in R images (position-major order), so border taps skip exactly.
+ *
+ * Packed weights (filter blocks of 16 * V_b filters starting at n0_b):
+ *   w1p  block b at n0_b * M:        (M, 16 V_b)     centre taps
+ *   wkp  block b at n0_b * T * Mk:   (T, Mk, 16 V_b) the T = Kh*Kw - 1 other taps
+ *   bias (N) or NULL
+ */
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#define NH_R4 6   /* pixels per tile with 4 vectors per block */
+#define NH_RMAX 8 /* pixels per tile at most */
+#define NH_KKMAX 49
+#define NH_JR4 6  /* weight-gradient steps per tile with 4 vectors */
+#define NH_JRMAX 8
+
+static inline int nh_rows(int V) { return V >= 4 ? NH_R4 : NH_RMAX; }
+static inline int nh_jrows(int V) { return V >= 4 ? NH_JR4 : NH_JRMAX; }
+
+typedef struct {
+    int B, M, N, H, W, Ho, Wo, kh, kw, s, ph, pw, Mk, ts, lw, posmajor;
+} nh_geom;
+
+/* Output pixel q (in the layer's pixel order) -> image, row, column. */
+static inline void nh_pixel(const nh_geom *g, long q, int *b, int *oh, int *ow) {
+    const int hw = g->Ho * g->Wo;
+    int pos;
+    if (g->posmajor) { pos = (int)(q / g->B); *b = (int)(q % g->B); }
+    else { *b = (int)(q / hw); pos = (int)(q % hw); }
+    *oh = pos / g->Wo; *ow = pos % g->Wo;
+}
+
+/* Row of channel values that tap (u, v) of output pixel (b, oh, ow) reads, or NULL (padding). */
+static inline const float *nh_tap(const nh_geom *g, const float *x, int b, int oh, int ow,
+                                  int u, int v) {
+    const int ih = oh * g->s - g->ph + u, iw = ow * g->s - g->pw + v;
+    if (ih < 0 || ih >= g->H || iw < 0 || iw >= g->W) return NULL;
+    return x + (((size_t)b * g->H + ih) * g->W + iw) * (size_t)g->M;
+}
+
+#if defined(__AVX512F__)
+static inline __attribute__((always_inline)) __m512 nh_load(const float *p, const int lw) {
+    switch (lw) {
+        case 1: return _mm512_set1_ps(*p);
+        case 2: { double d; memcpy(&d, p, sizeof d); return _mm512_castpd_ps(_mm512_set1_pd(d)); }
+        case 4: return _mm512_broadcast_f32x4(_mm_loadu_ps(p));
+        case 8: return _mm512_castpd_ps(_mm512_broadcast_f64x4(_mm256_castps_pd(_mm256_loadu_ps(p))));
+        default: return _mm512_loadu_ps(p);
+    }
+}
+
+/* One tile: R pixels (px[t * R + r]: row read by tap t; NULL rows were replaced by the zero
+ * row and flagged in live[t]) x V vectors. */
+static inline __attribute__((always_inline)) void nh_tile(
+        const int R, const int V, const int lw, const nh_geom *g, const float *const *px,
+        const unsigned char *live, const float *w1, const float *wk, int toff,
+        const float *bias, float *const *yo, const float *const *ro, int relu) {
+    const int KK = g->kh * g->kw, centre = (g->kh / 2) * g->kw + g->kw / 2;
+    const int M = g->M, Mk = g->Mk, ts = g->ts, VW = 16 * V;
+    __m512 acc[NH_RMAX][4];  /* fixed sizes (not VLAs), so they become registers */
+    _Pragma("GCC unroll 8") for (int v = 0; v < V; ++v) {
+        const __m512 b0 = bias ? _mm512_loadu_ps(bias + 16 * v) : _mm512_setzero_ps();
+        _Pragma("GCC unroll 8") for (int r = 0; r < R; ++r) acc[r][v] = b0;
+    }
+    {
+        const float *p[NH_RMAX];
+        _Pragma("GCC unroll 8") for (int r = 0; r < R; ++r) p[r] = px[centre * R + r];
+        for (int c = 0; c < M; ++c) {
+            __m512 w[4];
+            _Pragma("GCC unroll 8") for (int v = 0; v < V; ++v) w[v] = _mm512_loadu_ps(w1 + (size_t)c * VW + 16 * v);
+            _Pragma("GCC unroll 8") for (int r = 0; r < R; ++r) {
+                const __m512 xv = _mm512_set1_ps(p[r][c]);
+                _Pragma("GCC unroll 8") for (int v = 0; v < V; ++v) acc[r][v] = _mm512_fmadd_ps(xv, w[v], acc[r][v]);
+            }
+        }
+    }
+    for (int t = 0, e = 0; t < KK; ++t) {
+        if (t == centre) continue;
+        const float *wt = wk + (size_t)e * Mk * VW;
+        ++e;
+        if (!live[t]) continue;
+        const float *p[NH_RMAX];
+        _Pragma("GCC unroll 8") for (int r = 0; r < R; ++r) p[r] = px[t * R + r] + toff;
+        for (int j = 0; j < Mk; ++j) {
+            __m512 w[4];
+            _Pragma("GCC unroll 8") for (int v = 0; v < V; ++v) w[v] = _mm512_loadu_ps(wt + (size_t)j * VW + 16 * v);
+            _Pragma("GCC unroll 8") for (int r = 0; r < R; ++r) {
+                const __m512 xv = nh_load(p[r] + (size_t)j * ts, lw);
+                _Pragma("GCC unroll 8") for (int v = 0; v < V; ++v) acc[r][v] = _mm512_fmadd_ps(xv, w[v], acc[r][v]);
+            }
+        }
+    }
+    const __m512 zero = _mm512_setzero_ps();
+    _Pragma("GCC unroll 8") for (int r = 0; r < R; ++r) {
+        if (!yo[r]) continue;
+        _Pragma("GCC unroll 8") for (int v = 0; v < V; ++v) {
+            __m512 a = acc[r][v];
+            if (ro[r]) a = _mm512_add_ps(a, _mm512_loadu_ps(ro[r] + 16 * v));
+            if (relu) a = _mm512_max_ps(a, zero);
+            _mm512_storeu_ps(yo[r] + 16 * v, a);
+        }
+    }
+}
+
+#define NH_TILE_CASES(LW)                                                                   \
+    switch (V) {                                                                            \
+        case 4: nh_tile(NH_R4, 4, LW, g, px, live, w1, wk, toff, bias, yo, ro, relu); break;  \
+        case 3: nh_tile(NH_RMAX, 3, LW, g, px, live, w1, wk, toff, bias, yo, ro, relu); break; \
+        case 2: nh_tile(NH_RMAX, 2, LW, g, px, live, w1, wk, toff, bias, yo, ro, relu); break; \
+        default: nh_tile(NH_RMAX, 1, LW, g, px, live, w1, wk, toff, bias, yo, ro, relu); break; \
+    }
+
+static void nh_tile_any(int V, const nh_geom *g, const float *const *px, const unsigned char *live,
+                        const float *w1, const float *wk, int toff, const float *bias,
+                        float *const *yo, const float *const *ro, int relu) {
+    switch (g->lw) {
+        case 1: NH_TILE_CASES(1) break;
+        case 2: NH_TILE_CASES(2) break;
+        case 4: NH_TILE_CASES(4) break;
+        case 8: NH_TILE_CASES(8) break;
+        default: NH_TILE_CASES(16) break;
+    }
+}
+#else
+/* Portable scalar version of the same tile (correct, not fast). */
+static void nh_tile_any(int V, const nh_geom *g, const float *const *px, const unsigned char *live,
+                        const float *w1, const float *wk, int toff, const float *bias,
+                        float *const *yo, const float *const *ro, int relu) {
+    const int R = nh_rows(V), KK = g->kh * g->kw, centre = (g->kh / 2) * g->kw + g->kw / 2;
+    const int VW = 16 * V;
+    _Pragma("GCC unroll 8") for (int r = 0; r < R; ++r) {
+        if (!yo[r]) continue;
+        for (int i = 0; i < VW; ++i) {
+            float a = bias ? bias[i] : 0.f;
+            for (int c = 0; c < g->M; ++c) a += px[centre * R + r][c] * w1[(size_t)c * VW + i];
+            for (int t = 0, e = 0; t < KK; ++t) {
+                if (t == centre) continue;
+                const float *wt = wk + (size_t)e * g->Mk * VW;
+                ++e;
+                if (!live[t]) continue;
+                for (int j = 0; j < g->Mk; ++j)
+                    a += px[t * R + r][toff + j * g->ts + i % g->lw] * wt[(size_t)j * VW + i];
+            }
+            if (ro[r]) a += ro[r][i];
+            yo[r][i] = (relu && a < 0.f) ? 0.f : a;
+        }
+    }
+}
+#endif
+
+static int nh_check(const nh_geom *g) {
+    if (g->B < 0 || g->M < 1 || g->N < 16 || g->N % 16 || g->H < 1 || g->W < 1) return -1;
+    if (g->kh * g->kw > NH_KKMAX || g->kh % 2 == 0 || g->kw % 2 == 0) return -1;
+    if (g->s < 1 || g->Mk < 0 || g->ts < 1) return -1;
+    if (g->lw != 1 && g->lw != 2 && g->lw != 4 && g->lw != 8 && g->lw != 16) return -1;
+    return 0;
+}
+
+/*
+ * y (B, Ho, Wo, N) = HetConv(x (B, H, W, M)), padding (ph, pw), stride s.
+ * nfb filter blocks: blk_n0 (first filter), blk_v (vectors, 1..4), blk_toff (offset of the
+ * block's class channels: 0 "shifted", class * Mk "blocked").  res (B, Ho, Wo, N) or NULL
+ * is added before the ReLU (relu != 0).  Returns 0 or a negative code.
+ */
+int hetconv_nhwc_forward(const float *x, float *y, int B, int M, int N, int H, int W,
+                         int kh, int kw, int s, int ph, int pw, int Mk, int ts, int lw,
+                         int nfb, const int *blk_n0, const int *blk_v, const int *blk_toff,
+                         const float *w1p, const float *wkp, const float *bias,
+                         const float *res, int relu, int posmajor, int nthreads) {
+    nh_geom g = {B, M, N, H, W, (H + 2 * ph - kh) / s + 1, (W + 2 * pw - kw) / s + 1,
+                 kh, kw, s, ph, pw, Mk, ts, lw, posmajor};
+    if (nh_check(&g) || g.Ho < 1 || g.Wo < 1) return -1;
+    const int T = kh * kw - 1, KK = kh * kw;
+    const long npix = (long)B * g.Ho * g.Wo;
+    float *zero = (float *)calloc((size_t)M + 64, sizeof(float));
+    if (!zero) return -2;
+    /* Work items: (filter block, run of pixel tiles); filter-block-major, so a thread's
+     * consecutive items share the block's weights (in L2).  The runs are sized so there are
+     * at least 4 items per thread. */
+    const int R = NH_RMAX;  /* the largest tile; runs are in units of it */
+    const long ntiles = (npix + R - 1) / R;
+    if (nthreads < 1) nthreads = 1;
+    long runs = (4L * nthreads + nfb - 1) / nfb;
+    if (runs > ntiles) runs = ntiles;
+    if (runs < 1) runs = 1;
+    /* pixels per run: a multiple of both tile sizes (6 and 8), so only a run's last tile
+     * can be partial */
+    const long per_run = ((ntiles * R / runs + 23) / 24) * 24;
+    const long items = (long)nfb * runs;
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (items > 1)
+    for (long it = 0; it < items; ++it) {
+        const int fb = (int)(it / runs);
+        const long q_begin = (it % runs) * per_run;
+        const long q_end = q_begin + per_run < npix ? q_begin + per_run : npix;
+        const int V = blk_v[fb], n0 = blk_n0[fb], Rt = nh_rows(V);
+        const float *w1 = w1p + (size_t)n0 * M, *wk = wkp + (size_t)n0 * T * Mk;
+        const float *bb = bias ? bias + n0 : NULL;
+        const float *px[NH_KKMAX * NH_RMAX];
+        float *yo[NH_RMAX];
+        const float *ro[NH_RMAX];
+        unsigned char live[NH_KKMAX];
+        for (long q0 = q_begin; q0 < q_end; q0 += Rt) {
+            memset(live, 0, sizeof live);
+            for (int r = 0; r < Rt; ++r) {
+                const long q = q0 + r < q_end ? q0 + r : q_end - 1;  /* tail: repeat, no store */
+                int b, oh, ow;
+                nh_pixel(&g, q, &b, &oh, &ow);
+                const size_t o = (((size_t)b * g.Ho + oh) * g.Wo + ow) * (size_t)N + n0;
+                yo[r] = q0 + r < q_end ? y + o : NULL;
+                ro[r] = (res && yo[r]) ? res + o : NULL;
+                for (int t = 0; t < KK; ++t) {
+                    const float *p = nh_tap(&g, x, b, oh, ow, t / kw, t % kw);
+                    if (p) live[t] = 1;
+                    px[t * Rt + r] = p ? p : zero;
+                }
+            }
+            nh_tile_any(V, &g, px, live, w1, wk, blk_toff[fb], bb, yo, ro, relu);
+        }
+    }
+    free(zero);
+    return 0;
+}
+
+/*
+ * Gradient of the non-centre taps (the centre taps' gradient is one matrix product, done by
+ * the caller):  gwk[block, e, j, lane] = sum over pixels of gy[pixel, n0 + lane] *
+ * x[pixel + tap_e, toff + j * ts + lane % lw], in the layout of wkp.  Work items: (filter
+ * block, tap); each sums over all pixels in a fixed order (deterministic, no partials).
+ */
+#if defined(__AVX512F__)
+static inline __attribute__((always_inline)) void nh_wtile(
+        const int J, const int V, const int lw, int n, const float *const *xr,
+        const float *const *gr, int ts, int j0, int Mk, float *out) {
+    const int VW = 16 * V;
+    __m512 acc[NH_JRMAX][4];
+    _Pragma("GCC unroll 8") for (int a = 0; a < J; ++a)
+        _Pragma("GCC unroll 8") for (int v = 0; v < V; ++v) acc[a][v] = _mm512_setzero_ps();
+    int off[NH_JRMAX];
+    _Pragma("GCC unroll 8") for (int a = 0; a < J; ++a) off[a] = (j0 + a < Mk ? j0 + a : Mk - 1) * ts;
+    for (int i = 0; i < n; ++i) {
+        const float *xp = xr[i], *gp = gr[i];
+        __m512 gv[4];
+        _Pragma("GCC unroll 8") for (int v = 0; v < V; ++v) gv[v] = _mm512_loadu_ps(gp + 16 * v);
+        _Pragma("GCC unroll 8") for (int a = 0; a < J; ++a) {
+            const __m512 xv = nh_load(xp + off[a], lw);
+            _Pragma("GCC unroll 8") for (int v = 0; v < V; ++v) acc[a][v] = _mm512_fmadd_ps(xv, gv[v], acc[a][v]);
+        }
+    }
+    for (int a = 0; a < J && j0 + a < Mk; ++a)
+        _Pragma("GCC unroll 8") for (int v = 0; v < V; ++v) {
+            float *o = out + (size_t)(j0 + a) * VW + 16 * v;
+            _mm512_storeu_ps(o, _mm512_add_ps(_mm512_loadu_ps(o), acc[a][v]));
+        }
+}
+
+#define NH_WTILE_CASES(LW)                                                         \
+    switch (V) {                                                                   \
+        case 4: nh_wtile(NH_JR4, 4, LW, n, xr, gr, ts, j0, Mk, out); break;        \
+        case 3: nh_wtile(NH_JRMAX, 3, LW, n, xr, gr, ts, j0, Mk, out); break;      \
+        case 2: nh_wtile(NH_JRMAX, 2, LW, n, xr, gr, ts, j0, Mk, out); break;      \
+        default: nh_wtile(NH_JRMAX, 1, LW, n, xr, gr, ts, j0, Mk, out); break;     \
+    }
+
+static void nh_wtile_any(int V, int lw, int n, const float *const *xr, const float *const *gr,
+                         int ts, int j0, int Mk, float *out) {
+    switch (lw) {
+        case 1: NH_WTILE_CASES(1) break;
+        case 2: NH_WTILE_CASES(2) break;
+        case 4: NH_WTILE_CASES(4) break;
+        case 8: NH_WTILE_CASES(8) break;
+        default: NH_WTILE_CASES(16) break;
+    }
+}
+#else
+static void nh_wtile_any(int V, int lw, int n, const float *const *xr, const float *const *gr,
+                         int ts, int j0, int Mk, float *out) {
+    const int J = nh_jrows(V), VW = 16 * V;
+    for (int a = 0; a < J && j0 + a < Mk; ++a)
+        for (int l = 0; l < VW; ++l) {
+            float s = 0.f;
+            for (int i = 0; i < n; ++i) s += xr[i][(j0 + a) * ts + l % lw] * gr[i][l];
+            out[(size_t)(j0 + a) * VW + l] += s;
+        }
+}
+#endif
+
+#define NH_WCHUNK 256  /* pixels per pass: their gy rows stay in L1/L2 across the j tiles */
+
+int hetconv_nhwc_wgrad(const float *x, const float *gy, float *gwk, int B, int M, int N,
+                       int H, int W, int kh, int kw, int s, int ph, int pw, int Mk, int ts,
+                       int lw, int nfb, const int *blk_n0, const int *blk_v,
+                       const int *blk_toff, int nthreads) {
+    nh_geom g = {B, M, N, H, W, (H + 2 * ph - kh) / s + 1, (W + 2 * pw - kw) / s + 1,
+                 kh, kw, s, ph, pw, Mk, ts, lw, 0};
+    if (nh_check(&g) || g.Ho < 1 || g.Wo < 1) return -1;
+    const int T = kh * kw - 1, KK = kh * kw, centre = (kh / 2) * kw + kw / 2;
+    const long npix = (long)B * g.Ho * g.Wo;
+    memset(gwk, 0, sizeof(float) * (size_t)N * T * Mk);
+    if (nthreads < 1) nthreads = 1;
+    const long items = (long)nfb * T;
+    int status = 0;
+#pragma omp parallel num_threads(nthreads) if (items > 1)
+    {
+        const float **xr = (const float **)malloc(sizeof(float *) * NH_WCHUNK);
+        const float **gr = (const float **)malloc(sizeof(float *) * NH_WCHUNK);
+        if (!xr || !gr) {
+#pragma omp atomic write
+            status = -2;
+        }
+#pragma omp for schedule(static)
+        for (long it = 0; it < items; ++it) {
+            if (!xr || !gr) continue;
+            const int fb = (int)(it / T), e = (int)(it % T);
+            const int t = e < centre ? e : e + 1;
+            const int V = blk_v[fb], n0 = blk_n0[fb], J = nh_jrows(V);
+            float *out = gwk + (size_t)n0 * T * Mk + (size_t)e * Mk * 16 * V;
+            for (long c0 = 0; c0 < npix; c0 += NH_WCHUNK) {
+                const long c1 = c0 + NH_WCHUNK < npix ? c0 + NH_WCHUNK : npix;
+                int n = 0;
+                for (long q = c0; q < c1; ++q) {
+                    int b, oh, ow;
+                    nh_pixel(&g, q, &b, &oh, &ow);
+                    const float *p = nh_tap(&g, x, b, oh, ow, t / kw, t % kw);
+                    if (!p) continue;
+                    xr[n] = p + blk_toff[fb];
+                    gr[n] = gy + (size_t)q * N + n0;
+                    ++n;
+                }
+                if (!n) continue;
+                for (int j0 = 0; j0 < Mk; j0 += J) nh_wtile_any(V, lw, n, xr, gr, ts, j0, Mk, out);
+            }
+        }
+        free(xr); free(gr);
+    }
+    (void)KK;
+    return status;
+}
