@@ -542,8 +542,8 @@ def _native_op(x: torch.Tensor, weight_k: torch.Tensor, weight_1: torch.Tensor,
 
 
 def _empty_like_run(x: torch.Tensor, shape: tuple, nhwc: bool) -> torch.Tensor:
-    return x.new_empty(shape, memory_format=torch.channels_last if nhwc else
-                       torch.contiguous_format)
+    y = x.new_empty(shape)
+    return y.contiguous(memory_format=torch.channels_last) if nhwc else y
 
 
 @_native_op.register_fake
