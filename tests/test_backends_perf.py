@@ -96,10 +96,11 @@ def test_cache_from_inference_mode_usable_with_autograd(backend):
     (16, 16, 16, 3, torch.float32, "dense"),      # depthwise but M < 32
     (16, 16, 4, 3, torch.float32, "dense")])
 def test_auto_rule(m, n, p, k, dtype, expected):
+    """The rule where the native kernels do not apply (tests/test_native.py covers those)."""
     x = torch.randn(1, m, 4, 4, dtype=dtype)
     wk = torch.randn(n, m // p, k, k, dtype=dtype)
     w1 = torch.randn(n, m - m // p, dtype=dtype)
-    assert HF.select_backend(x, wk, w1) == expected
+    assert HF.select_backend(x, wk, w1, native=False) == expected
 
 
 @pytest.mark.parametrize("batch,size,stride,nchw", [

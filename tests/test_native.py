@@ -22,17 +22,27 @@ needs_kernel = pytest.mark.skipif(not native.available(),
                                   reason=f"native kernel unavailable: {native.build_error()}")
 
 
-@pytest.fixture
-def runs(monkeypatch):
-    """Counts calls of the C kernel (so a test knows the native path really ran)."""
+def _count_calls(monkeypatch, name):
     calls = []
-    real = native._run
+    real = getattr(native, name)
 
     def counting(*args, **kwargs):
         calls.append(args[0].shape)
         return real(*args, **kwargs)
-    monkeypatch.setattr(native, "_run", counting)
+    monkeypatch.setattr(native, name, counting)
     return calls
+
+
+@pytest.fixture
+def runs(monkeypatch):
+    """Counts calls of the C kernel (so a test knows the native path really ran)."""
+    return _count_calls(monkeypatch, "_run")
+
+
+@pytest.fixture
+def nhwc_runs(monkeypatch):
+    """Counts calls of the channels-last C kernel."""
+    return _count_calls(monkeypatch, "_run_nhwc")
 
 
 def _weights(m, n, p, k=3, requires_grad=False, dtype=torch.float32):
@@ -187,9 +197,10 @@ def test_auto_picks_native_for_narrow_nchw_layers_only():
     assert HF.select_backend(torch.randn(2, 16, 4, 4), wk, w1) != "native"
     assert HF.select_backend(big, torch.randn(16, 16, 3, 3), torch.randn(16, 0)) == "dense"
     assert HF.select_backend(big, wk, w1, native=False) != "native"
-    # stride 2: wide layers with large outputs, outside autograd only
-    wide_k, wide_1 = _weights(128, 128, 4)
-    wide = torch.randn(1, 128, 56, 56)
+    # stride 2: wide layers with large outputs, outside autograd only (P = 3: the
+    # channels-last kernel does not apply)
+    wide_k, wide_1 = _weights(96, 96, 3)
+    wide = torch.randn(1, 96, 56, 56)
     assert HF.select_backend(wide, wide_k, wide_1, stride=(2, 2)) == (
         "native" if native.vectorized() else "fused")
     assert HF.select_backend(wide, wide_k.requires_grad_(), wide_1, stride=(2, 2)) != "native"
@@ -197,12 +208,135 @@ def test_auto_picks_native_for_narrow_nchw_layers_only():
 
 
 @needs_kernel
-def test_compiled_layer_runs_native_as_one_op():
+@pytest.mark.parametrize("cl", [False, True])
+def test_auto_picks_the_channels_last_kernel_for_wide_layers(cl):
+    def pick(m, n, p, size=4, stride=1, pattern="shifted", grad=False):
+        wk, w1 = _weights(m, n, p)
+        x = torch.randn(2, m, size, size)
+        if cl:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return HF._select(x, wk.requires_grad_(grad), w1, (stride, stride), (1, 1), pattern,
+                          (1, 1))
+
+    if not native.vectorized():
+        pytest.skip("the kernel was built without AVX-512: auto never picks it")
+    want = ("native", True)
+    for p in (2, 4, 8, 16):
+        assert pick(64, 64, p) == want
+        assert pick(512, 512, p, size=2, grad=True) == want
+    assert pick(128, 128, 4, pattern="blocked") == want
+    assert pick(128, 256, 4, size=8, stride=2, grad=True) == want
+    # not: P outside {2, 4, 8, 16} "shifted", N/P not a multiple of 16 "blocked", fewer
+    # than 64 channels, stride 2 under autograd from 256 channels on
+    assert not pick(96, 96, 3)[1]
+    assert not pick(64, 64, 32)[1]
+    assert not pick(128, 128, 16, pattern="blocked")[1]
+    assert not pick(32, 64, 4)[1] and not pick(64, 32, 4)[1]
+    assert not pick(256, 256, 4, size=8, stride=2, grad=True)[1]
+    assert pick(256, 256, 4, size=8, stride=2) == want
+    # and het_conv2d runs it: a channels_last result equal to the dense reference
+    wk, w1 = _weights(64, 64, 4)
+    x = torch.randn(2, 64, 6, 6)
+    y = HF.het_conv2d(x, wk, w1)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y, F.conv2d(x, HF.dense_weight(wk, w1), None, 1, 1),
+                               rtol=1e-4, atol=1e-4)
+
+
+@needs_kernel
+@settings(max_examples=60, deadline=None)
+@given(p=st.sampled_from([2, 4, 8, 16]), m_k=st.integers(1, 5), vectors=st.integers(1, 6),
+       h=st.integers(1, 11), w=st.integers(1, 13), batch=st.integers(0, 10),
+       k=st.sampled_from([(3, 3), (5, 5), (1, 3), (3, 1), (5, 3)]),
+       pattern=st.sampled_from(PATTERNS), bias=st.booleans(), stride=st.sampled_from([1, 2]),
+       epilogue=st.sampled_from(["none", "relu", "residual", "both"]))
+def test_channels_last_kernel_matches_dense_reference(p, m_k, vectors, h, w, batch, k, pattern,
+                                                      bias, stride, epilogue):
+    # "blocked" needs 16 | N/P; vectors > 4 gives blocks of unequal width (4 + rest)
+    m, n = m_k * p, 16 * vectors * (p if pattern == "blocked" and vectors <= 2 else 1)
+    if pattern == "blocked" and n % (16 * p):
+        n = 16 * p
+    assert native.nhwc_supported(n, m, p, pattern)
+    torch.manual_seed(m * 1000 + n * 10 + h)
+    cl = torch.channels_last
+    wk, w1 = _weights(m, n, p, k=k[0], requires_grad=True)
+    wk = torch.randn(n, m_k, *k, requires_grad=True)
+    b = torch.randn(n, requires_grad=True) if bias else None
+    x = torch.randn(batch, m, h, w).contiguous(memory_format=cl).requires_grad_()
+    ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
+    res = (torch.randn(batch, n, ho, wo).contiguous(memory_format=cl).requires_grad_()
+           if epilogue in ("residual", "both") else None)
+    relu = epilogue in ("relu", "both")
+    y = native.native_conv2d(x, wk, w1, b, pattern, relu=relu, residual=res, stride=stride)
+    ref = _reference(x, wk, w1, b, pattern, stride=stride)
+    if res is not None:
+        ref = ref + res
+    if relu:
+        ref = F.relu(ref)
+    assert y.shape == ref.shape and y.is_contiguous(memory_format=cl)
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
+    leaves = [t for t in (x, wk, w1, b, res) if t is not None]
+    g = torch.randn_like(y)
+    for got, want in zip(torch.autograd.grad(y, leaves, g), torch.autograd.grad(ref, leaves, g)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@needs_kernel
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("m,n,p,size,batch", [(64, 64, 4, 8, 3), (128, 256, 8, 4, 9),
+                                              (32, 48, 2, 7, 2), (64, 64, 16, 2, 17)])
+def test_channels_last_layer_runs_the_channels_last_kernel(m, n, p, size, batch, pattern,
+                                                           nhwc_runs):
+    if pattern == "blocked" and (n // p) % 16:
+        n = 16 * p
+    torch.manual_seed(7)
+    layer = hetconv.HetConv2d(m, n, 3, part=p, pattern=pattern, bias=True, backend="native")
+    x = torch.randn(batch, m, size, size).contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    y = layer(x)
+    assert nhwc_runs, "the channels-last kernel did not run"
+    ref = _reference(x, layer.weight_k, layer.weight_1, layer.bias, pattern)
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
+    g = torch.randn_like(y)
+    leaves = (x, layer.weight_k, layer.weight_1, layer.bias)
+    for got, want in zip(torch.autograd.grad(y, leaves, g), torch.autograd.grad(ref, leaves, g)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    # the transposed kernel (input gradient) ran too where the transposed layer is one of
+    # its cases (outputs: the M channels), else the NCHW kernel did
+    assert len(nhwc_runs) == (2 if native.nhwc_supported(m, n, p, pattern) else 1)
+
+
+@needs_kernel
+def test_channels_last_kernel_does_not_depend_on_thread_count():
+    torch.manual_seed(8)
+    x = torch.randn(5, 64, 9, 9).contiguous(memory_format=torch.channels_last)
+    wk, w1 = _weights(64, 80, 4)
+    gy = torch.randn(5, 80, 9, 9).contiguous(memory_format=torch.channels_last)
+    threads = torch.get_num_threads()
+    out = []
+    try:
+        for t in (1, max(2, threads)):
+            torch.set_num_threads(t)
+            out.append((native.native_conv2d(x, wk, w1),
+                        *native._weight_grad(x, gy, wk, w1, "shifted", 1)))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*out):
+        assert torch.equal(a, b)
+
+
+@needs_kernel
+@pytest.mark.parametrize("channels,cl", [(8, False), (32, True)])
+def test_compiled_layer_runs_native_as_one_op(channels, cl):
+    # NCHW: the pixel-vectorised kernel; channels_last: the channels-last one
     torch.manual_seed(6)
-    layer = hetconv.HetConv2d(8, 8, 3, part=4, bias=True, backend="native")
-    x = torch.randn(2, 8, 10, 10)
+    layer = hetconv.HetConv2d(channels, channels, 3, part=4, bias=True, backend="native")
+    fmt = torch.channels_last if cl else torch.contiguous_format
+    x = torch.randn(2, channels, 10, 10).contiguous(memory_format=fmt)
     compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
-    torch.testing.assert_close(compiled(x), layer(x))
+    out = compiled(x)
+    assert out.is_contiguous(memory_format=fmt)
+    torch.testing.assert_close(out, layer(x))
     x.requires_grad_(True)
     compiled(x).sum().backward()
     ref = x.grad.clone()
@@ -234,6 +368,16 @@ CHECK = """
     y2 = HF.het_conv2d(x, wk, w1, stride=2, backend="native")
     ref2 = F.conv2d(x, HF.dense_weight(wk, w1), None, 2, 1)
     assert (y2 - ref2).abs().max() < 1e-4, (y2 - ref2).abs().max()
+    # the channels-last kernel: forward and backward
+    xc = torch.randn(3, 32, 5, 6).contiguous(memory_format=torch.channels_last).requires_grad_()
+    wc, w1c = torch.randn(32, 8, 3, 3).requires_grad_(), torch.randn(32, 24).requires_grad_()
+    y3 = HF.het_conv2d(xc, wc, w1c, backend="native")
+    ref3 = F.conv2d(xc, HF.dense_weight(wc, w1c), None, 1, 1)
+    assert (y3 - ref3).abs().max() < 1e-3, (y3 - ref3).abs().max()
+    g3 = torch.randn_like(ref3)
+    for a, b in zip(torch.autograd.grad(y3, (xc, wc, w1c), g3),
+                    torch.autograd.grad(ref3, (xc, wc, w1c), g3)):
+        assert (a - b).abs().max() < 1e-2, (a - b).abs().max()
     print(native.available(), native.vectorized(), native.build_error())
 """
 

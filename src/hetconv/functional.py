@@ -77,6 +77,15 @@ NATIVE_MIN_PART_NARROW_TRAINING: int = 4
 #: least this many pixels (ResNet-50's 128- and 256-channel stride-2 layers).
 NATIVE_MIN_AREA_STRIDED: int = 196
 
+#: ``"auto"`` picks the channels-last native kernel (:func:`hetconv.native.nhwc_supported`
+#: layers: "shifted" with P in {2, 4, 8, 16}, "blocked" with 16 | N/P) when M and N are at
+#: least NATIVE_NHWC_MIN_CHANNELS, whatever the input's layout (NCHW input is copied to
+#: channels_last, as for ``"fused"``).  See :func:`select_backend`.
+NATIVE_NHWC_MIN_CHANNELS: int = 64
+#: ... except under autograd at stride 2 from this many input channels on, where its input
+#: gradient is the dense one and ``"fused"`` measured faster.
+NATIVE_NHWC_STRIDED_TRAINING_MAX_IN: int = 256
+
 #: ``"auto"``'s dense path runs NCHW (copying channels_last input) when the GEMM the
 #: convolution amounts to has at most this many rows (B*Ho*Wo) per input channel:
 #: oneDNN's dense convolution is up to 2x faster in NCHW there (many channels, small
@@ -295,12 +304,25 @@ def select_backend(x: torch.Tensor, weight_k: torch.Tensor, weight_1: torch.Tens
     ``hetconv.optimize_for_inference`` replaces this rule by a measurement
     per layer.  A GPU path would add its own branch here.
     """
+    return _select(x, weight_k, weight_1, stride, dilation, pattern, padding, native)[0]
+
+
+def _select(x, weight_k, weight_1, stride, dilation, pattern, padding, native=True):
+    """``(backend, channels_last)``: :func:`select_backend`'s choice, and whether the input
+    is to be made channels_last for it (the channels-last native kernel)."""
     n, m, p = _split_shapes(weight_k, weight_1)
     kh, kw = weight_k.shape[2:]
     if p == 1 or kh * kw == 1:
-        return "dense"
+        return "dense", False
+    if native and _native_nhwc_pick(x, weight_k, n, m, p, stride, dilation, padding, pattern):
+        return "native", True
     if native and _native_pick(x, weight_k, n, m, p, stride, dilation, padding):
-        return "native"
+        return "native", False
+    return _select_rest(x, n, m, p), False
+
+
+def _select_rest(x, n, m, p) -> str:
+    """The rule's non-native branches."""
     if x.dtype not in (torch.float32, torch.bfloat16):
         return "dense"
     if m >= FUSED_MIN_IN and n >= FUSED_MIN_OUT:
@@ -310,18 +332,43 @@ def select_backend(x: torch.Tensor, weight_k: torch.Tensor, weight_1: torch.Tens
     return "dense"
 
 
+def _training(x: torch.Tensor, weight_k: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and (x.requires_grad or weight_k.requires_grad)
+
+
+def _native_nhwc_pick(x, weight_k, n, m, p, stride, dilation, padding, pattern) -> bool:
+    """``select_backend``'s channels-last native branch (see its docstring)."""
+    if m < NATIVE_NHWC_MIN_CHANNELS or n < NATIVE_NHWC_MIN_CHANNELS:
+        return False
+    if torch.compiler.is_compiling() or not _native.nhwc_supported(n, m, p, pattern):
+        return False
+    if x.dim() != 4 or not (x.is_contiguous()
+                            or x.is_contiguous(memory_format=torch.channels_last)):
+        return False
+    if not _native_runs(x, weight_k, stride, dilation, padding):
+        return False
+    return tuple(stride) == (1, 1) or m < NATIVE_NHWC_STRIDED_TRAINING_MAX_IN or \
+        not _training(x, weight_k)
+
+
+def _native_runs(x, weight_k, stride, dilation, padding) -> bool:
+    """The C kernel applies to the call and is built with AVX-512."""
+    if padding is None:
+        padding = _padding(None, tuple(weight_k.shape[2:]), tuple(dilation))
+    return (_native.unsupported_reason(x, weight_k, stride, padding, dilation) is None
+            and _native.vectorized())
+
+
 def _native_pick(x, weight_k, n, m, p, stride, dilation, padding) -> bool:
     """``select_backend``'s native branch (see its docstring)."""
     if torch.compiler.is_compiling() or not x.is_contiguous():
         return False
+    if not _native_runs(x, weight_k, stride, dilation, padding):
+        return False
     if padding is None:
         padding = _padding(None, tuple(weight_k.shape[2:]), tuple(dilation))
-    if _native.unsupported_reason(x, weight_k, stride, padding, dilation) is not None:
-        return False
-    if not _native.vectorized():
-        return False
     area = _out_area(x, tuple(weight_k.shape[2:]), stride, padding, dilation)
-    training = torch.is_grad_enabled() and (x.requires_grad or weight_k.requires_grad)
+    training = _training(x, weight_k)
     if tuple(stride) != (1, 1):  # stride 2: its input gradient is the dense reference's
         return not training and m >= FUSED_MIN_IN and area >= NATIVE_MIN_AREA_STRIDED
     if area >= NATIVE_MIN_AREA:
@@ -507,7 +554,9 @@ def het_conv2d(x: torch.Tensor, weight_k: torch.Tensor, weight_1: torch.Tensor,
             x, weight_k, stride_, padding_, dilation_) is not None):
         backend = "auto"  # where the kernel does not apply: what "auto" picks among the rest
     if backend == "auto":
-        backend = select_backend(x, weight_k, weight_1, stride_, dilation_, pattern, padding_)
+        backend, to_cl = _select(x, weight_k, weight_1, stride_, dilation_, pattern, padding_)
+        if to_cl:
+            x = x.contiguous(memory_format=torch.channels_last)
         if backend == "dense" and x.is_contiguous(memory_format=torch.channels_last) and \
                 x.shape[0] * _out_area(x, kernel, stride_, padding_, dilation_) \
                 <= DENSE_NCHW_MAX_ROWS_PER_CHANNEL * m:

@@ -370,14 +370,34 @@ def _nhwc_layout(n: int, m: int, p: int, pattern: str, kh: int, kw: int,
         if not torch.equal(read, cof):
             raise AssertionError("channels-last kernel layout does not match the pattern")
         taps = [(a, b) for a in range(kh) for b in range(kw) if (a, b) != (kh // 2, kw // 2)]
+        ta = torch.tensor([a for a, _ in taps], dtype=torch.long)
+        tb = torch.tensor([b for _, b in taps], dtype=torch.long)
+        # Where each packed tap weight sits in weight_k (N, Mk, Kh, Kw): weight_k[f, j] is
+        # filter f's kernel on the j-th channel of its class.  Transposed, output m's step j
+        # is filter cof[m, j], at the position of m among that filter's class channels.
+        if transposed:
+            pos = torch.empty(n_out, dtype=torch.long)  # m's index within its class
+            for j in range(p):
+                members = torch.nonzero(out_cls == j).flatten()
+                pos[members] = torch.arange(len(members))
+            src_row, src_col = cof, pos[:, None].expand_as(cof)
+            ta, tb = kh - 1 - ta, kw - 1 - tb  # the transposed kernel is flipped
+        else:
+            src_row = torch.arange(n_out)[:, None].expand_as(cof)
+            src_col = torch.arange(mk)[None, :].expand_as(cof)
+        uniform = len({v for _, v, _ in blocks}) == 1
         i32 = torch.int32
         return {
             "blk_n0": torch.tensor([b[0] for b in blocks], dtype=i32),
             "blk_v": torch.tensor([b[1] for b in blocks], dtype=i32),
             "blk_toff": torch.tensor([b[2] for b in blocks], dtype=i32),
             "blocks": [tuple(b) for b in blocks], "nfb": len(blocks), "mk": mk, "ts": ts,
-            "lw": lw, "cof": cof, "T": len(taps), "kernel": (kh, kw), "n_out": n_out,
-            "ta": torch.tensor([a for a, _ in taps]), "tb": torch.tensor([b for _, b in taps]),
+            "lw": lw, "T": len(taps), "kernel": (kh, kw), "n_out": n_out,
+            "uniform_v": blocks[0][1] if uniform else 0,
+            # flat index into weight_k of each packed tap weight, (n_out, T, Mk)
+            "src": (((src_row[:, None, :] * (m // p) + src_col[:, None, :]) * kh
+                     + ta[None, :, None])
+                    * kw + tb[None, :, None]).contiguous(),
         }
     from .functional import _memo_index
     return _memo_index(("nhwc", n, m, p, pattern, kh, kw, transposed), build)
@@ -386,20 +406,27 @@ def _nhwc_layout(n: int, m: int, p: int, pattern: str, kh: int, kw: int,
 def _nhwc_pack(weight_k: torch.Tensor, weight_1: torch.Tensor, bias: Optional[torch.Tensor],
                pattern: str, n: int, m: int, p: int, transposed: bool = False) -> dict:
     """Weights in the channels-last kernel's layout (see csrc/hetconv_nhwc.c); no autograd."""
-    from .functional import dense_weight
+    from .functional import _indices
 
     kh, kw = weight_k.shape[2:]
     lay = _nhwc_layout(n, m, p, pattern, kh, kw, transposed)
-    dense = dense_weight(weight_k, weight_1, pattern).float()  # (N, M, Kh, Kw)
-    if transposed:
-        dense = dense.transpose(0, 1).flip(2, 3)
-    n_out = dense.shape[0]
-    w1 = dense[:, :, kh // 2, kw // 2]  # (n_out, n_in)
-    g = dense[torch.arange(n_out)[:, None, None], lay["cof"][:, None, :],
-              lay["ta"][None, :, None], lay["tb"][None, :, None]]  # (n_out, T, Mk)
-    w1p = torch.cat([w1[n0:n0 + 16 * v].t().reshape(-1) for n0, v, _ in lay["blocks"]])
-    wkp = torch.cat([g[n0:n0 + 16 * v].permute(1, 2, 0).reshape(-1)
-                     for n0, v, _ in lay["blocks"]])
+    weight_k, weight_1 = weight_k.float(), weight_1.float()
+    idx = _indices(m, n, p, pattern, weight_k.device)
+    # centre taps: the (N, M) pointwise matrix (weight_1 and the KxK kernels' centres)
+    centre = weight_k.new_empty(n, m)
+    centre.scatter_(1, idx["kxk"], weight_k[:, :, kh // 2, kw // 2])
+    centre.scatter_(1, idx["pw"], weight_1)
+    w1 = centre.t() if transposed else centre  # (n_out, n_in)
+    g = weight_k.reshape(-1).take(lay["src"])  # (n_out, T, Mk)
+    v = lay["uniform_v"]
+    if v:  # one reshape for all blocks
+        nfb, t, mk = lay["nfb"], lay["T"], lay["mk"]
+        w1p = w1.reshape(nfb, 16 * v, -1).transpose(1, 2).reshape(-1)
+        wkp = g.reshape(nfb, 16 * v, t, mk).permute(0, 2, 3, 1).reshape(-1)
+    else:
+        w1p = torch.cat([w1[n0:n0 + 16 * v].t().reshape(-1) for n0, v, _ in lay["blocks"]])
+        wkp = torch.cat([g[n0:n0 + 16 * v].permute(1, 2, 0).reshape(-1)
+                         for n0, v, _ in lay["blocks"]])
     bp = None if bias is None else bias.detach().float().contiguous()
     pk = dict(lay, w1p=w1p.contiguous(), wkp=wkp.contiguous(), bp=bp)
     pk["args"] = (lay["mk"], lay["ts"], lay["lw"], lay["nfb"], _ptr(lay["blk_n0"]),
@@ -473,10 +500,15 @@ def _wgrad_nhwc(x: torch.Tensor, gy: torch.Tensor, weight_k: torch.Tensor, patte
             _ptr(lay["blk_toff"]), torch.get_num_threads())
         if rc != 0:
             raise RuntimeError(f"hetconv channels-last weight-gradient kernel failed (code {rc})")
-    gt = torch.empty(n, t, mk)
-    for n0, v, _ in lay["blocks"]:
-        off = n0 * t * mk
-        gt[n0:n0 + 16 * v] = packed[off:off + 16 * v * t * mk].view(t, mk, 16 * v).permute(2, 0, 1)
+    v = lay["uniform_v"]
+    if v:
+        gt = packed.view(lay["nfb"], t, mk, 16 * v).permute(0, 3, 1, 2).reshape(n, t, mk)
+    else:
+        gt = torch.empty(n, t, mk)
+        for n0, v, _ in lay["blocks"]:
+            off = n0 * t * mk
+            gt[n0:n0 + 16 * v] = packed[off:off + 16 * v * t * mk].view(t, mk, 16 * v).permute(
+                2, 0, 1)
     idx = _indices(m, n, p, pattern, x.device)
     centre = (kh // 2) * kw + kw // 2
     gwk = gt.new_empty(n, mk, kh * kw)

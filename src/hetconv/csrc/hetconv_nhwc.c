@@ -319,7 +319,7 @@ static void nh_wtile_any(int V, int lw, int n, const float *const *xr, const flo
 }
 #endif
 
-#define NH_WCHUNK 256  /* pixels per pass: their gy rows stay in L1/L2 across the j tiles */
+#define NH_WCHUNK 64  /* pixels per pass: their gy rows stay in L1 across the j tiles */
 
 int hetconv_nhwc_wgrad(const float *x, const float *gy, float *gwk, int B, int M, int N,
                        int H, int W, int kh, int kw, int s, int ph, int pw, int Mk, int ts,
@@ -351,15 +351,16 @@ int hetconv_nhwc_wgrad(const float *x, const float *gy, float *gwk, int B, int M
             float *out = gwk + (size_t)n0 * T * Mk + (size_t)e * Mk * 16 * V;
             for (long c0 = 0; c0 < npix; c0 += NH_WCHUNK) {
                 const long c1 = c0 + NH_WCHUNK < npix ? c0 + NH_WCHUNK : npix;
-                int n = 0;
+                int n = 0, b, oh, ow;
+                nh_pixel(&g, c0, &b, &oh, &ow);  /* then stepped: no division per pixel */
                 for (long q = c0; q < c1; ++q) {
-                    int b, oh, ow;
-                    nh_pixel(&g, q, &b, &oh, &ow);
                     const float *p = nh_tap(&g, x, b, oh, ow, t / kw, t % kw);
-                    if (!p) continue;
-                    xr[n] = p + blk_toff[fb];
-                    gr[n] = gy + (size_t)q * N + n0;
-                    ++n;
+                    if (p) {
+                        xr[n] = p + blk_toff[fb];
+                        gr[n] = gy + (size_t)q * N + n0;
+                        ++n;
+                    }
+                    if (++ow == g.Wo) { ow = 0; if (++oh == g.Ho) { oh = 0; ++b; } }
                 }
                 if (!n) continue;
                 for (int j0 = 0; j0 < Mk; j0 += J) nh_wtile_any(V, lw, n, xr, gr, ts, j0, Mk, out);
