@@ -222,8 +222,10 @@ def test_auto_picks_the_channels_last_kernel_for_wide_layers(cl):
         pytest.skip("the kernel was built without AVX-512: auto never picks it")
     want = ("native", True)
     for p in (2, 4, 8, 16):
-        assert pick(64, 64, p) == want
+        assert pick(128, 128, p) == want
         assert pick(512, 512, p, size=2, grad=True) == want
+    # 64 channels: channels_last input only (NCHW input keeps the NCHW kernel there)
+    assert pick(64, 64, 4, size=16) == (want if cl else ("native", False))
     assert pick(128, 128, 4, pattern="blocked") == want
     assert pick(128, 256, 4, size=8, stride=2, grad=True) == want
     # not: P outside {2, 4, 8, 16} "shifted", N/P not a multiple of 16 "blocked", fewer
@@ -235,8 +237,8 @@ def test_auto_picks_the_channels_last_kernel_for_wide_layers(cl):
     assert not pick(256, 256, 4, size=8, stride=2, grad=True)[1]
     assert pick(256, 256, 4, size=8, stride=2) == want
     # and het_conv2d runs it: a channels_last result equal to the dense reference
-    wk, w1 = _weights(64, 64, 4)
-    x = torch.randn(2, 64, 6, 6)
+    wk, w1 = _weights(128, 128, 4)
+    x = torch.randn(2, 128, 6, 6)
     y = HF.het_conv2d(x, wk, w1)
     assert y.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(y, F.conv2d(x, HF.dense_weight(wk, w1), None, 1, 1),

@@ -79,9 +79,11 @@ NATIVE_MIN_AREA_STRIDED: int = 196
 
 #: ``"auto"`` picks the channels-last native kernel (:func:`hetconv.native.nhwc_supported`
 #: layers: "shifted" with P in {2, 4, 8, 16}, "blocked" with 16 | N/P) when M and N are at
-#: least NATIVE_NHWC_MIN_CHANNELS, whatever the input's layout (NCHW input is copied to
-#: channels_last, as for ``"fused"``).  See :func:`select_backend`.
+#: least NATIVE_NHWC_MIN_CHANNELS on channels_last input, NATIVE_NHWC_MIN_CHANNELS_NCHW on
+#: NCHW input (copied to channels_last, as for ``"fused"``; on 64-channel layers the NCHW
+#: kernel is as fast without the copy).  See :func:`select_backend`.
 NATIVE_NHWC_MIN_CHANNELS: int = 64
+NATIVE_NHWC_MIN_CHANNELS_NCHW: int = 128
 #: ... except under autograd at stride 2 from this many input channels on, where its input
 #: gradient is the dense one and ``"fused"`` measured faster.
 NATIVE_NHWC_STRIDED_TRAINING_MAX_IN: int = 256
@@ -338,12 +340,15 @@ def _training(x: torch.Tensor, weight_k: torch.Tensor) -> bool:
 
 def _native_nhwc_pick(x, weight_k, n, m, p, stride, dilation, padding, pattern) -> bool:
     """``select_backend``'s channels-last native branch (see its docstring)."""
-    if m < NATIVE_NHWC_MIN_CHANNELS or n < NATIVE_NHWC_MIN_CHANNELS:
+    if x.dim() != 4 or torch.compiler.is_compiling():
         return False
-    if torch.compiler.is_compiling() or not _native.nhwc_supported(n, m, p, pattern):
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        least = NATIVE_NHWC_MIN_CHANNELS
+    elif x.is_contiguous():
+        least = NATIVE_NHWC_MIN_CHANNELS_NCHW
+    else:
         return False
-    if x.dim() != 4 or not (x.is_contiguous()
-                            or x.is_contiguous(memory_format=torch.channels_last)):
+    if min(m, n) < least or not _native.nhwc_supported(n, m, p, pattern):
         return False
     if not _native_runs(x, weight_k, stride, dilation, padding):
         return False
