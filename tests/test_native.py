@@ -229,13 +229,12 @@ def test_auto_picks_the_channels_last_kernel_for_wide_layers(cl):
     assert pick(128, 128, 4, pattern="blocked") == want
     assert pick(128, 256, 4, size=8, stride=2, grad=True) == want
     # not: P outside {2, 4, 8, 16} "shifted", N/P not a multiple of 16 "blocked", fewer
-    # than 64 channels, stride 2 under autograd from 256 channels on
+    # than 64 channels
     assert not pick(96, 96, 3)[1]
     assert not pick(64, 64, 32)[1]
     assert not pick(128, 128, 16, pattern="blocked")[1]
     assert not pick(32, 64, 4)[1] and not pick(64, 32, 4)[1]
-    assert not pick(256, 256, 4, size=8, stride=2, grad=True)[1]
-    assert pick(256, 256, 4, size=8, stride=2) == want
+    assert pick(256, 256, 4, size=8, stride=2, grad=True) == want
     # and het_conv2d runs it: a channels_last result equal to the dense reference
     wk, w1 = _weights(128, 128, 4)
     x = torch.randn(2, 128, 6, 6)
@@ -287,24 +286,27 @@ def test_channels_last_kernel_matches_dense_reference(p, m_k, vectors, h, w, bat
 @pytest.mark.parametrize("pattern", PATTERNS)
 @pytest.mark.parametrize("m,n,p,size,batch", [(64, 64, 4, 8, 3), (128, 256, 8, 4, 9),
                                               (32, 48, 2, 7, 2), (64, 64, 16, 2, 17)])
-def test_channels_last_layer_runs_the_channels_last_kernel(m, n, p, size, batch, pattern,
+@pytest.mark.parametrize("stride", [1, 2])
+def test_channels_last_layer_runs_the_channels_last_kernel(m, n, p, size, batch, pattern, stride,
                                                            nhwc_runs):
     if pattern == "blocked" and (n // p) % 16:
         n = 16 * p
     torch.manual_seed(7)
-    layer = hetconv.HetConv2d(m, n, 3, part=p, pattern=pattern, bias=True, backend="native")
+    layer = hetconv.HetConv2d(m, n, 3, part=p, pattern=pattern, bias=True, stride=stride,
+                              backend="native")
     x = torch.randn(batch, m, size, size).contiguous(memory_format=torch.channels_last)
     x.requires_grad_()
     y = layer(x)
     assert nhwc_runs, "the channels-last kernel did not run"
-    ref = _reference(x, layer.weight_k, layer.weight_1, layer.bias, pattern)
+    ref = _reference(x, layer.weight_k, layer.weight_1, layer.bias, pattern, stride=stride)
     torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
     g = torch.randn_like(y)
     leaves = (x, layer.weight_k, layer.weight_1, layer.bias)
     for got, want in zip(torch.autograd.grad(y, leaves, g), torch.autograd.grad(ref, leaves, g)):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-    # the transposed kernel (input gradient) ran too where the transposed layer is one of
-    # its cases (outputs: the M channels), else the NCHW kernel did
+    # the transposed kernel (input gradient; at stride 2 a transposed strided convolution)
+    # ran too where the transposed layer is one of its cases (outputs: the M channels), else
+    # the NCHW kernel (stride 1) or the dense reference (stride 2) did
     assert len(nhwc_runs) == (2 if native.nhwc_supported(m, n, p, pattern) else 1)
 
 

@@ -142,7 +142,7 @@ def _load() -> Optional[ctypes.CDLL]:
                                                  + [i] * 4)
             lib.hetconv_native_isa.restype = i
             lib.hetconv_nhwc_forward.restype = i
-            lib.hetconv_nhwc_forward.argtypes = [p, p] + [i] * 14 + [p] * 7 + [i] * 3
+            lib.hetconv_nhwc_forward.argtypes = [p, p] + [i] * 14 + [p] * 7 + [i] * 6
             lib.hetconv_nhwc_wgrad.restype = i
             lib.hetconv_nhwc_wgrad.argtypes = [p] * 3 + [i] * 14 + [p] * 3 + [i]
             _LIB = lib
@@ -337,8 +337,9 @@ def nhwc_supported(n: int, m: int, p: int, pattern: str) -> bool:
 
 
 def _is_channels_last(t: torch.Tensor) -> bool:
+    """Channels-last memory (planes of one pixel count: both layouts are the same memory)."""
     return (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last)
-            and not t.is_contiguous())
+            and (not t.is_contiguous() or t.shape[2] * t.shape[3] == 1))
 
 
 def _nhwc_layout(n: int, m: int, p: int, pattern: str, kh: int, kw: int,
@@ -451,7 +452,10 @@ NHWC_POSITION_MAJOR_MAX_AREA: int = 64
 
 
 def _run_nhwc(x: torch.Tensor, pk: dict, n: int, relu: bool = False,
-              residual: Optional[torch.Tensor] = None, stride: int = 1) -> torch.Tensor:
+              residual: Optional[torch.Tensor] = None, stride: int = 1, up: int = 1,
+              out_size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+    """The channels-last kernel on ``x``; ``up`` > 1 with ``out_size``: the transpose of a
+    stride-``up`` convolution (``pk`` packed transposed), whose output size is ``out_size``."""
     lib = _load()
     if lib is None:
         raise RuntimeError(f"hetconv native kernel unavailable ({build_error()})")
@@ -459,7 +463,7 @@ def _run_nhwc(x: torch.Tensor, pk: dict, n: int, relu: bool = False,
     x = x.contiguous(memory_format=cl)
     b, m, h, w = x.shape
     kh, kw = pk["kernel"]
-    ho, wo = _out_size(h, kh, stride), _out_size(w, kw, stride)
+    ho, wo = out_size if up > 1 else (_out_size(h, kh, stride), _out_size(w, kw, stride))
     y = torch.empty((b, n, ho, wo), dtype=x.dtype, memory_format=cl)
     if residual is not None:
         if tuple(residual.shape) != tuple(y.shape) or residual.dtype != torch.float32:
@@ -468,10 +472,12 @@ def _run_nhwc(x: torch.Tensor, pk: dict, n: int, relu: bool = False,
         residual = residual.contiguous(memory_format=cl)
     if b == 0:
         return y
-    posmajor = int(ho * wo <= NHWC_POSITION_MAJOR_MAX_AREA and b > 1)
+    # position-major: small planes, and always for the transposed strided case (a tile's
+    # pixels then share their parity, so the taps they skip)
+    posmajor = int((ho * wo <= NHWC_POSITION_MAJOR_MAX_AREA or up > 1) and b > 1)
     rc = lib.hetconv_nhwc_forward(_ptr(x), _ptr(y), b, m, n, h, w, kh, kw, stride, kh // 2,
                                   kw // 2, *pk["args"], _ptr(residual), int(relu), posmajor,
-                                  torch.get_num_threads())
+                                  up, ho, wo, torch.get_num_threads())
     if rc != 0:
         raise RuntimeError(f"hetconv channels-last kernel failed (code {rc})")
     return y
@@ -594,11 +600,23 @@ def _setup_context(ctx, inputs, output):
 
 
 def _input_grad(gy: torch.Tensor, weight_k: torch.Tensor, weight_1: torch.Tensor,
-                pattern: str) -> torch.Tensor:
+                pattern: str, stride: int, h: int, w: int) -> torch.Tensor:
+    """The input gradient (size ``h`` x ``w``) by the C kernel on the transposed, flipped
+    weights: the NCHW kernel at stride 1, the channels-last one at stride 1 or 2
+    (:func:`_input_grad_runs` says which calls it takes)."""
     n, m, p = _shapes(weight_k, weight_1)
     if _is_channels_last(gy) and _nhwc_step(m, n, p, pattern) is not None:
-        return _run_nhwc(gy, _nhwc_packed(weight_k, weight_1, None, pattern, n, m, p, True), m)
+        return _run_nhwc(gy, _nhwc_packed(weight_k, weight_1, None, pattern, n, m, p, True), m,
+                         up=stride, out_size=(h, w))
     return _run(gy, _packed(weight_k, weight_1, None, pattern, n, m, p, True), m)
+
+
+def _input_grad_runs(gy: torch.Tensor, n: int, m: int, p: int, pattern: str,
+                     stride: int) -> bool:
+    """Whether :func:`_input_grad` computes this call (else the dense reference does)."""
+    if n % p:
+        return False
+    return stride == 1 or (_is_channels_last(gy) and _nhwc_step(m, n, p, pattern) is not None)
 
 
 _input_grad_op = torch.library.custom_op("hetconv::native_conv2d_input_grad",
@@ -606,9 +624,9 @@ _input_grad_op = torch.library.custom_op("hetconv::native_conv2d_input_grad",
 
 
 @_input_grad_op.register_fake
-def _input_grad_fake(gy, weight_k, weight_1, pattern):
+def _input_grad_fake(gy, weight_k, weight_1, pattern, stride, h, w):
     n, m, p = _shapes(weight_k, weight_1)
-    return _empty_like_run(gy, (gy.shape[0], m, gy.shape[2], gy.shape[3]),
+    return _empty_like_run(gy, (gy.shape[0], m, h, w),
                            _is_channels_last(gy) and _nhwc_step(m, n, p, pattern) is not None)
 
 
@@ -648,8 +666,9 @@ def _backward(ctx, gy):
     # costs ~0.1 ms of Python dispatch, as much as a small layer's whole kernel)
     compiling = torch.compiler.is_compiling()
     s = ctx.stride
-    if need_x and n % p == 0 and s == 1:
-        gx = (_input_grad_op if compiling else _input_grad)(gy, weight_k, weight_1, ctx.pattern)
+    if need_x and _input_grad_runs(gy, n, m, p, ctx.pattern, s):
+        gx = (_input_grad_op if compiling else _input_grad)(gy, weight_k, weight_1, ctx.pattern,
+                                                            s, x.shape[2], x.shape[3])
     elif need_x:
         dense = _assemble_dense(weight_k.detach(), weight_1.detach(), ctx.pattern, n, m, p)
         gx = torch.ops.aten.convolution_backward(

@@ -54,6 +54,7 @@ static inline int nh_jrows(int V) { return V >= 4 ? NH_JR4 : NH_JRMAX; }
 
 typedef struct {
     int B, M, N, H, W, Ho, Wo, kh, kw, s, ph, pw, Mk, ts, lw, posmajor;
+    int up;  /* > 1: transposed strided convolution (see nh_tap) */
 } nh_geom;
 
 /* Output pixel q (in the layer's pixel order) -> image, row, column. */
@@ -65,10 +66,16 @@ static inline void nh_pixel(const nh_geom *g, long q, int *b, int *oh, int *ow) 
     *oh = pos / g->Wo; *ow = pos % g->Wo;
 }
 
-/* Row of channel values that tap (u, v) of output pixel (b, oh, ow) reads, or NULL (padding). */
+/* Row of channel values that tap (u, v) of output pixel (b, oh, ow) reads, or NULL (padding).
+ * With up > 1 the layer is the transpose of a stride-`up` convolution (its input gradient,
+ * kernel flipped): output pixel i reads input (i - ph + u) / up where that is a whole number. */
 static inline const float *nh_tap(const nh_geom *g, const float *x, int b, int oh, int ow,
                                   int u, int v) {
-    const int ih = oh * g->s - g->ph + u, iw = ow * g->s - g->pw + v;
+    int ih = oh * g->s - g->ph + u, iw = ow * g->s - g->pw + v;
+    if (g->up > 1) {
+        if (ih < 0 || iw < 0 || ih % g->up || iw % g->up) return NULL;
+        ih /= g->up; iw /= g->up;
+    }
     if (ih < 0 || ih >= g->H || iw < 0 || iw >= g->W) return NULL;
     return x + (((size_t)b * g->H + ih) * g->W + iw) * (size_t)g->M;
 }
@@ -97,7 +104,7 @@ static inline __attribute__((always_inline)) void nh_tile(
         const __m512 b0 = bias ? _mm512_loadu_ps(bias + 16 * v) : _mm512_setzero_ps();
         _Pragma("GCC unroll 8") for (int r = 0; r < R; ++r) acc[r][v] = b0;
     }
-    {
+    if (live[centre]) {
         const float *p[NH_RMAX];
         _Pragma("GCC unroll 8") for (int r = 0; r < R; ++r) p[r] = px[centre * R + r];
         for (int c = 0; c < M; ++c) {
@@ -167,7 +174,8 @@ static void nh_tile_any(int V, const nh_geom *g, const float *const *px, const u
         if (!yo[r]) continue;
         for (int i = 0; i < VW; ++i) {
             float a = bias ? bias[i] : 0.f;
-            for (int c = 0; c < g->M; ++c) a += px[centre * R + r][c] * w1[(size_t)c * VW + i];
+            if (live[centre])
+                for (int c = 0; c < g->M; ++c) a += px[centre * R + r][c] * w1[(size_t)c * VW + i];
             for (int t = 0, e = 0; t < KK; ++t) {
                 if (t == centre) continue;
                 const float *wt = wk + (size_t)e * g->Mk * VW;
@@ -201,10 +209,15 @@ int hetconv_nhwc_forward(const float *x, float *y, int B, int M, int N, int H, i
                          int kh, int kw, int s, int ph, int pw, int Mk, int ts, int lw,
                          int nfb, const int *blk_n0, const int *blk_v, const int *blk_toff,
                          const float *w1p, const float *wkp, const float *bias,
-                         const float *res, int relu, int posmajor, int nthreads) {
+                         const float *res, int relu, int posmajor, int up, int Ho, int Wo,
+                         int nthreads) {
     nh_geom g = {B, M, N, H, W, (H + 2 * ph - kh) / s + 1, (W + 2 * pw - kw) / s + 1,
-                 kh, kw, s, ph, pw, Mk, ts, lw, posmajor};
-    if (nh_check(&g) || g.Ho < 1 || g.Wo < 1) return -1;
+                 kh, kw, s, ph, pw, Mk, ts, lw, posmajor, up};
+    if (up > 1) {  /* transposed strided: the output size is the caller's (s must be 1) */
+        if (s != 1) return -1;
+        g.Ho = Ho; g.Wo = Wo;
+    }
+    if (nh_check(&g) || g.Ho < 1 || g.Wo < 1 || g.Ho != Ho || g.Wo != Wo) return -1;
     const int T = kh * kw - 1, KK = kh * kw;
     const long npix = (long)B * g.Ho * g.Wo;
     float *zero = (float *)calloc((size_t)M + 64, sizeof(float));
@@ -234,14 +247,18 @@ int hetconv_nhwc_forward(const float *x, float *y, int B, int M, int N, int H, i
         float *yo[NH_RMAX];
         const float *ro[NH_RMAX];
         unsigned char live[NH_KKMAX];
-        for (long q0 = q_begin; q0 < q_end; q0 += Rt) {
+        for (long q0 = q_begin, lim; q0 < q_end; q0 = lim) {
+            /* a tile: Rt pixels, cut at the run's end and (position-major) at the end of a
+             * position, so its pixels share which taps fall in the padding */
+            lim = q0 + Rt < q_end ? q0 + Rt : q_end;
+            if (posmajor && lim > (q0 / B + 1) * B) lim = (q0 / B + 1) * B;
             memset(live, 0, sizeof live);
             for (int r = 0; r < Rt; ++r) {
-                const long q = q0 + r < q_end ? q0 + r : q_end - 1;  /* tail: repeat, no store */
+                const long q = q0 + r < lim ? q0 + r : lim - 1;  /* tail: repeat, no store */
                 int b, oh, ow;
                 nh_pixel(&g, q, &b, &oh, &ow);
                 const size_t o = (((size_t)b * g.Ho + oh) * g.Wo + ow) * (size_t)N + n0;
-                yo[r] = q0 + r < q_end ? y + o : NULL;
+                yo[r] = q0 + r < lim ? y + o : NULL;
                 ro[r] = (res && yo[r]) ? res + o : NULL;
                 for (int t = 0; t < KK; ++t) {
                     const float *p = nh_tap(&g, x, b, oh, ow, t / kw, t % kw);
@@ -326,7 +343,7 @@ int hetconv_nhwc_wgrad(const float *x, const float *gy, float *gwk, int B, int M
                        int lw, int nfb, const int *blk_n0, const int *blk_v,
                        const int *blk_toff, int nthreads) {
     nh_geom g = {B, M, N, H, W, (H + 2 * ph - kh) / s + 1, (W + 2 * pw - kw) / s + 1,
-                 kh, kw, s, ph, pw, Mk, ts, lw, 0};
+                 kh, kw, s, ph, pw, Mk, ts, lw, 0, 1};
     if (nh_check(&g) || g.Ho < 1 || g.Wo < 1) return -1;
     const int T = kh * kw - 1, KK = kh * kw, centre = (kh / 2) * kw + kw / 2;
     const long npix = (long)B * g.Ho * g.Wo;
