@@ -17,7 +17,8 @@ import sys
 from hetconv.bench.report import model_table, target_checks
 
 COLUMNS = (("het_auto", "auto (NCHW)"), ("het_auto_cl", "auto (channels_last)"),
-           ("het_native", "native"), ("het_fused", "fused shifted"),
+           ("het_native", "native (NCHW)"), ("het_native_cl", "native (channels_last)"),
+           ("het_fused", "fused shifted"),
            ("het_fused_blocked", "fused blocked"), ("grouped_plus_pw", "grouped+full PWC (public)"),
            ("masked_dense", "masked dense (public)"), ("gwc_pwc", "GWC+PWC"),
            ("dwc_pwc", "DWC+PWC"))

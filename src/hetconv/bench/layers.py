@@ -11,9 +11,11 @@ Candidates for a shape (M -> N, HxW input, stride) and part P:
   gathers, one dense conv each, scattered back).
 * paper baselines: ``gwc_pwc`` (GWC with G=P, then PWC) and ``dwc_pwc``.
 * every hetconv backend (``het_<name>``: ``"native"`` on NCHW input, the
-  others on channels_last), ``het_auto`` (NCHW input) and ``het_auto_cl``
-  (channels_last input), and the fused and native backends with the other
-  pattern (``het_fused_blocked``, ``het_native_blocked``).
+  others on channels_last), ``het_native_cl`` (``"native"`` on channels_last
+  input: its channels-last kernel where that applies), ``het_auto`` (NCHW
+  input) and ``het_auto_cl`` (channels_last input), and the fused and native
+  backends with the other pattern (``het_fused_blocked``,
+  ``het_native_blocked``, ``het_native_cl_blocked``).
 """
 
 from __future__ import annotations
@@ -173,11 +175,13 @@ def layer_candidates(shape: LayerShape, part: int, train: bool = False,
                        train, (xx, wk, w1))
     for backend in HF.BACKENDS:
         cands[f"het_{backend}"] = het(x if backend == "native" else x_cl, backend)
+    cands["het_native_cl"] = het(x_cl, "native")  # the channels-last kernel where it applies
     cands["het_auto"] = het(x, "auto")
     cands["het_auto_cl"] = het(x_cl, "auto")
     other = "blocked" if pattern == "shifted" else "shifted"
     cands[f"het_fused_{other}"] = het(x_cl, "fused", other)
     cands[f"het_native_{other}"] = het(x, "native", other)
+    cands[f"het_native_cl_{other}"] = het(x_cl, "native", other)
     return cands
 
 

@@ -18,7 +18,8 @@ __all__ = ["environment", "layer_table", "model_table", "target_checks", "plot_s
            "write_report", "atomic_write"]
 
 #: columns of the per-layer table, in order (speedup vs the best dense baseline)
-LAYER_COLUMNS = ("het_auto", "het_auto_cl", "het_native", "het_native_blocked", "het_fused",
+LAYER_COLUMNS = ("het_auto", "het_auto_cl", "het_native", "het_native_blocked", "het_native_cl",
+                 "het_native_cl_blocked", "het_fused",
                  "het_fused_blocked", "het_grouped", "het_dense", "masked_dense", "grouped_plus_pw", "branches", "gwc_pwc", "dwc_pwc")
 
 
@@ -148,7 +149,7 @@ def target_checks(layer_rows: Sequence[dict], model_rows: Sequence[dict]) -> Lis
                        f"{len(slow)}/{len(autos)} cases slower ({noise} of them within 10%), "
                        f"worst {worst[1]:.2f}x ({' '.join(map(str, worst[0][:5]))}): "
                        f"{mark(not slow)}")
-    for backend in ("fused", "native"):
+    for backend in ("fused", "native", "native_cl"):
         pairs = [(by[k], by[k[:5] + (f"het_{backend}_blocked",)]) for k in by
                  if k[5] == f"het_{backend}" and k[:5] + (f"het_{backend}_blocked",) in by]
         if pairs:
