@@ -47,18 +47,40 @@ def test_weight_cache_hits_and_invalidates(backend, cache, bumped):
     layer = hetconv.HetConv2d(8, 8, part=2, backend=backend)
     cache = getattr(HF, cache)
     x = torch.randn(1, 8, 5, 5)
+    def cached():
+        (entry,) = cache[layer.weight_k].values()
+        return entry[1]
+
     with torch.no_grad():
         layer(x)
-        first = cache[layer.weight_k][1]
+        first = cached()
         layer(x)
-        assert cache[layer.weight_k][1] is first  # reused, not rebuilt
+        assert cached() is first  # reused, not rebuilt
         getattr(layer, bumped).mul_(-1)  # version bump: must rebuild
         y = layer(x)
-        assert cache[layer.weight_k][1] is not first
+        assert cached() is not first
         torch.testing.assert_close(y, _ref(x, layer), rtol=1e-4, atol=1e-5)
     # Under autograd nothing is cached: gradients flow into the parameters.
     layer(x).sum().backward()
     assert layer.weight_k.grad is not None and layer.weight_1.grad is not None
+
+
+@pytest.mark.parametrize("backend,cache", [("fused", "_WEIGHT_CACHE"), ("dense", "_DENSE_CACHE")])
+def test_weights_used_with_both_patterns_keep_both_cache_entries(backend, cache):
+    wk, w1 = torch.randn(8, 4, 3, 3), torch.randn(8, 4)
+    x = torch.randn(1, 8, 5, 5)
+    cache = getattr(HF, cache)
+    with torch.no_grad():
+        a = HF.het_conv2d(x, wk, w1, pattern="shifted", backend=backend)
+        b = HF.het_conv2d(x, wk, w1, pattern="blocked", backend=backend)
+        entries = dict(cache[wk])
+        assert len(entries) == 2
+        again = HF.het_conv2d(x, wk, w1, pattern="shifted", backend=backend)
+        assert all(cache[wk][k][1] is v[1] for k, v in entries.items())  # nothing rebuilt
+    torch.testing.assert_close(again, a)
+    for y, pat in ((a, "shifted"), (b, "blocked")):
+        torch.testing.assert_close(y, F.conv2d(x, HF.dense_weight(wk, w1, pat), None, 1, 1),
+                                   rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("backend", ["fused", "dense"])
