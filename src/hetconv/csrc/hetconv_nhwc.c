@@ -34,6 +34,7 @@
  *   wkp  block b at n0_b * T * Mk:   (T, Mk, 16 V_b) the T = Kh*Kw - 1 other taps
  *   bias (N) or NULL
  */
+#include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
 #ifdef _OPENMP
@@ -235,6 +236,8 @@ int hetconv_nhwc_forward(const float *x, float *y, int B, int M, int N, int H, i
      * can be partial */
     const long per_run = ((ntiles * R / runs + 23) / 24) * 24;
     const long items = (long)nfb * runs;
+    ptrdiff_t toffs[NH_KKMAX];  /* offset of each tap from the top-left tap, inside the image */
+    for (int t = 0; t < KK; ++t) toffs[t] = ((ptrdiff_t)(t / kw) * W + t % kw) * M;
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (items > 1)
     for (long it = 0; it < items; ++it) {
         const int fb = (int)(it / runs);
@@ -253,17 +256,31 @@ int hetconv_nhwc_forward(const float *x, float *y, int B, int M, int N, int H, i
             lim = q0 + Rt < q_end ? q0 + Rt : q_end;
             if (posmajor && lim > (q0 / B + 1) * B) lim = (q0 / B + 1) * B;
             memset(live, 0, sizeof live);
+            int b, oh, ow;
+            nh_pixel(&g, q0, &b, &oh, &ow);  /* then stepped in pixel order: no divisions */
             for (int r = 0; r < Rt; ++r) {
-                const long q = q0 + r < lim ? q0 + r : lim - 1;  /* tail: repeat, no store */
-                int b, oh, ow;
-                nh_pixel(&g, q, &b, &oh, &ow);
+                /* tail: the tile's last pixel again, not stored */
                 const size_t o = (((size_t)b * g.Ho + oh) * g.Wo + ow) * (size_t)N + n0;
                 yo[r] = q0 + r < lim ? y + o : NULL;
                 ro[r] = (res && yo[r]) ? res + o : NULL;
-                for (int t = 0; t < KK; ++t) {
-                    const float *p = nh_tap(&g, x, b, oh, ow, t / kw, t % kw);
-                    if (p) live[t] = 1;
-                    px[t * Rt + r] = p ? p : zero;
+                const int ih0 = oh * s - ph, iw0 = ow * s - pw;
+                if (up == 1 && ih0 >= 0 && ih0 + kh <= H && iw0 >= 0 && iw0 + kw <= W) {
+                    /* every tap inside the image: fixed offsets from one base */
+                    const float *base = x + (((size_t)b * H + ih0) * W + iw0) * (size_t)M;
+                    for (int t = 0; t < KK; ++t) { px[t * Rt + r] = base + toffs[t]; live[t] = 1; }
+                } else {
+                    for (int t = 0; t < KK; ++t) {
+                        const float *p = nh_tap(&g, x, b, oh, ow, t / kw, t % kw);
+                        if (p) live[t] = 1;
+                        px[t * Rt + r] = p ? p : zero;
+                    }
+                }
+                if (q0 + r + 1 >= lim) continue;  /* keep the last pixel for the tail */
+                if (posmajor) {
+                    if (++b == B) { b = 0; if (++ow == g.Wo) { ow = 0; ++oh; } }
+                } else if (++ow == g.Wo) {
+                    ow = 0;
+                    if (++oh == g.Ho) { oh = 0; ++b; }
                 }
             }
             nh_tile_any(V, &g, px, live, w1, wk, blk_toff[fb], bb, yo, ro, relu);
