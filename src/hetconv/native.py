@@ -11,10 +11,20 @@ lanes and the multiply-adds are exactly FL_HC.  "shifted" costs no
 permutation: input planes are read, output planes written, through index
 lists.
 
-Scope: CPU, float32, NCHW, stride 1 or 2, dilation 1, padding ``kernel // 2``
-with an odd kernel.  The forward pass is the C kernel; the backward pass (when autograd
-needs one) is the dense reference's (``aten.convolution_backward`` on the
-dense kernel): correct, at dense cost.
+Scope: CPU, float32, stride 1 or 2, dilation 1, padding ``kernel // 2`` with an
+odd kernel.  Two kernels, picked by the input's memory format:
+
+* NCHW input: ``csrc/hetconv_cpu.c``, vectorised over output pixels (any P,
+  narrow layers included).  Backward in C too: the input gradient through the
+  same kernel on the transposed weights (stride 1, P | N; else the dense
+  reference's ``aten.convolution_backward``), the weight gradient in its own
+  kernel.
+* channels_last input, on the layers :func:`nhwc_supported` accepts ("shifted"
+  with P in {2, 4, 8, 16}, "blocked" with 16 | N/P): ``csrc/hetconv_nhwc.c``,
+  vectorised over output channels (wide layers).  Input gradient through the
+  same kernel (stride 2 as a transposed strided convolution), weight gradient
+  of the centre taps as one matrix product and of the other taps in C; the
+  result is channels_last.
 
 The C file is compiled on first use with the system C compiler (``cc``,
 ``-O3 -march=native -fopenmp``; ``$HETCONV_NATIVE_MARCH`` replaces ``native``)
@@ -46,7 +56,8 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from . import pattern as _pattern
 
-__all__ = ["available", "vectorized", "unsupported_reason", "native_conv2d", "build_error"]
+__all__ = ["available", "vectorized", "unsupported_reason", "native_conv2d", "build_error",
+           "nhwc_supported"]
 
 log = logging.getLogger(__name__)
 
@@ -696,7 +707,9 @@ def native_conv2d(x: torch.Tensor, weight_k: torch.Tensor, weight_1: torch.Tenso
     as each output value is stored (no extra pass over the activations);
     ``residual`` (B, N, Ho, Wo) and ``relu`` are optional; ``stride`` 1 or 2,
     padding ``kernel // 2``.  Callers check :func:`unsupported_reason` first
-    (``het_conv2d`` does); the result is NCHW float32.
+    (``het_conv2d`` does).  channels_last input on a layer :func:`nhwc_supported`
+    accepts runs the channels-last kernel and gives a channels_last result;
+    otherwise the result is NCHW float32.
     """
     if stride not in (1, 2):
         raise ValueError(f"stride must be 1 or 2 for the native kernel, got {stride!r}")
