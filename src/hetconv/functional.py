@@ -324,6 +324,8 @@ def _select(x, weight_k, weight_1, stride, dilation, pattern, padding, native=Tr
     kh, kw = weight_k.shape[2:]
     if p == 1 or kh * kw == 1:
         return "dense", False
+    if padding is None:
+        padding = _padding(None, (kh, kw), tuple(dilation))
     if native and _native_nhwc_pick(x, weight_k, n, m, p, stride, dilation, padding, pattern):
         return "native", True
     if native and _native_pick(x, weight_k, n, m, p, stride, dilation, padding):
@@ -363,8 +365,6 @@ def _native_nhwc_pick(x, weight_k, n, m, p, stride, dilation, padding, pattern) 
 
 def _native_runs(x, weight_k, stride, dilation, padding) -> bool:
     """The C kernel applies to the call and is built with AVX-512."""
-    if padding is None:
-        padding = _padding(None, tuple(weight_k.shape[2:]), tuple(dilation))
     return (_native.unsupported_reason(x, weight_k, stride, padding, dilation) is None
             and _native.vectorized())
 
@@ -375,8 +375,6 @@ def _native_pick(x, weight_k, n, m, p, stride, dilation, padding) -> bool:
         return False
     if not _native_runs(x, weight_k, stride, dilation, padding):
         return False
-    if padding is None:
-        padding = _padding(None, tuple(weight_k.shape[2:]), tuple(dilation))
     area = _out_area(x, tuple(weight_k.shape[2:]), stride, padding, dilation)
     training = _training(x, weight_k)
     if tuple(stride) != (1, 1):  # stride 2: its input gradient is the dense reference's

@@ -201,6 +201,40 @@ def unsupported_reason(x: torch.Tensor, weight_k: torch.Tensor, stride: Tuple[in
     return None
 
 
+def _classes(n: int, m: int, p: int, pattern: str, transposed: bool):
+    """``(out_cls, in_cls, chan)`` of a kernel's outputs and inputs: the N filters reading
+    the M channels, swapped when ``transposed`` (the input gradient); ``chan`` (P, Mk)
+    lists each class's inputs in order."""
+    out_cls = _pattern.class_of_filter(n, p, pattern)
+    in_cls = _pattern.class_of_channel(m, p, pattern)
+    if transposed:
+        out_cls, in_cls = in_cls, out_cls
+    chan = torch.stack([torch.nonzero(in_cls == j).flatten() for j in range(p)])
+    return out_cls, in_cls, chan
+
+
+def _taps(kh: int, kw: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Row and column (long tensors) of every non-centre tap, in row-major order."""
+    taps = [(a, b) for a in range(kh) for b in range(kw) if (a, b) != (kh // 2, kw // 2)]
+    return (torch.tensor([a for a, _ in taps], dtype=torch.long),
+            torch.tensor([b for _, b in taps], dtype=torch.long))
+
+
+def _split_weight_grad(gc: torch.Tensor, gt: torch.Tensor, n: int, m: int, p: int,
+                       pattern: str, kh: int, kw: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of ``weight_k`` and ``weight_1`` from the centre taps' (N, M) gradient
+    ``gc`` and the other taps' (N, Mk, T) gradient ``gt``."""
+    from .functional import _indices
+
+    idx = _indices(m, n, p, pattern, gc.device)
+    mk = gt.shape[1]
+    centre = (kh // 2) * kw + kw // 2
+    gwk = gt.new_empty(n, mk, kh * kw)
+    gwk[:, :, centre] = gc.gather(1, idx["kxk"])
+    gwk[:, :, [t for t in range(kh * kw) if t != centre]] = gt
+    return gwk.view(n, mk, kh, kw), gc.gather(1, idx["pw"])
+
+
 def _layout(n: int, m: int, p: int, pattern: str, kh: int, kw: int,
             transposed: bool = False, per_class: bool = False) -> dict:
     """Index tensors of the block layout for a layer shape (cached like the other indices).
@@ -213,12 +247,8 @@ def _layout(n: int, m: int, p: int, pattern: str, kh: int, kw: int,
     classes in a block (the weight-gradient kernel needs that).
     """
     def build():
-        out_cls = _pattern.class_of_filter(n, p, pattern)
-        in_cls = _pattern.class_of_channel(m, p, pattern)
-        if transposed:
-            out_cls, in_cls = in_cls, out_cls
+        out_cls, in_cls, chan = _classes(n, m, p, pattern, transposed)
         n_out, n_in = len(out_cls), len(in_cls)
-        chan = torch.stack([torch.nonzero(in_cls == j).flatten() for j in range(p)])  # (P, Mk)
         # Blocks of 4 outputs.  With >= 4 outputs per class a block holds one class (its
         # taps share input loads); with fewer, blocks run through the outputs in class
         # order and mix classes (each output its own taps): no slot is left empty.
@@ -234,14 +264,12 @@ def _layout(n: int, m: int, p: int, pattern: str, kh: int, kw: int,
                 blocks.append(blk + [-1] * (4 - len(blk)))
         out = torch.tensor(blocks, dtype=torch.long)  # (nblk, 4)
         slot_cls = torch.where(out >= 0, out_cls[out.clamp(min=0)], -1)
-        taps = [(a, b) for a in range(kh) for b in range(kw) if (a, b) != (kh // 2, kw // 2)]
-        ta = torch.tensor([a for a, _ in taps], dtype=torch.long)
-        tb = torch.tensor([b for _, b in taps], dtype=torch.long)
+        ta, tb = _taps(kh, kw)
         i32 = torch.int32
         return {
             "rows": out.clamp(min=0), "valid": (out >= 0).float(),
             "chan_of_slot": chan[slot_cls.clamp(min=0)],  # (nblk, 4, Mk)
-            "ta": ta, "tb": tb, "nblk": len(blocks), "p": p, "mk": n_in // p, "T": len(taps),
+            "ta": ta, "tb": tb, "nblk": len(blocks), "p": p, "mk": n_in // p, "T": len(ta),
             "kernel": (kh, kw), "n_out": n_out, "n_in": n_in,
             "blk_class": slot_cls.to(i32).contiguous(), "blk_out": out.to(i32).contiguous(),
             "chan": chan.to(i32).contiguous(),
@@ -298,8 +326,6 @@ def _packed(weight_k, weight_1, bias, pattern, n, m, p, transposed: bool = False
 def _wgrad(x: torch.Tensor, gy: torch.Tensor, weight_k: torch.Tensor, pattern: str,
            n: int, m: int, p: int, stride: int = 1) -> Tuple[torch.Tensor, torch.Tensor]:
     """Gradients of ``weight_k`` and ``weight_1`` by the C weight-gradient kernel."""
-    from .functional import _indices
-
     kh, kw = weight_k.shape[2:]
     lay = _layout(n, m, p, pattern, kh, kw, per_class=True)
     x, gy = x.contiguous(), gy.contiguous()
@@ -313,13 +339,7 @@ def _wgrad(x: torch.Tensor, gy: torch.Tensor, weight_k: torch.Tensor, pattern: s
         ptr(lay["tap_dw"]), stride, kh, kw, torch.get_num_threads())
     if rc != 0:
         raise RuntimeError(f"hetconv native weight-gradient kernel failed (code {rc})")
-    idx = _indices(m, n, p, pattern, x.device)
-    centre = (kh // 2) * kw + kw // 2
-    gwk = gt.new_empty(n, lay["mk"], kh * kw)
-    gwk[:, :, centre] = gc.gather(1, idx["kxk"])
-    others = [t for t in range(kh * kw) if t != centre]
-    gwk[:, :, others] = gt
-    return gwk.view(n, lay["mk"], kh, kw), gc.gather(1, idx["pw"])
+    return _split_weight_grad(gc, gt, n, m, p, pattern, kh, kw)
 
 
 # ---------------------------------------------------------------------------------------
@@ -357,13 +377,9 @@ def _nhwc_layout(n: int, m: int, p: int, pattern: str, kh: int, kw: int,
                  transposed: bool = False) -> dict:
     """Filter blocks and index tensors of the channels-last packing (cached per shape)."""
     def build():
-        out_cls = _pattern.class_of_filter(n, p, pattern)
-        in_cls = _pattern.class_of_channel(m, p, pattern)
-        if transposed:
-            out_cls, in_cls = in_cls, out_cls
+        out_cls, in_cls, chan = _classes(n, m, p, pattern, transposed)
         n_out, n_in = len(out_cls), len(in_cls)
         ts, lw = _nhwc_step(n_out, n_in, p, pattern)
-        chan = torch.stack([torch.nonzero(in_cls == j).flatten() for j in range(p)])  # (P, Mk)
         mk = chan.shape[1]
         cof = chan[out_cls]  # (n_out, Mk): the input read by output n at step j
         blocks = []  # (n0, vectors, toff); a block's vectors share one channel offset
@@ -381,9 +397,7 @@ def _nhwc_layout(n: int, m: int, p: int, pattern: str, kh: int, kw: int,
             read[n0:n0 + 16 * nv] = toff + torch.arange(mk)[None, :] * ts + lane[:, None]
         if not torch.equal(read, cof):
             raise AssertionError("channels-last kernel layout does not match the pattern")
-        taps = [(a, b) for a in range(kh) for b in range(kw) if (a, b) != (kh // 2, kw // 2)]
-        ta = torch.tensor([a for a, _ in taps], dtype=torch.long)
-        tb = torch.tensor([b for _, b in taps], dtype=torch.long)
+        ta, tb = _taps(kh, kw)
         # Where each packed tap weight sits in weight_k (N, Mk, Kh, Kw): weight_k[f, j] is
         # filter f's kernel on the j-th channel of its class.  Transposed, output m's step j
         # is filter cof[m, j], at the position of m among that filter's class channels.
@@ -404,7 +418,7 @@ def _nhwc_layout(n: int, m: int, p: int, pattern: str, kh: int, kw: int,
             "blk_v": torch.tensor([b[1] for b in blocks], dtype=i32),
             "blk_toff": torch.tensor([b[2] for b in blocks], dtype=i32),
             "blocks": [tuple(b) for b in blocks], "nfb": len(blocks), "mk": mk, "ts": ts,
-            "lw": lw, "T": len(taps), "kernel": (kh, kw), "n_out": n_out,
+            "lw": lw, "T": len(ta), "kernel": (kh, kw), "n_out": n_out,
             "uniform_v": blocks[0][1] if uniform else 0,
             # flat index into weight_k of each packed tap weight, (n_out, T, Mk)
             "src": (((src_row[:, None, :] * (m // p) + src_col[:, None, :]) * kh
@@ -418,16 +432,15 @@ def _nhwc_layout(n: int, m: int, p: int, pattern: str, kh: int, kw: int,
 def _nhwc_pack(weight_k: torch.Tensor, weight_1: torch.Tensor, bias: Optional[torch.Tensor],
                pattern: str, n: int, m: int, p: int, transposed: bool = False) -> dict:
     """Weights in the channels-last kernel's layout (see csrc/hetconv_nhwc.c); no autograd."""
-    from .functional import _indices
+    from .functional import _indices, _pointwise_matrix
 
     kh, kw = weight_k.shape[2:]
     lay = _nhwc_layout(n, m, p, pattern, kh, kw, transposed)
     weight_k, weight_1 = weight_k.float(), weight_1.float()
     idx = _indices(m, n, p, pattern, weight_k.device)
     # centre taps: the (N, M) pointwise matrix (weight_1 and the KxK kernels' centres)
-    centre = weight_k.new_empty(n, m)
-    centre.scatter_(1, idx["kxk"], weight_k[:, :, kh // 2, kw // 2])
-    centre.scatter_(1, idx["pw"], weight_1)
+    centre = _pointwise_matrix(weight_1, m, idx).scatter_(1, idx["kxk"],
+                                                          weight_k[:, :, kh // 2, kw // 2])
     w1 = centre.t() if transposed else centre  # (n_out, n_in)
     g = weight_k.reshape(-1).take(lay["src"])  # (n_out, T, Mk)
     v = lay["uniform_v"]
@@ -498,8 +511,6 @@ def _wgrad_nhwc(x: torch.Tensor, gy: torch.Tensor, weight_k: torch.Tensor, patte
                 n: int, m: int, p: int, stride: int = 1) -> Tuple[torch.Tensor, torch.Tensor]:
     """Gradients of ``weight_k`` and ``weight_1``: the centre taps as one matrix product, the
     other taps by the channels-last weight-gradient kernel."""
-    from .functional import _indices
-
     cl = torch.channels_last
     kh, kw = weight_k.shape[2:]
     lay = _nhwc_layout(n, m, p, pattern, kh, kw)
@@ -526,12 +537,7 @@ def _wgrad_nhwc(x: torch.Tensor, gy: torch.Tensor, weight_k: torch.Tensor, patte
             off = n0 * t * mk
             gt[n0:n0 + 16 * v] = packed[off:off + 16 * v * t * mk].view(t, mk, 16 * v).permute(
                 2, 0, 1)
-    idx = _indices(m, n, p, pattern, x.device)
-    centre = (kh // 2) * kw + kw // 2
-    gwk = gt.new_empty(n, mk, kh * kw)
-    gwk[:, :, centre] = gc.gather(1, idx["kxk"])
-    gwk[:, :, [e for e in range(kh * kw) if e != centre]] = gt.permute(0, 2, 1)
-    return gwk.view(n, mk, kh, kw), gc.gather(1, idx["pw"])
+    return _split_weight_grad(gc, gt.permute(0, 2, 1), n, m, p, pattern, kh, kw)
 
 
 def _use_nhwc(x: torch.Tensor, n: int, m: int, p: int, pattern: str) -> bool:
