@@ -67,6 +67,16 @@ static inline void nh_pixel(const nh_geom *g, long q, int *b, int *oh, int *ow) 
     *oh = pos / g->Wo; *ow = pos % g->Wo;
 }
 
+/* The pixel after (b, oh, ow) in the layer's pixel order (nh_pixel's inverse, stepped). */
+static inline void nh_next(const nh_geom *g, int *b, int *oh, int *ow) {
+    if (g->posmajor) {
+        if (++*b == g->B) { *b = 0; if (++*ow == g->Wo) { *ow = 0; ++*oh; } }
+    } else if (++*ow == g->Wo) {
+        *ow = 0;
+        if (++*oh == g->Ho) { *oh = 0; ++*b; }
+    }
+}
+
 /* Row of channel values that tap (u, v) of output pixel (b, oh, ow) reads, or NULL (padding).
  * With up > 1 the layer is the transpose of a stride-`up` convolution (its input gradient,
  * kernel flipped): output pixel i reads input (i - ph + u) / up where that is a whole number. */
@@ -275,13 +285,7 @@ int hetconv_nhwc_forward(const float *x, float *y, int B, int M, int N, int H, i
                         px[t * Rt + r] = p ? p : zero;
                     }
                 }
-                if (q0 + r + 1 >= lim) continue;  /* keep the last pixel for the tail */
-                if (posmajor) {
-                    if (++b == B) { b = 0; if (++ow == g.Wo) { ow = 0; ++oh; } }
-                } else if (++ow == g.Wo) {
-                    ow = 0;
-                    if (++oh == g.Ho) { oh = 0; ++b; }
-                }
+                if (q0 + r + 1 < lim) nh_next(&g, &b, &oh, &ow);  /* else: the tail repeats it */
             }
             nh_tile_any(V, &g, px, live, w1, wk, blk_toff[fb], bb, yo, ro, relu);
         }
@@ -362,7 +366,7 @@ int hetconv_nhwc_wgrad(const float *x, const float *gy, float *gwk, int B, int M
     nh_geom g = {B, M, N, H, W, (H + 2 * ph - kh) / s + 1, (W + 2 * pw - kw) / s + 1,
                  kh, kw, s, ph, pw, Mk, ts, lw, 0, 1};
     if (nh_check(&g) || g.Ho < 1 || g.Wo < 1) return -1;
-    const int T = kh * kw - 1, KK = kh * kw, centre = (kh / 2) * kw + kw / 2;
+    const int T = kh * kw - 1, centre = (kh / 2) * kw + kw / 2;
     const long npix = (long)B * g.Ho * g.Wo;
     memset(gwk, 0, sizeof(float) * (size_t)N * T * Mk);
     if (nthreads < 1) nthreads = 1;
@@ -394,7 +398,7 @@ int hetconv_nhwc_wgrad(const float *x, const float *gy, float *gwk, int B, int M
                         gr[n] = gy + (size_t)q * N + n0;
                         ++n;
                     }
-                    if (++ow == g.Wo) { ow = 0; if (++oh == g.Ho) { oh = 0; ++b; } }
+                    nh_next(&g, &b, &oh, &ow);
                 }
                 if (!n) continue;
                 for (int j0 = 0; j0 < Mk; j0 += J) nh_wtile_any(V, lw, n, xr, gr, ts, j0, Mk, out);
@@ -402,6 +406,5 @@ int hetconv_nhwc_wgrad(const float *x, const float *gy, float *gwk, int B, int M
         }
         free(xr); free(gr);
     }
-    (void)KK;
     return status;
 }
