@@ -40,5 +40,32 @@ def test_fixed_order_and_bad_arguments():
         time_interleaved(cands, repeats=0)
     with pytest.raises(ValueError, match="warmup"):
         time_interleaved(cands, warmup=-1)
+    with pytest.raises(ValueError, match="settle"):
+        time_interleaved(cands, settle=-1)
     with pytest.raises(ValueError, match="candidates"):
         time_interleaved({})
+
+
+def test_settle_calls_precede_each_timed_call():
+    calls, cands = _recorder()
+    out = time_interleaved(cands, repeats=3, warmup=0, shuffle=False, settle=2)
+    assert calls == [c for c in "abcdef" for _ in range(3)] * 3
+    assert all(len(t.samples) == 3 for t in out.values())  # only the third call is timed
+
+
+def test_settle_times_the_call_after_the_untimed_ones():
+    import time
+    state = {"cold": True}
+
+    def cold_then_fast():  # slow on its first call after another candidate ran
+        if state["cold"]:
+            time.sleep(0.02)
+        state["cold"] = False
+
+    def other():
+        state["cold"] = True
+
+    cands = {"x": cold_then_fast, "y": other}
+    plain = time_interleaved(cands, repeats=3, warmup=0, shuffle=False)
+    settled = time_interleaved(cands, repeats=3, warmup=0, shuffle=False, settle=1)
+    assert plain["x"].median >= 0.02 > settled["x"].median

@@ -3,7 +3,10 @@
 For each family every P variant is timed in one interleaved batch per
 metric, in several execution variants, and the best variant of each model is
 compared with the best variant of the family's reference (P = 1, or the
-depthwise+pointwise MobileNet):
+depthwise+pointwise MobileNet).  Each timed call follows an untimed call of the
+same variant (``settle=1`` of :func:`hetconv._timing.time_interleaved`): the
+numbers are steady-state, as in a loop of calls to one model, and no variant
+pays for the caches or threads another runtime (onnxruntime) left behind.
 
 * ``eager_nchw`` / ``eager_cl``: the model as built (``backend="auto"``), NCHW
   or channels_last model and input;
@@ -78,7 +81,7 @@ def _inference_variants(model: nn.Module, x: torch.Tensor, compile: bool,
     m_cl = copy.deepcopy(model).to(memory_format=cl)
     x_cl = x.contiguous(memory_format=cl)
     out["eager_cl"] = _no_grad(m_cl, x_cl)
-    opt = optimize_for_inference(model, x, repeats=1, check=False)
+    opt = optimize_for_inference(model, x, repeats=3, check=False)
     x_opt = x.contiguous(memory_format=cl if opt.hetconv_plan["memory_format"] == "channels_last"
                          else torch.contiguous_format)
     out["optimized"] = _no_grad(opt, x_opt)
@@ -167,7 +170,7 @@ def run_models(families: Sequence[str] = tuple(MODEL_SUITES), metrics: Sequence[
                     else:
                         vs = _inference_variants(model, x, compile, onnx, tmpdir, f"{tag}_{b}")
                     cands.update({f"{_label(part)}|{k}": v for k, v in vs.items()})
-                times = time_interleaved(cands, repeats=repeats, warmup=warmup)
+                times = time_interleaved(cands, repeats=repeats, warmup=warmup, settle=1)
                 best: Dict[str, float] = {}
                 for key, t in times.items():
                     label = key.split("|")[0]
