@@ -170,6 +170,8 @@ def test_bench_bad_arguments():
         bench.layer_shapes(["lenet"])
     with pytest.raises(ValueError, match="preset"):
         bench.run("huge")
+    with pytest.raises(ValueError, match="settle"):
+        bench.run("quick", settle=-1)
     with pytest.raises(ValueError, match="family"):
         bench.run_models(["lenet"])
 

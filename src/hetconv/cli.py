@@ -294,6 +294,10 @@ def _add_bench(sub) -> None:
                    help="torch intra-op threads (default: 2, the target machine)")
     p.add_argument("--repeats", type=int, default=None,
                    help="timed repeats per candidate (default: 3 quick, 5 full)")
+    p.add_argument("--settle", type=int, default=1,
+                   help="untimed calls of a candidate right before each of its timed calls "
+                        "(default: 1, steady state: no candidate is timed cold after another "
+                        "one evicted its caches; 0 halves the run time, noisier)")
     p.add_argument("--compile", action="store_true",
                    help="also time torch.compile'd dense baselines and models (slow to compile)")
     p.add_argument("--no-onnx", action="store_true", help="skip the onnxruntime model variant")
@@ -314,7 +318,7 @@ def _run_bench(args) -> int:
     paths = run("quick" if args.quick else "full", out_dir=args.out, what=what,
                 threads=args.threads, repeats=args.repeats, compile=args.compile,
                 onnx=not args.no_onnx, pattern=args.pattern, progress=sys.stderr.isatty(),
-                name=args.name, max_minutes=args.max_minutes)
+                name=args.name, max_minutes=args.max_minutes, settle=args.settle)
     with open(paths["markdown"]) as f:
         text = f.read()
     start = text.find("## Targets")

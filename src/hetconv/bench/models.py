@@ -4,7 +4,7 @@ For each family every P variant is timed in one interleaved batch per
 metric, in several execution variants, and the best variant of each model is
 compared with the best variant of the family's reference (P = 1, or the
 depthwise+pointwise MobileNet).  Each timed call follows an untimed call of the
-same variant (``settle=1`` of :func:`hetconv._timing.time_interleaved`): the
+same variant (``settle=1``, the default, of :func:`hetconv._timing.time_interleaved`): the
 numbers are steady-state, as in a loop of calls to one model, and no variant
 pays for the caches or threads another runtime (onnxruntime) left behind.
 
@@ -140,7 +140,7 @@ def _train_variants(model: nn.Module, x: torch.Tensor) -> Dict[str, Callable[[],
 def run_models(families: Sequence[str] = tuple(MODEL_SUITES), metrics: Sequence[str] = METRICS,
                parts: Optional[Dict[str, Sequence]] = None, repeats: int = 5, warmup: int = 1,
                batch: int = 64, width: float = 1.0, compile: bool = False, onnx: bool = True,
-               progress=None, deadline: Optional[float] = None) -> List[dict]:
+               progress=None, deadline: Optional[float] = None, settle: int = 1) -> List[dict]:
     """One row per (family, model, metric, variant): median ms, images/s and ratio to the reference.
 
     ``ratio`` compares the model's best variant with the reference model's best
@@ -170,7 +170,7 @@ def run_models(families: Sequence[str] = tuple(MODEL_SUITES), metrics: Sequence[
                     else:
                         vs = _inference_variants(model, x, compile, onnx, tmpdir, f"{tag}_{b}")
                     cands.update({f"{_label(part)}|{k}": v for k, v in vs.items()})
-                times = time_interleaved(cands, repeats=repeats, warmup=warmup, settle=1)
+                times = time_interleaved(cands, repeats=repeats, warmup=warmup, settle=settle)
                 best: Dict[str, float] = {}
                 for key, t in times.items():
                     label = key.split("|")[0]

@@ -45,12 +45,14 @@ def _progress(enabled: bool):
 def run(preset: str = "quick", out_dir: str = "docs", what: Sequence[str] = ("layers", "models"),
         threads: Optional[int] = 2, repeats: Optional[int] = None, compile: bool = False,
         onnx: bool = True, pattern: str = "shifted", progress: bool = True,
-        name: Optional[str] = None, max_minutes: Optional[float] = None) -> Dict[str, str]:
+        name: Optional[str] = None, max_minutes: Optional[float] = None,
+        settle: int = 1) -> Dict[str, str]:
     """Run the benchmark ``preset`` and write its report to ``out_dir``; returns the written paths.
 
     Models are measured first (the headline targets), then layers.  With
     ``max_minutes`` no new item starts after that budget; the report then
-    holds what was measured.
+    holds what was measured.  ``settle`` untimed calls of a candidate precede each timed
+    one (default 1: steady-state timings, no candidate pays for what ran before it).
     """
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {tuple(PRESETS)}, got {preset!r}")
@@ -61,6 +63,8 @@ def run(preset: str = "quick", out_dir: str = "docs", what: Sequence[str] = ("la
         if not isinstance(threads, int) or threads < 1:
             raise ValueError(f"threads must be a positive int, got {threads!r}")
         torch.set_num_threads(threads)
+    if not isinstance(settle, int) or isinstance(settle, bool) or settle < 0:
+        raise ValueError(f"settle must be an int >= 0, got {settle!r}")
     cfg = PRESETS[preset]
     reps = repeats or cfg["repeats"]
     step, close = _progress(progress)
@@ -71,11 +75,12 @@ def run(preset: str = "quick", out_dir: str = "docs", what: Sequence[str] = ("la
         if "models" in what:
             model_rows = run_models(cfg["families"], cfg["metrics"], cfg["model_parts"],
                                     repeats=reps, batch=cfg["model_batch"], compile=compile,
-                                    onnx=onnx, progress=step, deadline=deadline)
+                                    onnx=onnx, progress=step, deadline=deadline, settle=settle)
         if "layers" in what:
             shapes = layer_shapes(cfg["layer_suites"], cfg["batch_scale"], cfg["max_shapes"])
             layer_rows = run_layers(shapes, cfg["parts"], repeats=reps, compile=compile,
-                                    pattern=pattern, progress=step, deadline=deadline)
+                                    pattern=pattern, progress=step, deadline=deadline,
+                                    settle=settle)
     finally:
         close()
     return write_report(layer_rows, model_rows, out_dir, environment(),
