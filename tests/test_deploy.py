@@ -240,3 +240,29 @@ def test_native_fused_falls_back_where_the_kernel_does_not_apply(layout, monkeyp
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     # NCHW, channels_last (converted) and stride 2 run the kernel; stride 3, float64 fall back
     assert bool(calls) == (layout in ("nchw", "channels_last", "stride2"))
+
+
+@needs_native
+def test_native_fused_remembers_its_verdict_per_call_signature(monkeypatch):
+    torch.manual_seed(3)
+    layer = hetconv.HetConv2d(8, 8, 3, part=2, backend="native").eval()
+    fused = deploy.NativeFused(layer, relu=True, residual=False)
+    checks, calls = [], []
+    real_check, real_conv = hetconv.native.unsupported_reason, hetconv.native.native_conv2d
+    monkeypatch.setattr(hetconv.native, "unsupported_reason",
+                        lambda *a, **k: checks.append(1) or real_check(*a, **k))
+    monkeypatch.setattr(hetconv.native, "native_conv2d",
+                        lambda *a, **k: calls.append(1) or real_conv(*a, **k))
+    x, x2 = torch.randn(2, 8, 6, 6), torch.randn(1, 8, 5, 5)
+    with torch.no_grad():
+        for _ in range(3):
+            fused(x)
+        assert (len(checks), len(calls)) == (1, 3)  # checked once, the kernel ran each time
+        fused(x2)
+        assert (len(checks), len(calls)) == (2, 4)  # a new input shape is checked again
+        layer.backend = "dense"  # the verdict depends on the backend: no stale "native"
+        torch.testing.assert_close(fused(x), torch.relu(layer(x)))
+        assert len(calls) == 4
+        layer.backend = "native"
+        fused(x)
+        assert (len(checks), len(calls)) == (2, 5)  # back to the first verdict
