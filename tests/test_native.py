@@ -330,12 +330,17 @@ def test_channels_last_kernel_does_not_depend_on_thread_count():
 
 
 @needs_kernel
-@pytest.mark.parametrize("channels,cl", [(8, False), (32, True)])
-def test_compiled_layer_runs_native_as_one_op(channels, cl):
-    # NCHW: the pixel-vectorised kernel; channels_last: the channels-last one
+@pytest.mark.parametrize("channels,cl,cl_params", [(8, False, False), (32, True, False),
+                                                   (32, True, True), (8, False, True)])
+def test_compiled_layer_runs_native_as_one_op(channels, cl, cl_params):
+    # NCHW: the pixel-vectorised kernel; channels_last: the channels-last one; cl_params: the
+    # layer's 4-D parameters in channels_last too (model.to(memory_format=...) does that)
+    torch._dynamo.reset()  # each case compiles afresh (no recompile limit across cases)
     torch.manual_seed(6)
     layer = hetconv.HetConv2d(channels, channels, 3, part=4, bias=True, backend="native")
     fmt = torch.channels_last if cl else torch.contiguous_format
+    if cl_params:
+        layer.to(memory_format=torch.channels_last)
     x = torch.randn(2, channels, 10, 10).contiguous(memory_format=fmt)
     compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
     out = compiled(x)
@@ -343,10 +348,44 @@ def test_compiled_layer_runs_native_as_one_op(channels, cl):
     torch.testing.assert_close(out, layer(x))
     x.requires_grad_(True)
     compiled(x).sum().backward()
-    ref = x.grad.clone()
-    x.grad = None
+    ref = [t.grad.clone() for t in (x, layer.weight_k, layer.weight_1)]
+    x.grad = layer.weight_k.grad = layer.weight_1.grad = None
     layer(x).sum().backward()
-    torch.testing.assert_close(x.grad, ref)
+    for t, want in zip((x, layer.weight_k, layer.weight_1), ref):
+        torch.testing.assert_close(t.grad, want)
+    assert layer.weight_k.grad.stride() == layer.weight_k.stride()
+
+
+@needs_kernel
+@pytest.mark.parametrize("weights", ["channels_last", "strided"])
+@pytest.mark.parametrize("input_cl", [False, True])
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_weights_in_either_layout_or_strided(weights, input_cl, pattern):
+    """The packings gather from, and the weight gradient scatters into, weight_k's own
+    storage order: channels_last parameters (``model.to(memory_format=...)``) and
+    non-dense views give the dense reference's results, forward and backward."""
+    torch.manual_seed(7)
+    n, m, p = 32, 32, 4
+    if weights == "channels_last":
+        wk = torch.randn(n, m // p, 3, 3).contiguous(memory_format=torch.channels_last)
+    else:  # every other channel of a larger tensor: neither layout
+        wk = torch.randn(n, 2 * m // p, 3, 3)[:, ::2]
+    wk = wk.detach().requires_grad_(True)
+    w1 = torch.randn(n, m - m // p, requires_grad=True)
+    x = torch.randn(3, m, 7, 6)
+    if input_cl:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    y = native.native_conv2d(x, wk, w1, None, pattern)
+    ref = _reference(x, wk, w1, None, pattern)
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
+    g = torch.randn_like(y)
+    got = torch.autograd.grad(y, (x, wk, w1), g)
+    want = torch.autograd.grad(ref, (x, wk, w1), g)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    if weights == "channels_last":  # in the parameter's layout: autograd keeps it as it is
+        assert got[1].stride() == wk.stride()
 
 
 def _python(code: str, env: dict) -> subprocess.CompletedProcess:

@@ -156,6 +156,9 @@ def _load() -> Optional[ctypes.CDLL]:
             lib.hetconv_nhwc_forward.argtypes = [p, p] + [i] * 14 + [p] * 7 + [i] * 6
             lib.hetconv_nhwc_wgrad.restype = i
             lib.hetconv_nhwc_wgrad.argtypes = [p] * 3 + [i] * 14 + [p] * 3 + [i]
+            for name in ("hetconv_gather", "hetconv_scatter"):
+                getattr(lib, name).restype = None
+                getattr(lib, name).argtypes = [p] * 3 + [ctypes.c_long, i]
             _LIB = lib
         except Exception as exc:  # no compiler, failed build, odd platform: fall back
             _ERROR = f"{type(exc).__name__}: {exc}"
@@ -194,7 +197,8 @@ def unsupported_reason(x: torch.Tensor, weight_k: torch.Tensor, stride: Tuple[in
         return "the native kernel supports stride 1 or 2 (the same in both dims) and dilation 1"
     if kh % 2 == 0 or kw % 2 == 0 or tuple(padding) != (kh // 2, kw // 2):
         return "the native kernel supports odd kernels with padding kernel // 2 only"
-    if x.numel() >= 2 ** 31 or x.shape[0] * weight_k.shape[0] * x.shape[2] * x.shape[3] >= 2 ** 31:
+    if x.numel() >= 2 ** 31 or x.shape[0] * weight_k.shape[0] * x.shape[2] * x.shape[3] >= 2 ** 31 \
+            or weight_k.shape[0] * x.shape[1] * max(1, weight_k.shape[2] * weight_k.shape[3]) >= 2 ** 31:
         return "tensor too large for the native kernel's 32-bit plane indexing"
     if not available():
         return f"native kernel unavailable ({build_error()})"
@@ -411,27 +415,78 @@ def _nhwc_layout(n: int, m: int, p: int, pattern: str, kh: int, kw: int,
         else:
             src_row = torch.arange(n_out)[:, None].expand_as(cof)
             src_col = torch.arange(mk)[None, :].expand_as(cof)
-        uniform = len({v for _, v, _ in blocks}) == 1
+        # Packed order: block (n0, v) holds its centre weights at n0 * n_in as (n_in, 16 v)
+        # and its tap weights at n0 * T * Mk as (T, Mk, 16 v); lane l is output n0 + l.
+        t = len(ta)
+        rows1, rowsk = [], []
+        for n0, nv, _ in blocks:
+            outs = torch.arange(n0, n0 + 16 * nv)
+            rows1.append(outs[None, :].expand(n_in, -1))  # (n_in, 16 v)
+            rowsk.append(outs[None, None, :].expand(t, mk, -1))  # (T, Mk, 16 v)
+        r1 = torch.cat([r.reshape(-1) for r in rows1])
+        c1 = torch.cat([torch.arange(n_in)[:, None].expand(n_in, 16 * nv).reshape(-1)
+                        for _, nv, _ in blocks])
+        rk = torch.cat([r.reshape(-1) for r in rowsk])
+        ek = torch.cat([torch.arange(t)[:, None, None].expand(t, mk, 16 * nv).reshape(-1)
+                        for _, nv, _ in blocks])
+        jk = torch.cat([torch.arange(mk)[None, :, None].expand(t, mk, 16 * nv).reshape(-1)
+                        for _, nv, _ in blocks])
         i32 = torch.int32
         return {
             "blk_n0": torch.tensor([b[0] for b in blocks], dtype=i32),
             "blk_v": torch.tensor([b[1] for b in blocks], dtype=i32),
             "blk_toff": torch.tensor([b[2] for b in blocks], dtype=i32),
             "blocks": [tuple(b) for b in blocks], "nfb": len(blocks), "mk": mk, "ts": ts,
-            "lw": lw, "T": len(ta), "kernel": (kh, kw), "n_out": n_out,
-            "uniform_v": blocks[0][1] if uniform else 0,
-            # flat index into weight_k of each packed tap weight, (n_out, T, Mk)
-            "src": (((src_row[:, None, :] * (m // p) + src_col[:, None, :]) * kh
-                     + ta[None, :, None])
-                    * kw + tb[None, :, None]).contiguous(),
+            "lw": lw, "T": t, "kernel": (kh, kw), "n_out": n_out,
+            # each packed centre weight's flat index in the (N, M) centre matrix (its row
+            # n0 + l of the kernel's (n_out, n_in) matrix, which is that matrix transposed
+            # for the input gradient)
+            "w1_index": ((c1 * n_out + r1) if transposed else (r1 * n_in + c1)).to(torch.int32),
+            # each packed tap weight's coordinates in weight_k (N, Mk, Kh, Kw)
+            "tap_coords": (src_row[rk, jk], src_col[rk, jk], ta[ek], tb[ek]),
+            "tap_index": {},  # weight_k strides -> storage index of each packed tap weight
         }
     from .functional import _memo_index
     return _memo_index(("nhwc", n, m, p, pattern, kh, kw, transposed), build)
 
 
+def _storage_view(t: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(t, flat)``: ``t`` (made contiguous unless it is contiguous in NCHW or channels_last
+    order) and a 1-D view of its storage, in which element ``idx`` sits at
+    ``sum(idx[d] * t.stride(d))``."""
+    if not (t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last)):
+        t = t.contiguous()
+    return t, t.as_strided((t.numel(),), (1,))
+
+
+def _gather(src: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``src.take(idx)`` for a 1-D float32 ``src`` and int32 ``idx`` (the C loop)."""
+    out = torch.empty(idx.numel(), dtype=torch.float32)
+    _load().hetconv_gather(_ptr(src), _ptr(idx), _ptr(out), idx.numel(), torch.get_num_threads())
+    return out
+
+
+def _scatter_into(dst: torch.Tensor, idx: torch.Tensor, src: torch.Tensor) -> None:
+    """``dst[idx] = src`` for 1-D float32 ``dst``/``src`` and int32 ``idx`` (the C loop)."""
+    _load().hetconv_scatter(_ptr(src), _ptr(idx), _ptr(dst), idx.numel(), torch.get_num_threads())
+
+
+def _tap_index(lay: dict, weight_k: torch.Tensor) -> torch.Tensor:
+    """Storage index (in ``weight_k``'s own strides) of each packed tap weight, in packed order:
+    the packing is one gather and the weight gradient one scatter, in NCHW or channels_last
+    parameters alike (``model.to(memory_format=torch.channels_last)`` converts them)."""
+    strides = weight_k.stride()
+    hit = lay["tap_index"].get(strides)
+    if hit is None:
+        hit = sum(c * st for c, st in zip(lay["tap_coords"], strides)).to(torch.int32)
+        lay["tap_index"][strides] = hit
+    return hit
+
+
 def _nhwc_pack(weight_k: torch.Tensor, weight_1: torch.Tensor, bias: Optional[torch.Tensor],
                pattern: str, n: int, m: int, p: int, transposed: bool = False) -> dict:
-    """Weights in the channels-last kernel's layout (see csrc/hetconv_nhwc.c); no autograd."""
+    """Weights in the channels-last kernel's layout (see csrc/hetconv_nhwc.c); no autograd.
+    Two gathers: the centre matrix's entries and weight_k's taps, straight into packed order."""
     from .functional import _indices, _pointwise_matrix
 
     kh, kw = weight_k.shape[2:]
@@ -441,19 +496,11 @@ def _nhwc_pack(weight_k: torch.Tensor, weight_1: torch.Tensor, bias: Optional[to
     # centre taps: the (N, M) pointwise matrix (weight_1 and the KxK kernels' centres)
     centre = _pointwise_matrix(weight_1, m, idx).scatter_(1, idx["kxk"],
                                                           weight_k[:, :, kh // 2, kw // 2])
-    w1 = centre.t() if transposed else centre  # (n_out, n_in)
-    g = weight_k.reshape(-1).take(lay["src"])  # (n_out, T, Mk)
-    v = lay["uniform_v"]
-    if v:  # one reshape for all blocks
-        nfb, t, mk = lay["nfb"], lay["T"], lay["mk"]
-        w1p = w1.reshape(nfb, 16 * v, -1).transpose(1, 2).reshape(-1)
-        wkp = g.reshape(nfb, 16 * v, t, mk).permute(0, 2, 3, 1).reshape(-1)
-    else:
-        w1p = torch.cat([w1[n0:n0 + 16 * v].t().reshape(-1) for n0, v, _ in lay["blocks"]])
-        wkp = torch.cat([g[n0:n0 + 16 * v].permute(1, 2, 0).reshape(-1)
-                         for n0, v, _ in lay["blocks"]])
+    w1p = _gather(centre.reshape(-1), lay["w1_index"])
+    weight_k, flat = _storage_view(weight_k)
+    wkp = _gather(flat, _tap_index(lay, weight_k))
     bp = None if bias is None else bias.detach().float().contiguous()
-    pk = dict(lay, w1p=w1p.contiguous(), wkp=wkp.contiguous(), bp=bp)
+    pk = dict(lay, w1p=w1p, wkp=wkp, bp=bp)
     pk["args"] = (lay["mk"], lay["ts"], lay["lw"], lay["nfb"], _ptr(lay["blk_n0"]),
                   _ptr(lay["blk_v"]), _ptr(lay["blk_toff"]), _ptr(pk["w1p"]), _ptr(pk["wkp"]),
                   _ptr(bp))
@@ -528,16 +575,15 @@ def _wgrad_nhwc(x: torch.Tensor, gy: torch.Tensor, weight_k: torch.Tensor, patte
             _ptr(lay["blk_toff"]), torch.get_num_threads())
         if rc != 0:
             raise RuntimeError(f"hetconv channels-last weight-gradient kernel failed (code {rc})")
-    v = lay["uniform_v"]
-    if v:
-        gt = packed.view(lay["nfb"], t, mk, 16 * v).permute(0, 3, 1, 2).reshape(n, t, mk)
-    else:
-        gt = torch.empty(n, t, mk)
-        for n0, v, _ in lay["blocks"]:
-            off = n0 * t * mk
-            gt[n0:n0 + 16 * v] = packed[off:off + 16 * v * t * mk].view(t, mk, 16 * v).permute(
-                2, 0, 1)
-    return _split_weight_grad(gc, gt.permute(0, 2, 1), n, m, p, pattern, kh, kw)
+    # weight_k's gradient in weight_k's own layout (autograd then keeps it as it is): the
+    # packed taps scattered back through the packing's index, the centres from gc
+    from .functional import _indices
+
+    idx = _indices(m, n, p, pattern, gc.device)
+    gwk, flat = _storage_view(torch.empty_like(weight_k, dtype=torch.float32))
+    _scatter_into(flat, _tap_index(lay, gwk), packed)
+    gwk[:, :, kh // 2, kw // 2] = gc.gather(1, idx["kxk"])
+    return gwk, gc.gather(1, idx["pw"])
 
 
 def _use_nhwc(x: torch.Tensor, n: int, m: int, p: int, pattern: str) -> bool:
@@ -653,7 +699,14 @@ def _weight_grad(x: torch.Tensor, gy: torch.Tensor, weight_k: torch.Tensor,
     n, m, p = _shapes(weight_k, weight_1)
     if _use_nhwc(x, n, m, p, pattern):
         return _wgrad_nhwc(x, gy, weight_k, pattern, n, m, p, stride)
-    return _wgrad(x, gy, weight_k, pattern, n, m, p, stride)
+    gwk, gw1 = _wgrad(x, gy, weight_k, pattern, n, m, p, stride)
+    return _in_layout_of(gwk, weight_k), gw1
+
+
+def _in_layout_of(g: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``g`` with the strides the weight gradients get (``like``'s, see :func:`_storage_view`)."""
+    out = _storage_view(torch.empty_like(like, dtype=g.dtype))[0]
+    return g if out.stride() == g.stride() else out.copy_(g)
 
 
 _weight_grad_op = torch.library.custom_op("hetconv::native_conv2d_weight_grad",
@@ -662,7 +715,8 @@ _weight_grad_op = torch.library.custom_op("hetconv::native_conv2d_weight_grad",
 
 @_weight_grad_op.register_fake
 def _weight_grad_fake(x, gy, weight_k, weight_1, pattern, stride):
-    return weight_k.new_empty(weight_k.shape), weight_1.new_empty(weight_1.shape)
+    return (_storage_view(torch.empty_like(weight_k, dtype=torch.float32))[0],
+            weight_1.new_empty(weight_1.shape, dtype=torch.float32))
 
 
 def _backward(ctx, gy):
