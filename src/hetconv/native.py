@@ -155,7 +155,7 @@ def _load() -> Optional[ctypes.CDLL]:
             lib.hetconv_nhwc_forward.restype = i
             lib.hetconv_nhwc_forward.argtypes = [p, p] + [i] * 14 + [p] * 7 + [i] * 6
             lib.hetconv_nhwc_wgrad.restype = i
-            lib.hetconv_nhwc_wgrad.argtypes = [p] * 3 + [i] * 14 + [p] * 3 + [i]
+            lib.hetconv_nhwc_wgrad.argtypes = [p] * 4 + [i] * 14 + [p] * 3 + [i]
             for name in ("hetconv_gather", "hetconv_scatter"):
                 getattr(lib, name).restype = None
                 getattr(lib, name).argtypes = [p] * 3 + [ctypes.c_long, i]
@@ -556,25 +556,24 @@ def _run_nhwc(x: torch.Tensor, pk: dict, n: int, relu: bool = False,
 
 def _wgrad_nhwc(x: torch.Tensor, gy: torch.Tensor, weight_k: torch.Tensor, pattern: str,
                 n: int, m: int, p: int, stride: int = 1) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Gradients of ``weight_k`` and ``weight_1``: the centre taps as one matrix product, the
-    other taps by the channels-last weight-gradient kernel."""
+    """Gradients of ``weight_k`` and ``weight_1`` by the channels-last weight-gradient kernel
+    (centre taps and the others in one pass over the activations)."""
     cl = torch.channels_last
     kh, kw = weight_k.shape[2:]
     lay = _nhwc_layout(n, m, p, pattern, kh, kw)
     x, gy = x.contiguous(memory_format=cl), gy.contiguous(memory_format=cl)
     b, _, h, w = x.shape
-    # centre tap of output pixel (i, j) reads input pixel (s*i, s*j) ("same" padding)
-    xc = x if stride == 1 else x[:, :, ::stride, ::stride]
-    gc = gy.permute(0, 2, 3, 1).reshape(-1, n).t() @ xc.permute(0, 2, 3, 1).reshape(-1, m)
     mk, t = lay["mk"], lay["T"]
-    packed = torch.empty(n * t * mk)
-    if t:
-        rc = _load().hetconv_nhwc_wgrad(
-            _ptr(x), _ptr(gy), _ptr(packed), b, m, n, h, w, kh, kw, stride, kh // 2, kw // 2,
-            mk, lay["ts"], lay["lw"], lay["nfb"], _ptr(lay["blk_n0"]), _ptr(lay["blk_v"]),
-            _ptr(lay["blk_toff"]), torch.get_num_threads())
-        if rc != 0:
-            raise RuntimeError(f"hetconv channels-last weight-gradient kernel failed (code {rc})")
+    packed, gcp = torch.empty(n * t * mk), torch.empty(n * m)
+    rc = _load().hetconv_nhwc_wgrad(
+        _ptr(x), _ptr(gy), _ptr(packed), _ptr(gcp), b, m, n, h, w, kh, kw, stride, kh // 2,
+        kw // 2, mk, lay["ts"], lay["lw"], lay["nfb"], _ptr(lay["blk_n0"]), _ptr(lay["blk_v"]),
+        _ptr(lay["blk_toff"]), torch.get_num_threads())
+    if rc != 0:
+        raise RuntimeError(f"hetconv channels-last weight-gradient kernel failed (code {rc})")
+    gc = torch.empty(n * m)  # the centre taps' (N, M) gradient, from the packed order
+    _scatter_into(gc, lay["w1_index"], gcp)
+    gc = gc.view(n, m)
     # weight_k's gradient in weight_k's own layout (autograd then keeps it as it is): the
     # packed taps scattered back through the packing's index, the centres from gc
     from .functional import _indices

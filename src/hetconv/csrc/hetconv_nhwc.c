@@ -357,20 +357,38 @@ static void nh_wtile_any(int V, int lw, int n, const float *const *xr, const flo
 }
 #endif
 
-#define NH_WCHUNK 64  /* pixels per pass: their gy rows stay in L1 across the j tiles */
+#define NH_WCHUNK 64      /* pixels per pass: their gy rows stay in L1 across taps and j tiles */
+#define NH_WRANGE 2048    /* pixels per work item (at least; fixed, not per thread) */
+#define NH_WPART_MAX (1L << 24)  /* floats of partial sums at most (64 MB) */
 
-int hetconv_nhwc_wgrad(const float *x, const float *gy, float *gwk, int B, int M, int N,
-                       int H, int W, int kh, int kw, int s, int ph, int pw, int Mk, int ts,
-                       int lw, int nfb, const int *blk_n0, const int *blk_v,
+/*
+ * Work items: (filter block, range of pixels).  An item walks its range in chunks of 64
+ * pixels and, per chunk, every tap (and the centre), so the chunk's gy rows and the input
+ * rows around it stay in L1/L2 while all of the block's weights are summed (a loop over
+ * taps outside the pixels streamed the whole activations once per tap).  Each item sums
+ * into its own partial buffer; the partials are added in range order at the end, so the
+ * result does not depend on the thread count (the ranges depend only on the layer).
+ * gcp (N * M, the layout of w1p) or NULL: the centre taps' gradient too.
+ */
+int hetconv_nhwc_wgrad(const float *x, const float *gy, float *gwk, float *gcp, int B, int M,
+                       int N, int H, int W, int kh, int kw, int s, int ph, int pw, int Mk,
+                       int ts, int lw, int nfb, const int *blk_n0, const int *blk_v,
                        const int *blk_toff, int nthreads) {
     nh_geom g = {B, M, N, H, W, (H + 2 * ph - kh) / s + 1, (W + 2 * pw - kw) / s + 1,
                  kh, kw, s, ph, pw, Mk, ts, lw, 0, 1};
     if (nh_check(&g) || g.Ho < 1 || g.Wo < 1) return -1;
     const int T = kh * kw - 1, centre = (kh / 2) * kw + kw / 2;
     const long npix = (long)B * g.Ho * g.Wo;
-    memset(gwk, 0, sizeof(float) * (size_t)N * T * Mk);
+    const long per_filter = (long)T * Mk + (gcp ? M : 0);  /* partial floats per filter */
+    const long whole = (long)N * per_filter;
+    long nranges = (npix + NH_WRANGE - 1) / NH_WRANGE;
+    if (nranges * whole > NH_WPART_MAX) nranges = NH_WPART_MAX / whole;
+    if (nranges < 1) nranges = 1;  /* also with no pixels (B = 0): the gradient is zero */
+    const long per_range = (npix + nranges - 1) / nranges;
     if (nthreads < 1) nthreads = 1;
-    const long items = (long)nfb * T;
+    const long items = (long)nfb * nranges;
+    float *part = (float *)calloc((size_t)(nranges * whole > 0 ? nranges * whole : 1), sizeof(float));
+    if (!part) return -2;
     int status = 0;
 #pragma omp parallel num_threads(nthreads) if (items > 1)
     {
@@ -383,29 +401,58 @@ int hetconv_nhwc_wgrad(const float *x, const float *gy, float *gwk, int B, int M
 #pragma omp for schedule(static)
         for (long it = 0; it < items; ++it) {
             if (!xr || !gr) continue;
-            const int fb = (int)(it / T), e = (int)(it % T);
-            const int t = e < centre ? e : e + 1;
-            const int V = blk_v[fb], n0 = blk_n0[fb], J = nh_jrows(V);
-            float *out = gwk + (size_t)n0 * T * Mk + (size_t)e * Mk * 16 * V;
-            for (long c0 = 0; c0 < npix; c0 += NH_WCHUNK) {
-                const long c1 = c0 + NH_WCHUNK < npix ? c0 + NH_WCHUNK : npix;
-                int n = 0, b, oh, ow;
-                nh_pixel(&g, c0, &b, &oh, &ow);  /* then stepped: no division per pixel */
-                for (long q = c0; q < c1; ++q) {
-                    const float *p = nh_tap(&g, x, b, oh, ow, t / kw, t % kw);
-                    if (p) {
-                        xr[n] = p + blk_toff[fb];
-                        gr[n] = gy + (size_t)q * N + n0;
-                        ++n;
+            const int fb = (int)(it / nranges);
+            const long r = it % nranges;
+            const int V = blk_v[fb], n0 = blk_n0[fb], J = nh_jrows(V), VW = 16 * V;
+            /* the block's partials: taps (T, Mk, VW), then the centre (M, VW) */
+            float *out = part + r * whole + (size_t)n0 * per_filter;
+            const long r1 = (r + 1) * per_range < npix ? (r + 1) * per_range : npix;
+            for (long c0 = r * per_range; c0 < r1; c0 += NH_WCHUNK) {
+                const long c1 = c0 + NH_WCHUNK < r1 ? c0 + NH_WCHUNK : r1;
+                for (int e = gcp ? -1 : 0; e < T; ++e) {  /* e = -1: the centre */
+                    const int t = e < 0 ? centre : (e < centre ? e : e + 1);
+                    const size_t off = e < 0 ? 0 : (size_t)blk_toff[fb];
+                    int n = 0, b, oh, ow;
+                    nh_pixel(&g, c0, &b, &oh, &ow);  /* then stepped: no division per pixel */
+                    for (long q = c0; q < c1; ++q) {
+                        const float *p = nh_tap(&g, x, b, oh, ow, t / kw, t % kw);
+                        if (p) {
+                            xr[n] = p + off;
+                            gr[n] = gy + (size_t)q * N + n0;
+                            ++n;
+                        }
+                        nh_next(&g, &b, &oh, &ow);
                     }
-                    nh_next(&g, &b, &oh, &ow);
+                    if (!n) continue;
+                    if (e < 0) {
+                        float *oc = out + (size_t)T * Mk * VW;
+                        for (int j0 = 0; j0 < M; j0 += J) nh_wtile_any(V, 1, n, xr, gr, 1, j0, M, oc);
+                    } else {
+                        float *ot = out + (size_t)e * Mk * VW;
+                        for (int j0 = 0; j0 < Mk; j0 += J) nh_wtile_any(V, lw, n, xr, gr, ts, j0, Mk, ot);
+                    }
                 }
-                if (!n) continue;
-                for (int j0 = 0; j0 < Mk; j0 += J) nh_wtile_any(V, lw, n, xr, gr, ts, j0, Mk, out);
             }
         }
         free(xr); free(gr);
+        /* the partials, added in range order, into the packed outputs */
+#pragma omp for schedule(static)
+        for (long i = 0; i < whole; ++i) {
+            float acc = 0.f;
+            for (long r = 0; r < nranges; ++r) acc += part[r * whole + i];
+            part[i] = acc;  /* range 0's slot now holds the sum */
+        }
     }
+    if (status == 0) {
+        /* unpack range 0's sums: block b's taps -> gwk at n0 * T * Mk, centre -> gcp at n0 * M */
+        for (int fb = 0; fb < nfb; ++fb) {
+            const int n0 = blk_n0[fb], VW = 16 * blk_v[fb];
+            const float *src = part + (size_t)n0 * per_filter;
+            memcpy(gwk + (size_t)n0 * T * Mk, src, sizeof(float) * (size_t)T * Mk * VW);
+            if (gcp) memcpy(gcp + (size_t)n0 * M, src + (size_t)T * Mk * VW, sizeof(float) * (size_t)M * VW);
+        }
+    }
+    free(part);
     return status;
 }
 
