@@ -23,8 +23,8 @@ odd kernel.  Two kernels, picked by the input's memory format:
   with P in {2, 4, 8, 16}, "blocked" with 16 | N/P): ``csrc/hetconv_nhwc.c``,
   vectorised over output channels (wide layers).  Input gradient through the
   same kernel (stride 2 as a transposed strided convolution), weight gradient
-  of the centre taps as one matrix product and of the other taps in C; the
-  result is channels_last.
+  (centre and other taps) in one C pass over the activations; the result is
+  channels_last.
 
 The C file is compiled on first use with the system C compiler (``cc``,
 ``-O3 -march=native -fopenmp``; ``$HETCONV_NATIVE_MARCH`` replaces ``native``)
@@ -442,9 +442,10 @@ def _nhwc_layout(n: int, m: int, p: int, pattern: str, kh: int, kw: int,
             # n0 + l of the kernel's (n_out, n_in) matrix, which is that matrix transposed
             # for the input gradient)
             "w1_index": ((c1 * n_out + r1) if transposed else (r1 * n_in + c1)).to(torch.int32),
-            # each packed tap weight's coordinates in weight_k (N, Mk, Kh, Kw)
-            "tap_coords": (src_row[rk, jk], src_col[rk, jk], ta[ek], tb[ek]),
-            "tap_index": {},  # weight_k strides -> storage index of each packed tap weight
+            # each packed tap weight's flat index in a contiguous weight_k (N, Mk, Kh, Kw)
+            "tap_index": {(m // p * kh * kw, kh * kw, kw, 1): (
+                ((src_row[rk, jk] * (m // p) + src_col[rk, jk]) * kh + ta[ek]) * kw + tb[ek]
+            ).to(torch.int32)},  # weight_k strides -> storage index of each packed tap weight
         }
     from .functional import _memo_index
     return _memo_index(("nhwc", n, m, p, pattern, kh, kw, transposed), build)
@@ -477,9 +478,12 @@ def _tap_index(lay: dict, weight_k: torch.Tensor) -> torch.Tensor:
     parameters alike (``model.to(memory_format=torch.channels_last)`` converts them)."""
     strides = weight_k.stride()
     hit = lay["tap_index"].get(strides)
-    if hit is None:
-        hit = sum(c * st for c, st in zip(lay["tap_coords"], strides)).to(torch.int32)
-        lay["tap_index"][strides] = hit
+    if hit is None:  # from the contiguous index: its coordinates times these strides
+        n, mk, kh, kw = weight_k.shape
+        flat = lay["tap_index"][(mk * kh * kw, kh * kw, kw, 1)].long()
+        hit = sum(((flat // div) % size) * st for div, size, st in
+                  zip((mk * kh * kw, kh * kw, kw, 1), (n, mk, kh, kw), strides))
+        hit = lay["tap_index"][strides] = hit.to(torch.int32)
     return hit
 
 

@@ -295,10 +295,11 @@ int hetconv_nhwc_forward(const float *x, float *y, int B, int M, int N, int H, i
 }
 
 /*
- * Gradient of the non-centre taps (the centre taps' gradient is one matrix product, done by
- * the caller):  gwk[block, e, j, lane] = sum over pixels of gy[pixel, n0 + lane] *
- * x[pixel + tap_e, toff + j * ts + lane % lw], in the layout of wkp.  Work items: (filter
- * block, tap); each sums over all pixels in a fixed order (deterministic, no partials).
+ * Weight gradient.  Non-centre taps: gwk[block, e, j, lane] = sum over pixels of
+ * gy[pixel, n0 + lane] * x[pixel + tap_e, toff + j * ts + lane % lw], in the layout of wkp;
+ * centre taps: gcp[block, c, lane] = sum over pixels of gy[pixel, n0 + lane] *
+ * x[centre pixel, c], in the layout of w1p (the same tile with lw = ts = 1 over all M).
+ * nh_wtile: J steps x V vectors in J*V accumulators over n pixels, added into out.
  */
 #if defined(__AVX512F__)
 static inline __attribute__((always_inline)) void nh_wtile(
