@@ -568,16 +568,13 @@ def _wgrad_nhwc(x: torch.Tensor, gy: torch.Tensor, weight_k: torch.Tensor, patte
     x, gy = x.contiguous(memory_format=cl), gy.contiguous(memory_format=cl)
     b, _, h, w = x.shape
     mk, t = lay["mk"], lay["T"]
-    packed, gcp = torch.empty(n * t * mk), torch.empty(n * m)
+    packed, gc = torch.empty(n * t * mk), torch.empty(n, m)  # gc: the centre taps' (N, M)
     rc = _load().hetconv_nhwc_wgrad(
-        _ptr(x), _ptr(gy), _ptr(packed), _ptr(gcp), b, m, n, h, w, kh, kw, stride, kh // 2,
+        _ptr(x), _ptr(gy), _ptr(packed), _ptr(gc), b, m, n, h, w, kh, kw, stride, kh // 2,
         kw // 2, mk, lay["ts"], lay["lw"], lay["nfb"], _ptr(lay["blk_n0"]), _ptr(lay["blk_v"]),
         _ptr(lay["blk_toff"]), torch.get_num_threads())
     if rc != 0:
         raise RuntimeError(f"hetconv channels-last weight-gradient kernel failed (code {rc})")
-    gc = torch.empty(n * m)  # the centre taps' (N, M) gradient, from the packed order
-    _scatter_into(gc, lay["w1_index"], gcp)
-    gc = gc.view(n, m)
     # weight_k's gradient in weight_k's own layout (autograd then keeps it as it is): the
     # packed taps scattered back through the packing's index, the centres from gc
     from .functional import _indices

@@ -13,7 +13,7 @@ from .report import environment, write_report
 
 __all__ = ["run", "PRESETS"]
 
-#: ``quick``: about a minute; ``full``: the issue's complete set (about 15 min on a quiet 2-core machine).
+#: ``quick``: about a minute; ``full``: the issue's complete set (about 21 min on a quiet 2-core machine).
 PRESETS: Dict[str, dict] = {
     "quick": {"layer_suites": ("vgg16_cifar",), "max_shapes": 3, "batch_scale": 0.25,
               "parts": (1, 4), "repeats": 3, "families": ("vgg16_cifar",),

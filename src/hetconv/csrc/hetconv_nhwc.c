@@ -297,8 +297,8 @@ int hetconv_nhwc_forward(const float *x, float *y, int B, int M, int N, int H, i
 /*
  * Weight gradient.  Non-centre taps: gwk[block, e, j, lane] = sum over pixels of
  * gy[pixel, n0 + lane] * x[pixel + tap_e, toff + j * ts + lane % lw], in the layout of wkp;
- * centre taps: gcp[block, c, lane] = sum over pixels of gy[pixel, n0 + lane] *
- * x[centre pixel, c], in the layout of w1p (the same tile with lw = ts = 1 over all M).
+ * centre taps: gc[n0 + lane, c] = sum over pixels of gy[pixel, n0 + lane] *
+ * x[centre pixel, c] (the same tile with lw = ts = 1 over all M, summed in w1p's layout).
  * nh_wtile: J steps x V vectors in J*V accumulators over n pixels, added into out.
  */
 #if defined(__AVX512F__)
@@ -366,12 +366,22 @@ static void nh_wtile_any(int V, int lw, int n, const float *const *xr, const flo
  * Work items: (filter block, range of pixels).  An item walks its range in chunks of 64
  * pixels and, per chunk, every tap (and the centre), so the chunk's gy rows and the input
  * rows around it stay in L1/L2 while all of the block's weights are summed (a loop over
- * taps outside the pixels streamed the whole activations once per tap).  Each item sums
- * into its own partial buffer; the partials are added in range order at the end, so the
- * result does not depend on the thread count (the ranges depend only on the layer).
- * gcp (N * M, the layout of w1p) or NULL: the centre taps' gradient too.
+ * taps outside the pixels streamed the whole activations once per tap).  With several
+ * ranges each item sums into its own partial buffer and the partials are added in range
+ * order at the end, so the result does not depend on the thread count (the ranges depend
+ * only on the layer); with one range (small layers) the items sum straight into place.
+ * gwk: the taps' gradient in the layout of wkp.  gc (N, M) row-major or NULL: the centre
+ * taps' gradient too (summed in w1p's block layout, transposed into gc at the end).
  */
-int hetconv_nhwc_wgrad(const float *x, const float *gy, float *gwk, float *gcp, int B, int M,
+static void nh_unpack_centre(const float *src, float *gc, int M, int n0, int VW) {
+    for (int c0 = 0; c0 < M; c0 += 16) {  /* 16 channels x VW filters at a time */
+        const int c1 = c0 + 16 < M ? c0 + 16 : M;
+        for (int l = 0; l < VW; ++l)
+            for (int c = c0; c < c1; ++c) gc[(size_t)(n0 + l) * M + c] = src[(size_t)c * VW + l];
+    }
+}
+
+int hetconv_nhwc_wgrad(const float *x, const float *gy, float *gwk, float *gc, int B, int M,
                        int N, int H, int W, int kh, int kw, int s, int ph, int pw, int Mk,
                        int ts, int lw, int nfb, const int *blk_n0, const int *blk_v,
                        const int *blk_toff, int nthreads) {
@@ -380,7 +390,7 @@ int hetconv_nhwc_wgrad(const float *x, const float *gy, float *gwk, float *gcp, 
     if (nh_check(&g) || g.Ho < 1 || g.Wo < 1) return -1;
     const int T = kh * kw - 1, centre = (kh / 2) * kw + kw / 2;
     const long npix = (long)B * g.Ho * g.Wo;
-    const long per_filter = (long)T * Mk + (gcp ? M : 0);  /* partial floats per filter */
+    const long per_filter = (long)T * Mk + (gc ? M : 0);  /* partial floats per filter */
     const long whole = (long)N * per_filter;
     long nranges = (npix + NH_WRANGE - 1) / NH_WRANGE;
     if (nranges * whole > NH_WPART_MAX) nranges = NH_WPART_MAX / whole;
@@ -388,8 +398,14 @@ int hetconv_nhwc_wgrad(const float *x, const float *gy, float *gwk, float *gcp, 
     const long per_range = (npix + nranges - 1) / nranges;
     if (nthreads < 1) nthreads = 1;
     const long items = (long)nfb * nranges;
-    float *part = (float *)calloc((size_t)(nranges * whole > 0 ? nranges * whole : 1), sizeof(float));
-    if (!part) return -2;
+    float *part = NULL, *cbuf = NULL;  /* partials (several ranges) / centre sums (one) */
+    if (nranges > 1) {
+        part = (float *)calloc((size_t)(nranges * whole), sizeof(float));
+        if (!part) return -2;
+    } else {
+        memset(gwk, 0, sizeof(float) * (size_t)N * T * Mk);
+        if (gc && !(cbuf = (float *)calloc((size_t)N * M, sizeof(float)))) return -2;
+    }
     int status = 0;
 #pragma omp parallel num_threads(nthreads) if (items > 1)
     {
@@ -405,12 +421,15 @@ int hetconv_nhwc_wgrad(const float *x, const float *gy, float *gwk, float *gcp, 
             const int fb = (int)(it / nranges);
             const long r = it % nranges;
             const int V = blk_v[fb], n0 = blk_n0[fb], J = nh_jrows(V), VW = 16 * V;
-            /* the block's partials: taps (T, Mk, VW), then the centre (M, VW) */
-            float *out = part + r * whole + (size_t)n0 * per_filter;
+            /* the block's sums: taps (T, Mk, VW) and the centre (M, VW): in the range's
+             * partial buffer (taps then centre), or in gwk and cbuf */
+            float *out_t = part ? part + r * whole + (size_t)n0 * per_filter
+                                : gwk + (size_t)n0 * T * Mk;
+            float *out_c = part ? out_t + (size_t)T * Mk * VW : (cbuf ? cbuf + (size_t)n0 * M : NULL);
             const long r1 = (r + 1) * per_range < npix ? (r + 1) * per_range : npix;
             for (long c0 = r * per_range; c0 < r1; c0 += NH_WCHUNK) {
                 const long c1 = c0 + NH_WCHUNK < r1 ? c0 + NH_WCHUNK : r1;
-                for (int e = gcp ? -1 : 0; e < T; ++e) {  /* e = -1: the centre */
+                for (int e = gc ? -1 : 0; e < T; ++e) {  /* e = -1: the centre */
                     const int t = e < 0 ? centre : (e < centre ? e : e + 1);
                     const size_t off = e < 0 ? 0 : (size_t)blk_toff[fb];
                     int n = 0, b, oh, ow;
@@ -426,34 +445,34 @@ int hetconv_nhwc_wgrad(const float *x, const float *gy, float *gwk, float *gcp, 
                     }
                     if (!n) continue;
                     if (e < 0) {
-                        float *oc = out + (size_t)T * Mk * VW;
-                        for (int j0 = 0; j0 < M; j0 += J) nh_wtile_any(V, 1, n, xr, gr, 1, j0, M, oc);
+                        for (int j0 = 0; j0 < M; j0 += J) nh_wtile_any(V, 1, n, xr, gr, 1, j0, M, out_c);
                     } else {
-                        float *ot = out + (size_t)e * Mk * VW;
+                        float *ot = out_t + (size_t)e * Mk * VW;
                         for (int j0 = 0; j0 < Mk; j0 += J) nh_wtile_any(V, lw, n, xr, gr, ts, j0, Mk, ot);
                     }
                 }
             }
         }
         free(xr); free(gr);
-        /* the partials, added in range order, into the packed outputs */
+        /* the partials, added in range order (range 0's slots then hold the sums) */
 #pragma omp for schedule(static)
-        for (long i = 0; i < whole; ++i) {
+        for (long i = 0; i < (part ? whole : 0); ++i) {
             float acc = 0.f;
             for (long r = 0; r < nranges; ++r) acc += part[r * whole + i];
-            part[i] = acc;  /* range 0's slot now holds the sum */
+            part[i] = acc;
         }
-    }
-    if (status == 0) {
-        /* unpack range 0's sums: block b's taps -> gwk at n0 * T * Mk, centre -> gcp at n0 * M */
+        /* into place: the taps to gwk (from the partials), the centre transposed into gc */
+#pragma omp for schedule(static)
         for (int fb = 0; fb < nfb; ++fb) {
+            if (status) continue;
             const int n0 = blk_n0[fb], VW = 16 * blk_v[fb];
-            const float *src = part + (size_t)n0 * per_filter;
-            memcpy(gwk + (size_t)n0 * T * Mk, src, sizeof(float) * (size_t)T * Mk * VW);
-            if (gcp) memcpy(gcp + (size_t)n0 * M, src + (size_t)T * Mk * VW, sizeof(float) * (size_t)M * VW);
+            const float *src = part ? part + (size_t)n0 * per_filter : NULL;
+            if (part) memcpy(gwk + (size_t)n0 * T * Mk, src, sizeof(float) * (size_t)T * Mk * VW);
+            if (gc) nh_unpack_centre(part ? src + (size_t)T * Mk * VW : cbuf + (size_t)n0 * M,
+                                     gc, M, n0, VW);
         }
     }
-    free(part);
+    free(part); free(cbuf);
     return status;
 }
 
