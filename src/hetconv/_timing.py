@@ -11,9 +11,10 @@ so a fixed order would bias some candidates in every round.
 ``settle`` removes that cost altogether where it is not what is being
 measured: each timed call then follows untimed calls of the same candidate,
 so it sees what a loop of calls to it sees (its own weights and buffers in
-the caches, no other runtime's threads still winding down).  The model
-benchmark uses it: a torch model timed right after an onnxruntime session
-ran 10-40% slower than in a loop of its own calls, on this machine.
+the caches, no other runtime's threads still winding down).  ``hetconv bench``
+uses it (``--settle``, default 1): a torch model timed right after an
+onnxruntime session ran 25-80% slower than in a loop of its own calls, on the
+project's 2-core machine.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def time_interleaved(candidates: Mapping[str, Callable[[], object]], repeats: in
         raise ValueError(f"repeats must be a positive int, got {repeats!r}")
     if not isinstance(warmup, int) or warmup < 0:
         raise ValueError(f"warmup must be an int >= 0, got {warmup!r}")
-    if not isinstance(settle, int) or settle < 0:
+    if not isinstance(settle, int) or isinstance(settle, bool) or settle < 0:
         raise ValueError(f"settle must be an int >= 0, got {settle!r}")
     if not candidates:
         raise ValueError("candidates must not be empty")
