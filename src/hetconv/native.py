@@ -418,25 +418,19 @@ def _nhwc_layout(n: int, m: int, p: int, pattern: str, kh: int, kw: int,
         # Packed order: block (n0, v) holds its centre weights at n0 * n_in as (n_in, 16 v)
         # and its tap weights at n0 * T * Mk as (T, Mk, 16 v); lane l is output n0 + l.
         t = len(ta)
-        rows1, rowsk = [], []
+        centre_ij, tap_ij = [], []  # per block: (input, lane) and (tap, step, lane) grids
         for n0, nv, _ in blocks:
-            outs = torch.arange(n0, n0 + 16 * nv)
-            rows1.append(outs[None, :].expand(n_in, -1))  # (n_in, 16 v)
-            rowsk.append(outs[None, None, :].expand(t, mk, -1))  # (T, Mk, 16 v)
-        r1 = torch.cat([r.reshape(-1) for r in rows1])
-        c1 = torch.cat([torch.arange(n_in)[:, None].expand(n_in, 16 * nv).reshape(-1)
-                        for _, nv, _ in blocks])
-        rk = torch.cat([r.reshape(-1) for r in rowsk])
-        ek = torch.cat([torch.arange(t)[:, None, None].expand(t, mk, 16 * nv).reshape(-1)
-                        for _, nv, _ in blocks])
-        jk = torch.cat([torch.arange(mk)[None, :, None].expand(t, mk, 16 * nv).reshape(-1)
-                        for _, nv, _ in blocks])
+            lanes = torch.arange(n0, n0 + 16 * nv)
+            centre_ij.append(torch.meshgrid(torch.arange(n_in), lanes, indexing="ij"))
+            tap_ij.append(torch.meshgrid(torch.arange(t), torch.arange(mk), lanes, indexing="ij"))
+        c1, r1 = (torch.cat([g[d].reshape(-1) for g in centre_ij]) for d in range(2))
+        ek, jk, rk = (torch.cat([g[d].reshape(-1) for g in tap_ij]) for d in range(3))
         i32 = torch.int32
         return {
             "blk_n0": torch.tensor([b[0] for b in blocks], dtype=i32),
             "blk_v": torch.tensor([b[1] for b in blocks], dtype=i32),
             "blk_toff": torch.tensor([b[2] for b in blocks], dtype=i32),
-            "blocks": [tuple(b) for b in blocks], "nfb": len(blocks), "mk": mk, "ts": ts,
+            "nfb": len(blocks), "mk": mk, "ts": ts,
             "lw": lw, "T": t, "kernel": (kh, kw), "n_out": n_out,
             # each packed centre weight's flat index in the (N, M) centre matrix (its row
             # n0 + l of the kernel's (n_out, n_in) matrix, which is that matrix transposed
@@ -458,6 +452,12 @@ def _storage_view(t: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     if not (t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last)):
         t = t.contiguous()
     return t, t.as_strided((t.numel(),), (1,))
+
+
+def _empty_grad(param: torch.Tensor) -> torch.Tensor:
+    """An empty float32 gradient for ``param`` with the strides the weight gradients get:
+    ``param``'s own when it is contiguous in NCHW or channels_last order, else contiguous."""
+    return _storage_view(torch.empty_like(param, dtype=torch.float32))[0]
 
 
 def _gather(src: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -580,7 +580,7 @@ def _wgrad_nhwc(x: torch.Tensor, gy: torch.Tensor, weight_k: torch.Tensor, patte
     from .functional import _indices
 
     idx = _indices(m, n, p, pattern, gc.device)
-    gwk, flat = _storage_view(torch.empty_like(weight_k, dtype=torch.float32))
+    gwk, flat = _storage_view(_empty_grad(weight_k))
     _scatter_into(flat, _tap_index(lay, gwk), packed)
     gwk[:, :, kh // 2, kw // 2] = gc.gather(1, idx["kxk"])
     return gwk, gc.gather(1, idx["pw"])
@@ -704,8 +704,8 @@ def _weight_grad(x: torch.Tensor, gy: torch.Tensor, weight_k: torch.Tensor,
 
 
 def _in_layout_of(g: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """``g`` with the strides the weight gradients get (``like``'s, see :func:`_storage_view`)."""
-    out = _storage_view(torch.empty_like(like, dtype=g.dtype))[0]
+    """``g`` (float32) with the strides the weight gradients get (see :func:`_empty_grad`)."""
+    out = _empty_grad(like)
     return g if out.stride() == g.stride() else out.copy_(g)
 
 
@@ -715,8 +715,7 @@ _weight_grad_op = torch.library.custom_op("hetconv::native_conv2d_weight_grad",
 
 @_weight_grad_op.register_fake
 def _weight_grad_fake(x, gy, weight_k, weight_1, pattern, stride):
-    return (_storage_view(torch.empty_like(weight_k, dtype=torch.float32))[0],
-            weight_1.new_empty(weight_1.shape, dtype=torch.float32))
+    return _empty_grad(weight_k), weight_1.new_empty(weight_1.shape, dtype=torch.float32)
 
 
 def _backward(ctx, gy):
