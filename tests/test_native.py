@@ -191,8 +191,10 @@ def test_auto_picks_native_for_narrow_nchw_layers_only():
     big = torch.randn(2, 16, 32, 32)
     assert HF.select_backend(big, wk, w1, padding=(1, 1)) == (
         "native" if native.vectorized() else "dense")
-    # channels_last input, stride 2, small outputs, P = 1: not native
-    assert HF.select_backend(big.contiguous(memory_format=torch.channels_last), wk, w1) != "native"
+    # channels_last input under autograd (16 channels), stride 3, small outputs, P = 1: not
+    # native
+    big_cl = big.contiguous(memory_format=torch.channels_last)
+    assert HF.select_backend(big_cl, wk.detach().requires_grad_(), w1) != "native"
     assert HF.select_backend(big, wk, w1, stride=(3, 3)) != "native"
     assert HF.select_backend(torch.randn(2, 16, 4, 4), wk, w1) != "native"
     assert HF.select_backend(big, torch.randn(16, 16, 3, 3), torch.randn(16, 0)) == "dense"
@@ -233,8 +235,16 @@ def test_auto_picks_the_channels_last_kernel_for_wide_layers(cl):
     assert not pick(96, 96, 3)[1]
     assert not pick(64, 64, 32)[1]
     assert not pick(128, 128, 16, pattern="blocked")[1]
-    assert not pick(32, 64, 4)[1] and not pick(64, 32, 4)[1]
     assert pick(256, 256, 4, size=8, stride=2, grad=True) == want
+    # 16-63 channels: channels_last input only; 32 channels and up also under autograd, 16
+    # outside it from P = 4 on or at stride 2
+    narrow = [(32, 64, 4, 1, True), (64, 32, 2, 2, True), (32, 32, 2, 1, True),
+              (16, 16, 4, 1, False), (16, 32, 2, 2, False)]
+    for m, n, p, stride, grad in narrow:
+        assert pick(m, n, p, size=16, stride=stride, grad=grad)[1] == cl
+    assert not pick(16, 16, 2, size=16)[1]
+    assert not pick(16, 16, 4, size=16, grad=True)[1]
+    assert not pick(16, 32, 2, size=16, stride=2, grad=True)[1]
     # and het_conv2d runs it: a channels_last result equal to the dense reference
     wk, w1 = _weights(128, 128, 4)
     x = torch.randn(2, 128, 6, 6)
@@ -242,6 +252,48 @@ def test_auto_picks_the_channels_last_kernel_for_wide_layers(cl):
     assert y.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(y, F.conv2d(x, HF.dense_weight(wk, w1), None, 1, 1),
                                rtol=1e-4, atol=1e-4)
+
+
+@needs_kernel
+@pytest.mark.parametrize("cl", [False, True])
+def test_auto_picks_the_nchw_kernel_from_p_32(cl):
+    """P >= 32 below depthwise (layers the channels-last kernel does not take): the NCHW
+    kernel at stride 1 on outputs of >= 64 pixels (>= 49 outside autograd), channels_last
+    input made NCHW for it up to 128 channels (or up to 256 output rows outside autograd)."""
+    def pick(m, n, p, size, batch=2, stride=1, grad=False):
+        wk, w1 = _weights(m, n, p)
+        x = torch.randn(batch, m, size, size)
+        if cl:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return HF._select(x, wk.requires_grad_(grad), w1, (stride, stride), (1, 1), "shifted",
+                          (1, 1))
+
+    if not native.vectorized():
+        pytest.skip("the kernel was built without AVX-512: auto never picks it")
+    want = ("native", False)
+    for grad in (False, True):
+        assert pick(64, 64, 32, 8, grad=grad) == want
+        assert pick(128, 256, 64, 8, grad=grad) == want
+        assert pick(256, 256, 32, 8, batch=8, grad=grad) == (("fused", False) if cl else want)
+        assert pick(512, 512, 32, 4, grad=grad) != want  # 16 pixels
+        if cl:  # depthwise: oneDNN's kernel ("fused"); NCHW input keeps the narrow rule
+            assert pick(64, 64, 64, 8, grad=grad) == ("fused", False)
+        assert pick(128, 128, 32, 16, stride=2, grad=grad) != want
+    assert pick(512, 512, 32, 7, batch=1) == want  # 49 pixels, 49 rows
+    assert pick(512, 512, 32, 7, batch=6) == (("fused", False) if cl else want)  # 294 rows
+    assert pick(512, 512, 32, 7, batch=1, grad=True) != want
+    # and het_conv2d runs it on channels_last input, forward and backward, equal to the
+    # dense reference
+    wk, w1 = _weights(64, 64, 32, requires_grad=True)
+    x = torch.randn(2, 64, 8, 8).contiguous(memory_format=torch.channels_last).requires_grad_()
+    gy = torch.randn(2, 64, 8, 8)
+    y = HF.het_conv2d(x, wk, w1)
+    grads = torch.autograd.grad(y, (x, wk, w1), gy)
+    y_ref = F.conv2d(x, HF.dense_weight(wk, w1), None, 1, 1)
+    grads_ref = torch.autograd.grad(y_ref, (x, wk, w1), gy)
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-3)
 
 
 @needs_kernel

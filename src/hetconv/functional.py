@@ -82,8 +82,24 @@ NATIVE_MIN_AREA_STRIDED: int = 196
 #: least NATIVE_NHWC_MIN_CHANNELS on channels_last input, NATIVE_NHWC_MIN_CHANNELS_NCHW on
 #: NCHW input (copied to channels_last, as for ``"fused"``; on 64-channel layers the NCHW
 #: kernel is as fast without the copy).  See :func:`select_backend`.
-NATIVE_NHWC_MIN_CHANNELS: int = 64
+NATIVE_NHWC_MIN_CHANNELS: int = 32
 NATIVE_NHWC_MIN_CHANNELS_NCHW: int = 128
+#: ... and on channels_last input outside autograd from this many channels on, when
+#: P >= NATIVE_MIN_PART_NARROW_TRAINING or the stride is 2 (ResNet-56's 16-channel layers).
+NATIVE_NHWC_MIN_CHANNELS_INFERENCE: int = 16
+
+#: From this P on (the layers the channels-last kernel does not take, "shifted" P = 32, 64,
+#: below depthwise), ``"auto"`` picks the NCHW native kernel at stride 1 when the output
+#: has at least NATIVE_MIN_AREA_HIGH_PART pixels (NATIVE_MIN_AREA_HIGH_PART_INFERENCE
+#: outside autograd), whatever the channel count: the KxK part is small there and the
+#: kernel's pointwise GEMM beats both oneDNN and ``"fused"``.  channels_last input is
+#: made NCHW for it when M <= NATIVE_HIGH_PART_MAX_CHANNELS_CL, or outside autograd when
+#: B*Ho*Wo <= NATIVE_HIGH_PART_MAX_ROWS_CL (the copy is cheap there).
+NATIVE_HIGH_PART: int = 32
+NATIVE_MIN_AREA_HIGH_PART: int = 64
+NATIVE_MIN_AREA_HIGH_PART_INFERENCE: int = 49
+NATIVE_HIGH_PART_MAX_CHANNELS_CL: int = 128
+NATIVE_HIGH_PART_MAX_ROWS_CL: int = 256
 
 #: ``"auto"``'s dense path runs NCHW (copying channels_last input) when the GEMM the
 #: convolution amounts to has at most this many rows (B*Ho*Wo) per input channel:
@@ -269,14 +285,27 @@ def select_backend(x: torch.Tensor, weight_k: torch.Tensor, weight_1: torch.Tens
     * ``"native"`` with its channels-last kernel (vectorised over output
       channels) on the layers it supports (:func:`hetconv.native.nhwc_supported`:
       "shifted" with P in {2, 4, 8, 16}, "blocked" with 16 | N/P) when M and
-      N are >= :data:`NATIVE_NHWC_MIN_CHANNELS` (64) on channels_last input
-      or >= :data:`NATIVE_NHWC_MIN_CHANNELS_NCHW` (128) on NCHW input (made
-      channels_last for it), under the kernel's own conditions below (stride
-      1 or 2 included: its input gradient is a transposed strided
-      convolution in the same kernel).  Measured: 2.0-2.9x of the best
-      ``nn.Conv2d`` at P = 4 (theory 3x) on the wide VGG-16 and ResNet-50
-      layers in inference, 1.5-2.7x forward+backward; more where the padding
-      is a large part (2x2 outputs).
+      N are >= :data:`NATIVE_NHWC_MIN_CHANNELS` (32) on channels_last input
+      (>= :data:`NATIVE_NHWC_MIN_CHANNELS_INFERENCE` (16) outside autograd
+      at P >= 4 or stride 2) or >= :data:`NATIVE_NHWC_MIN_CHANNELS_NCHW`
+      (128) on NCHW input (made channels_last for it), under the kernel's
+      own conditions below (stride 1 or 2 included: its input gradient is a
+      transposed strided convolution in the same kernel).  Measured:
+      2.0-2.9x of the best ``nn.Conv2d`` at P = 4 (theory 3x) on the wide
+      VGG-16 and ResNet-50 layers in inference, 1.5-2.7x forward+backward;
+      more where the padding is a large part (2x2 outputs); on ResNet-56's
+      32-channel layers 1.1-2.5x in both modes, on its 16-channel layers in
+      inference 1.0-1.85x (forward+backward there: 0.75-1.05x, so not).
+    * ``"native"`` with the NCHW kernel at P >= :data:`NATIVE_HIGH_PART`
+      (32) below depthwise (P < M: layers the channels-last kernel does not
+      take), stride 1, outputs of >= :data:`NATIVE_MIN_AREA_HIGH_PART` (64)
+      pixels (>= :data:`NATIVE_MIN_AREA_HIGH_PART_INFERENCE` (49) outside
+      autograd): the KxK part is small and the kernel's pointwise product
+      beats oneDNN and ``"fused"`` (1.2-5.6x of the best ``nn.Conv2d``;
+      ``"fused"`` 0.8-3.5x there).  channels_last input is made NCHW for it
+      when M <= :data:`NATIVE_HIGH_PART_MAX_CHANNELS_CL` (128), or outside
+      autograd when B*Ho*Wo <= :data:`NATIVE_HIGH_PART_MAX_ROWS_CL` (256);
+      on wider layers with more rows the copy costs more than it gains.
     * ``"native"`` (the NCHW kernel, :mod:`hetconv.native`) when it applies
       (contiguous NCHW float32 CPU input, stride 1, dilation 1, "same"
       padding, odd kernel, no autocast, not while torch.compile traces, the
@@ -328,7 +357,8 @@ def _select(x, weight_k, weight_1, stride, dilation, pattern, padding, native=Tr
         padding = _padding(None, (kh, kw), tuple(dilation))
     if native and _native_nhwc_pick(x, weight_k, n, m, p, stride, dilation, padding, pattern):
         return "native", True
-    if native and _native_pick(x, weight_k, n, m, p, stride, dilation, padding):
+    if native and (_native_high_part_pick(x, weight_k, n, m, p, stride, dilation, padding)
+                   or _native_pick(x, weight_k, n, m, p, stride, dilation, padding)):
         return "native", False
     return _select_rest(x, n, m, p), False
 
@@ -348,12 +378,20 @@ def _training(x: torch.Tensor, weight_k: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and (x.requires_grad or weight_k.requires_grad)
 
 
+def _is_cl(x: torch.Tensor) -> bool:
+    """channels_last input that is not also NCHW-contiguous."""
+    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
 def _native_nhwc_pick(x, weight_k, n, m, p, stride, dilation, padding, pattern) -> bool:
     """``select_backend``'s channels-last native branch (see its docstring)."""
     if x.dim() != 4 or torch.compiler.is_compiling():
         return False
-    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+    if _is_cl(x):
         least = NATIVE_NHWC_MIN_CHANNELS
+        if not _training(x, weight_k) and (p >= NATIVE_MIN_PART_NARROW_TRAINING
+                                           or tuple(stride) != (1, 1)):
+            least = NATIVE_NHWC_MIN_CHANNELS_INFERENCE
     elif x.is_contiguous():
         least = NATIVE_NHWC_MIN_CHANNELS_NCHW
     else:
@@ -361,6 +399,24 @@ def _native_nhwc_pick(x, weight_k, n, m, p, stride, dilation, padding, pattern) 
     if min(m, n) < least or not _native.nhwc_supported(n, m, p, pattern):
         return False
     return _native_runs(x, weight_k, stride, dilation, padding)
+
+
+def _native_high_part_pick(x, weight_k, n, m, p, stride, dilation, padding) -> bool:
+    """``select_backend``'s NCHW native branch for P >= :data:`NATIVE_HIGH_PART`."""
+    if p < NATIVE_HIGH_PART or p >= m or tuple(stride) != (1, 1) or x.dim() != 4 \
+            or torch.compiler.is_compiling():
+        return False
+    if not (x.is_contiguous() or _is_cl(x)) or not _native_runs(x, weight_k, stride, dilation,
+                                                                padding):
+        return False
+    training = _training(x, weight_k)
+    area = _out_area(x, tuple(weight_k.shape[2:]), stride, padding, dilation)
+    if area < (NATIVE_MIN_AREA_HIGH_PART if training else NATIVE_MIN_AREA_HIGH_PART_INFERENCE):
+        return False
+    if x.is_contiguous():
+        return True
+    return m <= NATIVE_HIGH_PART_MAX_CHANNELS_CL or (
+        not training and x.shape[0] * area <= NATIVE_HIGH_PART_MAX_ROWS_CL)
 
 
 def _native_runs(x, weight_k, stride, dilation, padding) -> bool:
