@@ -266,3 +266,23 @@ def test_native_fused_remembers_its_verdict_per_call_signature(monkeypatch):
         layer.backend = "native"
         fused(x)
         assert (len(checks), len(calls)) == (2, 5)  # back to the first verdict
+
+
+def test_backend_measurement_times_each_backend_in_steady_state(monkeypatch):
+    """Every timed call of a backend follows an untimed call of the same backend, so none is
+    timed in the wake of another (the bias `hetconv bench --settle` removes)."""
+    layer = hetconv.HetConv2d(16, 16, 3, part=4)
+    x = torch.randn(2, 16, 8, 8)
+    calls = []
+    original = deploy.HF.het_conv2d
+
+    def recording(*args):
+        calls.append(args[-1])
+        return original(*args)
+
+    monkeypatch.setattr(deploy.HF, "het_conv2d", recording)
+    best, medians = deploy._fastest_backend(layer, x, repeats=3)
+    assert best in hetconv.BACKENDS and set(medians) == set(hetconv.BACKENDS)
+    timed = calls[len(hetconv.BACKENDS):]  # after one warm-up call each
+    assert len(timed) == 2 * 3 * len(hetconv.BACKENDS)
+    assert all(a == b for a, b in zip(timed[::2], timed[1::2]))

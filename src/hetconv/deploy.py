@@ -137,8 +137,11 @@ def _fastest_backend(layer: HetConv2d, x: torch.Tensor, repeats: int) -> Tuple[s
                                  layer.padding, layer.dilation, layer.pattern, backend)
         return call
 
+    # settle=1: each timed call follows an untimed one of the same backend, so no backend is
+    # timed in the wake of another's (cold caches, other buffers): docs/performance.md.
     with torch.no_grad():
-        times = time_interleaved({b: run(b) for b in HF.BACKENDS}, repeats=repeats, warmup=1)
+        times = time_interleaved({b: run(b) for b in HF.BACKENDS}, repeats=repeats, warmup=1,
+                                 settle=1)
     medians = {b: t.median for b, t in times.items()}
     return min(medians, key=medians.get), medians
 
