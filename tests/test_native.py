@@ -335,6 +335,31 @@ def test_channels_last_kernel_matches_dense_reference(p, m_k, vectors, h, w, bat
 
 
 @needs_kernel
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("n,stride,pattern", [(128, 1, "shifted"), (80, 2, "shifted"),
+                                              (128, 2, "blocked")])
+def test_channels_last_forward_over_many_pixels_matches_dense_reference(n, stride, pattern,
+                                                                         threads):
+    """Enough pixels and filter blocks for the pixel-major work split (each item runs every
+    filter block over a chunk of pixels); N = 80: blocks of 4 and 1 vectors."""
+    m, p = 32, 4
+    torch.manual_seed(n + stride)
+    wk, w1 = _weights(m, n, p)
+    b = torch.randn(n)
+    x = torch.randn(5, m, 28 * stride, 28 * stride).contiguous(memory_format=torch.channels_last)
+    res = torch.randn(5, n, 28, 28).contiguous(memory_format=torch.channels_last)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        y = native.native_conv2d(x, wk, w1, b, pattern, relu=True, residual=res, stride=stride)
+    finally:
+        torch.set_num_threads(before)
+    ref = F.relu(_reference(x, wk, w1, b, pattern, stride=stride) + res)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
+
+
+@needs_kernel
 @pytest.mark.parametrize("pattern", PATTERNS)
 @pytest.mark.parametrize("m,n,p,size,batch", [(64, 64, 4, 8, 3), (128, 256, 8, 4, 9),
                                               (32, 48, 2, 7, 2), (64, 64, 16, 2, 17)])
