@@ -407,6 +407,32 @@ def test_channels_last_kernel_does_not_depend_on_thread_count():
 
 
 @needs_kernel
+@pytest.mark.parametrize("stride", [1, 2])
+def test_channels_last_weight_gradient_over_many_pixels(stride):
+    """Enough pixel ranges for the pixel-major split of the weight gradient (1 thread: each
+    range runs every filter block) and a thread count where it is block-major (3): the same
+    bits, and the dense reference's gradient."""
+    torch.manual_seed(9 + stride)
+    m, n, p = 32, 80, 4  # N = 80: filter blocks of 4 and 1 vectors
+    x = torch.randn(4, m, 64 * stride, 64 * stride).contiguous(memory_format=torch.channels_last)
+    wk, w1 = _weights(m, n, p, requires_grad=True)
+    gy = torch.randn(4, n, 64, 64).contiguous(memory_format=torch.channels_last)
+    threads = torch.get_num_threads()
+    out = []
+    try:
+        for t in (1, 3):
+            torch.set_num_threads(t)
+            out.append(native._weight_grad(x, gy, wk.detach(), w1.detach(), "shifted", stride))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*out):
+        assert torch.equal(a, b)
+    ref = torch.autograd.grad(_reference(x, wk, w1, None, "shifted", stride=stride), (wk, w1), gy)
+    for got, want in zip(out[0], ref):
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-2)
+
+
+@needs_kernel
 @pytest.mark.parametrize("channels,cl,cl_params", [(8, False, False), (32, True, False),
                                                    (32, True, True), (8, False, True)])
 def test_compiled_layer_runs_native_as_one_op(channels, cl, cl_params):
