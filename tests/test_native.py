@@ -206,7 +206,12 @@ def test_auto_picks_native_for_narrow_nchw_layers_only():
     assert HF.select_backend(wide, wide_k, wide_1, stride=(2, 2)) == (
         "native" if native.vectorized() else "fused")
     assert HF.select_backend(wide, wide_k.requires_grad_(), wide_1, stride=(2, 2)) != "native"
-    assert HF.select_backend(big, wk, w1, stride=(2, 2)) != "native"
+    # narrow (M < 64) stride-2 layers: from 64 output pixels, outside autograd only
+    native_or_not = "native" if native.vectorized() else "dense"
+    assert HF.select_backend(big, wk, w1, stride=(2, 2)) == native_or_not
+    assert HF.select_backend(torch.randn(2, 16, 16, 16), wk, w1, stride=(2, 2)) == native_or_not
+    assert HF.select_backend(torch.randn(2, 16, 14, 14), wk, w1, stride=(2, 2)) != "native"
+    assert HF.select_backend(big, wk.detach().requires_grad_(), w1, stride=(2, 2)) != "native"
 
 
 @needs_kernel

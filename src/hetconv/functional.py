@@ -74,7 +74,8 @@ NATIVE_MIN_AREA_NARROW: int = 64
 #: ... and, under autograd, on those narrow layers with small outputs only from this P on.
 NATIVE_MIN_PART_NARROW_TRAINING: int = 4
 #: Stride 2: ``"native"`` only outside autograd, for M >= FUSED_MIN_IN and outputs of at
-#: least this many pixels (ResNet-50's 128- and 256-channel stride-2 layers).
+#: least this many pixels (ResNet-50's 128- and 256-channel stride-2 layers), for M <
+#: FUSED_MIN_IN from NATIVE_MIN_AREA_NARROW pixels (ResNet-56's stride-2 layers).
 NATIVE_MIN_AREA_STRIDED: int = 196
 
 #: ``"auto"`` picks the channels-last native kernel (:func:`hetconv.native.nhwc_supported`
@@ -313,10 +314,12 @@ def select_backend(x: torch.Tensor, weight_k: torch.Tensor, weight_1: torch.Tens
       (256) pixels, or >= :data:`NATIVE_MIN_AREA_NARROW` (64) on a layer the
       next rule does not send to ``"fused"`` (under autograd there only from
       P = :data:`NATIVE_MIN_PART_NARROW_TRAINING` (4) on).  Stride 2: only
-      outside autograd, M >= 64 and >= :data:`NATIVE_MIN_AREA_STRIDED` (196)
-      output pixels (1.05-2.0x at P >= 4 on ResNet-50's 128->128 56x56 and
-      256->256 28x28 stride-2 layers; narrow stride-2 layers 0.75-1.1x, and
-      its backward uses the dense input gradient).  Measured
+      outside autograd (its backward uses the dense input gradient), M >= 64
+      and >= :data:`NATIVE_MIN_AREA_STRIDED` (196) output pixels (1.05-2.0x
+      at P >= 4 on ResNet-50's 128->128 56x56 and 256->256 28x28 stride-2
+      layers), or M < 64 and >= :data:`NATIVE_MIN_AREA_NARROW` (64) pixels
+      (ResNet-56's stride-2 layers: 0.84-1.51x where oneDNN's NCHW dense
+      convolution runs at 0.65-0.81x of its channels_last one).  Measured
       (benchmarks/auto_rule_sweep.py): 1.2-4x of the best ``nn.Conv2d`` on
       ResNet-56's and VGG-16's 32x32/16x16 layers in inference, 1.0-2.9x
       forward+backward; on 4x4 and 2x2 outputs it loses (a 16-pixel vector
@@ -434,7 +437,8 @@ def _native_pick(x, weight_k, n, m, p, stride, dilation, padding) -> bool:
     area = _out_area(x, tuple(weight_k.shape[2:]), stride, padding, dilation)
     training = _training(x, weight_k)
     if tuple(stride) != (1, 1):  # stride 2: its input gradient is the dense reference's
-        return not training and m >= FUSED_MIN_IN and area >= NATIVE_MIN_AREA_STRIDED
+        least = NATIVE_MIN_AREA_STRIDED if m >= FUSED_MIN_IN else NATIVE_MIN_AREA_NARROW
+        return not training and area >= least
     if area >= NATIVE_MIN_AREA:
         return True
     if area < NATIVE_MIN_AREA_NARROW or (m >= FUSED_MIN_IN and n >= FUSED_MIN_OUT):
