@@ -412,6 +412,25 @@ def test_channels_last_kernel_does_not_depend_on_thread_count():
 
 
 @needs_kernel
+@pytest.mark.parametrize("batch,size", [(1, 57), (3, 56), (2, 9)])
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_channels_last_strided_input_gradient_matches_dense_reference(batch, size, pattern):
+    """The stride-2 input gradient (a transposed strided convolution, run in residue order:
+    a tile's pixels in one row, one column residue) on odd and even sizes."""
+    torch.manual_seed(batch * 100 + size)
+    m, n, p = 64, 32, 2  # the transposed layer: 64 outputs reading 32 channels
+    wk, w1 = _weights(m, n, p, requires_grad=True)
+    x = torch.randn(batch, m, size, size).contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    y = native.native_conv2d(x, wk, w1, None, pattern, stride=2)
+    gy = torch.randn_like(y)
+    got = native._input_grad(gy.contiguous(memory_format=torch.channels_last), wk.detach(),
+                             w1.detach(), pattern, 2, size, size)
+    want, = torch.autograd.grad(_reference(x, wk, w1, None, pattern, stride=2), x, gy)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@needs_kernel
 @pytest.mark.parametrize("stride", [1, 2])
 def test_channels_last_weight_gradient_over_many_pixels(stride):
     """Enough pixel ranges for the pixel-major split of the weight gradient (1 thread: each

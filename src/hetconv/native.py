@@ -547,12 +547,17 @@ def _run_nhwc(x: torch.Tensor, pk: dict, n: int, relu: bool = False,
         residual = residual.contiguous(memory_format=cl)
     if b == 0:
         return y
-    # position-major: small planes, and always for the transposed strided case (a tile's
-    # pixels then share their parity, so the taps they skip)
-    posmajor = int((ho * wo <= NHWC_POSITION_MAJOR_MAX_AREA or up > 1) and b > 1)
+    # pixel order (csrc/hetconv_nhwc.c): position-major for small planes of several images
+    # (a tile's pixels share which taps fall in the padding); residue-major for the
+    # transposed strided case (a tile's pixels, in one image row, share their column's
+    # residue modulo the stride, so the taps they skip)
+    if up > 1:
+        order = 2
+    else:
+        order = int(ho * wo <= NHWC_POSITION_MAJOR_MAX_AREA and b > 1)
     rc = lib.hetconv_nhwc_forward(_ptr(x), _ptr(y), b, m, n, h, w, kh, kw, stride, kh // 2,
-                                  kw // 2, *pk["args"], _ptr(residual), int(relu), posmajor,
-                                  up, ho, wo, torch.get_num_threads())
+                                  kw // 2, *pk["args"], _ptr(residual), int(relu), order, up,
+                                  ho, wo, torch.get_num_threads())
     if rc != 0:
         raise RuntimeError(f"hetconv channels-last kernel failed (code {rc})")
     return y

@@ -62,18 +62,36 @@ typedef struct {
     int up;  /* > 1: transposed strided convolution (see nh_tap) */
 } nh_geom;
 
+/* Pixel orders (posmajor): 0 image-major (b, oh, ow); 1 position-major (oh, ow, b); 2
+ * residue-major (b, oh, ow mod up, ow): within a row, the columns of one residue modulo up
+ * in turn (the transposed strided case: consecutive pixels then read consecutive input
+ * columns through the same taps). */
+#define NH_ORDER_RESIDUE 2
+
 /* Output pixel q (in the layer's pixel order) -> image, row, column. */
 static inline void nh_pixel(const nh_geom *g, long q, int *b, int *oh, int *ow) {
     const int hw = g->Ho * g->Wo;
     int pos;
-    if (g->posmajor) { pos = (int)(q / g->B); *b = (int)(q % g->B); }
+    if (g->posmajor == 1) { pos = (int)(q / g->B); *b = (int)(q % g->B); }
     else { *b = (int)(q / hw); pos = (int)(q % hw); }
     *oh = pos / g->Wo; *ow = pos % g->Wo;
+    if (g->posmajor == NH_ORDER_RESIDUE) {  /* the j-th column of the row in residue order */
+        int j = *ow, c = 0;
+        for (int cnt; j >= (cnt = (g->Wo - 1 - c) / g->up + 1); ++c) j -= cnt;
+        *ow = c + j * g->up;
+    }
 }
 
 /* The pixel after (b, oh, ow) in the layer's pixel order (nh_pixel's inverse, stepped). */
 static inline void nh_next(const nh_geom *g, int *b, int *oh, int *ow) {
-    if (g->posmajor) {
+    if (g->posmajor == NH_ORDER_RESIDUE) {
+        *ow += g->up;
+        if (*ow >= g->Wo) {
+            const int c = *ow % g->up + 1;  /* the next residue of the row, or the next row */
+            if (c < g->up && c < g->Wo) *ow = c;
+            else { *ow = 0; if (++*oh == g->Ho) { *oh = 0; ++*b; } }
+        }
+    } else if (g->posmajor) {
         if (++*b == g->B) { *b = 0; if (++*ow == g->Wo) { *ow = 0; ++*oh; } }
     } else if (++*ow == g->Wo) {
         *ow = 0;
@@ -214,6 +232,36 @@ static int nh_check(const nh_geom *g) {
     return 0;
 }
 
+/* A residue-order tile (transposed strided layer, up > 1): pixels (b, oh, ow + r * up),
+ * cut at the end of the row's residue class (lim).  A tap reads, for all of them or for
+ * none, input row (oh - ph + u) / up and columns (ow - pw + v) / up + r (consecutive), the
+ * ones inside the image. */
+static void nh_residue_tile(const nh_geom *g, const float *x, float *y, const float *res,
+                            const float *zero, int n0, int b, int oh, int ow, int Rt, long q0,
+                            long *lim, const float **px, unsigned char *live, float **yo,
+                            const float **ro) {
+    const int up = g->up, left = (g->Wo - 1 - ow) / up + 1;
+    if (*lim > q0 + left) *lim = q0 + left;
+    const int n = (int)(*lim - q0);
+    for (int r = 0; r < Rt; ++r) {
+        const int rr = r < n ? r : n - 1;  /* tail: the last pixel again, not stored */
+        const size_t o = (((size_t)b * g->Ho + oh) * g->Wo + ow + rr * up) * (size_t)g->N + n0;
+        yo[r] = r < n ? y + o : NULL;
+        ro[r] = (res && yo[r]) ? res + o : NULL;
+    }
+    for (int t = 0; t < g->kh * g->kw; ++t) {
+        const int ih = oh - g->ph + t / g->kw, iw = ow - g->pw + t % g->kw;
+        const int ok = ih >= 0 && ih % up == 0 && ih / up < g->H && iw % up == 0;
+        const float *row = ok ? x + ((size_t)b * g->H + ih / up) * g->W * (size_t)g->M : NULL;
+        for (int r = 0; r < Rt; ++r) {
+            const int c = iw / up + (r < n ? r : n - 1);  /* exact: iw is a multiple of up */
+            const int in = ok && c >= 0 && c < g->W;
+            px[t * Rt + r] = in ? row + (size_t)c * g->M : zero;
+            if (in) live[t] = 1;
+        }
+    }
+}
+
 /* Filter block fb of the forward over output pixels [q_begin, q_end), tile by tile. */
 static void nh_fwd_run(const nh_geom *gp, const float *x, float *y, const float *zero,
                        const ptrdiff_t *toffs, int fb, long q_begin, long q_end,
@@ -235,11 +283,19 @@ static void nh_fwd_run(const nh_geom *gp, const float *x, float *y, const float 
         /* a tile: Rt pixels, cut at the range's end and (position-major) at the end of a
          * position, so its pixels share which taps fall in the padding */
         lim = q0 + Rt < q_end ? q0 + Rt : q_end;
-        if (posmajor && lim > (q0 / B + 1) * B) lim = (q0 / B + 1) * B;
+        if (posmajor == 1 && lim > (q0 / B + 1) * B) lim = (q0 / B + 1) * B;
         memset(live, 0, sizeof live);
         int b, oh, ow;
         nh_pixel(&g, q0, &b, &oh, &ow);  /* then stepped in pixel order: no divisions */
-        for (int r = 0; r < Rt; ++r) {
+        if (posmajor == NH_ORDER_RESIDUE) {
+            nh_residue_tile(&g, x, y, res, zero, n0, b, oh, ow, Rt, q0, &lim, px, live, yo, ro);
+            nh_tile_any(V, &g, px, live, w1, wk, blk_toff[fb], bb, yo, ro, relu);
+            continue;
+        }
+        /* position-major: the tile is one position in consecutive images, so the first
+         * pixel's rows, moved by whole images, are the others' */
+        const int rows = posmajor ? 1 : Rt;
+        for (int r = 0; r < rows; ++r) {
             /* tail: the tile's last pixel again, not stored */
             const size_t o = (((size_t)b * g.Ho + oh) * g.Wo + ow) * (size_t)N + n0;
             yo[r] = q0 + r < lim ? y + o : NULL;
@@ -257,6 +313,16 @@ static void nh_fwd_run(const nh_geom *gp, const float *x, float *y, const float 
                 }
             }
             if (q0 + r + 1 < lim) nh_next(&g, &b, &oh, &ow);  /* else: the tail repeats it */
+        }
+        if (posmajor) {
+            const size_t xs = (size_t)H * W * M, ys = (size_t)g.Ho * g.Wo * N;
+            for (int r = 1; r < Rt; ++r) {
+                const int rr = q0 + r < lim ? r : (int)(lim - 1 - q0);  /* tail: the last again */
+                yo[r] = q0 + r < lim ? yo[0] + r * ys : NULL;
+                ro[r] = (res && yo[r]) ? ro[0] + r * ys : NULL;
+                for (int t = 0; t < KK; ++t)
+                    px[t * Rt + r] = live[t] ? px[t * Rt] + rr * xs : zero;
+            }
         }
         nh_tile_any(V, &g, px, live, w1, wk, blk_toff[fb], bb, yo, ro, relu);
     }
