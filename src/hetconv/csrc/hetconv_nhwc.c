@@ -488,13 +488,26 @@ static void nh_wgrad_chunk(const nh_geom *g, const float *x, const float *gy, in
     const int kh = g->kh, kw = g->kw, M = g->M, Mk = g->Mk, N = g->N, lw = g->lw, ts = g->ts;
     const int T = kh * kw - 1, centre = (kh / 2) * kw + kw / 2;
     const int V = blk_v[fb], n0 = blk_n0[fb], J = nh_jrows(V), VW = 16 * V;
+    /* per pixel once: the top-left tap's row when every tap is inside the image (then tap t
+     * is at a fixed offset from it), else NULL (looked up per tap) */
+    const float *base[NH_WCHUNK];
+    int b, oh, ow;
+    nh_pixel(g, c0, &b, &oh, &ow);  /* then stepped: no division per pixel */
+    for (long q = c0; q < c1; ++q) {
+        const int ih0 = oh * g->s - g->ph, iw0 = ow * g->s - g->pw;
+        base[q - c0] = (ih0 >= 0 && ih0 + kh <= g->H && iw0 >= 0 && iw0 + kw <= g->W)
+            ? x + (((size_t)b * g->H + ih0) * g->W + iw0) * (size_t)M : NULL;
+        nh_next(g, &b, &oh, &ow);
+    }
     for (int e = out_c ? -1 : 0; e < T; ++e) {  /* e = -1: the centre */
         const int t = e < 0 ? centre : (e < centre ? e : e + 1);
         const size_t off = e < 0 ? 0 : (size_t)blk_toff[fb];
-        int n = 0, b, oh, ow;
-        nh_pixel(g, c0, &b, &oh, &ow);  /* then stepped: no division per pixel */
+        const ptrdiff_t toff = ((ptrdiff_t)(t / kw) * g->W + t % kw) * M;
+        int n = 0;
+        nh_pixel(g, c0, &b, &oh, &ow);
         for (long q = c0; q < c1; ++q) {
-            const float *p = nh_tap(g, x, b, oh, ow, t / kw, t % kw);
+            const float *p = base[q - c0] ? base[q - c0] + toff
+                                          : nh_tap(g, x, b, oh, ow, t / kw, t % kw);
             if (p) {
                 xr[n] = p + off;
                 gr[n] = gy + (size_t)q * N + n0;
