@@ -235,10 +235,10 @@ def test_auto_picks_the_channels_last_kernel_for_wide_layers(cl):
     assert pick(64, 64, 4, size=16) == (want if cl else ("native", False))
     assert pick(128, 128, 4, pattern="blocked") == want
     assert pick(128, 256, 4, size=8, stride=2, grad=True) == want
-    # not: P outside {2, 4, 8, 16} "shifted", N/P not a multiple of 16 "blocked", fewer
-    # than 64 channels
+    # not: P neither in {2, 4, 8, 16} nor a multiple of 16 "shifted", N/P not a multiple
+    # of 16 "blocked"
     assert not pick(96, 96, 3)[1]
-    assert not pick(64, 64, 32)[1]
+    assert pick(64, 64, 32, size=16)[1] == cl  # one vector per block (see the P >= 32 test)
     assert not pick(128, 128, 16, pattern="blocked")[1]
     assert pick(256, 256, 4, size=8, stride=2, grad=True) == want
     # 16-63 channels: channels_last input only; 32 channels and up also under autograd, 16
@@ -262,31 +262,39 @@ def test_auto_picks_the_channels_last_kernel_for_wide_layers(cl):
 @needs_kernel
 @pytest.mark.parametrize("cl", [False, True])
 def test_auto_picks_the_nchw_kernel_from_p_32(cl):
-    """P >= 32 below depthwise (layers the channels-last kernel does not take): the NCHW
-    kernel at stride 1 on outputs of >= 64 pixels (>= 49 outside autograd), channels_last
-    input made NCHW for it up to 128 channels (or up to 256 output rows outside autograd)."""
-    def pick(m, n, p, size, batch=2, stride=1, grad=False):
+    """P >= 32 below depthwise: the NCHW kernel at stride 1 on outputs of >= 64 pixels (>= 49
+    outside autograd). On channels_last input the channels-last kernel ("shifted", 16 | N:
+    one vector per filter block) where the NCHW one would pay for its copy (up to 128
+    channels, or 256 output rows outside autograd), and at stride 2; the NCHW kernel with
+    its copy where only that one applies ("blocked" with N/P not a multiple of 16)."""
+    def pick(m, n, p, size, batch=2, stride=1, grad=False, pattern="shifted"):
         wk, w1 = _weights(m, n, p)
         x = torch.randn(batch, m, size, size)
         if cl:
             x = x.contiguous(memory_format=torch.channels_last)
-        return HF._select(x, wk.requires_grad_(grad), w1, (stride, stride), (1, 1), "shifted",
+        return HF._select(x, wk.requires_grad_(grad), w1, (stride, stride), (1, 1), pattern,
                           (1, 1))
 
     if not native.vectorized():
         pytest.skip("the kernel was built without AVX-512: auto never picks it")
     want = ("native", False)
+    here = ("native", True) if cl else want  # the kernel for this layout
+    fused = ("fused", False)
     for grad in (False, True):
-        assert pick(64, 64, 32, 8, grad=grad) == want
-        assert pick(128, 256, 64, 8, grad=grad) == want
-        assert pick(256, 256, 32, 8, batch=8, grad=grad) == (("fused", False) if cl else want)
+        assert pick(64, 64, 32, 8, grad=grad) == here
+        assert pick(128, 256, 64, 8, grad=grad) == here
+        assert pick(128, 128, 32, 8, grad=grad, pattern="blocked") == want
+        assert pick(256, 256, 32, 8, batch=8, grad=grad) == (fused if cl else want)
         assert pick(512, 512, 32, 4, grad=grad) != want  # 16 pixels
         if cl:  # depthwise: oneDNN's kernel ("fused"); NCHW input keeps the narrow rule
-            assert pick(64, 64, 64, 8, grad=grad) == ("fused", False)
-        assert pick(128, 128, 32, 16, stride=2, grad=grad) != want
-    assert pick(512, 512, 32, 7, batch=1) == want  # 49 pixels, 49 rows
-    assert pick(512, 512, 32, 7, batch=6) == (("fused", False) if cl else want)  # 294 rows
-    assert pick(512, 512, 32, 7, batch=1, grad=True) != want
+            assert pick(64, 64, 64, 8, grad=grad) == fused
+        # stride 2: the channels-last kernel on channels_last input, and under autograd
+        # (NCHW input copied, >= 128 channels)
+        assert pick(128, 128, 32, 16, stride=2, grad=grad) == (
+            ("native", True) if cl or grad else fused)
+    assert pick(512, 512, 32, 7, batch=1) == here  # 49 pixels, 49 rows
+    assert pick(512, 512, 32, 7, batch=6) == (fused if cl else want)  # 294 rows
+    assert pick(512, 512, 32, 7, batch=1, grad=True) == fused
     # and het_conv2d runs it on channels_last input, forward and backward, equal to the
     # dense reference
     wk, w1 = _weights(64, 64, 32, requires_grad=True)
@@ -303,14 +311,18 @@ def test_auto_picks_the_nchw_kernel_from_p_32(cl):
 
 @needs_kernel
 @settings(max_examples=60, deadline=None)
-@given(p=st.sampled_from([2, 4, 8, 16]), m_k=st.integers(1, 5), vectors=st.integers(1, 6),
+@given(p=st.sampled_from([2, 4, 8, 16, 32, 64]), m_k=st.integers(1, 5),
+       vectors=st.integers(1, 6),
        h=st.integers(1, 11), w=st.integers(1, 13), batch=st.integers(0, 10),
        k=st.sampled_from([(3, 3), (5, 5), (1, 3), (3, 1), (5, 3)]),
        pattern=st.sampled_from(PATTERNS), bias=st.booleans(), stride=st.sampled_from([1, 2]),
        epilogue=st.sampled_from(["none", "relu", "residual", "both"]))
 def test_channels_last_kernel_matches_dense_reference(p, m_k, vectors, h, w, batch, k, pattern,
                                                       bias, stride, epilogue):
-    # "blocked" needs 16 | N/P; vectors > 4 gives blocks of unequal width (4 + rest)
+    # "blocked" needs 16 | N/P; vectors > 4 gives blocks of unequal width (4 + rest);
+    # "shifted" with P = 32, 64: one vector (16 consecutive classes) per block
+    if pattern == "blocked":
+        p = min(p, 16)
     m, n = m_k * p, 16 * vectors * (p if pattern == "blocked" and vectors <= 2 else 1)
     if pattern == "blocked" and n % (16 * p):
         n = 16 * p
@@ -631,3 +643,15 @@ def test_unwritable_cache_dir_falls_back_to_a_temp_dir(tmp_path):
     if HAS_CC and sys.platform.startswith("linux"):
         assert out.stdout.startswith("True")
         assert any(p.startswith("hetconv-") for p in os.listdir(tmp_path))
+
+
+@needs_kernel
+def test_empty_channels_last_batch_gives_a_channels_last_result():
+    """An empty batch is contiguous in both layouts; its strides say it is channels_last."""
+    x = torch.randn(0, 32, 3, 4).contiguous(memory_format=torch.channels_last)
+    wk, w1 = _weights(32, 16, 2)
+    y = native.native_conv2d(x, wk, w1, None, "shifted")
+    assert y.shape == (0, 16, 3, 4) and y.is_contiguous(memory_format=torch.channels_last)
+    assert y.stride(1) == 1
+    y = native.native_conv2d(torch.randn(0, 32, 3, 4), wk, w1, None, "shifted")
+    assert y.stride(3) == 1 and y.stride(1) != 1  # NCHW stays NCHW

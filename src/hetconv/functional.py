@@ -97,6 +97,12 @@ NATIVE_NHWC_MIN_CHANNELS_INFERENCE: int = 16
 #: made NCHW for it when M <= NATIVE_HIGH_PART_MAX_CHANNELS_CL, or outside autograd when
 #: B*Ho*Wo <= NATIVE_HIGH_PART_MAX_ROWS_CL (the copy is cheap there).
 NATIVE_HIGH_PART: int = 32
+#: "shifted" with P above this: the channels-last kernel runs one vector (16 filters, 16
+#: consecutive classes) per filter block instead of broadcasting P floats to up to 64.
+#: ``"auto"`` takes it at stride 2 (channels_last input, or under autograd), and at stride 1
+#: on channels_last input where the NCHW kernel would be taken (see NATIVE_HIGH_PART_*);
+#: not for depthwise layers.
+NATIVE_NHWC_BROADCAST_MAX_PART: int = 16
 NATIVE_MIN_AREA_HIGH_PART: int = 64
 NATIVE_MIN_AREA_HIGH_PART_INFERENCE: int = 49
 NATIVE_HIGH_PART_MAX_CHANNELS_CL: int = 128
@@ -401,7 +407,26 @@ def _native_nhwc_pick(x, weight_k, n, m, p, stride, dilation, padding, pattern) 
         return False
     if min(m, n) < least or not _native.nhwc_supported(n, m, p, pattern):
         return False
+    if pattern == "shifted" and p > NATIVE_NHWC_BROADCAST_MAX_PART:  # one vector per block
+        if p >= m:  # depthwise: oneDNN's kernel ("fused") is faster
+            return False
+        training = _training(x, weight_k)
+        if tuple(stride) != (1, 1):
+            if not (_is_cl(x) or training):  # NCHW input outside autograd: the NCHW kernel
+                return False
+        elif not _is_cl(x) or not _high_part_cl_pays(x, weight_k, m, stride, padding,
+                                                     dilation, training):
+            return False
     return _native_runs(x, weight_k, stride, dilation, padding)
+
+
+def _high_part_cl_pays(x, weight_k, m, stride, padding, dilation, training) -> bool:
+    """P >= 32 on channels_last input at stride 1: a native kernel beats ``"fused"`` up to
+    :data:`NATIVE_HIGH_PART_MAX_CHANNELS_CL` channels, or outside autograd up to
+    :data:`NATIVE_HIGH_PART_MAX_ROWS_CL` output rows."""
+    area = _out_area(x, tuple(weight_k.shape[2:]), stride, padding, dilation)
+    return m <= NATIVE_HIGH_PART_MAX_CHANNELS_CL or (
+        not training and x.shape[0] * area <= NATIVE_HIGH_PART_MAX_ROWS_CL)
 
 
 def _native_high_part_pick(x, weight_k, n, m, p, stride, dilation, padding) -> bool:
@@ -416,10 +441,8 @@ def _native_high_part_pick(x, weight_k, n, m, p, stride, dilation, padding) -> b
     area = _out_area(x, tuple(weight_k.shape[2:]), stride, padding, dilation)
     if area < (NATIVE_MIN_AREA_HIGH_PART if training else NATIVE_MIN_AREA_HIGH_PART_INFERENCE):
         return False
-    if x.is_contiguous():
-        return True
-    return m <= NATIVE_HIGH_PART_MAX_CHANNELS_CL or (
-        not training and x.shape[0] * area <= NATIVE_HIGH_PART_MAX_ROWS_CL)
+    return x.is_contiguous() or _high_part_cl_pays(x, weight_k, m, stride, padding, dilation,
+                                                   training)
 
 
 def _native_runs(x, weight_k, stride, dilation, padding) -> bool:

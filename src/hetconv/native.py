@@ -361,7 +361,9 @@ def _nhwc_step(n_out: int, n_in: int, p: int, pattern: str) -> Optional[Tuple[in
     if n_out % 16 or n_in % p or p < 2:
         return None
     if pattern == "shifted":
-        return (p, p) if p in (2, 4, 8, 16) else None
+        if p in (2, 4, 8, 16):
+            return p, p
+        return (p, 16) if p % 16 == 0 else None  # a vector's 16 lanes: 16 consecutive classes
     return (1, 1) if n_out % p == 0 and (n_out // p) % 16 == 0 else None
 
 
@@ -372,9 +374,11 @@ def nhwc_supported(n: int, m: int, p: int, pattern: str) -> bool:
 
 
 def _is_channels_last(t: torch.Tensor) -> bool:
-    """Channels-last memory (planes of one pixel count: both layouts are the same memory)."""
+    """Channels-last memory (planes of one pixel count: both layouts are the same memory;
+    an empty batch is contiguous in both layouts: its strides tell which it was made in)."""
     return (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last)
-            and (not t.is_contiguous() or t.shape[2] * t.shape[3] == 1))
+            and (not t.is_contiguous() or t.shape[2] * t.shape[3] == 1
+                 or (t.numel() == 0 and t.stride(1) == 1 and t.shape[1] > 1)))
 
 
 def _nhwc_layout(n: int, m: int, p: int, pattern: str, kh: int, kw: int,
@@ -388,7 +392,10 @@ def _nhwc_layout(n: int, m: int, p: int, pattern: str, kh: int, kw: int,
         cof = chan[out_cls]  # (n_out, Mk): the input read by output n at step j
         blocks = []  # (n0, vectors, toff); a block's vectors share one channel offset
         for v in range(n_out // 16):
-            toff = 0 if pattern == "shifted" else int(out_cls[16 * v]) * mk
+            if pattern != "shifted":
+                toff = int(out_cls[16 * v]) * mk
+            else:  # P > 16: each vector's lanes are 16 consecutive classes from its first
+                toff = int(out_cls[16 * v]) if lw == 16 and p > 16 else 0
             if blocks and blocks[-1][2] == toff and blocks[-1][1] < 4:
                 blocks[-1][1] += 1
             else:
