@@ -79,7 +79,8 @@ NATIVE_MIN_PART_NARROW_TRAINING: int = 4
 NATIVE_MIN_AREA_STRIDED: int = 196
 
 #: ``"auto"`` picks the channels-last native kernel (:func:`hetconv.native.nhwc_supported`
-#: layers: "shifted" with P in {2, 4, 8, 16}, "blocked" with 16 | N/P) when M and N are at
+#: layers: "shifted" with P in {2, 4, 8, 16} or a multiple of 16 (see
+#: NATIVE_NHWC_BROADCAST_MAX_PART), "blocked" with 16 | N/P) when M and N are at
 #: least NATIVE_NHWC_MIN_CHANNELS on channels_last input, NATIVE_NHWC_MIN_CHANNELS_NCHW on
 #: NCHW input (copied to channels_last, as for ``"fused"``; on 64-channel layers the NCHW
 #: kernel is as fast without the copy).  See :func:`select_backend`.
@@ -291,7 +292,8 @@ def select_backend(x: torch.Tensor, weight_k: torch.Tensor, weight_1: torch.Tens
     * P = 1, a 1x1 kernel: ``"dense"``.
     * ``"native"`` with its channels-last kernel (vectorised over output
       channels) on the layers it supports (:func:`hetconv.native.nhwc_supported`:
-      "shifted" with P in {2, 4, 8, 16}, "blocked" with 16 | N/P) when M and
+      "shifted" with P in {2, 4, 8, 16} or a multiple of 16, "blocked" with
+      16 | N/P) when M and
       N are >= :data:`NATIVE_NHWC_MIN_CHANNELS` (32) on channels_last input
       (>= :data:`NATIVE_NHWC_MIN_CHANNELS_INFERENCE` (16) outside autograd
       at P >= 4 or stride 2) or >= :data:`NATIVE_NHWC_MIN_CHANNELS_NCHW`
@@ -303,6 +305,12 @@ def select_backend(x: torch.Tensor, weight_k: torch.Tensor, weight_1: torch.Tens
       more where the padding is a large part (2x2 outputs); on ResNet-56's
       32-channel layers 1.1-2.5x in both modes, on its 16-channel layers in
       inference 1.0-1.85x (forward+backward there: 0.75-1.05x, so not).
+    * "shifted" with P > :data:`NATIVE_NHWC_BROADCAST_MAX_PART` (16), P < M
+      (the channels-last kernel with one 16-filter register per block): at
+      stride 2 on channels_last input, or under autograd (NCHW input copied,
+      M, N >= 128), 1.75-3.3x where the other backends measured 0.75-2.5x;
+      at stride 1 only on channels_last input where the NCHW kernel's copy
+      would pay (below), which it beats there (1.2-5.1x).
     * ``"native"`` with the NCHW kernel at P >= :data:`NATIVE_HIGH_PART`
       (32) below depthwise (P < M: layers the channels-last kernel does not
       take), stride 1, outputs of >= :data:`NATIVE_MIN_AREA_HIGH_PART` (64)

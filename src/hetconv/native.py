@@ -357,7 +357,8 @@ _NHWC_T_CACHE = WeakIdKeyDictionary()  # weight_k -> (key, transposed channels-l
 def _nhwc_step(n_out: int, n_in: int, p: int, pattern: str) -> Optional[Tuple[int, int]]:
     """``(ts, lw)`` of the channels-last kernel for ``n_out`` outputs reading ``n_in``
     inputs, or None when the layer is not one of its two cases (see csrc/hetconv_nhwc.c):
-    "shifted" with P in {2, 4, 8, 16}, or "blocked" with 16 | N / P; 16 | N_out, P | N_in."""
+    "shifted" with P in {2, 4, 8, 16} or a multiple of 16 (then one 16-float load of
+    consecutive classes per step), or "blocked" with 16 | N / P; 16 | N_out, P | N_in."""
     if n_out % 16 or n_in % p or p < 2:
         return None
     if pattern == "shifted":

@@ -13,6 +13,9 @@
  *   "shifted" with P | 16: class(n) = n % P and chan[k][j] = j * P + k, so the
  *     16 lanes want channels j*P .. j*P + P - 1 repeated 16 / P times: a
  *     broadcast of P floats (lw = P, step ts = P, offset toff = 0).
+ *   "shifted" with 16 | P (32, 64, ...): the 16 lanes want 16 consecutive classes,
+ *     channels j*P + c0 .. j*P + c0 + 15 (c0: the first lane's class): a load of 16
+ *     floats (lw = 16, ts = P, toff = c0; blocks of one vector, as c0 differs per vector).
  *   "blocked" with 16 | N / P: a block's 16 filters share one class k and
  *     chan[k][j] = k * Mk + j: a broadcast of one float (lw = 1, ts = 1,
  *     toff = k * Mk).
