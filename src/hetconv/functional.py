@@ -90,24 +90,26 @@ NATIVE_NHWC_MIN_CHANNELS_NCHW: int = 128
 #: P >= NATIVE_MIN_PART_NARROW_TRAINING or the stride is 2 (ResNet-56's 16-channel layers).
 NATIVE_NHWC_MIN_CHANNELS_INFERENCE: int = 16
 
-#: From this P on (the layers the channels-last kernel does not take, "shifted" P = 32, 64,
-#: below depthwise), ``"auto"`` picks the NCHW native kernel at stride 1 when the output
-#: has at least NATIVE_MIN_AREA_HIGH_PART pixels (NATIVE_MIN_AREA_HIGH_PART_INFERENCE
-#: outside autograd), whatever the channel count: the KxK part is small there and the
-#: kernel's pointwise GEMM beats both oneDNN and ``"fused"``.  channels_last input is
-#: made NCHW for it when M <= NATIVE_HIGH_PART_MAX_CHANNELS_CL, or outside autograd when
+#: From this P on (below depthwise), ``"auto"`` picks the NCHW native kernel at stride 1
+#: when the output has at least NATIVE_MIN_AREA_HIGH_PART pixels
+#: (NATIVE_MIN_AREA_HIGH_PART_INFERENCE outside autograd), whatever the channel count: the
+#: KxK part is small there and the kernel's pointwise GEMM beats both oneDNN and
+#: ``"fused"``.  On channels_last input it does so where the channels-last kernel does not
+#: apply ("blocked" with N/P not a multiple of 16, N not a multiple of 16), copying the
+#: input to NCHW, when M <= NATIVE_HIGH_PART_MAX_CHANNELS_CL, or outside autograd when
 #: B*Ho*Wo <= NATIVE_HIGH_PART_MAX_ROWS_CL (the copy is cheap there).
 NATIVE_HIGH_PART: int = 32
-#: "shifted" with P above this: the channels-last kernel runs one vector (16 filters, 16
-#: consecutive classes) per filter block instead of broadcasting P floats to up to 64.
-#: ``"auto"`` takes it at stride 2 (channels_last input, or under autograd), and at stride 1
-#: on channels_last input where the NCHW kernel would be taken (see NATIVE_HIGH_PART_*);
-#: not for depthwise layers.
-NATIVE_NHWC_BROADCAST_MAX_PART: int = 16
 NATIVE_MIN_AREA_HIGH_PART: int = 64
 NATIVE_MIN_AREA_HIGH_PART_INFERENCE: int = 49
 NATIVE_HIGH_PART_MAX_CHANNELS_CL: int = 128
 NATIVE_HIGH_PART_MAX_ROWS_CL: int = 256
+
+#: "shifted" with P above this: the channels-last kernel runs one vector (16 filters, 16
+#: consecutive classes) per filter block instead of broadcasting P floats to up to 64.
+#: ``"auto"`` takes it at stride 2 (channels_last input, or under autograd), and at stride 1
+#: on channels_last input under the NATIVE_HIGH_PART_* conditions (where it beats the NCHW
+#: kernel and its copy); not for depthwise layers.
+NATIVE_NHWC_BROADCAST_MAX_PART: int = 16
 
 #: ``"auto"``'s dense path runs NCHW (copying channels_last input) when the GEMM the
 #: convolution amounts to has at most this many rows (B*Ho*Wo) per input channel:
@@ -293,10 +295,9 @@ def select_backend(x: torch.Tensor, weight_k: torch.Tensor, weight_1: torch.Tens
     * ``"native"`` with its channels-last kernel (vectorised over output
       channels) on the layers it supports (:func:`hetconv.native.nhwc_supported`:
       "shifted" with P in {2, 4, 8, 16} or a multiple of 16, "blocked" with
-      16 | N/P) when M and
-      N are >= :data:`NATIVE_NHWC_MIN_CHANNELS` (32) on channels_last input
-      (>= :data:`NATIVE_NHWC_MIN_CHANNELS_INFERENCE` (16) outside autograd
-      at P >= 4 or stride 2) or >= :data:`NATIVE_NHWC_MIN_CHANNELS_NCHW`
+      16 | N/P) when M and N are >= :data:`NATIVE_NHWC_MIN_CHANNELS` (32) on
+      channels_last input (>= :data:`NATIVE_NHWC_MIN_CHANNELS_INFERENCE` (16)
+      outside autograd at P >= 4 or stride 2) or >= :data:`NATIVE_NHWC_MIN_CHANNELS_NCHW`
       (128) on NCHW input (made channels_last for it), under the kernel's
       own conditions below (stride 1 or 2 included: its input gradient is a
       transposed strided convolution in the same kernel).  Measured:
@@ -305,17 +306,17 @@ def select_backend(x: torch.Tensor, weight_k: torch.Tensor, weight_1: torch.Tens
       more where the padding is a large part (2x2 outputs); on ResNet-56's
       32-channel layers 1.1-2.5x in both modes, on its 16-channel layers in
       inference 1.0-1.85x (forward+backward there: 0.75-1.05x, so not).
-    * "shifted" with P > :data:`NATIVE_NHWC_BROADCAST_MAX_PART` (16), P < M
-      (the channels-last kernel with one 16-filter register per block): at
-      stride 2 on channels_last input, or under autograd (NCHW input copied,
+    * ... but "shifted" with P > :data:`NATIVE_NHWC_BROADCAST_MAX_PART` (16),
+      P < M (the channels-last kernel with one 16-filter register per
+      block): at stride 2 on channels_last input, or under autograd (NCHW input copied,
       M, N >= 128), 1.75-3.3x where the other backends measured 0.75-2.5x;
       at stride 1 only on channels_last input where the NCHW kernel's copy
       would pay (below), which it beats there (1.2-5.1x).
     * ``"native"`` with the NCHW kernel at P >= :data:`NATIVE_HIGH_PART`
-      (32) below depthwise (P < M: layers the channels-last kernel does not
-      take), stride 1, outputs of >= :data:`NATIVE_MIN_AREA_HIGH_PART` (64)
-      pixels (>= :data:`NATIVE_MIN_AREA_HIGH_PART_INFERENCE` (49) outside
-      autograd): the KxK part is small and the kernel's pointwise product
+      (32) below depthwise (P < M; on channels_last input where the
+      channels-last kernel does not apply), stride 1, outputs of >=
+      :data:`NATIVE_MIN_AREA_HIGH_PART` (64) pixels (>=
+      :data:`NATIVE_MIN_AREA_HIGH_PART_INFERENCE` (49) outside autograd): the KxK part is small and the kernel's pointwise product
       beats oneDNN and ``"fused"`` (1.2-5.6x of the best ``nn.Conv2d``;
       ``"fused"`` 0.8-3.5x there).  channels_last input is made NCHW for it
       when M <= :data:`NATIVE_HIGH_PART_MAX_CHANNELS_CL` (128), or outside
