@@ -292,6 +292,8 @@ def test_auto_picks_the_nchw_kernel_from_p_32(cl):
         # (NCHW input copied, >= 128 channels)
         assert pick(128, 128, 32, 16, stride=2, grad=grad) == (
             ("native", True) if cl or grad else fused)
+        if cl:  # P = M but N = 2M: not depthwise (ResNet-56's 32->64 stride-2 layer at P32)
+            assert pick(32, 64, 32, 16, stride=2, grad=grad) == ("native", True)
     assert pick(512, 512, 32, 7, batch=1) == here  # 49 pixels, 49 rows
     assert pick(512, 512, 32, 7, batch=6) == (fused if cl else want)  # 294 rows
     assert pick(512, 512, 32, 7, batch=1, grad=True) == fused

@@ -307,7 +307,7 @@ def select_backend(x: torch.Tensor, weight_k: torch.Tensor, weight_1: torch.Tens
       32-channel layers 1.1-2.5x in both modes, on its 16-channel layers in
       inference 1.0-1.85x (forward+backward there: 0.75-1.05x, so not).
     * ... but "shifted" with P > :data:`NATIVE_NHWC_BROADCAST_MAX_PART` (16),
-      P < M (the channels-last kernel with one 16-filter register per
+      not depthwise (the channels-last kernel with one 16-filter register per
       block): at stride 2 on channels_last input, or under autograd (NCHW input copied,
       M, N >= 128), 1.75-3.3x where the other backends measured 0.75-2.5x;
       at stride 1 only on channels_last input where the NCHW kernel's copy
@@ -417,7 +417,7 @@ def _native_nhwc_pick(x, weight_k, n, m, p, stride, dilation, padding, pattern) 
     if min(m, n) < least or not _native.nhwc_supported(n, m, p, pattern):
         return False
     if pattern == "shifted" and p > NATIVE_NHWC_BROADCAST_MAX_PART:  # one vector per block
-        if p >= m:  # depthwise: oneDNN's kernel ("fused") is faster
+        if p == m == n:  # depthwise: oneDNN's kernel ("fused") is faster
             return False
         training = _training(x, weight_k)
         if tuple(stride) != (1, 1):
