@@ -1,5 +1,6 @@
 """The "native" backend (C kernel): same function as the dense reference, forward and backward."""
 
+import functools
 import os
 import platform
 import shutil
@@ -214,16 +215,20 @@ def test_auto_picks_native_for_narrow_nchw_layers_only():
     assert HF.select_backend(big, wk.detach().requires_grad_(), w1, stride=(2, 2)) != "native"
 
 
+def _auto_pick(cl, m, n, p, size=4, batch=2, stride=1, grad=False, pattern="shifted"):
+    """``(backend, to channels_last)`` that "auto" picks for a 3x3 layer on a (batch, m,
+    size, size) input, channels_last if ``cl``, under autograd if ``grad``."""
+    wk, w1 = _weights(m, n, p)
+    x = torch.randn(batch, m, size, size)
+    if cl:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return HF._select(x, wk.requires_grad_(grad), w1, (stride, stride), (1, 1), pattern, (1, 1))
+
+
 @needs_kernel
 @pytest.mark.parametrize("cl", [False, True])
 def test_auto_picks_the_channels_last_kernel_for_wide_layers(cl):
-    def pick(m, n, p, size=4, stride=1, pattern="shifted", grad=False):
-        wk, w1 = _weights(m, n, p)
-        x = torch.randn(2, m, size, size)
-        if cl:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return HF._select(x, wk.requires_grad_(grad), w1, (stride, stride), (1, 1), pattern,
-                          (1, 1))
+    pick = functools.partial(_auto_pick, cl)
 
     if not native.vectorized():
         pytest.skip("the kernel was built without AVX-512: auto never picks it")
@@ -267,13 +272,7 @@ def test_auto_picks_the_nchw_kernel_from_p_32(cl):
     one vector per filter block) where the NCHW one would pay for its copy (up to 128
     channels, or 256 output rows outside autograd), and at stride 2; the NCHW kernel with
     its copy where only that one applies ("blocked" with N/P not a multiple of 16)."""
-    def pick(m, n, p, size, batch=2, stride=1, grad=False, pattern="shifted"):
-        wk, w1 = _weights(m, n, p)
-        x = torch.randn(batch, m, size, size)
-        if cl:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return HF._select(x, wk.requires_grad_(grad), w1, (stride, stride), (1, 1), pattern,
-                          (1, 1))
+    pick = functools.partial(_auto_pick, cl)
 
     if not native.vectorized():
         pytest.skip("the kernel was built without AVX-512: auto never picks it")

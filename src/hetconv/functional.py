@@ -405,10 +405,10 @@ def _native_nhwc_pick(x, weight_k, n, m, p, stride, dilation, padding, pattern) 
     """``select_backend``'s channels-last native branch (see its docstring)."""
     if x.dim() != 4 or torch.compiler.is_compiling():
         return False
-    if _is_cl(x):
+    cl, training, strided = _is_cl(x), _training(x, weight_k), tuple(stride) != (1, 1)
+    if cl:
         least = NATIVE_NHWC_MIN_CHANNELS
-        if not _training(x, weight_k) and (p >= NATIVE_MIN_PART_NARROW_TRAINING
-                                           or tuple(stride) != (1, 1)):
+        if not training and (p >= NATIVE_MIN_PART_NARROW_TRAINING or strided):
             least = NATIVE_NHWC_MIN_CHANNELS_INFERENCE
     elif x.is_contiguous():
         least = NATIVE_NHWC_MIN_CHANNELS_NCHW
@@ -419,12 +419,11 @@ def _native_nhwc_pick(x, weight_k, n, m, p, stride, dilation, padding, pattern) 
     if pattern == "shifted" and p > NATIVE_NHWC_BROADCAST_MAX_PART:  # one vector per block
         if p == m == n:  # depthwise: oneDNN's kernel ("fused") is faster
             return False
-        training = _training(x, weight_k)
-        if tuple(stride) != (1, 1):
-            if not (_is_cl(x) or training):  # NCHW input outside autograd: the NCHW kernel
+        if strided:
+            if not (cl or training):  # NCHW input outside autograd: the NCHW kernel
                 return False
-        elif not _is_cl(x) or not _high_part_cl_pays(x, weight_k, m, stride, padding,
-                                                     dilation, training):
+        elif not cl or not _high_part_cl_pays(x, weight_k, m, stride, padding, dilation,
+                                              training):
             return False
     return _native_runs(x, weight_k, stride, dilation, padding)
 

@@ -393,10 +393,9 @@ def _nhwc_layout(n: int, m: int, p: int, pattern: str, kh: int, kw: int,
         cof = chan[out_cls]  # (n_out, Mk): the input read by output n at step j
         blocks = []  # (n0, vectors, toff); a block's vectors share one channel offset
         for v in range(n_out // 16):
-            if pattern != "shifted":
-                toff = int(out_cls[16 * v]) * mk
-            else:  # P > 16: each vector's lanes are 16 consecutive classes from its first
-                toff = int(out_cls[16 * v]) if lw == 16 and p > 16 else 0
+            # the offset: what the vector's first lane reads at step 0 (0 for "shifted" with
+            # P | 16, its class for "shifted" with 16 | P, class * Mk for "blocked")
+            toff = int(cof[16 * v, 0])
             if blocks and blocks[-1][2] == toff and blocks[-1][1] < 4:
                 blocks[-1][1] += 1
             else:

@@ -116,6 +116,20 @@ static inline const float *nh_tap(const nh_geom *g, const float *x, int b, int o
     return x + (((size_t)b * g->H + ih) * g->W + iw) * (size_t)g->M;
 }
 
+/* Offset of tap t from the top-left tap, for a pixel whose taps are all inside the image. */
+static inline ptrdiff_t nh_toff(const nh_geom *g, int t) {
+    return ((ptrdiff_t)(t / g->kw) * g->W + t % g->kw) * g->M;
+}
+
+/* The top-left tap's row of output pixel (b, oh, ow) when every tap is inside the image
+ * (tap t is then nh_toff(t) from it), else NULL (look the taps up with nh_tap). */
+static inline const float *nh_base(const nh_geom *g, const float *x, int b, int oh, int ow) {
+    const int ih0 = oh * g->s - g->ph, iw0 = ow * g->s - g->pw;
+    if (g->up != 1 || ih0 < 0 || ih0 + g->kh > g->H || iw0 < 0 || iw0 + g->kw > g->W)
+        return NULL;
+    return x + (((size_t)b * g->H + ih0) * g->W + iw0) * (size_t)g->M;
+}
+
 #if defined(__AVX512F__)
 static inline __attribute__((always_inline)) __m512 nh_load(const float *p, const int lw) {
     switch (lw) {
@@ -272,9 +286,9 @@ static void nh_fwd_run(const nh_geom *gp, const float *x, float *y, const float 
                        const float *w1p, const float *wkp, const float *bias, const float *res,
                        int relu) {
     const nh_geom g = *gp;
-    const int M = g.M, N = g.N, H = g.H, W = g.W, kh = g.kh, kw = g.kw, s = g.s;
-    const int ph = g.ph, pw = g.pw, up = g.up, posmajor = g.posmajor, Mk = g.Mk, B = g.B;
-    const int KK = kh * kw, T = KK - 1;
+    const int M = g.M, N = g.N, H = g.H, W = g.W, kw = g.kw;
+    const int posmajor = g.posmajor, Mk = g.Mk, B = g.B;
+    const int KK = g.kh * kw, T = KK - 1;
     const int V = blk_v[fb], n0 = blk_n0[fb], Rt = nh_rows(V);
     const float *w1 = w1p + (size_t)n0 * M, *wk = wkp + (size_t)n0 * T * Mk;
     const float *bb = bias ? bias + n0 : NULL;
@@ -303,10 +317,8 @@ static void nh_fwd_run(const nh_geom *gp, const float *x, float *y, const float 
             const size_t o = (((size_t)b * g.Ho + oh) * g.Wo + ow) * (size_t)N + n0;
             yo[r] = q0 + r < lim ? y + o : NULL;
             ro[r] = (res && yo[r]) ? res + o : NULL;
-            const int ih0 = oh * s - ph, iw0 = ow * s - pw;
-            if (up == 1 && ih0 >= 0 && ih0 + kh <= H && iw0 >= 0 && iw0 + kw <= W) {
-                /* every tap inside the image: fixed offsets from one base */
-                const float *base = x + (((size_t)b * H + ih0) * W + iw0) * (size_t)M;
+            const float *base = nh_base(&g, x, b, oh, ow);
+            if (base) {  /* every tap inside the image: fixed offsets from one base */
                 for (int t = 0; t < KK; ++t) { px[t * Rt + r] = base + toffs[t]; live[t] = 1; }
             } else {
                 for (int t = 0; t < KK; ++t) {
@@ -375,7 +387,7 @@ int hetconv_nhwc_forward(const float *x, float *y, int B, int M, int N, int H, i
     const long per_run = ((ntiles * R / runs + 23) / 24) * 24;
     const long items = (long)groups * runs;
     ptrdiff_t toffs[NH_KKMAX];  /* offset of each tap from the top-left tap, inside the image */
-    for (int t = 0; t < KK; ++t) toffs[t] = ((ptrdiff_t)(t / kw) * W + t % kw) * M;
+    for (int t = 0; t < KK; ++t) toffs[t] = nh_toff(&g, t);
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (items > 1)
     for (long it = 0; it < items; ++it) {
         const long q_begin = (it % runs) * per_run;
@@ -497,15 +509,13 @@ static void nh_wgrad_chunk(const nh_geom *g, const float *x, const float *gy, in
     int b, oh, ow;
     nh_pixel(g, c0, &b, &oh, &ow);  /* then stepped: no division per pixel */
     for (long q = c0; q < c1; ++q) {
-        const int ih0 = oh * g->s - g->ph, iw0 = ow * g->s - g->pw;
-        base[q - c0] = (ih0 >= 0 && ih0 + kh <= g->H && iw0 >= 0 && iw0 + kw <= g->W)
-            ? x + (((size_t)b * g->H + ih0) * g->W + iw0) * (size_t)M : NULL;
+        base[q - c0] = nh_base(g, x, b, oh, ow);
         nh_next(g, &b, &oh, &ow);
     }
     for (int e = out_c ? -1 : 0; e < T; ++e) {  /* e = -1: the centre */
         const int t = e < 0 ? centre : (e < centre ? e : e + 1);
         const size_t off = e < 0 ? 0 : (size_t)blk_toff[fb];
-        const ptrdiff_t toff = ((ptrdiff_t)(t / kw) * g->W + t % kw) * M;
+        const ptrdiff_t toff = nh_toff(g, t);
         int n = 0;
         nh_pixel(g, c0, &b, &oh, &ow);
         for (long q = c0; q < c1; ++q) {
