@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import hetconv
 from hetconv import deploy
@@ -231,11 +232,12 @@ def test_native_fused_falls_back_where_the_kernel_does_not_apply(layout, monkeyp
     out = (10 - 1) // stride + 1
     r = torch.randn(2, 6, out, out, dtype=dtype)
     calls = []
-    real = hetconv.native.native_conv2d
-    monkeypatch.setattr(hetconv.native, "native_conv2d",
+    real = hetconv.native._launch  # every kernel run, planned or not
+    monkeypatch.setattr(hetconv.native, "_launch",
                         lambda *a, **k: calls.append(1) or real(*a, **k))
     with torch.no_grad():
         got = fused(x, r)
+    with torch.no_grad():
         want = torch.relu(layer(x) + r)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     # NCHW, channels_last (converted) and stride 2 run the kernel; stride 3, float64 fall back
@@ -248,11 +250,11 @@ def test_native_fused_remembers_its_verdict_per_call_signature(monkeypatch):
     layer = hetconv.HetConv2d(8, 8, 3, part=2, backend="native").eval()
     fused = deploy.NativeFused(layer, relu=True, residual=False)
     checks, calls = [], []
-    real_check, real_conv = hetconv.native.unsupported_reason, hetconv.native.native_conv2d
+    real_check, real_run = hetconv.native.unsupported_reason, hetconv.native._launch
     monkeypatch.setattr(hetconv.native, "unsupported_reason",
                         lambda *a, **k: checks.append(1) or real_check(*a, **k))
-    monkeypatch.setattr(hetconv.native, "native_conv2d",
-                        lambda *a, **k: calls.append(1) or real_conv(*a, **k))
+    monkeypatch.setattr(hetconv.native, "_launch",
+                        lambda *a, **k: calls.append(1) or real_run(*a, **k))
     x, x2 = torch.randn(2, 8, 6, 6), torch.randn(1, 8, 5, 5)
     with torch.no_grad():
         for _ in range(3):
@@ -266,6 +268,77 @@ def test_native_fused_remembers_its_verdict_per_call_signature(monkeypatch):
         layer.backend = "native"
         fused(x)
         assert (len(checks), len(calls)) == (2, 5)  # back to the first verdict
+
+
+@needs_native
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_native_fused_prepared_calls_follow_every_weight_change(layout, monkeypatch):
+    """Inference calls of a known signature reuse one prepared kernel call (ForwardPlan), and
+    every way a weight can change after it was prepared shows in the next result."""
+    torch.manual_seed(4)
+    cl = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    layer = hetconv.HetConv2d(16, 32, 3, part=4, bias=True, backend="native").eval()
+    fused = deploy.NativeFused(layer, relu=True, residual=True)
+    x = torch.randn(2, 16, 9, 9).contiguous(memory_format=cl)
+    r = torch.randn(2, 32, 9, 9).contiguous(memory_format=cl)
+    builds, full = [], []
+    real_build, real_conv = hetconv.native.ForwardPlan.build, hetconv.native.native_conv2d
+    monkeypatch.setattr(hetconv.native.ForwardPlan, "build",
+                        lambda *a, **k: builds.append(1) or real_build(*a, **k))
+    monkeypatch.setattr(hetconv.native, "native_conv2d",
+                        lambda *a, **k: full.append(1) or real_conv(*a, **k))
+
+    def check():
+        with torch.no_grad():
+            got = fused(x, r)
+            want = torch.relu(F.conv2d(x, layer.dense_weight(), layer.bias, padding=1) + r)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        assert got.is_contiguous(memory_format=cl)
+
+    for _ in range(3):
+        check()
+    assert (len(builds), len(full)) == (1, 0)  # prepared once, reused
+    with torch.no_grad():
+        layer.weight_k.mul_(-1.5)  # in place
+        layer.bias.add_(0.25)
+    check()
+    layer.weight_1.data = torch.randn_like(layer.weight_1)  # .data replaced
+    check()
+    layer.weight_k = nn.Parameter(torch.randn_like(layer.weight_k))  # another tensor
+    check()
+    layer.load_state_dict({k: torch.randn_like(v) for k, v in layer.state_dict().items()})
+    check()
+    assert len(builds) == 5 and not full
+    x = torch.randn(3, 16, 7, 7).contiguous(memory_format=cl)  # another shape: its own plan
+    r = torch.randn(3, 32, 7, 7).contiguous(memory_format=cl)
+    check()
+    assert len(builds) == 6
+    # under autograd nothing is prepared: the recorded path, with gradients
+    xg = x.clone().requires_grad_()
+    out = fused(xg, r)
+    out.sum().backward()
+    assert len(builds) == 7 and len(full) == 1 and xg.grad is not None
+    want = torch.relu(F.conv2d(xg, layer.dense_weight(), layer.bias, padding=1) + r)
+    torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4)
+
+
+def test_forward_plan_refuses_what_it_cannot_keep():
+    layer = hetconv.HetConv2d(8, 16, 3, part=2, bias=True)
+    args = (layer.weight_k, layer.weight_1, layer.bias, layer.pattern, False, None, 1)
+    x = torch.randn(1, 8, 6, 6)
+    build = hetconv.native.ForwardPlan.build
+    assert build(x, *args) is None  # autograd would record the call (weights require grad)
+    with torch.no_grad():
+        assert build(x.double(), *args) is None
+        assert build(x, *args[:-1], 3) is None
+        plan = build(x, *args)
+        assert plan is not None
+        assert plan.run(torch.randn(2, 8, 6, 6), None, *args[:3]) is None  # another shape
+        assert plan.run(x, None, layer.weight_k.clone(), *args[1:3]) is None  # other tensors
+    assert plan.run(x, None, *args[:3]) is None  # autograd recording
+    with torch.inference_mode():
+        w = [t.clone() for t in args[:3]]
+        assert build(x, *w, *args[3:]) is None  # inference-mode weights are never cached
 
 
 def test_backend_measurement_times_each_backend_in_steady_state(monkeypatch):
