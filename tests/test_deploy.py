@@ -322,6 +322,31 @@ def test_native_fused_prepared_calls_follow_every_weight_change(layout, monkeypa
     torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4)
 
 
+@needs_native
+def test_optimized_model_copies_and_saves_after_calls():
+    """Prepared kernel calls (raw pointers) stay out of copies and pickles; the copies compute
+    the same and prepare their own."""
+    import copy
+    import io
+
+    torch.manual_seed(5)
+    model = hetconv.create_model("resnet56_cifar", part=4, width=0.5).eval()
+    x = torch.randn(2, 3, 16, 16)
+    fast = hetconv.optimize_for_inference(model, x, backend="native", memory_format="contiguous")
+    with torch.no_grad():
+        want = fast(x)
+        assert any(f._plans for f in _fused(fast))
+        twin = copy.deepcopy(fast)
+        buf = io.BytesIO()
+        torch.save(fast, buf)
+        buf.seek(0)
+        loaded = torch.load(buf, weights_only=False)
+        for other in (twin, loaded):
+            assert not any(f._plans for f in _fused(other))
+            torch.testing.assert_close(other(x), want)
+            assert any(f._plans for f in _fused(other))
+
+
 def test_forward_plan_refuses_what_it_cannot_keep():
     layer = hetconv.HetConv2d(8, 16, 3, part=2, bias=True)
     args = (layer.weight_k, layer.weight_1, layer.bias, layer.pattern, False, None, 1)

@@ -181,6 +181,12 @@ class NativeFused(nn.Module):
         self._verdicts: dict = {}  # call signature -> whether the kernel applies
         self._plans: dict = {}  # call signature -> native.ForwardPlan (inference calls)
 
+    def __getstate__(self) -> dict:
+        # prepared calls hold raw pointers (ctypes): never copied or pickled, rebuilt on use
+        state = dict(self.__dict__)
+        state["_plans"] = {}
+        return state
+
     def _signature(self, x: torch.Tensor, residual: Optional[torch.Tensor]) -> tuple:
         """Every input of whether (and which) kernel applies to a call."""
         layer = self.layer
