@@ -656,3 +656,82 @@ def test_empty_channels_last_batch_gives_a_channels_last_result():
     assert y.stride(1) == 1
     y = native.native_conv2d(torch.randn(0, 32, 3, 4), wk, w1, None, "shifted")
     assert y.stride(3) == 1 and y.stride(1) != 1  # NCHW stays NCHW
+
+
+@needs_kernel
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("m, n, p, stride", [(16, 16, 4, 1), (32, 64, 4, 2), (64, 64, 8, 1)])
+def test_layer_inference_calls_reuse_a_prepared_kernel_call(m, n, p, stride, layout, monkeypatch):
+    """HetConv2d's inference calls that run the native kernel prepare the call once per input
+    signature; what they return (values and memory layout) is what het_conv2d returns, and
+    every weight change shows in the next call."""
+    torch.manual_seed(m + n + p + stride)
+    cl = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    layer = hetconv.HetConv2d(m, n, 3, stride=stride, part=p, bias=True).eval()
+    x = torch.randn(3, m, 10, 10).contiguous(memory_format=cl)
+    builds, picks = [], []
+    real_build, real_select = native.ForwardPlan.build, HF._select
+    monkeypatch.setattr(native.ForwardPlan, "build",
+                        lambda *a, **k: builds.append(1) or real_build(*a, **k))
+    monkeypatch.setattr(HF, "_select", lambda *a, **k: picks.append(1) or real_select(*a, **k))
+
+    def check():
+        with torch.no_grad():
+            got = layer(x)
+            want = HF.het_conv2d(x, layer.weight_k, layer.weight_1, layer.bias, layer.stride,
+                                 layer.padding, layer.dilation, layer.pattern, layer.backend)
+            ref = F.conv2d(x, layer.dense_weight(), layer.bias, stride, 1)
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        assert got.stride() == want.stride()
+
+    with torch.no_grad():
+        first = HF._select(x, layer.weight_k, layer.weight_1, layer.stride, layer.dilation,
+                           layer.pattern, layer.padding)[0]
+    picks.clear()
+    for _ in range(3):
+        check()
+    native_run = first == "native"
+    # native: the backend chosen once per signature, then the prepared call; otherwise the
+    # full path each time (plus one choice to learn that); and check()'s reference calls
+    assert len(picks) == 3 + 1 + (0 if native_run else 3)
+    assert len(builds) == int(native_run)
+    with torch.no_grad():
+        layer.weight_k.mul_(-2.0)
+    check()
+    layer.weight_1.data = torch.randn_like(layer.weight_1)
+    check()
+    layer.load_state_dict({k: torch.randn_like(v) for k, v in layer.state_dict().items()})
+    check()
+    layer.backend = "dense"  # another backend: its own signature, no stale kernel call
+    calls = []
+    real_launch = native._launch
+    monkeypatch.setattr(native, "_launch", lambda *a, **k: calls.append(1) or real_launch(*a, **k))
+    check()
+    assert not calls
+    layer.backend = "auto"
+    # under autograd: the recorded path, gradients as the dense reference's
+    xg = x.clone().requires_grad_()
+    out = layer(xg)
+    out.square().sum().backward()
+    ref_x = x.clone().requires_grad_()
+    F.conv2d(ref_x, layer.dense_weight(), layer.bias, stride, 1).square().sum().backward()
+    torch.testing.assert_close(xg.grad, ref_x.grad, rtol=1e-3, atol=1e-3)
+
+
+@needs_kernel
+def test_layer_with_prepared_calls_copies_and_pickles():
+    import copy
+    import io
+
+    layer = hetconv.HetConv2d(16, 16, 3, part=4, backend="native").eval()
+    x = torch.randn(2, 16, 8, 8)
+    with torch.no_grad():
+        want = layer(x)
+        assert layer.__dict__.get("_plans")
+        buf = io.BytesIO()
+        torch.save(layer, buf)
+        buf.seek(0)
+        for other in (copy.deepcopy(layer), torch.load(buf, weights_only=False)):
+            assert not other.__dict__.get("_plans")
+            torch.testing.assert_close(other(x), want)

@@ -222,7 +222,7 @@ class NativeFused(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         layer = self.layer
-        if torch.compiler.is_compiling():  # traced: the custom op, no Python-side plans
+        if torch.compiler.is_compiling() or torch.jit.is_tracing():  # traced: no Python plans
             if self._check(x, residual):
                 return HF._native.native_conv2d(x, layer.weight_k, layer.weight_1, layer.bias,
                                                 layer.pattern, self.relu, residual,

@@ -626,6 +626,41 @@ def _fused(x, weight_k, weight_1, bias, stride, padding, dilation, pattern, n, m
     return out.view(batch, ho, wo, n).permute(0, 3, 1, 2)
 
 
+def _resolve(x: torch.Tensor, weight_k: torch.Tensor, weight_1: torch.Tensor, stride: tuple,
+             padding: tuple, dilation: tuple, pattern: str, backend: str, m: int,
+             p: int) -> Tuple[str, torch.Tensor]:
+    """The backend ``het_conv2d`` runs for this call and its input in the memory layout that
+    backend is given (batched ``x``; arguments already checked)."""
+    if backend == "native" and (p == 1 or _native.unsupported_reason(
+            x, weight_k, stride, padding, dilation) is not None):
+        backend = "auto"  # where the kernel does not apply: what "auto" picks among the rest
+    if backend == "auto":
+        kernel = tuple(weight_k.shape[2:])
+        backend, to_cl = _select(x, weight_k, weight_1, stride, dilation, pattern, padding)
+        if to_cl:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if backend == "dense" and x.is_contiguous(memory_format=torch.channels_last) and \
+                x.shape[0] * _out_area(x, kernel, stride, padding, dilation) \
+                <= DENSE_NCHW_MAX_ROWS_PER_CHANNEL * m:
+            x = x.contiguous()  # see DENSE_NCHW_MAX_ROWS_PER_CHANNEL
+    return backend, x
+
+
+def native_plan(x: torch.Tensor, weight_k: torch.Tensor, weight_1: torch.Tensor,
+                bias: Optional[torch.Tensor], stride: tuple, padding: tuple, dilation: tuple,
+                pattern: str, backend: str) -> Optional["_native.ForwardPlan"]:
+    """The prepared native call (:class:`hetconv.native.ForwardPlan`) that
+    ``het_conv2d(x, ...)`` makes for a batched ``x`` with these (already checked) arguments,
+    or None when that call does not run the native kernel or cannot be kept (autograd...)."""
+    n, m, p = _split_shapes(weight_k, weight_1)
+    chosen, xb = _resolve(x, weight_k, weight_1, stride, padding, dilation, pattern, backend,
+                          m, p)
+    if chosen != "native":
+        return None
+    return _native.ForwardPlan.build(xb, weight_k, weight_1, bias, pattern, False, None,
+                                     stride[0])
+
+
 def het_conv2d(x: torch.Tensor, weight_k: torch.Tensor, weight_1: torch.Tensor,
                bias: Optional[torch.Tensor] = None, stride: IntPair = 1,
                padding: Optional[IntPair] = None, dilation: IntPair = 1,
@@ -654,17 +689,8 @@ def het_conv2d(x: torch.Tensor, weight_k: torch.Tensor, weight_1: torch.Tensor,
     unbatched = x.dim() == 3
     if unbatched:
         x = x.unsqueeze(0)
-    if backend == "native" and (p == 1 or _native.unsupported_reason(
-            x, weight_k, stride_, padding_, dilation_) is not None):
-        backend = "auto"  # where the kernel does not apply: what "auto" picks among the rest
-    if backend == "auto":
-        backend, to_cl = _select(x, weight_k, weight_1, stride_, dilation_, pattern, padding_)
-        if to_cl:
-            x = x.contiguous(memory_format=torch.channels_last)
-        if backend == "dense" and x.is_contiguous(memory_format=torch.channels_last) and \
-                x.shape[0] * _out_area(x, kernel, stride_, padding_, dilation_) \
-                <= DENSE_NCHW_MAX_ROWS_PER_CHANNEL * m:
-            x = x.contiguous()  # see DENSE_NCHW_MAX_ROWS_PER_CHANNEL
+    backend, x = _resolve(x, weight_k, weight_1, stride_, padding_, dilation_, pattern, backend,
+                          m, p)
     if backend == "native":
         y = _native.native_conv2d(x, weight_k, weight_1, bias, pattern, stride=stride_[0])
     elif backend == "dense" or p == 1:
