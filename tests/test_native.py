@@ -735,3 +735,29 @@ def test_layer_with_prepared_calls_copies_and_pickles():
         for other in (copy.deepcopy(layer), torch.load(buf, weights_only=False)):
             assert not other.__dict__.get("_plans")
             torch.testing.assert_close(other(x), want)
+
+
+@needs_kernel
+@pytest.mark.parametrize("threads", [1, 2])
+def test_kernel_caches_survive_many_shapes_in_turn(threads):
+    """The NCHW kernel keeps its per-thread padded buffers and geometries between calls:
+    cycling through more shapes than it keeps (sizes, strides, channel counts, in turn, twice),
+    every call still equals the dense reference, borders included."""
+    torch.manual_seed(11)
+    layers = {m: hetconv.HetConv2d(m, 8, 3, part=4, bias=True) for m in (4, 8, 12)}
+    cases = [(m, size, stride) for size in range(5, 15) for stride in (1, 2)
+             for m in ((4, 8) if size % 2 else (12,))]
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            for _ in range(2):
+                for m, size, stride in cases:
+                    layer = layers[m]
+                    x = torch.randn(2, m, size, size + 1) * 3 + 1  # no zero mean: borders show
+                    got = native.native_conv2d(x, layer.weight_k, layer.weight_1, layer.bias,
+                                               layer.pattern, stride=stride)
+                    want = F.conv2d(x, layer.dense_weight(), layer.bias, stride, 1)
+                    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    finally:
+        torch.set_num_threads(old)

@@ -135,6 +135,36 @@ static int geom_init(geom_t *g, int H, int W, int s, int kh, int kw, int ph, int
 
 static void geom_free(geom_t *g) { free(g->smask); free(g->sidx); free(g->pb_start); free(g->pb_len); }
 
+/*
+ * Geometries are cached per calling thread (the last GEOM_CACHE shapes, replaced in turn):
+ * a model calls the same few shapes over and over, and building one (its chunk masks and
+ * indices) costs microseconds a batch-1 layer notices. Entries are owned by the cache.
+ */
+#define GEOM_CACHE 8
+typedef struct { int key[5], valid; geom_t g; } geom_slot_t;
+static _Thread_local geom_slot_t geom_cache[GEOM_CACHE];
+static _Thread_local int geom_next;
+
+/* The geometry of an H x W input, stride s, kernel kh x kw, padding (kh / 2, kw / 2); NULL
+ * when out of memory. Valid until this thread's next GEOM_CACHE new shapes. */
+static const geom_t *geom_get(int H, int W, int s, int kh, int kw) {
+    const int key[5] = {H, W, s, kh, kw};
+    for (int i = 0; i < GEOM_CACHE; ++i)
+        if (geom_cache[i].valid && memcmp(geom_cache[i].key, key, sizeof(key)) == 0)
+            return &geom_cache[i].g;
+    geom_slot_t *slot = &geom_cache[geom_next];
+    geom_next = (geom_next + 1) % GEOM_CACHE;
+    if (slot->valid) geom_free(&slot->g);
+    slot->valid = 0;
+    if (geom_init(&slot->g, H, W, s, kh, kw, kh / 2, kw / 2)) {
+        geom_free(&slot->g);
+        return NULL;
+    }
+    memcpy(slot->key, key, sizeof(key));
+    slot->valid = 1;
+    return &slot->g;
+}
+
 /* Offset of kernel tap (u, v) from a computed position, within a channel's storage. */
 static int geom_tap(const geom_t *g, int u, int v) {
     if (g->s == 1) return (u - g->ph) * g->Wp + (v - g->pw);
@@ -198,6 +228,31 @@ static void pad_image(const float *xb, float *buf, int M, const geom_t *g) {
 }
 
 /*
+ * The forward pass's padded-image buffer, one per thread, kept between calls (OpenMP's
+ * threads persist): pad_image writes only the interior of the padded planes, so a call
+ * with the geometry of the thread's previous call finds the borders still zero and skips
+ * zeroing (and allocating) the buffer. Held until the thread exits (a few MB at most: the
+ * largest padded image the thread has seen).
+ */
+typedef struct { float *buf; size_t len, used; int key[6]; } pad_cache_t;
+static _Thread_local pad_cache_t pad_cache;
+
+static float *pad_buffer(size_t len, const int key[6]) {
+    pad_cache_t *c = &pad_cache;
+    if (c->buf && c->used == len && memcmp(c->key, key, sizeof(c->key)) == 0) return c->buf;
+    if (c->len < len) {
+        free(c->buf);
+        c->buf = (float *)malloc(len * sizeof(float));
+        c->len = c->buf ? len : 0;
+        if (!c->buf) return NULL;
+    }
+    memset(c->buf, 0, len * sizeof(float));
+    c->used = len;
+    memcpy(c->key, key, sizeof(c->key));
+    return c->buf;
+}
+
+/*
  * What the forward and weight-gradient kernels share: the argument check, the
  * geometry and the entry offsets (pe: the centre tap of each of the M input
  * channels; te: per class, the Mk * T other taps of its channels).  Returns 0,
@@ -210,13 +265,14 @@ static int kernel_setup(geom_t *g, int **pe, int **te, int B, int M, int N, int 
     if (B < 0 || M < 1 || N < 1 || H < 1 || W < 1 || nblk < 1 || P < 1 || Mk < 0 || T < 0 ||
         (stride != 1 && stride != 2) || kh < 1 || kw < 1 || kh % 2 == 0 || kw % 2 == 0)
         return -1;
-    if (geom_init(g, H, W, stride, kh, kw, kh / 2, kw / 2)) { geom_free(g); return -2; }
+    const geom_t *cached = geom_get(H, W, stride, kh, kw);
+    if (!cached) return -2;
+    *g = *cached;  /* its arrays belong to the cache */
     const int nte = Mk * T;
     *pe = (int *)malloc(sizeof(int) * (size_t)M);
     *te = (int *)malloc(sizeof(int) * (size_t)P * (size_t)(nte > 0 ? nte : 1));
     if (!*pe || !*te) {
         free(*pe); free(*te); *pe = *te = NULL;
-        geom_free(g);
         return -2;
     }
     for (int c = 0; c < M; ++c) (*pe)[c] = c * g->PS + geom_tap(g, kh / 2, kw / 2);
@@ -378,7 +434,8 @@ int hetconv_native_forward(const float *x, float *y, int B, int M, int N, int H,
     int status = 0;
 #pragma omp parallel num_threads(nthreads) if (total > 1)
     {
-        float *buf = (float *)calloc(buf_len, sizeof(float));
+        const int key[6] = {M, H, W, stride, kh, kw};
+        float *buf = pad_buffer(buf_len, key);
         int last_b = -1;
         if (!buf) {
 #pragma omp atomic write
@@ -416,9 +473,8 @@ int hetconv_native_forward(const float *x, float *y, int B, int M, int N, int H,
                 }
             }
         }
-        free(buf);
     }
-    free(pe); free(te); geom_free(&g);
+    free(pe); free(te);
     return status;
 }
 
@@ -514,7 +570,7 @@ int hetconv_native_wgrad(const float *x, const float *gy, float *gc, float *gt,
     const size_t per = (size_t)N * M + (size_t)N * nte;  /* one partial gradient */
     if (nthreads < 1) nthreads = 1;
     float *partial = (float *)calloc(per * (size_t)nthreads, sizeof(float));
-    if (!partial) { free(pe); free(te); geom_free(&g); return -2; }
+    if (!partial) { free(pe); free(te); return -2; }
     const int gplane = g.nchunk * VL;  /* gy planes hold whole chunks (tail zero) */
     const size_t lead = (size_t)g.lead, slack = (size_t)g.slack;
     const size_t ximg = (size_t)M * g.PS + slack, gimg = (size_t)N * gplane;
@@ -589,6 +645,6 @@ int hetconv_native_wgrad(const float *x, const float *gy, float *gc, float *gt,
             gt[k] = s;
         }
     }
-    free(partial); free(pe); free(te); geom_free(&g);
+    free(partial); free(pe); free(te);
     return status;
 }
