@@ -11,10 +11,11 @@
  *
  * Vectorisation is over output pixels (16 consecutive pixels of the flattened
  * H*W plane per AVX-512 register), never over channels, so narrow groups (M/P
- * = 1..16) waste no lanes.  A micro-kernel computes 4 filters (all of one
- * class) x 64 pixels in 16 accumulators: each input vector loaded feeds 4
- * FMAs.  Taps that leave the image are masked loads (zero), so no padded copy
- * of the input is made.  Output planes are written at arbitrary indices and
+ * = 1..16) waste no lanes.  A micro-kernel computes 4 filters (of one class
+ * where it can) x up to 96 pixels in up to 24 accumulators: each vector loaded
+ * feeds 4 FMAs.  Taps that leave the image read the zero borders of a padded
+ * copy of the image (see "Geometry" below), so the inner loop has no masks.
+ * Output planes are written at arbitrary indices and
  * input planes read through an index list, so the "shifted" pattern costs no
  * permutation at all.
  *
