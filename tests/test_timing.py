@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import platform
+import subprocess
+import sys
+
 import pytest
 
 from hetconv._timing import Timing, time_interleaved
@@ -69,3 +73,59 @@ def test_settle_times_the_call_after_the_untimed_ones():
     plain = time_interleaved(cands, repeats=3, warmup=0, shuffle=False)
     settled = time_interleaved(cands, repeats=3, warmup=0, shuffle=False, settle=1)
     assert plain["x"].median >= 0.02 > settled["x"].median
+
+
+_RSS_SCRIPT = r"""
+import ctypes, os, sys
+retain = sys.argv[1] == "1"
+if retain:
+    from hetconv._timing import retain_freed_memory
+    assert retain_freed_memory() is not None
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+libc.malloc.argtypes = [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+page = os.sysconf("SC_PAGE_SIZE")
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * page
+blocks = [libc.malloc(1 << 20) for _ in range(64)]  # 64 MiB in 1 MiB blocks
+for b in blocks:
+    ctypes.memset(b, 1, 1 << 20)
+before = rss()
+for b in blocks:
+    libc.free(b)
+print((before - rss()) >> 20)  # MiB given back to the system by the frees
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
+                    reason="glibc's mallopt")
+def test_retain_freed_memory_keeps_freed_blocks_in_the_process():
+    """Freed 1 MiB blocks go back to the system by default (mmapped blocks); after
+    retain_freed_memory() they stay in the process, so the next allocation finds them
+    without page faults. Fresh processes: the allocator's state depends on its history."""
+    def given_back(retain: bool) -> int:
+        out = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, "1" if retain else "0"],
+                             capture_output=True, text=True, check=True)
+        return int(out.stdout.strip())
+
+    assert given_back(False) >= 48
+    assert given_back(True) <= 4
+
+
+def test_bench_records_the_allocator_setting(monkeypatch):
+    import importlib
+
+    bench_run = importlib.import_module("hetconv.bench.run")  # the module, not bench.run()
+
+    seen = {}
+    monkeypatch.setattr(bench_run, "run_models", lambda *a, **k: [])
+    monkeypatch.setattr(bench_run, "write_report",
+                        lambda layers, models, out, env, seconds, name: seen.update(env) or {})
+    monkeypatch.setattr(bench_run, "retain_freed_memory", lambda: "kept (test)")
+    bench_run.run("quick", what=("models",), progress=False, threads=None)
+    assert seen["malloc"] == "kept (test)"
+    bench_run.run("quick", what=("models",), progress=False, threads=None,
+                  retain_memory=False)
+    assert seen["malloc"].startswith("default")

@@ -306,6 +306,11 @@ def _add_bench(sub) -> None:
                         "other pattern is always timed for the fused and native backends)")
     p.add_argument("--max-minutes", type=float, default=None,
                    help="start no new item after this many minutes; report what was measured")
+    p.add_argument("--no-retain-memory", action="store_true",
+                   help="leave glibc free to return freed memory to the system; by default it "
+                        "keeps it, so no torch candidate pays for page-faulting in what "
+                        "another candidate's calls gave back (a process running one model "
+                        "in a loop has no such faults)")
     p.set_defaults(func=_run_bench)
 
 
@@ -318,7 +323,8 @@ def _run_bench(args) -> int:
     paths = run("quick" if args.quick else "full", out_dir=args.out, what=what,
                 threads=args.threads, repeats=args.repeats, compile=args.compile,
                 onnx=not args.no_onnx, pattern=args.pattern, progress=sys.stderr.isatty(),
-                name=args.name, max_minutes=args.max_minutes, settle=args.settle)
+                name=args.name, max_minutes=args.max_minutes, settle=args.settle,
+                retain_memory=not args.no_retain_memory)
     with open(paths["markdown"]) as f:
         text = f.read()
     start = text.find("## Targets")

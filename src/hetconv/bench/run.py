@@ -9,6 +9,7 @@ import torch
 
 from .layers import LAYER_SUITES, layer_shapes, run_layers
 from .models import MODEL_SUITES, run_models
+from .._timing import retain_freed_memory
 from .report import environment, write_report
 
 __all__ = ["run", "PRESETS"]
@@ -46,13 +47,17 @@ def run(preset: str = "quick", out_dir: str = "docs", what: Sequence[str] = ("la
         threads: Optional[int] = 2, repeats: Optional[int] = None, compile: bool = False,
         onnx: bool = True, pattern: str = "shifted", progress: bool = True,
         name: Optional[str] = None, max_minutes: Optional[float] = None,
-        settle: int = 1) -> Dict[str, str]:
+        settle: int = 1, retain_memory: bool = True) -> Dict[str, str]:
     """Run the benchmark ``preset`` and write its report to ``out_dir``; returns the written paths.
 
     Models are measured first (the headline targets), then layers.  With
     ``max_minutes`` no new item starts after that budget; the report then
     holds what was measured.  ``settle`` untimed calls of a candidate precede each timed
     one (default 1: steady-state timings, no candidate pays for what ran before it).
+    ``retain_memory`` keeps freed memory in the process
+    (:func:`hetconv._timing.retain_freed_memory`, glibc), so no torch candidate pays for
+    page-faulting in the activations another candidate's calls gave back to the system;
+    the report's environment says which setting was used.
     """
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {tuple(PRESETS)}, got {preset!r}")
@@ -65,6 +70,7 @@ def run(preset: str = "quick", out_dir: str = "docs", what: Sequence[str] = ("la
         torch.set_num_threads(threads)
     if not isinstance(settle, int) or isinstance(settle, bool) or settle < 0:
         raise ValueError(f"settle must be an int >= 0, got {settle!r}")
+    malloc = (retain_freed_memory() if retain_memory else None) or "default (glibc may return freed memory to the system)"
     cfg = PRESETS[preset]
     reps = repeats or cfg["repeats"]
     step, close = _progress(progress)
@@ -83,5 +89,7 @@ def run(preset: str = "quick", out_dir: str = "docs", what: Sequence[str] = ("la
                                     settle=settle)
     finally:
         close()
-    return write_report(layer_rows, model_rows, out_dir, environment(),
-                        time.perf_counter() - t0, name or preset)
+    env = environment()
+    env["malloc"] = malloc
+    return write_report(layer_rows, model_rows, out_dir, env, time.perf_counter() - t0,
+                        name or preset)
