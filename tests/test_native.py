@@ -23,27 +23,30 @@ needs_kernel = pytest.mark.skipif(not native.available(),
                                   reason=f"native kernel unavailable: {native.build_error()}")
 
 
-def _count_calls(monkeypatch, name):
+def _count_calls(monkeypatch, what):
+    """Input shapes of the forward-kernel launches (every forward, input gradient and
+    prepared call goes through native._launch) of the kernel named ``what``."""
     calls = []
-    real = getattr(native, name)
+    real = native._launch
 
-    def counting(*args, **kwargs):
-        calls.append(args[0].shape)
-        return real(*args, **kwargs)
-    monkeypatch.setattr(native, name, counting)
+    def counting(x, shape, fmt, call, residual, name):
+        if name == what:
+            calls.append(x.shape)
+        return real(x, shape, fmt, call, residual, name)
+    monkeypatch.setattr(native, "_launch", counting)
     return calls
 
 
 @pytest.fixture
 def runs(monkeypatch):
     """Counts calls of the C kernel (so a test knows the native path really ran)."""
-    return _count_calls(monkeypatch, "_run")
+    return _count_calls(monkeypatch, "native kernel")
 
 
 @pytest.fixture
 def nhwc_runs(monkeypatch):
     """Counts calls of the channels-last C kernel."""
-    return _count_calls(monkeypatch, "_run_nhwc")
+    return _count_calls(monkeypatch, "channels-last kernel")
 
 
 def _weights(m, n, p, k=3, requires_grad=False, dtype=torch.float32):

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from . import functional as HF
 from ._timing import time_interleaved
 from .layers import HetConv2d
+from .native import PlanHolder
 from .permute import PermutationTracer, absorb_permutations, has_shifted_layers
 
 __all__ = ["fold_batchnorm", "optimize_for_inference", "export_onnx", "export_module",
@@ -164,7 +165,7 @@ def _absorbed(model: nn.Module, example_input: Optional[torch.Tensor]) -> Tuple[
 # Fusing what follows a native HetConv2d into its kernel
 # ---------------------------------------------------------------------------
 
-class NativeFused(nn.Module):
+class NativeFused(PlanHolder, nn.Module):
     """A :class:`HetConv2d` with the residual sum and/or ReLU after it run in its kernel.
 
     ``forward(x[, residual])`` equals ``relu(layer(x) + residual)`` (each part
@@ -179,13 +180,6 @@ class NativeFused(nn.Module):
         super().__init__()
         self.layer, self.relu, self.residual = layer, bool(relu), bool(residual)
         self._verdicts: dict = {}  # call signature -> whether the kernel applies
-        self._plans: dict = {}  # call signature -> native.ForwardPlan (inference calls)
-
-    def __getstate__(self) -> dict:
-        # prepared calls hold raw pointers (ctypes): never copied or pickled, rebuilt on use
-        state = dict(self.__dict__)
-        state["_plans"] = {}
-        return state
 
     def _signature(self, x: torch.Tensor, residual: Optional[torch.Tensor]) -> tuple:
         """Every input of whether (and which) kernel applies to a call."""
@@ -230,8 +224,8 @@ class NativeFused(nn.Module):
             return self._unfused(x, residual)
         key = self._signature(x, residual)
         # inference calls of a known signature: the prepared kernel call (~30 us less per call)
-        plan = self._plans.get(key)
-        if plan is not None:
+        plan = self._plan_for(key)
+        if plan is not False:
             y = plan.run(x, residual, layer.weight_k, layer.weight_1, layer.bias)
             if y is not None:
                 return y
@@ -242,9 +236,7 @@ class NativeFused(nn.Module):
         plan = HF._native.ForwardPlan.build(*args)
         if plan is None:  # autograd, inference-mode weights, ...
             return HF._native.native_conv2d(*args)
-        if len(self._plans) >= 64:
-            self._plans.clear()
-        self._plans[key] = plan
+        self._keep_plan(key, plan)
         y = plan.run(x, residual, *args[1:4])
         return y if y is not None else HF._native.native_conv2d(*args)
 

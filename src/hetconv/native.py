@@ -621,12 +621,22 @@ def _use_nhwc(x: torch.Tensor, n: int, m: int, p: int, pattern: str) -> bool:
     return _is_channels_last(x) and _nhwc_step(n, m, p, pattern) is not None
 
 
-def _forward(x, weight_k, weight_1, bias, pattern, relu, residual, stride) -> torch.Tensor:
+def _prepare(x, weight_k, weight_1, bias, pattern, relu, stride) -> tuple:
+    """What a forward call on ``x`` runs: ``(packed weights, output shape, memory format,
+    call(x, y, residual), kernel name)`` of the channels-last or the NCHW kernel."""
     n, m, p = _shapes(weight_k, weight_1)
     if _use_nhwc(x, n, m, p, pattern):
-        return _run_nhwc(x, _nhwc_packed(weight_k, weight_1, bias, pattern, n, m, p), n, relu,
-                         residual, stride)
-    return _run(x, _packed(weight_k, weight_1, bias, pattern, n, m, p), n, relu, residual, stride)
+        pk = _nhwc_packed(weight_k, weight_1, bias, pattern, n, m, p)
+        return (pk, *_nhwc_call(tuple(x.shape), pk, n, relu, stride), torch.channels_last,
+                "channels-last kernel")
+    pk = _packed(weight_k, weight_1, bias, pattern, n, m, p)
+    return (pk, *_nchw_call(tuple(x.shape), pk, n, relu, stride), torch.contiguous_format,
+            "native kernel")
+
+
+def _forward(x, weight_k, weight_1, bias, pattern, relu, residual, stride) -> torch.Tensor:
+    _, shape, call, fmt, what = _prepare(x, weight_k, weight_1, bias, pattern, relu, stride)
+    return _launch(x, shape, fmt, call, residual, what)
 
 
 class ForwardPlan:
@@ -660,17 +670,10 @@ class ForwardPlan:
                 or _recording(x, tensors, residual)
                 or any(t is not None and t.is_inference() for t in tensors)):
             return None
-        n, m, p = _shapes(weight_k, weight_1)
         plan = cls()
         plan.tensors, plan.key, plan.in_shape = tensors, cls._state(tensors), tuple(x.shape)
-        if _use_nhwc(x, n, m, p, pattern):
-            plan.pk = _nhwc_packed(weight_k, weight_1, bias, pattern, n, m, p)
-            plan.shape, plan.call = _nhwc_call(plan.in_shape, plan.pk, n, relu, stride)
-            plan.fmt, plan.what = torch.channels_last, "channels-last kernel"
-        else:
-            plan.pk = _packed(weight_k, weight_1, bias, pattern, n, m, p)
-            plan.shape, plan.call = _nchw_call(plan.in_shape, plan.pk, n, relu, stride)
-            plan.fmt, plan.what = torch.contiguous_format, "native kernel"
+        plan.pk, plan.shape, plan.call, plan.fmt, plan.what = _prepare(
+            x, weight_k, weight_1, bias, pattern, relu, stride)
         return plan
 
     def run(self, x: torch.Tensor, residual: Optional[torch.Tensor], weight_k: torch.Tensor,
@@ -691,6 +694,30 @@ def _recording(x: torch.Tensor, tensors: tuple, residual: Optional[torch.Tensor]
     return torch.is_grad_enabled() and (x.requires_grad or any(
         t is not None and t.requires_grad for t in tensors) or (
             residual is not None and residual.requires_grad))
+
+
+class PlanHolder:
+    """Mixin of the modules that keep :class:`ForwardPlan` s per call signature: the dict
+    is made on first use (modules pickled before it existed load as they are) and left out
+    of copies and pickles (plans hold raw pointers; they are rebuilt on the next call)."""
+
+    #: Signatures kept; one more starts the dict over rather than let it grow.
+    MAX_PLANS = 64
+
+    def _plan_for(self, key) -> object:
+        """The entry stored for ``key`` (a plan, or what the holder stored), or False."""
+        return self.__dict__.get("_plans", {}).get(key, False)
+
+    def _keep_plan(self, key, plan) -> None:
+        plans = self.__dict__.setdefault("_plans", {})
+        if len(plans) >= self.MAX_PLANS:
+            plans.clear()
+        plans[key] = plan
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state.pop("_plans", None)
+        return state
 
 
 def _out_size(size: int, k: int, stride: int) -> int:

@@ -11,11 +11,12 @@ import torch.nn.functional as F
 
 from .. import functional as HF
 from .. import pattern as _pattern
+from ..native import PlanHolder
 
 __all__ = ["HetConv2d"]
 
 
-class HetConv2d(nn.Module):
+class HetConv2d(PlanHolder, nn.Module):
     """Heterogeneous-kernel convolution (Singh et al., CVPR 2019).
 
     Each of the ``out_channels`` filters has ``in_channels / P`` KxK kernels and
@@ -197,14 +198,11 @@ class HetConv2d(nn.Module):
         each input signature (:class:`hetconv.native.ForwardPlan`), which skips the backend
         choice and the packing lookups (~30 us per call; batch-1 models call many small
         layers).  None: run the full path (autograd, another backend, a changed weight...)."""
-        plans = self.__dict__.get("_plans")
-        if plans is None:
-            plans = self.__dict__["_plans"] = {}
         weight_k, weight_1, bias = self.weight_k, self.weight_1, self.bias
         key = (tuple(x.shape), x.dtype, x.device, HF._native._is_channels_last(x), self.backend,
                self.pattern, self.stride, self.padding, self.dilation, weight_k.dtype,
                torch.is_autocast_enabled("cpu"))
-        plan = plans.get(key, False)
+        plan = self._plan_for(key)
         if plan is None:  # this signature does not run the native kernel
             return None
         if plan is not False:
@@ -214,18 +212,10 @@ class HetConv2d(nn.Module):
         if HF._native._recording(x, (weight_k, weight_1, bias), None) or key[-1] \
                 or not x.is_floating_point():
             return None  # nothing to prepare (and no verdict to remember) for this call
-        if len(plans) >= 64:  # many input sizes: start over rather than grow
-            plans.clear()
-        plan = plans[key] = HF.native_plan(x, weight_k, weight_1, bias, self.stride,
-                                           self.padding, self.dilation, self.pattern,
-                                           self.backend)
+        plan = HF.native_plan(x, weight_k, weight_1, bias, self.stride, self.padding,
+                              self.dilation, self.pattern, self.backend)
+        self._keep_plan(key, plan)
         return None if plan is None else plan.run(x, None, weight_k, weight_1, bias)
-
-    def __getstate__(self) -> dict:
-        # prepared calls hold raw pointers (ctypes): never copied or pickled, rebuilt on use
-        state = dict(self.__dict__)
-        state.pop("_plans", None)
-        return state
 
     def extra_repr(self) -> str:
         s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
