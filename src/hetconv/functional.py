@@ -316,8 +316,9 @@ def select_backend(x: torch.Tensor, weight_k: torch.Tensor, weight_1: torch.Tens
       (32) below depthwise (P < M; on channels_last input where the
       channels-last kernel does not apply), stride 1, outputs of >=
       :data:`NATIVE_MIN_AREA_HIGH_PART` (64) pixels (>=
-      :data:`NATIVE_MIN_AREA_HIGH_PART_INFERENCE` (49) outside autograd): the KxK part is small and the kernel's pointwise product
-      beats oneDNN and ``"fused"`` (1.2-5.6x of the best ``nn.Conv2d``;
+      :data:`NATIVE_MIN_AREA_HIGH_PART_INFERENCE` (49) outside autograd):
+      the KxK part is small and the kernel's pointwise product beats oneDNN
+      and ``"fused"`` (1.2-5.6x of the best ``nn.Conv2d``;
       ``"fused"`` 0.8-3.5x there).  channels_last input is made NCHW for it
       when M <= :data:`NATIVE_HIGH_PART_MAX_CHANNELS_CL` (128), or outside
       autograd when B*Ho*Wo <= :data:`NATIVE_HIGH_PART_MAX_ROWS_CL` (256);

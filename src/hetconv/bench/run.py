@@ -70,7 +70,8 @@ def run(preset: str = "quick", out_dir: str = "docs", what: Sequence[str] = ("la
         torch.set_num_threads(threads)
     if not isinstance(settle, int) or isinstance(settle, bool) or settle < 0:
         raise ValueError(f"settle must be an int >= 0, got {settle!r}")
-    malloc = (retain_freed_memory() if retain_memory else None) or "default (glibc may return freed memory to the system)"
+    malloc = ((retain_freed_memory() if retain_memory else None)
+              or "default (glibc may return freed memory to the system)")
     cfg = PRESETS[preset]
     reps = repeats or cfg["repeats"]
     step, close = _progress(progress)

@@ -235,12 +235,12 @@ static void pad_image(const float *xb, float *buf, int M, const geom_t *g) {
  * zeroing (and allocating) the buffer. Held until the thread exits (a few MB at most: the
  * largest padded image the thread has seen).
  */
-typedef struct { float *buf; size_t len, used; int key[6]; } pad_cache_t;
+typedef struct { float *buf; size_t len; int key[6]; } pad_cache_t;  /* key fixes the size */
 static _Thread_local pad_cache_t pad_cache;
 
 static float *pad_buffer(size_t len, const int key[6]) {
     pad_cache_t *c = &pad_cache;
-    if (c->buf && c->used == len && memcmp(c->key, key, sizeof(c->key)) == 0) return c->buf;
+    if (c->buf && memcmp(c->key, key, sizeof(c->key)) == 0) return c->buf;
     if (c->len < len) {
         free(c->buf);
         c->buf = (float *)malloc(len * sizeof(float));
@@ -248,7 +248,6 @@ static float *pad_buffer(size_t len, const int key[6]) {
         if (!c->buf) return NULL;
     }
     memset(c->buf, 0, len * sizeof(float));
-    c->used = len;
     memcpy(c->key, key, sizeof(c->key));
     return c->buf;
 }
