@@ -638,6 +638,57 @@ def test_stride_two_with_fused_epilogue(size, relu, runs):
         torch.testing.assert_close(got, exp, rtol=1e-4, atol=1e-4)
 
 
+def _chunks(positions):
+    return -(-positions // 16)
+
+
+@needs_kernel
+@pytest.mark.skipif(not native.vectorized(), reason="in-place reads are AVX-512 only")
+@pytest.mark.parametrize("kernel", [(3, 3), (5, 5), (1, 3), (3, 1), (1, 1)])
+def test_stride_one_reads_in_place_where_that_computes_fewer_positions(kernel):
+    """In place: H*W positions; padded copies: H rows of W + kw // 2 (the zero columns
+    between rows are computed too). The kernel reads in place from 10% fewer chunks."""
+    kh, kw = kernel
+    for h in range(1, 40):
+        for w in (h, h + 3, 2 * h):
+            fewer = 10 * _chunks(h * w) <= 9 * _chunks(h * (w + kw // 2))
+            assert native.reads_in_place(h, w, kernel) == fewer, (h, w, kernel)
+    assert native.reads_in_place(8, 8) and native.reads_in_place(4, 4)
+    assert not native.reads_in_place(7, 7) and not native.reads_in_place(32, 32)
+
+
+@needs_kernel
+@pytest.mark.skipif(not native.vectorized(), reason="in-place reads are AVX-512 only")
+@pytest.mark.parametrize("m,n,p", [(16, 16, 4), (40, 24, 2), (64, 8, 8), (12, 6, 3)])
+@pytest.mark.parametrize("size,kernel", [((8, 8), (3, 3)), ((4, 4), (3, 3)), ((12, 12), (5, 5)),
+                                         ((8, 8), (1, 3)), ((8, 8), (5, 3)), ((4, 12), (3, 3))])
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_in_place_reads_match_dense_reference(m, n, p, size, kernel, pattern, runs):
+    """Planes read in place (border taps masked off): classes of more than 16 channels
+    (the tap loop's runs), blocks mixing classes (n < 4p), residual, ReLU, bias, the input
+    gradient (the same kernel, transposed) and a batch spread over both threads."""
+    assert native.reads_in_place(*size, kernel)
+    torch.manual_seed(m + n + p + size[1] + kernel[1])
+    x = torch.randn(5, m, *size, requires_grad=True)
+    wk = torch.randn(n, m // p, *kernel, requires_grad=True)
+    w1 = torch.randn(n, m - m // p, requires_grad=True)
+    b = torch.randn(n, requires_grad=True)
+    ref = _reference(x, wk, w1, b, pattern)
+    r = torch.randn_like(ref, requires_grad=True)
+    y = native.native_conv2d(x, wk, w1, b, pattern, relu=True, residual=r)
+    want = F.relu(ref + r)
+    torch.testing.assert_close(y, want, rtol=1e-4, atol=1e-4)
+    g = torch.randn_like(want)
+    leaves = (x, wk, w1, b, r)
+    for got, exp in zip(torch.autograd.grad(y, leaves, g), torch.autograd.grad(want, leaves, g)):
+        torch.testing.assert_close(got, exp, rtol=1e-4, atol=1e-4)
+    assert len(runs) == 2  # forward and input gradient
+    with torch.no_grad():
+        torch.testing.assert_close(native.native_conv2d(x[:1], wk, w1, None, pattern),
+                                   _reference(x[:1], wk, w1, None, pattern),
+                                   rtol=1e-4, atol=1e-4)
+
+
 def test_unwritable_cache_dir_falls_back_to_a_temp_dir(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")

@@ -14,7 +14,10 @@
  * = 1..16) waste no lanes.  A micro-kernel computes 4 filters (of one class
  * where it can) x up to 96 pixels in up to 24 accumulators: each vector loaded
  * feeds 4 FMAs.  Taps that leave the image read the zero borders of a padded
- * copy of the image (see "Geometry" below), so the inner loop has no masks.
+ * copy of the image (see "Geometry" below), so the inner loop has no masks;
+ * at stride 1, where the padded geometry would compute 10% more positions (4x4
+ * and 8x8 planes), the input is read in place with the border lanes masked off
+ * instead (see "Stride 1 without a copy").
  * Output planes are written at arbitrary indices and
  * input planes read through an index list, so the "shifted" pattern costs no
  * permutation at all.
@@ -52,7 +55,7 @@ int hetconv_native_isa(void) {
 #endif
 }
 
-int hetconv_native_version(void) { return 3; }
+int hetconv_native_version(void) { return 4; }
 
 /*
  * Geometry.  Each image is copied (by the thread that computes it, into a
@@ -83,7 +86,27 @@ typedef struct {
     int lead, slack;            /* buffer margins before the first and after the last channel */
     uint16_t *smask;            /* per chunk: lanes that are real output pixels */
     int *sidx;                  /* per chunk: output index of the first such lane */
+    /* Stride 1, read in place (see "Stride 1 without a copy"): chunks of the H*W plane,
+     * pixel blocks over them, and per kernel tap (u, v) and chunk the lanes whose tap
+     * lies inside the image (row u * kw + v; the centre row masks only the plane's end). */
+    int dchunk, dnpb, *dpb_start, *dpb_len, dcentre;
+    uint16_t *dmask;
 } geom_t;
+
+/* Split n chunks into runs of at most NCMAX, balanced: npb runs, start[i], len[i]. */
+static int balanced_runs(int n, int **start, int **len) {
+    const int npb = (n + NCMAX - 1) / NCMAX;
+    *start = (int *)calloc((size_t)(npb > 0 ? npb : 1), sizeof(int));
+    *len = (int *)calloc((size_t)(npb > 0 ? npb : 1), sizeof(int));
+    if (!*start || !*len) return -1;
+    for (int i = 0, s = 0; i < npb; ++i) {
+        const int l = (n - s) / (npb - i) + ((n - s) % (npb - i) ? 1 : 0);
+        (*start)[i] = s;
+        (*len)[i] = l;
+        s += l;
+    }
+    return npb;
+}
 
 static int geom_init(geom_t *g, int H, int W, int s, int kh, int kw, int ph, int pw) {
     memset(g, 0, sizeof(*g));
@@ -107,19 +130,10 @@ static int geom_init(geom_t *g, int H, int W, int s, int kh, int kw, int ph, int
     }
     const int count = g->Ho * g->Wp;
     g->nchunk = (count + VL - 1) / VL;
-    g->npb = (g->nchunk + NCMAX - 1) / NCMAX;
     g->smask = (uint16_t *)calloc((size_t)g->nchunk, sizeof(uint16_t));
     g->sidx = (int *)calloc((size_t)g->nchunk, sizeof(int));
-    g->pb_start = (int *)calloc((size_t)g->npb, sizeof(int));
-    g->pb_len = (int *)calloc((size_t)g->npb, sizeof(int));
-    if (!g->smask || !g->sidx || !g->pb_start || !g->pb_len) return -1;
-    for (int i = 0, start = 0; i < g->npb; ++i) {  /* balanced runs */
-        const int len = (g->nchunk - start) / (g->npb - i) +
-                        ((g->nchunk - start) % (g->npb - i) ? 1 : 0);
-        g->pb_start[i] = start;
-        g->pb_len[i] = len;
-        start += len;
-    }
+    g->npb = balanced_runs(g->nchunk, &g->pb_start, &g->pb_len);
+    if (!g->smask || !g->sidx || g->npb < 0) return -1;
     for (int q = 0; q < g->nchunk; ++q) {
         int found = 0;
         for (int l = 0; l < VL; ++l) {
@@ -131,10 +145,28 @@ static int geom_init(geom_t *g, int H, int W, int s, int kh, int kw, int ph, int
             if (!found) { g->sidx[q] = r * g->Wo + c; found = 1; }
         }
     }
+    if (s != 1) return 0;
+    const int HW = H * W;
+    g->dchunk = (HW + VL - 1) / VL;
+    g->dcentre = (kh / 2) * kw + kw / 2;
+    g->dnpb = balanced_runs(g->dchunk, &g->dpb_start, &g->dpb_len);
+    g->dmask = (uint16_t *)calloc((size_t)kh * kw * g->dchunk, sizeof(uint16_t));
+    if (g->dnpb < 0 || !g->dmask) return -1;
+    for (int u = 0; u < kh; ++u)
+        for (int v = 0; v < kw; ++v) {
+            uint16_t *row = g->dmask + (size_t)(u * kw + v) * g->dchunk;
+            for (int p = 0; p < HW; ++p) {
+                const int r = p / W + u - kh / 2, c = p % W + v - kw / 2;
+                if (r >= 0 && r < H && c >= 0 && c < W) row[p / VL] |= (uint16_t)(1u << (p % VL));
+            }
+        }
     return 0;
 }
 
-static void geom_free(geom_t *g) { free(g->smask); free(g->sidx); free(g->pb_start); free(g->pb_len); }
+static void geom_free(geom_t *g) {
+    free(g->smask); free(g->sidx); free(g->pb_start); free(g->pb_len);
+    free(g->dpb_start); free(g->dpb_len); free(g->dmask);
+}
 
 /*
  * Geometries are cached per calling thread (the last GEOM_CACHE shapes, replaced in turn):
@@ -164,6 +196,29 @@ static const geom_t *geom_get(int H, int W, int s, int kh, int kw) {
     memcpy(slot->key, key, sizeof(key));
     slot->valid = 1;
     return &slot->g;
+}
+
+/*
+ * Whether the stride-1 forward pass reads the input in place (direct_kernel_n) rather than
+ * from padded copies: where that computes at least 10% fewer chunks (the padded geometry
+ * also computes the zero column after each row), as on 4x4 and 8x8 planes.  Where the
+ * counts are close the padded copies are as fast or faster, measured on the project's
+ * machine: they spread the channel planes over the L1 sets, where planes of a power-of-two
+ * size map the same pixel of every channel to one set.  The AVX-512 build only.
+ */
+static int reads_in_place(const geom_t *g) {
+#if defined(__AVX512F__)
+    return g->s == 1 && 10 * g->dchunk <= 9 * g->nchunk;
+#else
+    (void)g;
+    return 0;
+#endif
+}
+
+int hetconv_native_reads_in_place(int H, int W, int kh, int kw) {
+    if (H < 1 || W < 1 || kh < 1 || kw < 1 || kh % 2 == 0 || kw % 2 == 0) return -1;
+    const geom_t *g = geom_get(H, W, 1, kh, kw);
+    return g ? reads_in_place(g) : -2;
 }
 
 /* Offset of kernel tap (u, v) from a computed position, within a channel's storage. */
@@ -285,6 +340,20 @@ static int kernel_setup(geom_t *g, int **pe, int **te, int B, int M, int N, int 
 }
 
 #if defined(__AVX512F__)
+/* In a micro-kernel (acc[NB][NCMAX], nch chunks, bias): every accumulator starts at its
+ * filter's bias; filter i adds wv times the loaded vectors v[k]. */
+#define ACC_INIT()                                                                 \
+    _Pragma("GCC unroll 4") for (int i = 0; i < NB; ++i) {                         \
+        const __m512 bv = _mm512_set1_ps(bias ? bias[i] : 0.f);                    \
+        _Pragma("GCC unroll 8") for (int k = 0; k < nch; ++k) acc[i][k] = bv;      \
+    }
+#define FMAS(i, wv)                                                                \
+    do {                                                                           \
+        const __m512 wb_ = _mm512_set1_ps(wv);                                     \
+        _Pragma("GCC unroll 8") for (int k = 0; k < nch; ++k)                      \
+            acc[i][k] = _mm512_fmadd_ps(wb_, v[k], acc[i][k]);                     \
+    } while (0)
+
 /*
  * 4 filters x nch chunks of 16 positions (nch <= NCMAX, a literal at every
  * call so the loops unroll and the accumulators stay in registers).  ``pe``
@@ -300,21 +369,10 @@ micro_kernel_n(const int nch, const float *xp, float *const yo[NB], const float 
                int shared, const float *wk, const float *bias, int relu) {
     const float *x0 = xp + g->first + q0 * VL;
     __m512 acc[NB][NCMAX];
-#pragma GCC unroll 4
-    for (int i = 0; i < NB; ++i) {
-        const __m512 bv = _mm512_set1_ps(bias ? bias[i] : 0.f);
-#pragma GCC unroll 8
-        for (int k = 0; k < nch; ++k) acc[i][k] = bv;
-    }
+    ACC_INIT();
 #define LOADS(xe)                                                                  \
     __m512 v[NCMAX];                                                               \
     _Pragma("GCC unroll 8") for (int k = 0; k < nch; ++k) v[k] = _mm512_loadu_ps((xe) + k * VL);
-#define FMAS(i, wv)                                                                \
-    do {                                                                           \
-        const __m512 wb_ = _mm512_set1_ps(wv);                                     \
-        _Pragma("GCC unroll 8") for (int k = 0; k < nch; ++k)                      \
-            acc[i][k] = _mm512_fmadd_ps(wb_, v[k], acc[i][k]);                     \
-    } while (0)
     for (int e = 0; e < np; ++e) {
         LOADS(x0 + pe[e]);
         const float *w = w1 + 4 * e;
@@ -339,7 +397,6 @@ micro_kernel_n(const int nch, const float *xp, float *const yo[NB], const float 
         }
     }
 #undef LOADS
-#undef FMAS
     const __m512 zero = _mm512_setzero_ps();
 #pragma GCC unroll 4
     for (int i = 0; i < NB; ++i) {
@@ -363,6 +420,105 @@ static void micro_kernel(int nch, const float *xp, float *const yo[NB], const fl
                          const float *bias, int relu) {
     switch (nch) {
 #define CASE(n) case n: micro_kernel_n(n, xp, yo, ro, g, q0, np, pe, w1, nt, te, shared, wk, bias, relu); break;
+        CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6)
+#undef CASE
+        default: break;
+    }
+}
+
+/*
+ * Stride 1 without a copy.  At stride 1 the computed positions can be the H*W
+ * pixels of the plane themselves, read in place from the input: tap (u, v) of
+ * pixel p is at p + (u - ph) * W + (v - pw) in its channel's plane, and the
+ * lanes whose tap falls outside the image (the border rows and columns a
+ * padded copy would hold as zeros) are masked off in the load (a masked load
+ * neither reads nor faults on them).  The masks depend on the tap and the
+ * chunk only, so the tap loops run tap by tap, each tap's nch masks held in
+ * mask registers over the channels of the class.  No padded copy, no thrown
+ * away columns, and every chunk is written with one plain (tail-masked) store.
+ * ``te``: per filter, the class's entries tap-major (t * Mk + j): the offset
+ * of channel j's plane plus the tap's offset; ``tm``: each tap's mask row.
+ */
+#define DJ 16  /* channels per run of the tap loop */
+static inline __attribute__((always_inline)) void
+direct_kernel_n(const int nch, const float *x, float *const yo[NB], const float *const ro[NB],
+                const geom_t *g, int q0, int M, size_t HW, const float *w1, int T, int Mk,
+                const int *const te[NB], const int *tm, int shared, const float *wk,
+                const float *bias, int relu) {
+    const int p0 = q0 * VL;
+    const float *x0 = x + p0;
+    __m512 acc[NB][NCMAX];
+    __mmask16 mk[NCMAX];
+    ACC_INIT();
+#define MASKS(row)                                                                 \
+    do {                                                                           \
+        const uint16_t *mr_ = g->dmask + (size_t)(row) * g->dchunk + q0;           \
+        _Pragma("GCC unroll 8") for (int k = 0; k < nch; ++k) mk[k] = mr_[k];      \
+    } while (0)
+#define LOADS(xe)                                                                  \
+    __m512 v[NCMAX];                                                               \
+    _Pragma("GCC unroll 8") for (int k = 0; k < nch; ++k)                          \
+        v[k] = _mm512_maskz_loadu_ps(mk[k], (xe) + k * VL);
+    MASKS(g->dcentre);
+    for (int c = 0; c < M; ++c) {
+        LOADS(x0 + (size_t)c * HW);
+        const float *w = w1 + 4 * c;
+        FMAS(0, w[0]); FMAS(1, w[1]); FMAS(2, w[2]); FMAS(3, w[3]);
+    }
+    const int wstep = 4 * T;  /* weights of entry (j, t) at wk[4 * (j * T + t)] */
+    if (shared) {
+        /* channels in runs of DJ, so a run's planes stay in L1 over its T taps */
+        for (int j0 = 0; j0 < Mk; j0 += DJ) {
+            const int j1 = j0 + DJ < Mk ? j0 + DJ : Mk;
+            for (int t = 0; t < T; ++t) {
+                MASKS(tm[t]);
+                const int *tt = te[0] + t * Mk;
+                const float *w = wk + 4 * t + j0 * wstep;
+                for (int j = j0; j < j1; ++j, w += wstep) {
+                    LOADS(x0 + tt[j]);
+                    FMAS(0, w[0]); FMAS(1, w[1]); FMAS(2, w[2]); FMAS(3, w[3]);
+                }
+            }
+        }
+    } else {
+#pragma GCC unroll 4
+        for (int i = 0; i < NB; ++i) {
+            if (!te[i]) continue;
+            for (int t = 0; t < T; ++t) {
+                MASKS(tm[t]);
+                const int *tt = te[i] + t * Mk;
+                const float *w = wk + 4 * t + i;
+                for (int j = 0; j < Mk; ++j, w += wstep) {
+                    LOADS(x0 + tt[j]);
+                    FMAS(i, w[0]);
+                }
+            }
+        }
+    }
+#undef MASKS
+#undef LOADS
+    const __m512 zero = _mm512_setzero_ps();
+    const uint16_t *cm = g->dmask + (size_t)g->dcentre * g->dchunk + q0;
+#pragma GCC unroll 4
+    for (int i = 0; i < NB; ++i) {
+        if (!yo[i]) continue;
+#pragma GCC unroll 8
+        for (int k = 0; k < nch; ++k) {
+            const __mmask16 m = (__mmask16)cm[k];
+            __m512 r = acc[i][k];
+            if (ro[i]) r = _mm512_add_ps(r, _mm512_maskz_loadu_ps(m, ro[i] + p0 + k * VL));
+            if (relu) r = _mm512_max_ps(r, zero);
+            _mm512_mask_storeu_ps(yo[i] + p0 + k * VL, m, r);
+        }
+    }
+}
+
+static void direct_kernel(int nch, const float *x, float *const yo[NB], const float *const ro[NB],
+                          const geom_t *g, int q0, int M, size_t HW, const float *w1, int T,
+                          int Mk, const int *const te[NB], const int *tm, int shared,
+                          const float *wk, const float *bias, int relu) {
+    switch (nch) {
+#define CASE(n) case n: direct_kernel_n(n, x, yo, ro, g, q0, M, HW, w1, T, Mk, te, tm, shared, wk, bias, relu); break;
         CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6)
 #undef CASE
         default: break;
@@ -399,6 +555,83 @@ static void micro_kernel(int nch, const float *xp, float *const yo[NB], const fl
 #endif
 
 /*
+ * Filter block blk's output planes yo and residual planes ro (within one image's yb and rb;
+ * NULL for unused slots or without a residual) and tap entries tei (its slots' classes'
+ * rows of te, nte each).  Returns 1 when its used slots share one class.
+ */
+static int block_setup(int blk, const int *blk_cls, const int *blk_out, float *yb,
+                       const float *rb, int HWo, const int *te, int nte, float *yo[NB],
+                       const float *ro[NB], const int *tei[NB]) {
+    const int *bc = blk_cls + (size_t)blk * NB, *bo = blk_out + (size_t)blk * NB;
+    int shared = 1, c0 = -1;
+    for (int i = 0; i < NB; ++i) {
+        yo[i] = bo[i] >= 0 ? yb + (size_t)bo[i] * HWo : NULL;
+        ro[i] = (rb && bo[i] >= 0) ? rb + (size_t)bo[i] * HWo : NULL;
+        tei[i] = bc[i] >= 0 ? te + (size_t)bc[i] * nte : NULL;
+        if (bc[i] >= 0) {
+            if (c0 < 0) c0 = bc[i];
+            else if (bc[i] != c0) shared = 0;
+        }
+    }
+    return shared && tei[0];
+}
+
+/* Work items of a forward pass over B images and nblk filter blocks: (image, group of
+ * blocks), groups only when images are too few for the threads. */
+static int block_groups(int B, int nblk, int nthreads) {
+    int groups = 1;
+    while ((long)B * groups < 2L * nthreads && groups < nblk) ++groups;
+    return groups;
+}
+
+#if defined(__AVX512F__)
+/* The stride-1 forward pass reading the input in place (see direct_kernel_n). */
+static int forward_direct(const float *x, float *y, int B, int M, int N, int H, int W,
+                          int nblk, const int *blk_cls, const int *blk_out, const float *w1p,
+                          const float *wkp, const float *bp, int P, int Mk, const int *chan,
+                          int T, const int *tap_dh, const int *tap_dw, int kh, int kw,
+                          const float *res, int relu, int nthreads) {
+    const geom_t *g = geom_get(H, W, 1, kh, kw);
+    if (!g) return -2;
+    const int HW = H * W, nte = Mk * T;
+    int *te = (int *)malloc(sizeof(int) * (size_t)P * (size_t)(nte > 0 ? nte : 1));
+    int *tm = (int *)malloc(sizeof(int) * (size_t)(T > 0 ? T : 1));
+    if (!te || !tm) { free(te); free(tm); return -2; }
+    for (int t = 0; t < T; ++t) tm[t] = (tap_dh[t] + kh / 2) * kw + tap_dw[t] + kw / 2;
+    for (int p = 0; p < P; ++p)
+        for (int t = 0; t < T; ++t)
+            for (int j = 0; j < Mk; ++j)
+                te[(size_t)p * nte + t * Mk + j] = chan[p * Mk + j] * HW + tap_dh[t] * W + tap_dw[t];
+    const int groups = block_groups(B, nblk, nthreads);
+    const int per_group = (nblk + groups - 1) / groups;
+    const long total = (long)B * groups;
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (total > 1)
+    for (long it = 0; it < total; ++it) {
+        const int b = (int)(it / groups), grp = (int)(it % groups);
+        const float *xb = x + (size_t)b * M * HW;
+        float *yb = y + (size_t)b * N * HW;
+        const float *rb = res ? res + (size_t)b * N * HW : NULL;
+        const int end = (grp + 1) * per_group < nblk ? (grp + 1) * per_group : nblk;
+        for (int pb = 0; pb < g->dnpb; ++pb) {
+            const int q0 = g->dpb_start[pb], nch = g->dpb_len[pb];
+            for (int blk = grp * per_group; blk < end; ++blk) {
+                float *yo[NB];
+                const float *ro[NB];
+                const int *tei[NB];
+                const int shared = block_setup(blk, blk_cls, blk_out, yb, rb, HW, te, nte,
+                                               yo, ro, tei);
+                direct_kernel(nch, xb, yo, ro, g, q0, M, (size_t)HW, w1p + (size_t)blk * M * NB,
+                              T, Mk, tei, tm, shared, wkp + (size_t)blk * nte * NB,
+                              bp ? bp + (size_t)blk * NB : NULL, relu);
+            }
+        }
+    }
+    free(te); free(tm);
+    return 0;
+}
+#endif
+
+/*
  * y (B, N, H, W) = HetConv(x (B, M, H, W)), stride 1, padding (ph, pw).
  * blk_out (nblk, 4): output plane of each filter slot, -1 unused;
  * blk_cls (nblk, 4): the class of each slot (-1 unused); a block whose used
@@ -420,12 +653,17 @@ int hetconv_native_forward(const float *x, float *y, int B, int M, int N, int H,
     const int rc = kernel_setup(&g, &pe, &te, B, M, N, H, W, nblk, P, Mk, chan, T, tap_dh,
                                 tap_dw, stride, kh, kw);
     if (rc) return rc;
+    if (nthreads < 1) nthreads = 1;
+#if defined(__AVX512F__)
+    if (stride == 1 && reads_in_place(&g)) {
+        free(pe); free(te);
+        return forward_direct(x, y, B, M, N, H, W, nblk, blk_cls, blk_out, w1p, wkp, bp, P, Mk,
+                              chan, T, tap_dh, tap_dw, kh, kw, res, relu, nthreads);
+    }
+#endif
     const int HWo = g.Ho * g.Wo;
     const int nte = Mk * T;
-    /* Work items: (image, group of filter blocks); groups only when images are too few. */
-    if (nthreads < 1) nthreads = 1;
-    int groups = 1;
-    while ((long)B * groups < 2L * nthreads && groups < nblk) ++groups;
+    const int groups = block_groups(B, nblk, nthreads);
     const int per_group = (nblk + groups - 1) / groups;
     const long total = (long)B * groups;
     /* padded image + slack for the last block's overrun (reads only feed discarded lanes) */
@@ -448,6 +686,7 @@ int hetconv_native_forward(const float *x, float *y, int B, int M, int N, int H,
             float *xp = buf + lead;
             if (b != last_b) { pad_image(x + (size_t)b * M * H * W, xp, M, &g); last_b = b; }
             float *yb = y + (size_t)b * N * HWo;
+            const float *rb = res ? res + (size_t)b * N * HWo : NULL;
             const int end = (grp + 1) * per_group < nblk ? (grp + 1) * per_group : nblk;
             for (int pb = 0; pb < g.npb; ++pb) {
                 const int q0 = g.pb_start[pb], nch = g.pb_len[pb];
@@ -455,18 +694,8 @@ int hetconv_native_forward(const float *x, float *y, int B, int M, int N, int H,
                     float *yo[NB];
                     const float *ro[NB];
                     const int *tei[NB];
-                    const int *bc = blk_cls + (size_t)blk * NB, *bo = blk_out + (size_t)blk * NB;
-                    int shared = 1, c0 = -1;
-                    for (int i = 0; i < NB; ++i) {
-                        yo[i] = bo[i] >= 0 ? yb + (size_t)bo[i] * HWo : NULL;
-                        ro[i] = (res && bo[i] >= 0) ? res + ((size_t)b * N + bo[i]) * HWo : NULL;
-                        tei[i] = bc[i] >= 0 ? te + (size_t)bc[i] * nte : NULL;
-                        if (bc[i] >= 0) {
-                            if (c0 < 0) c0 = bc[i];
-                            else if (bc[i] != c0) shared = 0;
-                        }
-                    }
-                    if (shared && !tei[0]) shared = 0;
+                    const int shared = block_setup(blk, blk_cls, blk_out, yb, rb, HWo, te, nte,
+                                                   yo, ro, tei);
                     micro_kernel(nch, xp, yo, ro, &g, q0, M, pe, w1p + (size_t)blk * M * NB,
                                  nte, tei, shared, wkp + (size_t)blk * nte * NB,
                                  bp ? bp + (size_t)blk * NB : NULL, relu);
