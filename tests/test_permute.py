@@ -95,7 +95,13 @@ def test_resnet_shape_information_keeps_stages_permuted():
     # Without shapes, each residual sum with a natural shortcut gathers back; with them the
     # shortcut is brought into the stored order: only stage transitions and the head gather.
     assert shaped.hetconv_permutations["gathers"] < plain.hetconv_permutations["gathers"]
-    assert shaped.hetconv_permutations["gathers"] <= 5
+    # The zero-padded shortcut of each stage transition subsamples and pads the stored
+    # order (its new channels keep their places): one gather per transition, where it
+    # meets the next block's order, and one before the classifier.
+    assert shaped.hetconv_permutations["gathers"] == 2 + 1
+    transitions = [n for n in shaped.graph.nodes
+                   if n.op == "call_function" and n.target is torch.index_select][:2]
+    assert all(n.args[0].target is F.pad for n in transitions)  # on the subsampled tensor
 
 
 def test_torchvision_resnet_with_downsample_convs():
@@ -347,3 +353,35 @@ def test_blocked_view_weights_and_gradients_equal_the_twin(m, n, part, bias):
                                rtol=1e-5, atol=1e-6)
     if bias:
         torch.testing.assert_close(layer.bias.grad[pi_out], twin.bias.grad, rtol=1e-5, atol=1e-6)
+
+
+class _PadThenHet(nn.Module):
+    """Two shifted layers around a subsampling slice and an F.pad."""
+
+    def __init__(self, pad, mode="constant", value=None, extra=0):
+        super().__init__()
+        self.pad, self.mode, self.value = pad, mode, value
+        self.a = hetconv.HetConv2d(8, 8, part=4)
+        self.b = hetconv.HetConv2d(8 + extra, 8, part=4)
+
+    def forward(self, x):
+        y = self.a(x)[:, :, ::2, 1::2]
+        return self.b(F.pad(y, self.pad, mode=self.mode, value=self.value))
+
+
+@pytest.mark.parametrize("pad,mode,value,extra,gathers", [
+    ((1, 1, 2, 0), "constant", None, 0, 0),       # height/width only: order kept
+    ((1, 1, 1, 1), "reflect", None, 0, 0),
+    ((0, 0, 0, 0, 0, 4), "constant", None, 4, 1),  # new channels after the stored ones
+    ((0, 0, 0, 0, 3, 1), "constant", 0.5, 4, 1),   # before and after, not zero
+    ((0, 0, 0, 0, 0, -4), "constant", None, -4, 2),  # a crop: back to natural, then in
+])
+def test_slices_and_pads_keep_or_extend_the_stored_order(pad, mode, value, extra, gathers):
+    torch.manual_seed(3)
+    model = _PadThenHet(pad, mode, value, extra).eval()
+    x = torch.randn(2, 8, 9, 9)
+    gm = absorb_permutations(model, x)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), model(x), rtol=1e-5, atol=1e-6)
+    # Only the model's input (read by the first layer) and its output are gathered besides.
+    assert gm.hetconv_permutations == {"rewritten_layers": 2, "gathers": 2 + gathers}

@@ -23,6 +23,11 @@ sum of a residual block) just needs its per-channel parameters permuted.
   has its output channels permuted instead, so the first HetConv2d of a
   VGG/ResNet needs no gather either; a dense ``nn.Conv2d`` reading a permuted
   tensor has its input channels permuted;
+* slicing that keeps dim 1 whole (``x[:, :, ::2, ::2]``) keeps the stored
+  order, and ``F.pad`` of a 4-d tensor extends it: padded height/width keep
+  it, constant-padded channels (the zero-padded shortcut of the CIFAR
+  ResNets) keep their natural places around the permuted ones, so a stage
+  transition gathers its subsampled, padded shortcut once, not its input;
 * anything else (flatten, Linear, concatenation, unknown modules, the
   model's outputs) gets its input gathered back into natural order.
 
@@ -397,6 +402,8 @@ class _Rewriter:
             if isinstance(mod, nn.BatchNorm2d):
                 return self._private(node)
             return isinstance(mod, _CHANNELWISE_MODULES)
+        if node.op == "call_function" and node.target is operator.getitem:
+            return self._spatial_slices(node.args[1:])
         known = {"call_function": _CHANNELWISE_FUNCTIONS, "call_method": _CHANNELWISE_METHODS}
         return node.target in known.get(node.op, ()) and not any(  # no second tensor operand
             isinstance(a, fx.Node) for a in list(node.args[1:]) + list(node.kwargs.values()))
@@ -423,6 +430,8 @@ class _Rewriter:
                     and len(node.args) == 1 and node.args[0] in self.perm:
                 # A dense conv reads the stored order: permute its input channels instead.
                 self._permute(node, self.perm[node.args[0]], "in")
+            elif self._padded_order(node) is not None:
+                self.perm[node] = self._padded_order(node)
             else:
                 self._materialize(node)
             if self._mutates(node):  # gathered copies of its input are stale from here on
@@ -499,6 +508,42 @@ class _Rewriter:
         if dim < 0 or shape[dim] == 1:
             return None
         return dim if shape[dim] == lead_shape[1] else False
+
+    @staticmethod
+    def _spatial_slices(args: tuple) -> bool:
+        """``args`` of ``x[args]``: constant slices that keep dim 1 whole (``x[:, :, ::2]``:
+        each channel sliced alike, e.g. a subsampling shortcut)."""
+        if len(args) != 1 or not isinstance(args[0], tuple) or len(args[0]) < 2:
+            return False
+        index = args[0]
+        return (all(isinstance(s, slice) and all(v is None or type(v) is int
+                                                 for v in (s.start, s.stop, s.step))
+                    for s in index)
+                and index[1] == slice(None))
+
+    def _padded_order(self, node: fx.Node) -> Optional[torch.Tensor]:
+        """Stored order of ``F.pad(x, pad, ...)`` on a 4-d ``x`` stored permuted: padding
+        only height and width keeps the order; constant padding of the channels (a
+        zero-padded shortcut) adds channels that keep their natural places around the
+        permuted ones. None: not such a pad (or shapes unknown)."""
+        if node.op != "call_function" or node.target is not F.pad or not node.args:
+            return None
+        src, rest = node.args[0], list(node.args[1:]) + list(node.kwargs.values())
+        have, shape = self.perm.get(src), self._shape(src)
+        if have is None or shape is None or len(shape) != 4 or any(
+                isinstance(a, fx.Node) for a in rest):
+            return None
+        pad = node.args[1] if len(node.args) > 1 else node.kwargs.get("pad")
+        mode = node.args[2] if len(node.args) > 2 else node.kwargs.get("mode", "constant")
+        if not isinstance(pad, (tuple, list)) or len(pad) % 2 or len(pad) > 8 or not all(
+                type(v) is int for v in pad):
+            return None
+        pad = list(pad) + [0] * (8 - len(pad))
+        front, back = pad[4], pad[5]
+        if pad[6] or pad[7] or front < 0 or back < 0 or ((front or back) and mode != "constant"):
+            return None
+        c = have.numel()
+        return torch.cat([torch.arange(front), have + front, torch.arange(front + c, front + c + back)])
 
     def _mutates(self, node: fx.Node) -> bool:
         """May ``node`` write into its first argument?"""
