@@ -604,7 +604,8 @@ static int forward_direct(const geom_t *g, const float *x, float *y, int B, int 
     for (int p = 0; p < P; ++p)
         for (int t = 0; t < T; ++t)
             for (int j = 0; j < Mk; ++j)
-                te[(size_t)p * nte + t * Mk + j] = chan[p * Mk + j] * HW + tap_dh[t] * W + tap_dw[t];
+                te[(size_t)p * nte + t * Mk + j] =
+                    chan[p * Mk + j] * HW + tap_dh[t] * W + tap_dw[t];
     const int groups = block_groups(B, nblk, nthreads);
     const int per_group = (nblk + groups - 1) / groups;
     const long total = (long)B * groups;
