@@ -197,6 +197,28 @@ def test_bench_run_models_smoke():
     assert any("blocked', vgg16_cifar P4 throughput_b64" in line for line in lines)
 
 
+def test_bench_models_isolated_in_fresh_processes(monkeypatch):
+    """isolate=True times each (family, metric) in a spawned process: a model builder broken
+    in this process is not the one that runs."""
+    from hetconv.bench import models as bm
+
+    def broken(*args):
+        raise RuntimeError("built in the parent process")
+    monkeypatch.setattr(bm, "_build", broken)
+    kwargs = dict(parts={"vgg16_cifar": (1, 4)}, repeats=1, warmup=0, batch=2, width=0.125,
+                  onnx=False)
+    with pytest.raises(RuntimeError, match="parent"):
+        bench.run_models(["vgg16_cifar"], ["throughput_b64"], **kwargs)
+    rows = bench.run_models(["vgg16_cifar"], ["throughput_b64", "latency_b1"], isolate=True,
+                            retain_memory=True, **kwargs)
+    assert {(r["model"], r["metric"]) for r in rows} == {
+        (m, k) for m in ("P1", "P4") for k in ("throughput_b64", "latency_b1")}
+    assert {r["batch"] for r in rows if r["metric"] == "latency_b1"} == {1}
+    assert sum(r["best"] for r in rows) == 4
+    with pytest.raises(TypeError, match="isolate"):
+        bench.run_models(["vgg16_cifar"], isolate="yes")
+
+
 def test_bench_blocked_twin_models():
     from hetconv.bench.models import _build
 

@@ -311,6 +311,11 @@ def _add_bench(sub) -> None:
                         "keeps it, so no torch candidate pays for page-faulting in what "
                         "another candidate's calls gave back (a process running one model "
                         "in a loop has no such faults)")
+    p.add_argument("--no-isolate", action="store_true",
+                   help="time the models in the benchmark's own process; by default each "
+                        "family and metric runs in a fresh process, so no model pays for "
+                        "what earlier models left behind (heap, caches) - a deployed model "
+                        "runs alone")
     p.set_defaults(func=_run_bench)
 
 
@@ -324,7 +329,7 @@ def _run_bench(args) -> int:
                 threads=args.threads, repeats=args.repeats, compile=args.compile,
                 onnx=not args.no_onnx, pattern=args.pattern, progress=sys.stderr.isatty(),
                 name=args.name, max_minutes=args.max_minutes, settle=args.settle,
-                retain_memory=not args.no_retain_memory)
+                retain_memory=not args.no_retain_memory, isolate=not args.no_isolate)
     with open(paths["markdown"]) as f:
         text = f.read()
     start = text.find("## Targets")

@@ -137,53 +137,100 @@ def _train_variants(model: nn.Module, x: torch.Tensor) -> Dict[str, Callable[[],
     return out
 
 
+def _measure(family: str, metric: str, fam_parts: Sequence, repeats: int, warmup: int,
+             batch: int, width: float, compile: bool, onnx: bool, settle: int) -> List[dict]:
+    """The rows of one (family, metric): every model of the family in every variant, timed
+    interleaved."""
+    from .. import pattern as _pattern
+
+    rows: List[dict] = []
+    b = 1 if metric == "latency_b1" else batch
+    x = torch.randn(b, 3, 32, 32)
+    cands: Dict[str, Callable[[], None]] = {}
+    with tempfile.TemporaryDirectory() as tmpdir:
+        for part in fam_parts:
+            model = _build(family, part, width)
+            tag = f"{family}_{_label(part)}"
+            if metric == "train_step_b64":
+                vs = _train_variants(model, x)
+            else:
+                vs = _inference_variants(model, x, compile, onnx, tmpdir, f"{tag}_{b}")
+            cands.update({f"{_label(part)}|{k}": v for k, v in vs.items()})
+        times = time_interleaved(cands, repeats=repeats, warmup=warmup, settle=settle)
+    best: Dict[str, float] = {}
+    for key, t in times.items():
+        label = key.split("|")[0]
+        best[label] = min(best.get(label, float("inf")), t.median)
+    ref = best[_label(fam_parts[0])]
+    for key, t in times.items():
+        label, variant = key.split("|")
+        part = _split_part(label[1:])[0] if label.startswith("P") else None
+        rows.append({
+            "family": family, "model": label, "metric": metric, "variant": variant,
+            "batch": b, "ms": t.median * 1e3, "images_per_s": b / t.median,
+            "best": t.median == best[label], "ratio": ref / best[label],
+            "theory_layer": None if part in (None, "C") else _pattern.speedup(int(part))})
+    return rows
+
+
+def _measure_isolated(threads: int, retain_memory: bool, *args) -> List[dict]:
+    """:func:`_measure` in the fresh process this runs in: torch's thread count and the
+    benchmark's memory setting first, as in the parent."""
+    from .._timing import retain_freed_memory
+
+    torch.set_num_threads(threads)
+    if retain_memory:
+        retain_freed_memory()
+    return _measure(*args)
+
+
 def run_models(families: Sequence[str] = tuple(MODEL_SUITES), metrics: Sequence[str] = METRICS,
                parts: Optional[Dict[str, Sequence]] = None, repeats: int = 5, warmup: int = 1,
                batch: int = 64, width: float = 1.0, compile: bool = False, onnx: bool = True,
-               progress=None, deadline: Optional[float] = None, settle: int = 1) -> List[dict]:
+               progress=None, deadline: Optional[float] = None, settle: int = 1,
+               isolate: bool = False, retain_memory: bool = False) -> List[dict]:
     """One row per (family, model, metric, variant): median ms, images/s and ratio to the reference.
 
     ``ratio`` compares the model's best variant with the reference model's best
     variant of the same metric (higher = faster); ``best`` marks that variant.
+    ``isolate`` times each (family, metric) in a fresh process (spawned; torch's
+    thread count passed on, and :func:`hetconv._timing.retain_freed_memory` applied
+    there when ``retain_memory``): no item runs in a process that earlier items'
+    models have used, which slowed the torch candidates (not onnxruntime) by 8-10%
+    or more on the project's machine.
     """
-    from .. import pattern as _pattern
+    for family in families:
+        if family not in MODEL_SUITES:
+            raise ValueError(f"family must be one of {tuple(MODEL_SUITES)}, got {family!r}")
+    for metric in metrics:
+        if metric not in METRICS:
+            raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    if not isinstance(isolate, bool):
+        raise TypeError(f"isolate must be a bool, got {isolate!r}")
+    pool = None
+    if isolate:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
 
+        pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
+                                   max_tasks_per_child=1)
     rows: List[dict] = []
-    with tempfile.TemporaryDirectory() as tmpdir:
+    try:
         for family in families:
-            if family not in MODEL_SUITES:
-                raise ValueError(f"family must be one of {tuple(MODEL_SUITES)}, got {family!r}")
-            fam_parts = (parts or {}).get(family, MODEL_SUITES[family])
+            fam_parts = tuple((parts or {}).get(family, MODEL_SUITES[family]))
             for metric in metrics:
                 if deadline is not None and time.perf_counter() > deadline:
                     return rows
-                if metric not in METRICS:
-                    raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
-                b = 1 if metric == "latency_b1" else batch
-                x = torch.randn(b, 3, 32, 32)
-                cands: Dict[str, Callable[[], None]] = {}
-                for part in fam_parts:
-                    model = _build(family, part, width)
-                    tag = f"{family}_{_label(part)}"
-                    if metric == "train_step_b64":
-                        vs = _train_variants(model, x)
-                    else:
-                        vs = _inference_variants(model, x, compile, onnx, tmpdir, f"{tag}_{b}")
-                    cands.update({f"{_label(part)}|{k}": v for k, v in vs.items()})
-                times = time_interleaved(cands, repeats=repeats, warmup=warmup, settle=settle)
-                best: Dict[str, float] = {}
-                for key, t in times.items():
-                    label = key.split("|")[0]
-                    best[label] = min(best.get(label, float("inf")), t.median)
-                ref = best[_label(fam_parts[0])]
-                for key, t in times.items():
-                    label, variant = key.split("|")
-                    part = _split_part(label[1:])[0] if label.startswith("P") else None
-                    rows.append({
-                        "family": family, "model": label, "metric": metric, "variant": variant,
-                        "batch": b, "ms": t.median * 1e3, "images_per_s": b / t.median,
-                        "best": t.median == best[label], "ratio": ref / best[label],
-                        "theory_layer": None if part in (None, "C") else _pattern.speedup(int(part))})
+                args = (family, metric, fam_parts, repeats, warmup, batch, width, compile,
+                        onnx, settle)
+                if pool is None:
+                    rows += _measure(*args)
+                else:
+                    rows += pool.submit(_measure_isolated, torch.get_num_threads(),
+                                        retain_memory, *args).result()
                 if progress is not None:
                     progress(f"{family} {metric}")
+    finally:
+        if pool is not None:
+            pool.shutdown()
     return rows

@@ -47,7 +47,7 @@ def run(preset: str = "quick", out_dir: str = "docs", what: Sequence[str] = ("la
         threads: Optional[int] = 2, repeats: Optional[int] = None, compile: bool = False,
         onnx: bool = True, pattern: str = "shifted", progress: bool = True,
         name: Optional[str] = None, max_minutes: Optional[float] = None,
-        settle: int = 1, retain_memory: bool = True) -> Dict[str, str]:
+        settle: int = 1, retain_memory: bool = True, isolate: bool = True) -> Dict[str, str]:
     """Run the benchmark ``preset`` and write its report to ``out_dir``; returns the written paths.
 
     Models are measured first (the headline targets), then layers.  With
@@ -57,7 +57,10 @@ def run(preset: str = "quick", out_dir: str = "docs", what: Sequence[str] = ("la
     ``retain_memory`` keeps freed memory in the process
     (:func:`hetconv._timing.retain_freed_memory`, glibc), so no torch candidate pays for
     page-faulting in the activations another candidate's calls gave back to the system;
-    the report's environment says which setting was used.
+    the report's environment says which setting was used.  ``isolate`` times the models of
+    each (family, metric) in a fresh process (:func:`hetconv.bench.run_models`): none pays
+    for what earlier items' models left in the process (the torch candidates ran 8-10%
+    slower after others, onnxruntime did not); also recorded in the environment.
     """
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {tuple(PRESETS)}, got {preset!r}")
@@ -82,7 +85,8 @@ def run(preset: str = "quick", out_dir: str = "docs", what: Sequence[str] = ("la
         if "models" in what:
             model_rows = run_models(cfg["families"], cfg["metrics"], cfg["model_parts"],
                                     repeats=reps, batch=cfg["model_batch"], compile=compile,
-                                    onnx=onnx, progress=step, deadline=deadline, settle=settle)
+                                    onnx=onnx, progress=step, deadline=deadline, settle=settle,
+                                    isolate=isolate, retain_memory=retain_memory)
         if "layers" in what:
             shapes = layer_shapes(cfg["layer_suites"], cfg["batch_scale"], cfg["max_shapes"])
             layer_rows = run_layers(shapes, cfg["parts"], repeats=reps, compile=compile,
@@ -92,5 +96,8 @@ def run(preset: str = "quick", out_dir: str = "docs", what: Sequence[str] = ("la
         close()
     env = environment()
     env["malloc"] = malloc
+    if "models" in what:
+        env["model_processes"] = ("a fresh process per family and metric" if isolate
+                                  else "the benchmark's own process")
     return write_report(layer_rows, model_rows, out_dir, env, time.perf_counter() - t0,
                         name or preset)
