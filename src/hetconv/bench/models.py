@@ -232,5 +232,5 @@ def run_models(families: Sequence[str] = tuple(MODEL_SUITES), metrics: Sequence[
                     progress(f"{family} {metric}")
     finally:
         if pool is not None:
-            pool.shutdown()
+            pool.shutdown(cancel_futures=True)  # Ctrl-C reaches the child too (same group)
     return rows
