@@ -226,3 +226,26 @@ def test_bench_blocked_twin_models():
     hets = lambda m: [h for h in m.modules() if isinstance(h, hetconv.HetConv2d)]  # noqa: E731
     assert {(h.part, h.pattern) for h in hets(twin)} == {(4, "blocked")}
     assert {(h.part, h.pattern) for h in hets(default)} == {(4, "shifted")}
+
+
+def test_model_time_split_script_accounts_for_every_native_layer():
+    """benchmarks/model_time_split.py: one kernel launch per HetConv2d of ResNet-56
+    (27 blocks x 2) per forward pass, and the kernels' time is inside the total."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "model_time_split.py"
+    spec = importlib.util.spec_from_file_location("model_time_split", path)
+    mts = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mts)
+    out = mts.split("resnet56_cifar", 4, batch=2, width=0.25, repeats=2,
+                    memory_format="contiguous", backend="native")
+    if not hetconv.native.available():
+        assert out["layers"] == []
+        return
+    assert sum(calls for _, calls, _ in out["layers"]) == 27 * 2
+    assert {key[3] for key, _, _ in out["layers"]} == {False, True}  # fused residuals too
+    assert 0 < out["kernels_ms"] < out["total_ms"]
+    assert hetconv.native._launch.__name__ == "_launch"  # put back
+    with pytest.raises(SystemExit):
+        mts.main(["--batch", "0"])

@@ -1,0 +1,143 @@
+#!/usr/bin/env python
+"""Where an optimized model's inference time goes: the native kernel calls, layer by layer,
+and everything else.
+
+Builds ``--model`` at ``--part`` (``hetconv.create_model``), runs
+``hetconv.optimize_for_inference`` on a random batch and times, in this process (the
+benchmark's memory setting applied, as ``hetconv bench`` does):
+
+1. the whole forward pass (median of ``--repeats`` calls);
+2. every kernel launch inside it (``hetconv.native._launch`` timed in place), summed per
+   layer signature: input shape, output channels, with or without a fused residual;
+3. the forward pass with the kernels skipped (the launches allocate their outputs but do
+   not call C): the stem, gathers, pooling, classifier and Python.
+
+docs/performance.md ("What was tried", eighth session) quotes its ResNet-56 numbers::
+
+    python benchmarks/model_time_split.py --model resnet56_cifar --part 4 --batch 64
+    python benchmarks/model_time_split.py --model vgg16_cifar --part 8 --batch 1
+
+Numbers from one process are steadier than interleaved ones but not comparable with
+another model's; ``hetconv bench`` is the comparison.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import statistics
+import sys
+import time
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+
+def _median_ms(fn: Callable[[], object], repeats: int, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - t0)
+    return statistics.median(samples) * 1e3
+
+
+def split(model_name: str, part, batch: int, width: float = 1.0, repeats: int = 25,
+          memory_format: str = "auto", backend: str = "measure") -> Dict[str, object]:
+    """``{"total_ms", "kernels_ms", "outside_ms", "layers": [(signature, calls, ms), ...]}``
+    per forward pass of the optimized model (``layers``: kernel time per signature)."""
+    import hetconv
+    from hetconv import native
+    from hetconv._timing import retain_freed_memory
+
+    retain_freed_memory()
+    torch.manual_seed(0)
+    kwargs = {"width": width} if part in (None, 1) else {"width": width, "part": part}
+    model = hetconv.create_model(model_name, **kwargs).eval()
+    x = torch.randn(batch, 3, 32, 32)
+    opt = hetconv.optimize_for_inference(model, x, memory_format=memory_format,
+                                         backend=backend, check=False)
+    if opt.hetconv_plan["memory_format"] == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+
+    def forward():
+        with torch.no_grad():
+            opt(x)
+
+    total = _median_ms(forward, repeats)
+    spent: Dict[tuple, float] = collections.defaultdict(float)
+    calls: Dict[tuple, int] = collections.Counter()
+    real = native._launch
+
+    def timed(x_, shape, fmt, call, residual, what):
+        t0 = time.perf_counter()
+        y = real(x_, shape, fmt, call, residual, what)
+        key = (what, tuple(x_.shape[1:]), shape[1], residual is not None)
+        spent[key] += time.perf_counter() - t0
+        calls[key] += 1
+        return y
+
+    def skipped(x_, shape, fmt, call, residual, what):
+        return real(x_, shape, fmt, lambda *args: 0, residual, what)
+
+    try:
+        native._launch = timed
+        forward()  # warm
+        spent.clear()
+        calls.clear()
+        for _ in range(repeats):
+            forward()
+        native._launch = skipped
+        outside = _median_ms(forward, repeats)
+    finally:
+        native._launch = real
+    layers = [(key, calls[key] // repeats, spent[key] / repeats * 1e3) for key in sorted(spent)]
+    return {"total_ms": total, "kernels_ms": sum(ms for _, _, ms in layers),
+            "outside_ms": outside, "layers": layers,
+            "memory_format": opt.hetconv_plan["memory_format"]}
+
+
+def _part(text: str):
+    return text if text == "C" else int(text)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="resnet56_cifar",
+                    help="a hetconv.create_model name (default: resnet56_cifar)")
+    ap.add_argument("--part", type=_part, default=4, help="P, or C (default: 4)")
+    ap.add_argument("--batch", type=int, default=64, help="images per call (default: 64)")
+    ap.add_argument("--width", type=float, default=1.0, help="width multiplier (default: 1)")
+    ap.add_argument("--repeats", type=int, default=25, help="timed calls (default: 25)")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
+    ap.add_argument("--memory-format", choices=("auto", "contiguous", "channels_last"),
+                    default="auto", help="as optimize_for_inference's (default: auto)")
+    ap.add_argument("--backend", default="measure",
+                    help="optimize_for_inference's backend: measure (default), auto or one of "
+                         "hetconv.BACKENDS")
+    args = ap.parse_args(argv)
+    for name in ("batch", "repeats", "threads"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.width <= 0:
+        ap.error(f"--width must be > 0, got {args.width}")
+    torch.set_num_threads(args.threads)
+    out = split(args.model, args.part, args.batch, args.width, args.repeats,
+                args.memory_format, args.backend)
+    print(f"{args.model} P{args.part} batch {args.batch} ({out['memory_format']}): "
+          f"{out['total_ms']:.2f} ms per call; kernel calls {out['kernels_ms']:.2f} ms; "
+          f"with the kernels skipped {out['outside_ms']:.2f} ms")
+    print("| kernel | input (C, H, W) | out ch | residual | calls | ms per call | ms |")
+    print("|---|---|---|---|---|---|---|")
+    for (what, shape, n, res), count, ms in out["layers"]:
+        per = ms / count if count else 0.0
+        print(f"| {what} | {shape} | {n} | {'yes' if res else 'no'} | {count} | {per:.3f} "
+              f"| {ms:.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
