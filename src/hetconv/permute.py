@@ -430,8 +430,8 @@ class _Rewriter:
                     and len(node.args) == 1 and node.args[0] in self.perm:
                 # A dense conv reads the stored order: permute its input channels instead.
                 self._permute(node, self.perm[node.args[0]], "in")
-            elif self._padded_order(node) is not None:
-                self.perm[node] = self._padded_order(node)
+            elif (order := self._padded_order(node)) is not None:
+                self.perm[node] = order
             else:
                 self._materialize(node)
             if self._mutates(node):  # gathered copies of its input are stale from here on
@@ -543,7 +543,8 @@ class _Rewriter:
         if pad[6] or pad[7] or front < 0 or back < 0 or ((front or back) and mode != "constant"):
             return None
         c = have.numel()
-        return torch.cat([torch.arange(front), have + front, torch.arange(front + c, front + c + back)])
+        return torch.cat([torch.arange(front), have + front,
+                          torch.arange(front + c, front + c + back)])
 
     def _mutates(self, node: fx.Node) -> bool:
         """May ``node`` write into its first argument?"""
