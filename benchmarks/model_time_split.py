@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import statistics
 import sys
 import time
 from typing import Callable, Dict, List, Optional
@@ -34,14 +33,9 @@ import torch
 
 
 def _median_ms(fn: Callable[[], object], repeats: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - t0)
-    return statistics.median(samples) * 1e3
+    from hetconv._timing import time_interleaved
+
+    return time_interleaved({"f": fn}, repeats=repeats, warmup=warmup)["f"].median * 1e3
 
 
 def split(model_name: str, part, batch: int, width: float = 1.0, repeats: int = 25,
