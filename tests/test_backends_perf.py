@@ -230,7 +230,9 @@ def test_bench_blocked_twin_models():
 
 def test_model_time_split_script_accounts_for_every_native_layer():
     """benchmarks/model_time_split.py: one kernel launch per HetConv2d of ResNet-56
-    (27 blocks x 2) per forward pass, and the kernels' time is inside the total."""
+    (27 blocks x 2) per forward pass, and the kernels' time is inside the forward passes
+    it was measured in (an accounting identity, not a speed claim: the total of separate
+    calls is not compared, it varies with the load)."""
     import importlib.util
     import pathlib
 
@@ -245,7 +247,7 @@ def test_model_time_split_script_accounts_for_every_native_layer():
         return
     assert sum(calls for _, calls, _ in out["layers"]) == 27 * 2
     assert {key[3] for key, _, _ in out["layers"]} == {False, True}  # fused residuals too
-    assert 0 < out["kernels_ms"] < out["total_ms"]
+    assert 0 < out["kernels_ms"] < out["pass_ms"]
     assert hetconv.native._launch.__name__ == "_launch"  # put back
     with pytest.raises(SystemExit):
         mts.main(["--batch", "0"])
