@@ -815,3 +815,69 @@ def test_kernel_caches_survive_many_shapes_in_turn(threads):
                     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     finally:
         torch.set_num_threads(old)
+
+
+def _padded_image_bytes(m, h, w):
+    """Bytes of one image's zero-padded planes for a 3x3 kernel at stride 1 (each plane:
+    h + 2 rows of w + 1 floats plus one: csrc/hetconv_cpu.c, "Geometry")."""
+    return 4 * m * ((h + 2) * (w + 1) + 1)
+
+
+@needs_kernel
+def test_release_buffers_frees_the_per_thread_scratch():
+    """release_buffers() frees the padded-image buffers of the calling thread's team and
+    reports how much; the counts drop by that; calls afterwards allocate again and are
+    still right."""
+    torch.manual_seed(5)
+    layer = hetconv.HetConv2d(24, 16, 3, part=4, backend="native").eval()
+    x = torch.randn(3, 24, 20, 18)
+    with torch.no_grad():
+        layer(x)
+        before = native.scratch_held()
+        assert before["pad_bytes"] >= _padded_image_bytes(24, 20, 18)
+        assert before["geometries"] >= 1
+        freed = native.release_buffers()
+        after = native.scratch_held()
+        assert freed >= _padded_image_bytes(24, 20, 18)
+        assert after["pad_bytes"] == before["pad_bytes"] - freed
+        assert after["geometries"] < before["geometries"]
+        assert native.release_buffers() == 0
+        torch.testing.assert_close(layer(x), F.conv2d(x, layer.dense_weight(), layer.bias,
+                                                      1, 1), rtol=1e-4, atol=1e-4)
+        assert native.scratch_held()["pad_bytes"] > after["pad_bytes"]
+
+
+@needs_kernel
+def test_scratch_of_exited_threads_is_freed():
+    """Threads that ran the kernel and exited (each with its own OpenMP team) leave no
+    scratch behind: what all threads hold comes back to what it was."""
+    torch.manual_seed(6)
+    layer = hetconv.HetConv2d(32, 32, 3, part=4, backend="native").eval()
+    x = torch.randn(1, 32, 24, 24)
+    results = []
+
+    def work():
+        with torch.no_grad():
+            results.append(layer(x))
+    import threading
+    import time
+
+    base = native.scratch_held()
+    for _ in range(6):
+        t = threading.Thread(target=work)
+        t.start()
+        t.join()
+    assert len(results) == 6
+    deadline = time.monotonic() + 10  # a team's threads exit just after their master
+    while native.scratch_held() != base and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert native.scratch_held() == base
+    want = F.conv2d(x, layer.dense_weight(), layer.bias, 1, 1)
+    for got in results:
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("threads", [0, -2, 1.5, "2", True])
+def test_release_buffers_refuses_a_bad_thread_count(threads):
+    with pytest.raises(ValueError, match="threads must be a positive int"):
+        native.release_buffers(threads)

@@ -152,6 +152,10 @@ def _load() -> Optional[ctypes.CDLL]:
             lib.hetconv_native_wgrad.argtypes = ([p] * 4 + [i] * 6 + [p, p, i, i, p, i, p, p]
                                                  + [i] * 4)
             lib.hetconv_native_isa.restype = i
+            lib.hetconv_native_release.restype = ctypes.c_long
+            lib.hetconv_native_release.argtypes = [i]
+            lib.hetconv_native_scratch.restype = None
+            lib.hetconv_native_scratch.argtypes = [p]
             lib.hetconv_native_reads_in_place.restype = i
             lib.hetconv_native_reads_in_place.argtypes = [i] * 4
             lib.hetconv_nhwc_forward_packed.restype = i
@@ -187,6 +191,37 @@ def reads_in_place(h: int, w: int, kernel: Tuple[int, int] = (3, 3)) -> bool:
     when the kernel is unavailable or not vectorized."""
     lib = _load()
     return lib is not None and lib.hetconv_native_reads_in_place(h, w, *kernel) == 1
+
+
+def release_buffers(threads: Optional[int] = None) -> int:
+    """Free the NCHW kernel's per-thread scratch memory now; returns the bytes freed.
+
+    Each thread that runs the kernel keeps a padded copy of the largest image it has
+    computed (a few MB at most) and the geometries of the last 8 shapes, so later calls
+    allocate nothing. This frees them in the calling thread and in the OpenMP team of
+    ``threads`` threads (default ``torch.get_num_threads()``, the team the kernels run in);
+    the next call allocates again. Other threads keep theirs until they exit, when they are
+    freed anyway. Returns the bytes of padded-image buffers freed (0 when the kernel is
+    unavailable).
+    """
+    if threads is None:
+        threads = torch.get_num_threads()
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"threads must be a positive int or None, got {threads!r}")
+    lib = _load()
+    return 0 if lib is None else int(lib.hetconv_native_release(threads))
+
+
+def scratch_held() -> dict:
+    """The NCHW kernel's per-thread scratch, summed over all live threads:
+    ``{"pad_bytes": bytes of padded-image buffers, "geometries": cached geometries}``
+    (zeros when the kernel is unavailable). See :func:`release_buffers`."""
+    lib = _load()
+    if lib is None:
+        return {"pad_bytes": 0, "geometries": 0}
+    out = (ctypes.c_long * 2)()
+    lib.hetconv_native_scratch(out)
+    return {"pad_bytes": int(out[0]), "geometries": int(out[1])}
 
 
 def build_error() -> Optional[str]:

@@ -33,6 +33,7 @@
  * Built without AVX-512 the same loops run in scalar C (correct, not fast);
  * hetconv_native_isa() tells which.
  */
+#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -178,6 +179,41 @@ typedef struct { int key[5], valid; geom_t g; } geom_slot_t;
 static _Thread_local geom_slot_t geom_cache[GEOM_CACHE];
 static _Thread_local int geom_next;
 
+/*
+ * Per-thread scratch (the geometry cache above, the padded-image buffer below) is freed
+ * when its thread exits, by a pthread key destructor armed on the thread's first
+ * allocation: a program that calls the kernel from many short-lived threads (one per
+ * request, say; each also gets its own OpenMP team) would otherwise keep every dead
+ * thread's buffers. hetconv_native_release() frees it on demand; scratch_held counts what
+ * all threads hold (bytes of padded-image buffers, cached geometries).
+ */
+static long scratch_held[2];
+static pthread_key_t scratch_key;
+static pthread_once_t scratch_once = PTHREAD_ONCE_INIT;
+static int scratch_key_ok;
+static _Thread_local int scratch_armed;
+static long release_thread(void);
+
+static void scratch_destructor(void *unused) {
+    (void)unused;
+    release_thread();
+}
+
+static void scratch_key_init(void) {
+    scratch_key_ok = pthread_key_create(&scratch_key, scratch_destructor) == 0;
+}
+
+/* Arms this thread's exit-time release (once per thread). */
+static void scratch_arm(void) {
+    if (scratch_armed) return;
+    pthread_once(&scratch_once, scratch_key_init);
+    if (scratch_key_ok && pthread_setspecific(scratch_key, (void *)1) == 0) scratch_armed = 1;
+}
+
+static void scratch_count(int which, long delta) {
+    __atomic_add_fetch(&scratch_held[which], delta, __ATOMIC_RELAXED);
+}
+
 /* The geometry of an H x W input, stride s, kernel kh x kw, padding (kh / 2, kw / 2); NULL
  * when out of memory. Valid until this thread's next GEOM_CACHE new shapes. */
 static const geom_t *geom_get(int H, int W, int s, int kh, int kw) {
@@ -187,14 +223,19 @@ static const geom_t *geom_get(int H, int W, int s, int kh, int kw) {
             return &geom_cache[i].g;
     geom_slot_t *slot = &geom_cache[geom_next];
     geom_next = (geom_next + 1) % GEOM_CACHE;
-    if (slot->valid) geom_free(&slot->g);
+    if (slot->valid) {
+        geom_free(&slot->g);
+        scratch_count(1, -1);
+    }
     slot->valid = 0;
+    scratch_arm();
     if (geom_init(&slot->g, H, W, s, kh, kw, kh / 2, kw / 2)) {
         geom_free(&slot->g);
         return NULL;
     }
     memcpy(slot->key, key, sizeof(key));
     slot->valid = 1;
+    scratch_count(1, 1);
     return &slot->g;
 }
 
@@ -287,8 +328,8 @@ static void pad_image(const float *xb, float *buf, int M, const geom_t *g) {
  * The forward pass's padded-image buffer, one per thread, kept between calls (OpenMP's
  * threads persist): pad_image writes only the interior of the padded planes, so a call
  * with the geometry of the thread's previous call finds the borders still zero and skips
- * zeroing (and allocating) the buffer. Held until the thread exits (a few MB at most: the
- * largest padded image the thread has seen).
+ * zeroing (and allocating) the buffer. Held until the thread exits or
+ * hetconv_native_release() (a few MB at most: the largest padded image the thread has seen).
  */
 typedef struct { float *buf; size_t len; int key[6]; } pad_cache_t;  /* key fixes the size */
 static _Thread_local pad_cache_t pad_cache;
@@ -297,14 +338,54 @@ static float *pad_buffer(size_t len, const int key[6]) {
     pad_cache_t *c = &pad_cache;
     if (c->buf && memcmp(c->key, key, sizeof(c->key)) == 0) return c->buf;
     if (c->len < len) {
+        scratch_count(0, -(long)(c->len * sizeof(float)));
         free(c->buf);
+        scratch_arm();
         c->buf = (float *)malloc(len * sizeof(float));
         c->len = c->buf ? len : 0;
+        scratch_count(0, (long)(c->len * sizeof(float)));
         if (!c->buf) return NULL;
     }
     memset(c->buf, 0, len * sizeof(float));
     memcpy(c->key, key, sizeof(c->key));
     return c->buf;
+}
+
+/* Frees the calling thread's scratch; returns the bytes of padded-image buffer freed. */
+static long release_thread(void) {
+    pad_cache_t *c = &pad_cache;
+    const long bytes = (long)(c->len * sizeof(float));
+    free(c->buf);
+    memset(c, 0, sizeof(*c));
+    scratch_count(0, -bytes);
+    for (int i = 0; i < GEOM_CACHE; ++i)
+        if (geom_cache[i].valid) {
+            geom_free(&geom_cache[i].g);
+            geom_cache[i].valid = 0;
+            scratch_count(1, -1);
+        }
+    geom_next = 0;
+    return bytes;
+}
+
+/*
+ * Frees the scratch of the calling thread and of the OpenMP team of nthreads threads it
+ * runs the kernels in (the next call allocates again); returns the bytes of padded-image
+ * buffers freed.  Threads outside that team keep theirs until they exit.  Not to be
+ * called while the calling thread has a kernel call running (it cannot: the call blocks).
+ */
+long hetconv_native_release(int nthreads) {
+    long freed = 0;
+    if (nthreads < 1) nthreads = 1;
+#pragma omp parallel num_threads(nthreads) reduction(+ : freed)
+    freed += release_thread();
+    return freed;
+}
+
+/* What all threads hold: out[0] bytes of padded-image buffers, out[1] cached geometries. */
+void hetconv_native_scratch(long *out) {
+    out[0] = __atomic_load_n(&scratch_held[0], __ATOMIC_RELAXED);
+    out[1] = __atomic_load_n(&scratch_held[1], __ATOMIC_RELAXED);
 }
 
 /*
