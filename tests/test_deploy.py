@@ -174,6 +174,11 @@ def _fused(model: nn.Module):
     return [m for m in model.modules() if isinstance(m, deploy.NativeFused)]
 
 
+def _planners(model: nn.Module):
+    """The modules of an optimized model that keep prepared kernel calls."""
+    return [m for m in model.modules() if isinstance(m, (deploy.NativeFused, deploy.NativeChain))]
+
+
 @needs_native
 @pytest.mark.parametrize("pattern", ["shifted", "blocked"])
 def test_optimize_fuses_residual_and_relu_into_native_layers(pattern):
@@ -335,16 +340,16 @@ def test_optimized_model_copies_and_saves_after_calls():
     fast = hetconv.optimize_for_inference(model, x, backend="native", memory_format="contiguous")
     with torch.no_grad():
         want = fast(x)
-        assert any(f.__dict__.get("_plans") for f in _fused(fast))
+        assert any(f.__dict__.get("_plans") for f in _planners(fast))
         twin = copy.deepcopy(fast)
         buf = io.BytesIO()
         torch.save(fast, buf)
         buf.seek(0)
         loaded = torch.load(buf, weights_only=False)
         for other in (twin, loaded):
-            assert not any(f.__dict__.get("_plans") for f in _fused(other))
+            assert not any(f.__dict__.get("_plans") for f in _planners(other))
             torch.testing.assert_close(other(x), want)
-            assert any(f.__dict__.get("_plans") for f in _fused(other))
+            assert any(f.__dict__.get("_plans") for f in _planners(other))
 
 
 def test_forward_plan_refuses_what_it_cannot_keep():

@@ -35,7 +35,7 @@ from .native import PlanHolder
 from .permute import PermutationTracer, absorb_permutations, has_shifted_layers
 
 __all__ = ["fold_batchnorm", "optimize_for_inference", "export_onnx", "export_module",
-           "NativeFused"]
+           "NativeFused", "NativeChain"]
 
 log = logging.getLogger(__name__)
 
@@ -330,6 +330,210 @@ def _fuse_native(model: nn.Module) -> Tuple[nn.Module, int]:
     return gm, fused
 
 
+class NativeChain(PlanHolder, nn.Module):
+    """Consecutive :class:`NativeFused` layers run image by image in one kernel call.
+
+    ``forward(x[, x2])`` equals running ``layers`` in turn as ``program`` says: entry ``i``
+    is ``(input, residual, output)``, each a place: the inputs ``x`` and ``x2``
+    (``native.CHAIN_X``, ``native.CHAIN_X2``), the result (``native.CHAIN_Y``, the last
+    layer's output), no residual (``native.CHAIN_NONE``) or an intermediate value
+    (0, 1, ...: ``nbuf`` of them, reused once dead). On batches of at least
+    ``min_batch_per_thread`` images per thread, outside autograd, with every layer on the
+    NCHW kernel, one C call runs the whole chain on one image at a time per thread: the
+    activations between the layers stay in small per-thread buffers (L2) in the layout the
+    next layer reads in place. Otherwise (small batches, autograd, other backends) the
+    layers run one after another, as the original graph did. Built by
+    :func:`optimize_for_inference`.
+    """
+
+    #: Images per thread from which the chain runs depth-first (below, each layer's threads
+    #: share its images, which keeps both cores busy on small batches).
+    min_batch_per_thread = 2
+
+    def __init__(self, layers: List["NativeFused"], program: List[Tuple[int, int, int]],
+                 nbuf: int) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+        self.program = [tuple(int(v) for v in entry) for entry in program]
+        self.nbuf = int(nbuf)
+        self.enabled = True  # False: always layer by layer (optimize_for_inference measures)
+
+    def forward(self, x: torch.Tensor, x2: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if self.enabled and not (torch.compiler.is_compiling() or torch.jit.is_tracing()):
+            y = self._chained(x, x2)
+            if y is not None:
+                return y
+        return self._stepwise(x, x2)
+
+    def _stepwise(self, x: torch.Tensor, x2: Optional[torch.Tensor]) -> torch.Tensor:
+        nat = HF._native
+        values = {nat.CHAIN_X: x, nat.CHAIN_X2: x2}
+        for layer, (i, r, o) in zip(self.layers, self.program):
+            values[o] = layer(values[i], None if r == nat.CHAIN_NONE else values[r])
+        return values[nat.CHAIN_Y]
+
+    def _chained(self, x: torch.Tensor, x2: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """The chain in one C call, or None where it does not apply."""
+        nat = HF._native
+        inputs = (x,) if x2 is None else (x, x2)
+        if (any(t.dim() != 4 or t.dtype != torch.float32 or t.device.type != "cpu"
+                or not t.is_contiguous() or t.shape[0] != x.shape[0] for t in inputs)
+                or x.shape[0] < self.min_batch_per_thread * torch.get_num_threads()
+                or torch.is_autocast_enabled("cpu")
+                or (torch.is_grad_enabled() and (any(t.requires_grad for t in inputs) or any(
+                    p.requires_grad for p in self.parameters())))):
+            return None
+        key = (tuple(x.shape[1:]), None if x2 is None else tuple(x2.shape[1:]),
+               tuple(m.layer.backend for m in self.layers))
+        entry = self._plan_for(key)
+        if entry is False:
+            entry = self._prepare(x, x2)
+            self._keep_plan(key, entry)
+        if entry is None:
+            return None
+        for plan, m in zip(entry.plans, self.layers):
+            if not plan.holds(m.layer.weight_k, m.layer.weight_1, m.layer.bias):
+                self._keep_plan(key, False)  # weights replaced or updated: prepare again
+                return self._chained(x, x2)
+        return nat.run_chain(entry, x, x2)
+
+    def _prepare(self, x: torch.Tensor, x2: Optional[torch.Tensor]) -> Optional[object]:
+        """The :class:`hetconv.native.Chain` for inputs of these shapes, or None when a
+        layer would not run the NCHW kernel on them."""
+        nat = HF._native
+        if not nat.available():
+            return None
+        shapes = {nat.CHAIN_X: tuple(x.shape[1:]),
+                  nat.CHAIN_X2: None if x2 is None else tuple(x2.shape[1:])}
+        plans = []
+        for m, (i, r, o) in zip(self.layers, self.program):
+            layer, shape = m.layer, shapes.get(i)
+            if shape is None or (r != nat.CHAIN_NONE and shapes.get(r) is None):
+                return None
+            probe = torch.empty((1,) + shape)
+            res = None if r == nat.CHAIN_NONE else torch.empty((1,) + shapes[r])
+            if not m._check(probe, res) or nat._use_nhwc(
+                    probe, layer.out_channels, layer.in_channels, layer.part, layer.pattern):
+                return None
+            plan = nat.ForwardPlan.build(probe, layer.weight_k, layer.weight_1, layer.bias,
+                                         layer.pattern, m.relu, res, layer.stride[0])
+            if plan is None or plan.fmt != torch.contiguous_format:
+                return None
+            if res is not None and tuple(res.shape) != plan.shape:
+                return None
+            plans.append(plan)
+            shapes[o] = tuple(plan.shape[1:])
+        chain = nat.Chain(plans, self.program)
+        return chain if chain.nbuf <= self.nbuf and chain.in_shapes[1] == shapes[
+            nat.CHAIN_X2] else None
+
+    def extra_repr(self) -> str:
+        return f"layers={len(self.layers)}, buffers={self.nbuf}, enabled={self.enabled}"
+
+
+def _chain_native(gm: torch.fx.GraphModule) -> int:
+    """Replace runs of :class:`NativeFused` nodes by :class:`NativeChain` modules.
+
+    A run takes at most two outside values (the chain's inputs; ``nn.Identity`` nodes are
+    looked through) and every member's output but the last is used by members only (so it
+    need not exist outside the chain). Runs of at least two layers with one kernel size
+    are replaced. Returns how many chains were made.
+    """
+    nat = HF._native
+
+    def of(node, kind):
+        return node.op == "call_module" and isinstance(gm.get_submodule(node.target), kind)
+
+    def resolve(value):
+        while isinstance(value, torch.fx.Node) and of(value, nn.Identity) \
+                and len(value.args) == 1:
+            value = value.args[0]
+        return value
+
+    def uses(node):
+        """The nodes using node's value, looking through nn.Identity."""
+        for user in node.users:
+            if of(user, nn.Identity):
+                yield from uses(user)
+            else:
+                yield user
+
+    def candidate(node):
+        if not of(node, NativeFused) or node.kwargs or not 1 <= len(node.args) <= 2:
+            return False
+        layer = gm.get_submodule(node.target).layer
+        return layer.backend == "native" and all(isinstance(a, torch.fx.Node) for a in node.args)
+
+    def kernel(node):
+        return tuple(gm.get_submodule(node.target).layer.kernel_size)
+
+    nodes = [n for n in gm.graph.nodes if candidate(n)]
+    made, start = 0, 0
+    while start < len(nodes):
+        members, inputs, best = [], [], 0
+        for node in nodes[start:]:
+            if members and kernel(node) != kernel(members[0]):
+                break
+            args = [resolve(a) for a in node.args]
+            new = [a for a in args if a not in members and a not in inputs]
+            if len(inputs) + len(dict.fromkeys(new)) > 2:
+                break
+            members.append(node)
+            inputs.extend(dict.fromkeys(new))
+            # closable here: every earlier member's output is used by members only
+            if all(all(u in members for u in uses(m)) for m in members[:-1]):
+                best = len(members)
+        if best < 2:
+            start += 1
+            continue
+        members = members[:best]
+        args_of = {m: [resolve(a) for a in m.args] for m in members}
+        inputs = list(dict.fromkeys(a for m in members for a in args_of[m] if a not in members))
+        place = {inputs[0]: nat.CHAIN_X}
+        if len(inputs) > 1:
+            place[inputs[1]] = nat.CHAIN_X2
+        last_use = {m: max((k for k, n in enumerate(members) if m in args_of[n]), default=j)
+                    for j, m in enumerate(members[:-1])}
+        program, free, nbuf, live = [], [], 0, {}
+        for k, m in enumerate(members):
+            i_val = args_of[m][0]
+            r_val = args_of[m][1] if len(args_of[m]) > 1 else None
+            i_place = place[i_val] if i_val in place else live[i_val]
+            r_place = nat.CHAIN_NONE if r_val is None else (
+                place[r_val] if r_val in place else live[r_val])
+            if k == len(members) - 1:
+                out = nat.CHAIN_Y
+            else:
+                out = free.pop() if free else nbuf
+                nbuf = max(nbuf, out + 1)
+                live[m] = out
+            program.append((i_place, r_place, out))
+            for v in list(live):  # values whose last use this was
+                if v is not m and last_use[v] == k:
+                    free.append(live.pop(v))
+        name = f"native_chain_{made}"
+        while hasattr(gm, name):
+            name += "_"
+        gm.add_submodule(name, NativeChain([gm.get_submodule(m.target) for m in members],
+                                           program, nbuf))
+        with gm.graph.inserting_before(members[-1]):
+            chain = gm.graph.call_module(name, tuple(inputs))
+        members[-1].replace_all_uses_with(chain)
+        for m in reversed(members):
+            idents = [u for u in m.users if of(u, nn.Identity)]
+            for ident in idents:  # identities of intermediate values, used by members only
+                if not ident.users:
+                    gm.graph.erase_node(ident)
+            if not m.users:
+                gm.graph.erase_node(m)
+        made += 1
+        start = nodes.index(members[-1]) + 1
+    for node in list(gm.graph.nodes):  # identities left without users
+        if of(node, nn.Identity) and not node.users:
+            gm.graph.erase_node(node)
+    return made
+
+
 def _configure(out: nn.Module, plan: dict, example_input: Optional[torch.Tensor], backend: str,
                memory_format: str, repeats: int, fuse: bool) -> nn.Module:
     """Memory format, per-layer backends and fusion of one candidate model (fills ``plan``)."""
@@ -359,9 +563,26 @@ def _configure(out: nn.Module, plan: dict, example_input: Optional[torch.Tensor]
         for layer in hets:
             layer.backend = backend
             plan["layers"][names[layer]] = {"backend": backend}
-    plan["fused_native"] = 0
+    plan["fused_native"] = plan["chained_native"] = 0
     if fuse:
         out, plan["fused_native"] = _fuse_native(out)
+    if plan["fused_native"] and isinstance(out, torch.fx.GraphModule):
+        plan["chained_native"] = _chain_native(out)
+        out.graph.lint()
+        out.delete_all_unused_submodules()
+        out.recompile()
+        chains = [m for m in out.modules() if isinstance(m, NativeChain)]
+        if chains and backend == "measure" and example_input is not None:
+            # depth-first or layer by layer: whichever runs this input faster
+            x = example_input.contiguous(memory_format=formats[memory_format])
+            timed = {}
+            for enabled in (True, False):
+                for m in chains:
+                    m.enabled = enabled
+                timed[enabled] = _time_model(out, x, repeats)
+            for m in chains:
+                m.enabled = timed[True] <= timed[False]
+            plan["chain_seconds"] = {"chained": timed[True], "layer_by_layer": timed[False]}
     return out
 
 
@@ -400,12 +621,17 @@ def optimize_for_inference(model: nn.Module, example_input: Optional[torch.Tenso
             faster of the two is returned (``hetconv_plan["absorb_seconds"]``).
         fuse: a residual sum and/or ReLU right after a HetConv2d that runs the
             ``"native"`` backend is computed inside its kernel
-            (:class:`NativeFused`; needs an fx-traceable model).
+            (:class:`NativeFused`; needs an fx-traceable model), and runs of such
+            layers (a ResNet stage, say) become one :class:`NativeChain`: one C call
+            runs them image by image on batches of at least two images per thread, the
+            activations between them kept in per-thread buffers in L2. With
+            ``backend="measure"`` chained and layer-by-layer runs are both timed and the
+            faster kept (``hetconv_plan["chain_seconds"]``).
 
     The returned copy is in eval mode and carries ``hetconv_plan``: a dict with
     the chosen memory format, the number of folded BatchNorms, the absorbed
     permutations, the number of native layers with a fused sum/ReLU
-    (``fused_native``) and the backend (with measured medians in seconds) of every
+    (``fused_native``) and of chains (``chained_native``) and the backend (with measured medians in seconds) of every
     HetConv2d by module name.
     """
     if not isinstance(model, nn.Module):

@@ -152,6 +152,8 @@ def _load() -> Optional[ctypes.CDLL]:
             lib.hetconv_native_wgrad.argtypes = ([p] * 4 + [i] * 6 + [p, p, i, i, p, i, p, p]
                                                  + [i] * 4)
             lib.hetconv_native_isa.restype = i
+            lib.hetconv_native_chain.restype = i
+            lib.hetconv_native_chain.argtypes = [p, i, i, p, p, p, i, i]
             lib.hetconv_native_release.restype = ctypes.c_long
             lib.hetconv_native_release.argtypes = [i]
             lib.hetconv_native_scratch.restype = None
@@ -730,6 +732,14 @@ class ForwardPlan:
             return None
         return _launch(x, self.shape, self.fmt, self.call, residual, self.what)
 
+    def holds(self, weight_k: torch.Tensor, weight_1: torch.Tensor,
+              bias: Optional[torch.Tensor]) -> bool:
+        """Whether the plan still stands for these weights: the same tensors, not replaced
+        or updated in place since it was made."""
+        wk, w1, b = self.tensors
+        return (weight_k is wk and weight_1 is w1 and bias is b
+                and self._state(self.tensors) == self.key)
+
 
 def _recording(x: torch.Tensor, tensors: tuple, residual: Optional[torch.Tensor]) -> bool:
     """Whether autograd records a call on these tensors."""
@@ -793,7 +803,72 @@ def _packed_call(fn: Callable, args: ctypes.Structure) -> Callable:
     def call(x, y, residual):
         return fn(ref, x.data_ptr(), y.data_ptr(),
                   None if residual is None else residual.data_ptr(), torch.get_num_threads())
+    call.args = args  # the struct, for callers that hand it on (run_chain)
     return call
+
+
+class _ChainOp(ctypes.Structure):
+    """``hetconv_chain_op`` (csrc/hetconv_cpu.c): a layer's struct and where its input,
+    residual and output are (:data:`CHAIN_X`, ..., or a buffer index)."""
+    _fields_ = [("layer", ctypes.c_void_p), ("input", ctypes.c_int), ("res", ctypes.c_int),
+                ("out", ctypes.c_int)]
+
+
+#: Places in a chain program (csrc/hetconv_cpu.c, hetconv_native_chain): the chain's first
+#: and second input, its output, no residual; buffers are 0, 1, ...
+CHAIN_X, CHAIN_Y, CHAIN_NONE, CHAIN_X2 = -1, -2, -3, -4
+
+
+class Chain:
+    """A chain of NCHW-kernel layers prepared for :func:`run_chain`: the C op array, the
+    plans it points into (kept alive here), the buffers it needs and the shapes (batch
+    left out) of its inputs and output."""
+
+    __slots__ = ("ops", "plans", "nbuf", "in_shapes", "out_shape")
+
+    def __init__(self, plans: list, program: list) -> None:
+        self.plans = list(plans)
+        self.ops = (_ChainOp * len(plans))()
+        shapes = {}
+        for op, plan, (i, r, o) in zip(self.ops, self.plans, program):
+            args = getattr(plan.call, "args", None)
+            if plan.fmt != torch.contiguous_format or args is None:
+                raise ValueError("chain layers must run the NCHW kernel")
+            op.layer, op.input, op.res, op.out = ctypes.addressof(args), i, r, o
+            shapes.setdefault(i, tuple(plan.in_shape[1:]))
+            if r != CHAIN_NONE:
+                shapes.setdefault(r, tuple(plan.shape[1:]))
+            shapes[o] = tuple(plan.shape[1:])
+        self.nbuf = 1 + max([v for entry in program for v in entry if v >= 0], default=-1)
+        self.in_shapes = (shapes.get(CHAIN_X), shapes.get(CHAIN_X2))
+        self.out_shape = shapes.get(CHAIN_Y)
+
+
+def run_chain(chain: Chain, x: torch.Tensor, x2: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Run a :class:`Chain` image by image in one C call (the activations between its
+    layers stay in per-thread buffers) on contiguous float32 CPU inputs ``x`` (and ``x2``)
+    of the chain's shapes; returns a new output."""
+    for name, t, want in (("x", x, chain.in_shapes[0]), ("x2", x2, chain.in_shapes[1])):
+        if want is None:
+            if t is not None and name == "x2":
+                raise ValueError("x2 given, but no layer of the chain reads it")
+            continue
+        if (t is None or t.dim() != 4 or tuple(t.shape[1:]) != want or t.shape[0] != x.shape[0]
+                or t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous()):
+            got = None if t is None else f"{t.dtype} {tuple(t.shape)}"
+            raise ValueError(f"{name} must be a contiguous float32 CPU tensor of shape "
+                             f"(B, {', '.join(map(str, want))}), got {got}")
+    if chain.out_shape is None:
+        raise ValueError("the chain's program never writes its output (CHAIN_Y)")
+    y = torch.empty((x.shape[0],) + chain.out_shape)
+    if x.shape[0] == 0:
+        return y
+    rc = _load().hetconv_native_chain(chain.ops, len(chain.ops), chain.nbuf, x.data_ptr(),
+                                      None if x2 is None else x2.data_ptr(), y.data_ptr(),
+                                      x.shape[0], torch.get_num_threads())
+    if rc != 0:
+        raise RuntimeError(f"hetconv native chain failed (code {rc})")
+    return y
 
 
 def _nchw_call(x_shape: tuple, pk: dict, n: int, relu: bool, stride: int) -> Tuple[tuple, Callable]:

@@ -47,6 +47,10 @@
 #define NB 4   /* filters per micro-kernel block */
 #define NCMAX 6  /* 16-position chunks per micro-kernel block, at most */
 #define VL 16  /* pixels per chunk */
+#define LAYOUT_X_PADDED 1    /* forward layouts (see "Padded layouts") */
+#define LAYOUT_Y_PADDED 2
+#define LAYOUT_RES_PADDED 4
+#define LAYOUT_ALL 7
 
 int hetconv_native_isa(void) {
 #if defined(__AVX512F__)
@@ -56,7 +60,7 @@ int hetconv_native_isa(void) {
 #endif
 }
 
-int hetconv_native_version(void) { return 4; }
+int hetconv_native_version(void) { return 5; }
 
 /*
  * Geometry.  Each image is copied (by the thread that computes it, into a
@@ -92,6 +96,7 @@ typedef struct {
      * lies inside the image (row u * kw + v; the centre row masks only the plane's end). */
     int dchunk, dnpb, *dpb_start, *dpb_len, dcentre;
     uint16_t *dmask;
+    int refs;                   /* references: the cache's and those of prepared passes */
 } geom_t;
 
 /* Split n chunks into runs of at most NCMAX, balanced: npb runs, start[i], len[i]. */
@@ -172,10 +177,13 @@ static void geom_free(geom_t *g) {
 /*
  * Geometries are cached per calling thread (the last GEOM_CACHE shapes, replaced in turn):
  * a model calls the same few shapes over and over, and building one (its chunk masks and
- * indices) costs microseconds a batch-1 layer notices. Entries are owned by the cache.
+ * indices) costs microseconds a batch-1 layer notices. Each is reference-counted: the
+ * cache holds one reference, a prepared pass (fwd_plan) another, so a pass keeps its
+ * geometries however many shapes it looks up after them. References are taken and
+ * dropped by the thread whose cache made the geometry (other threads only read it).
  */
 #define GEOM_CACHE 8
-typedef struct { int key[5], valid; geom_t g; } geom_slot_t;
+typedef struct { int key[5]; geom_t *g; } geom_slot_t;
 static _Thread_local geom_slot_t geom_cache[GEOM_CACHE];
 static _Thread_local int geom_next;
 
@@ -214,29 +222,45 @@ static void scratch_count(int which, long delta) {
     __atomic_add_fetch(&scratch_held[which], delta, __ATOMIC_RELAXED);
 }
 
+/* Drops a reference to g (NULL: nothing); the last one frees it. */
+static void geom_unref(const geom_t *cg) {
+    geom_t *g = (geom_t *)cg;
+    if (!g || --g->refs > 0) return;
+    geom_free(g);
+    free(g);
+    scratch_count(1, -1);
+}
+
+static const geom_t *geom_ref(const geom_t *g) {
+    if (g) ++((geom_t *)g)->refs;
+    return g;
+}
+
 /* The geometry of an H x W input, stride s, kernel kh x kw, padding (kh / 2, kw / 2); NULL
- * when out of memory. Valid until this thread's next GEOM_CACHE new shapes. */
+ * when out of memory. Valid until this thread's next GEOM_CACHE new shapes, or for as long
+ * as a reference taken with geom_ref() is held. */
 static const geom_t *geom_get(int H, int W, int s, int kh, int kw) {
     const int key[5] = {H, W, s, kh, kw};
     for (int i = 0; i < GEOM_CACHE; ++i)
-        if (geom_cache[i].valid && memcmp(geom_cache[i].key, key, sizeof(key)) == 0)
-            return &geom_cache[i].g;
+        if (geom_cache[i].g && memcmp(geom_cache[i].key, key, sizeof(key)) == 0)
+            return geom_cache[i].g;
     geom_slot_t *slot = &geom_cache[geom_next];
     geom_next = (geom_next + 1) % GEOM_CACHE;
-    if (slot->valid) {
-        geom_free(&slot->g);
-        scratch_count(1, -1);
-    }
-    slot->valid = 0;
+    geom_unref(slot->g);
+    slot->g = NULL;
     scratch_arm();
-    if (geom_init(&slot->g, H, W, s, kh, kw, kh / 2, kw / 2)) {
-        geom_free(&slot->g);
+    geom_t *g = (geom_t *)calloc(1, sizeof(geom_t));
+    if (!g) return NULL;
+    if (geom_init(g, H, W, s, kh, kw, kh / 2, kw / 2)) {
+        geom_free(g);
+        free(g);
         return NULL;
     }
-    memcpy(slot->key, key, sizeof(key));
-    slot->valid = 1;
+    g->refs = 1;
     scratch_count(1, 1);
-    return &slot->g;
+    memcpy(slot->key, key, sizeof(key));
+    slot->g = g;
+    return g;
 }
 
 /*
@@ -296,15 +320,16 @@ static inline void copy_even(float *dst, const float *src, int n) {
     for (; k < n; ++k) dst[k] = src[2 * k];
 }
 
-/* Zero-padded copy of one image's M planes (borders of buf are already zero). */
-static void pad_image(const float *xb, float *buf, int M, const geom_t *g) {
+/* Zero-padded copy of one image's M planes (borders of buf are already zero); the source's
+ * planes are cs floats apart and its rows rs (H * W and W for contiguous NCHW). */
+static void pad_image(const float *xb, float *buf, int M, const geom_t *g, size_t cs, int rs) {
     const int H = g->H, W = g->W;
     for (int c = 0; c < M; ++c) {
-        const float *src = xb + (size_t)c * H * W;
+        const float *src = xb + (size_t)c * cs;
         float *base = buf + (size_t)c * g->PS;
         if (g->s == 1) {
             float *dst = base + g->ph * g->Wp;
-            for (int r = 0; r < H; ++r) copy_row(dst + (size_t)r * g->Wp, src + (size_t)r * W, W);
+            for (int r = 0; r < H; ++r) copy_row(dst + (size_t)r * g->Wp, src + (size_t)r * rs, W);
             continue;
         }
         for (int r = 0; r < H; ++r) {  /* padded row r + ph: phase row (r + ph) % 2 */
@@ -318,7 +343,7 @@ static void pad_image(const float *xb, float *buf, int M, const geom_t *g) {
                 if (j1 > g->Wp - 1) j1 = g->Wp - 1;
                 if (j1 < j0) continue;
                 float *dst = base + (a * 2 + b) * g->QS + (size_t)i * g->Wp + j0;
-                copy_even(dst, src + (size_t)r * W + 2 * j0 + b - g->pw, j1 - j0 + 1);
+                copy_even(dst, src + (size_t)r * rs + 2 * j0 + b - g->pw, j1 - j0 + 1);
             }
         }
     }
@@ -358,12 +383,10 @@ static long release_thread(void) {
     free(c->buf);
     memset(c, 0, sizeof(*c));
     scratch_count(0, -bytes);
-    for (int i = 0; i < GEOM_CACHE; ++i)
-        if (geom_cache[i].valid) {
-            geom_free(&geom_cache[i].g);
-            geom_cache[i].valid = 0;
-            scratch_count(1, -1);
-        }
+    for (int i = 0; i < GEOM_CACHE; ++i) {
+        geom_unref(geom_cache[i].g);
+        geom_cache[i].g = NULL;
+    }
     geom_next = 0;
     return bytes;
 }
@@ -452,7 +475,7 @@ static inline __attribute__((always_inline)) void
 micro_kernel_n(const int nch, const float *xp, float *const yo[NB], const float *const ro[NB],
                const geom_t *g, int q0,
                int np, const int *pe, const float *w1, int nt, const int *const te[NB],
-               int shared, const float *wk, const float *bias, int relu) {
+               int shared, const float *wk, const float *bias, int relu, int layouts) {
     const float *x0 = xp + g->first + q0 * VL;
     __m512 acc[NB][NCMAX];
     ACC_INIT();
@@ -484,15 +507,26 @@ micro_kernel_n(const int nch, const float *xp, float *const yo[NB], const float 
     }
 #undef LOADS
     const __m512 zero = _mm512_setzero_ps();
+    const int count = g->Ho * g->Wp;  /* computed positions (padded layouts: their extent) */
 #pragma GCC unroll 4
     for (int i = 0; i < NB; ++i) {
         if (!yo[i]) continue;
 #pragma GCC unroll 8
         for (int k = 0; k < nch; ++k) {
             const __mmask16 m = (__mmask16)g->smask[q0 + k];
+            const int pos = (q0 + k) * VL;
             __m512 r = acc[i][k];
-            if (ro[i]) r = _mm512_add_ps(r, _mm512_maskz_expandloadu_ps(m, ro[i] + g->sidx[q0 + k]));
+            if (ro[i])
+                r = _mm512_add_ps(r, (layouts & LAYOUT_RES_PADDED)
+                                         ? _mm512_maskz_loadu_ps(m, ro[i] + pos)
+                                         : _mm512_maskz_expandloadu_ps(m, ro[i] + g->sidx[q0 + k]));
             if (relu) r = _mm512_max_ps(r, zero);
+            if (layouts & LAYOUT_Y_PADDED) {  /* every position, the thrown-away ones as zeros */
+                const int left = count - pos;
+                const __mmask16 keep = (__mmask16)(left >= VL ? 0xFFFFu : (1u << left) - 1u);
+                _mm512_mask_storeu_ps(yo[i] + pos, keep, _mm512_maskz_mov_ps(m, r));
+                continue;
+            }
             r = _mm512_maskz_compress_ps(m, r);
             const __mmask16 dst = (__mmask16)((1u << __builtin_popcount(m)) - 1u);
             _mm512_mask_storeu_ps(yo[i] + g->sidx[q0 + k], dst, r);
@@ -503,9 +537,9 @@ micro_kernel_n(const int nch, const float *xp, float *const yo[NB], const float 
 static void micro_kernel(int nch, const float *xp, float *const yo[NB], const float *const ro[NB],
                          const geom_t *g, int q0, int np, const int *pe, const float *w1, int nt,
                          const int *const te[NB], int shared, const float *wk,
-                         const float *bias, int relu) {
+                         const float *bias, int relu, int layouts) {
     switch (nch) {
-#define CASE(n) case n: micro_kernel_n(n, xp, yo, ro, g, q0, np, pe, w1, nt, te, shared, wk, bias, relu); break;
+#define CASE(n) case n: micro_kernel_n(n, xp, yo, ro, g, q0, np, pe, w1, nt, te, shared, wk, bias, relu, layouts); break;
         CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6)
 #undef CASE
         default: break;
@@ -613,16 +647,26 @@ static void direct_kernel(int nch, const float *x, float *const yo[NB], const fl
 #else
 static void micro_kernel(int nch, const float *xp, float *const yo[NB], const float *const ro[NB],
                          const geom_t *g, int q0, int np, const int *pe, const float *w1,
-                                int nt, const int *const te[NB], int shared, const float *wk,
-                                const float *bias, int relu) {
+                         int nt, const int *const te[NB], int shared, const float *wk,
+                         const float *bias, int relu, int layouts) {
     (void)shared;
     const float *x0 = xp + g->first + q0 * VL;
+    const int count = g->Ho * g->Wp;
     for (int k = 0; k < nch; ++k) {
         const int q = q0 + k;
         if (q >= g->nchunk) break;
         int o = g->sidx[q];
         for (int l = 0; l < VL; ++l) {
-            if (!((g->smask[q] >> l) & 1)) continue;
+            const int pos = q * VL + l;
+            if (pos >= count) break;
+            const int yi = (layouts & LAYOUT_Y_PADDED) ? pos : o;
+            const int ri = (layouts & LAYOUT_RES_PADDED) ? pos : o;
+            if (!((g->smask[q] >> l) & 1)) {  /* a thrown-away position: zero in a padded y */
+                if (layouts & LAYOUT_Y_PADDED)
+                    for (int i = 0; i < NB; ++i)
+                        if (yo[i]) yo[i][yi] = 0.f;
+                continue;
+            }
             const float *xl = x0 + k * VL + l;
             for (int i = 0; i < NB; ++i) {
                 if (!yo[i]) continue;
@@ -631,8 +675,8 @@ static void micro_kernel(int nch, const float *xp, float *const yo[NB], const fl
                 const int *ti = te[i] ? te[i] : te[0];
                 if (te[i])
                     for (int e = 0; e < nt; ++e) acc += wk[4 * e + i] * xl[ti[e]];
-                if (ro[i]) acc += ro[i][o];
-                yo[i][o] = (relu && acc < 0.f) ? 0.f : acc;
+                if (ro[i]) acc += ro[i][ri];
+                yo[i][yi] = (relu && acc < 0.f) ? 0.f : acc;
             }
             ++o;
         }
@@ -641,18 +685,18 @@ static void micro_kernel(int nch, const float *xp, float *const yo[NB], const fl
 #endif
 
 /*
- * Filter block blk's output planes yo and residual planes ro (within one image's yb and rb;
- * NULL for unused slots or without a residual) and tap entries tei (its slots' classes'
+ * Filter block blk's output planes yo and residual planes ro (within one image's yb and rb,
+ * planes ys and rs floats apart; NULL for unused slots or without a residual) and tap entries tei (its slots' classes'
  * rows of te, nte each).  Returns 1 when its used slots share one class.
  */
 static int block_setup(int blk, const int *blk_cls, const int *blk_out, float *yb,
-                       const float *rb, int HWo, const int *te, int nte, float *yo[NB],
-                       const float *ro[NB], const int *tei[NB]) {
+                       const float *rb, size_t ys, size_t rs, const int *te, int nte,
+                       float *yo[NB], const float *ro[NB], const int *tei[NB]) {
     const int *bc = blk_cls + (size_t)blk * NB, *bo = blk_out + (size_t)blk * NB;
     int shared = 1, c0 = -1;
     for (int i = 0; i < NB; ++i) {
-        yo[i] = bo[i] >= 0 ? yb + (size_t)bo[i] * HWo : NULL;
-        ro[i] = (rb && bo[i] >= 0) ? rb + (size_t)bo[i] * HWo : NULL;
+        yo[i] = bo[i] >= 0 ? yb + (size_t)bo[i] * ys : NULL;
+        ro[i] = (rb && bo[i] >= 0) ? rb + (size_t)bo[i] * rs : NULL;
         tei[i] = bc[i] >= 0 ? te + (size_t)bc[i] * nte : NULL;
         if (bc[i] >= 0) {
             if (c0 < 0) c0 = bc[i];
@@ -670,127 +714,373 @@ static int block_groups(int B, int nblk, int nthreads) {
     return groups;
 }
 
-#if defined(__AVX512F__)
-/* The stride-1 forward pass reading the input in place (see direct_kernel_n). */
-static int forward_direct(const geom_t *g, const float *x, float *y, int B, int M, int N,
-                          int H, int W, int nblk, const int *blk_cls, const int *blk_out,
-                          const float *w1p, const float *wkp, const float *bp, int P, int Mk,
-                          const int *chan, int T, const int *tap_dh, const int *tap_dw, int kh,
-                          int kw, const float *res, int relu, int nthreads) {
-    const int HW = H * W, nte = Mk * T;
-    int *te = (int *)malloc(sizeof(int) * (size_t)P * (size_t)(nte > 0 ? nte : 1));
-    int *tm = (int *)malloc(sizeof(int) * (size_t)(T > 0 ? T : 1));
-    if (!te || !tm) { free(te); free(tm); return -2; }
-    for (int t = 0; t < T; ++t) tm[t] = (tap_dh[t] + kh / 2) * kw + tap_dw[t] + kw / 2;
+/*
+ * The forward pass with every argument but the tensors and the thread count in one
+ * struct: a prepared call (hetconv/native.py) builds it once, so a call converts 5
+ * arguments instead of 27 (about 2.4 us less per call from Python's ctypes).
+ *   blk_out (nblk, 4): output plane of each filter slot, -1 unused;
+ *   blk_cls (nblk, 4): the class of each slot (-1 unused); a block whose used slots share
+ *     one class runs the shared-tap loop;
+ *   w1p (nblk, M, 4), wkp (nblk, Mk*T, 4), bp (nblk, 4) or NULL;
+ *   chan (P, Mk): input channels of each class; tap_dh/dw (T): tap offsets;
+ *   stride 1 or 2, padding (kh / 2, kw / 2); relu: max(0, .) after the residual sum.
+ */
+typedef struct {
+    int B, M, N, H, W, nblk;
+    const int *blk_cls, *blk_out;
+    const float *w1p, *wkp, *bp;
+    int P, Mk;
+    const int *chan;
+    int T;
+    const int *tap_dh, *tap_dw;
+    int stride, kh, kw, relu;
+} hetconv_forward_args;
+
+/*
+ * Padded layouts.  Between two layers of the NCHW kernel an activation can stay in the
+ * layout the kernel computes in: every plane (H, W) stored as the zero-padded plane of the
+ * stride-1 geometry of its size (PS floats: ph zero rows, H rows of Wp = W + pw floats whose
+ * last pw are zero, ph zero rows and pw zeros), planes one after another, with `lead` zeros
+ * before the first plane and `slack` floats after the last.  Pixel (r, c) of plane k is at
+ * k * PS + (ph + r) * Wp + c from the first plane's start.  A layer writing its output so
+ * (zeros included) saves the next layer its padded copy, and writes every chunk with a
+ * plain store instead of a compress.  The pointers the forward pass takes are those of
+ * pixel (0, 0) of plane 0.  Used inside hetconv_native_chain, where the activations stay in
+ * per-thread buffers in L2 (between calls, reading them from L3 cost more than the copy
+ * they save: docs/performance.md, ninth session).
+ */
+
+/* A prepared forward pass of one layer on images of one size (see plan_init). */
+typedef struct {
+    hetconv_forward_args a;
+    const geom_t *g;    /* the computing geometry (referenced) */
+    const geom_t *gi;   /* stride-1 geometry of the input size: a padded x (referenced) */
+    const geom_t *go;   /* ... of the output size: a padded y or residual (referenced) */
+    int direct;         /* stride 1, read in place (direct_kernel_n) */
+    int layouts, Ho, Wo, nte;
+    size_t xs, ys, rs;  /* plane strides of x, y and the residual */
+    int xrs;            /* row stride of x */
+    int *pe, *te, *tm;  /* entry offsets (padded: pe, te; in place: te, tm) */
+} fwd_plan;
+
+static void plan_free(fwd_plan *pl) {
+    geom_unref(pl->g); geom_unref(pl->gi); geom_unref(pl->go);
+    free(pl->pe); free(pl->te); free(pl->tm);
+    memset(pl, 0, sizeof(*pl));
+}
+
+/* Prepares the pass of layer a with the given layouts (LAYOUT_* bits: x, y and the residual
+ * contiguous NCHW where clear, else in the padded layout of their plane size with kernel
+ * (kh, kw)).  Returns 0, or a negative code with nothing held. */
+static int plan_init(fwd_plan *pl, const hetconv_forward_args *a, int layouts) {
+    memset(pl, 0, sizeof(*pl));
+    pl->a = *a;
+    const int M = a->M, H = a->H, W = a->W, P = a->P, Mk = a->Mk, T = a->T;
+    const int kh = a->kh, kw = a->kw, s = a->stride;
+    if (!args_ok(a->B, M, a->N, H, W, a->nblk, P, Mk, T, s, kh, kw) || (layouts & ~LAYOUT_ALL))
+        return -1;
+    pl->layouts = layouts;
+    pl->Ho = (H + 2 * (kh / 2) - kh) / s + 1;
+    pl->Wo = (W + 2 * (kw / 2) - kw) / s + 1;
+    pl->nte = Mk * T;
+    if (!(pl->g = geom_ref(geom_get(H, W, s, kh, kw)))) return -2;
+    if ((layouts & LAYOUT_X_PADDED) && !(pl->gi = geom_ref(geom_get(H, W, 1, kh, kw)))) {
+        plan_free(pl);
+        return -2;
+    }
+    if ((layouts & (LAYOUT_Y_PADDED | LAYOUT_RES_PADDED)) &&
+        !(pl->go = geom_ref(geom_get(pl->Ho, pl->Wo, 1, kh, kw)))) {
+        plan_free(pl);
+        return -2;
+    }
+    const geom_t *g = pl->g;
+    const int HWo = pl->Ho * pl->Wo, nte = pl->nte;
+    pl->direct = !layouts && reads_in_place(g);
+    pl->xs = pl->gi ? (size_t)pl->gi->PS : (size_t)H * W;
+    pl->xrs = pl->gi ? pl->gi->Wp : W;
+    pl->ys = (layouts & LAYOUT_Y_PADDED) ? (size_t)pl->go->PS : (size_t)HWo;
+    pl->rs = (layouts & LAYOUT_RES_PADDED) ? (size_t)pl->go->PS : (size_t)HWo;
+    pl->te = (int *)malloc(sizeof(int) * (size_t)P * (size_t)(nte > 0 ? nte : 1));
+    if (pl->direct) pl->tm = (int *)malloc(sizeof(int) * (size_t)(T > 0 ? T : 1));
+    else pl->pe = (int *)malloc(sizeof(int) * (size_t)M);
+    if (!pl->te || (pl->direct ? !pl->tm : !pl->pe)) {
+        plan_free(pl);
+        return -2;
+    }
+    if (pl->direct) {  /* per class, tap-major: channel plane + the tap's offset; tap masks */
+        for (int t = 0; t < T; ++t) pl->tm[t] = (a->tap_dh[t] + kh / 2) * kw + a->tap_dw[t] + kw / 2;
+        for (int p = 0; p < P; ++p)
+            for (int t = 0; t < T; ++t)
+                for (int j = 0; j < Mk; ++j)
+                    pl->te[(size_t)p * nte + t * Mk + j] =
+                        a->chan[p * Mk + j] * H * W + a->tap_dh[t] * W + a->tap_dw[t];
+        return 0;
+    }
+    for (int c = 0; c < M; ++c) pl->pe[c] = c * g->PS + geom_tap(g, kh / 2, kw / 2);
     for (int p = 0; p < P; ++p)
-        for (int t = 0; t < T; ++t)
-            for (int j = 0; j < Mk; ++j)
-                te[(size_t)p * nte + t * Mk + j] =
-                    chan[p * Mk + j] * HW + tap_dh[t] * W + tap_dw[t];
-    const int groups = block_groups(B, nblk, nthreads);
-    const int per_group = (nblk + groups - 1) / groups;
-    const long total = (long)B * groups;
-#pragma omp parallel for num_threads(nthreads) schedule(static) if (total > 1)
-    for (long it = 0; it < total; ++it) {
-        const int b = (int)(it / groups), grp = (int)(it % groups);
-        const float *xb = x + (size_t)b * M * HW;
-        float *yb = y + (size_t)b * N * HW;
-        const float *rb = res ? res + (size_t)b * N * HW : NULL;
-        const int end = (grp + 1) * per_group < nblk ? (grp + 1) * per_group : nblk;
+        for (int j = 0; j < Mk; ++j)
+            for (int t = 0; t < T; ++t)
+                pl->te[(size_t)p * nte + j * T + t] = a->chan[p * Mk + j] * g->PS +
+                    geom_tap(g, a->tap_dh[t] + kh / 2, a->tap_dw[t] + kw / 2);
+    return 0;
+}
+
+/* Bytes of the per-thread buffer a pass copies its input into (0: it reads in place). */
+static size_t plan_buffer_len(const fwd_plan *pl) {
+    if (pl->direct || ((pl->layouts & LAYOUT_X_PADDED) && pl->a.stride == 1)) return 0;
+    return (size_t)pl->g->lead + (size_t)pl->a.M * pl->g->PS + (size_t)pl->g->slack;
+}
+
+/*
+ * Filter blocks [blk0, blk1) of one image: xb, yb, rb point at the image's input, output and
+ * residual (NULL: none) in the plan's layouts.  buf: the thread's buffer for the padded copy
+ * (plan_buffer_len floats, borders zero; unused when the pass reads in place), and copy:
+ * whether to make it (else it holds this image already).
+ */
+static void plan_image(const fwd_plan *pl, const float *xb, float *yb, const float *rb,
+                       int blk0, int blk1, float *buf, int copy) {
+    const hetconv_forward_args *a = &pl->a;
+    const geom_t *g = pl->g;
+    const int M = a->M, nte = pl->nte;
+#if defined(__AVX512F__)
+    if (pl->direct) {
+        const size_t HW = (size_t)a->H * a->W;
         for (int pb = 0; pb < g->dnpb; ++pb) {
             const int q0 = g->dpb_start[pb], nch = g->dpb_len[pb];
-            for (int blk = grp * per_group; blk < end; ++blk) {
+            for (int blk = blk0; blk < blk1; ++blk) {
                 float *yo[NB];
                 const float *ro[NB];
                 const int *tei[NB];
-                const int shared = block_setup(blk, blk_cls, blk_out, yb, rb, HW, te, nte,
-                                               yo, ro, tei);
-                direct_kernel(nch, xb, yo, ro, g, q0, M, (size_t)HW, w1p + (size_t)blk * M * NB,
-                              T, Mk, tei, tm, shared, wkp + (size_t)blk * nte * NB,
-                              bp ? bp + (size_t)blk * NB : NULL, relu);
+                const int shared = block_setup(blk, a->blk_cls, a->blk_out, yb, rb, HW, HW,
+                                               pl->te, nte, yo, ro, tei);
+                direct_kernel(nch, xb, yo, ro, g, q0, M, HW, a->w1p + (size_t)blk * M * NB,
+                              a->T, a->Mk, tei, pl->tm, shared, a->wkp + (size_t)blk * nte * NB,
+                              a->bp ? a->bp + (size_t)blk * NB : NULL, a->relu);
             }
         }
+        return;
     }
-    free(te); free(tm);
-    return 0;
-}
 #endif
+    const float *xp;  /* the padded image: its first plane's storage */
+    if ((pl->layouts & LAYOUT_X_PADDED) && a->stride == 1) {
+        xp = xb - g->first;
+    } else {
+        if (copy) pad_image(xb, buf + g->lead, M, g, pl->xs, pl->xrs);
+        xp = buf + g->lead;
+    }
+    if (pl->layouts & LAYOUT_Y_PADDED) {  /* the zero rows of these blocks' output planes */
+        const geom_t *go = pl->go;
+        const int count = g->Ho * g->Wp;
+        for (int k = blk0 * NB; k < blk1 * NB; ++k) {
+            if (a->blk_out[k] < 0) continue;
+            float *plane = yb + (size_t)a->blk_out[k] * pl->ys;
+            memset(plane - go->first, 0, sizeof(float) * (size_t)go->first);
+            memset(plane + count, 0, sizeof(float) * (size_t)(go->PS - go->first - count));
+        }
+    }
+    for (int pb = 0; pb < g->npb; ++pb) {
+        const int q0 = g->pb_start[pb], nch = g->pb_len[pb];
+        for (int blk = blk0; blk < blk1; ++blk) {
+            float *yo[NB];
+            const float *ro[NB];
+            const int *tei[NB];
+            const int shared = block_setup(blk, a->blk_cls, a->blk_out, yb, rb, pl->ys, pl->rs,
+                                           pl->te, nte, yo, ro, tei);
+            micro_kernel(nch, xp, yo, ro, g, q0, M, pl->pe, a->w1p + (size_t)blk * M * NB,
+                         nte, tei, shared, a->wkp + (size_t)blk * nte * NB,
+                         a->bp ? a->bp + (size_t)blk * NB : NULL, a->relu, pl->layouts);
+        }
+    }
+}
 
 /*
- * y (B, N, H, W) = HetConv(x (B, M, H, W)), stride 1, padding (ph, pw).
- * blk_out (nblk, 4): output plane of each filter slot, -1 unused;
- * blk_cls (nblk, 4): the class of each slot (-1 unused); a block whose used
- * slots share one class runs the shared-tap loop.
- * w1p (nblk, M, 4), wkp (nblk, Mk*T, 4), bp (nblk, 4) or NULL.
- * chan (P, Mk): input channels of each class; tap_dh/dw (T): tap offsets.
- * res (B, N, H, W) or NULL: added to the result (a residual), before the ReLU
- * when relu != 0.
- * Returns 0, or a negative code (bad arguments, out of memory).
+ * y (B, N, Ho, Wo) = HetConv(x (B, M, H, W)) for the layer in a, plus res (B, N, Ho, Wo;
+ * NULL: none) before the ReLU, all contiguous NCHW (layouts 0) or as the LAYOUT_* bits say
+ * (padded x, y, res: a padded x must hold zeros where the layout has them; a padded y gets
+ * them, and the zeros of `lead` before its first plane).  Returns 0, or a negative code
+ * (bad arguments, out of memory).
  */
+static int forward_impl(const hetconv_forward_args *a, const float *x, float *y,
+                        const float *res, int layouts, int nthreads) {
+    fwd_plan pl;
+    const int rc = plan_init(&pl, a, layouts);
+    if (rc) return rc;
+    if (nthreads < 1) nthreads = 1;
+    const int B = a->B, M = a->M, N = a->N, nblk = a->nblk;
+    const int groups = block_groups(B, nblk, nthreads);
+    const int per_group = (nblk + groups - 1) / groups;
+    const long total = (long)B * groups;
+    const size_t buf_len = plan_buffer_len(&pl);
+    if (layouts & LAYOUT_Y_PADDED)  /* the zeros before the first plane */
+        memset(y - pl.go->first - pl.go->lead, 0, sizeof(float) * (size_t)pl.go->lead);
+    int status = 0;
+#pragma omp parallel num_threads(nthreads) if (total > 1)
+    {
+        const int key[6] = {M, a->H, a->W, a->stride, a->kh, a->kw};
+        float *buf = buf_len ? pad_buffer(buf_len, key) : NULL;
+        int last_b = -1;
+        if (buf_len && !buf) {
+#pragma omp atomic write
+            status = -2;
+        }
+#pragma omp for schedule(static)
+        for (long it = 0; it < total; ++it) {
+            if (buf_len && !buf) continue;
+            const int b = (int)(it / groups), grp = (int)(it % groups);
+            const int end = (grp + 1) * per_group < nblk ? (grp + 1) * per_group : nblk;
+            plan_image(&pl, x + (size_t)b * M * pl.xs, y + (size_t)b * N * pl.ys,
+                       res ? res + (size_t)b * N * pl.rs : NULL, grp * per_group, end, buf,
+                       b != last_b);
+            last_b = b;
+        }
+    }
+    plan_free(&pl);
+    return status;
+}
+
 int hetconv_native_forward(const float *x, float *y, int B, int M, int N, int H, int W,
                            int nblk, const int *blk_cls, const int *blk_out,
                            const float *w1p, const float *wkp, const float *bp,
                            int P, int Mk, const int *chan, int T, const int *tap_dh,
                            const int *tap_dw, int stride, int kh, int kw, const float *res,
                            int relu, int nthreads) {
-    geom_t g;
-    int *pe, *te;
+    const hetconv_forward_args a = {B, M, N, H, W, nblk, blk_cls, blk_out, w1p, wkp, bp, P, Mk,
+                                    chan, T, tap_dh, tap_dw, stride, kh, kw, relu};
+    return forward_impl(&a, x, y, res, 0, nthreads);
+}
+
+int hetconv_native_forward_packed(const hetconv_forward_args *a, const float *x, float *y,
+                                  const float *res, int nthreads) {
+    return forward_impl(a, x, y, res, 0, nthreads);
+}
+
+/*
+ * A chain of layers run image by image (depth-first).  Each thread takes whole images and
+ * runs every layer of the chain on one image before the next, so the activations between
+ * the layers stay in small per-thread buffers in L2, in the padded layout the next layer
+ * reads in place (no copy, plain stores), instead of going through memory as whole-batch
+ * tensors, layer by layer, each call starting its threads.  ops[i]: the layer and where its
+ * input, residual and output are: CHAIN_X or CHAIN_X2 (the chain's inputs x and x2, contiguous
+ * NCHW; x2 may be NULL when no op reads it), CHAIN_Y
+ * (the chain's output y, contiguous NCHW: the last op's output, and only it), CHAIN_NONE
+ * (no residual), or a buffer 0 .. nbuf - 1 an earlier op wrote.  The layers' B is
+ * ignored: x holds B images.  All layers have one kernel size.  Returns 0, or a negative
+ * code (-1: an inconsistent chain, -2: out of memory).
+ */
+#define CHAIN_X (-1)
+#define CHAIN_Y (-2)
+#define CHAIN_NONE (-3)
+#define CHAIN_X2 (-4)
+typedef struct {
+    const hetconv_forward_args *layer;
+    int in, res, out;
+} hetconv_chain_op;
+
+typedef struct { int C, H, W, padded; } chain_shape;
+
+int hetconv_native_chain(const hetconv_chain_op *ops, int nops, int nbuf, const float *x,
+                         const float *x2, float *y, int B, int nthreads) {
+    if (!ops || nops < 1 || nbuf < 0 || nbuf > nops || B < 0 || !x || !y || !ops[0].layer)
+        return -1;
     if (nthreads < 1) nthreads = 1;
-#if defined(__AVX512F__)
-    if (stride == 1 && args_ok(B, M, N, H, W, nblk, P, Mk, T, stride, kh, kw)) {
-        const geom_t *cached = geom_get(H, W, stride, kh, kw);
-        if (!cached) return -2;
-        if (reads_in_place(cached))
-            return forward_direct(cached, x, y, B, M, N, H, W, nblk, blk_cls, blk_out, w1p, wkp,
-                                  bp, P, Mk, chan, T, tap_dh, tap_dw, kh, kw, res, relu, nthreads);
+    const int kh = ops[0].layer->kh, kw = ops[0].layer->kw;
+    chain_shape xs = {-1, 0, 0, 0}, xs2 = {-1, 0, 0, 0}, *cur = (chain_shape *)calloc((size_t)nbuf + 1, sizeof(chain_shape));
+    size_t *buf_len = (size_t *)calloc((size_t)nbuf + 1, sizeof(size_t));
+    fwd_plan *pl = (fwd_plan *)calloc((size_t)nops, sizeof(fwd_plan));
+    size_t *off = (size_t *)calloc((size_t)nops * 3, sizeof(size_t));  /* in, res, out */
+    size_t *copy_at = (size_t *)calloc((size_t)nops + 1, sizeof(size_t));
+    int status = (cur && buf_len && pl && off && copy_at) ? 0 : -2;
+    size_t lead = 0, ylen = 0;  /* the zeros every buffer starts with; y's floats per image */
+    for (int i = 0; i < nops && !status; ++i) {
+        const hetconv_forward_args *a = ops[i].layer;
+        const int in = ops[i].in, res = ops[i].res, out = ops[i].out;
+        const int ext_in = in == CHAIN_X || in == CHAIN_X2, ext_res = res == CHAIN_X || res == CHAIN_X2;
+        if (!a || a->kh != kh || a->kw != kw || (in < 0 && !ext_in) || in >= nbuf ||
+            (res < 0 && !ext_res && res != CHAIN_NONE) || res >= nbuf ||
+            ((in == CHAIN_X2 || res == CHAIN_X2) && !x2) ||
+            (out != CHAIN_Y && (out < 0 || out >= nbuf)) || (out == CHAIN_Y) != (i == nops - 1) ||
+            out == in || out == res || !args_ok(1, a->M, a->N, a->H, a->W, a->nblk, a->P,
+                                               a->Mk, a->T, a->stride, kh, kw)) {
+            status = -1;
+            break;
+        }
+        const int Ho = (a->H + 2 * (kh / 2) - kh) / a->stride + 1;
+        const int Wo = (a->W + 2 * (kw / 2) - kw) / a->stride + 1;
+        chain_shape want_in = {a->M, a->H, a->W, 0}, want_out = {a->N, Ho, Wo, 0};
+        chain_shape *src = in == CHAIN_X ? &xs : in == CHAIN_X2 ? &xs2 : &cur[in];
+        if (ext_in && src->C < 0) *src = want_in;
+        if (src->C != want_in.C || src->H != want_in.H || src->W != want_in.W) { status = -1; break; }
+        int layouts = src->padded ? LAYOUT_X_PADDED : 0;
+        if (res != CHAIN_NONE) {
+            chain_shape *r = res == CHAIN_X ? &xs : res == CHAIN_X2 ? &xs2 : &cur[res];
+            if (ext_res && r->C < 0) *r = want_out;
+            if (r->C != want_out.C || r->H != Ho || r->W != Wo) { status = -1; break; }
+            if (r->padded) layouts |= LAYOUT_RES_PADDED;
+        }
+        const geom_t *go = geom_get(Ho, Wo, 1, kh, kw);
+        if (!go) { status = -2; break; }
+        if (out != CHAIN_Y && !reads_in_place(go)) {
+            want_out.padded = 1;
+            layouts |= LAYOUT_Y_PADDED;
+        }
+        if ((status = plan_init(&pl[i], a, layouts))) break;
+        /* where the op's tensors start within their buffers (past the common lead) */
+        const geom_t *gi = pl[i].gi;
+        off[3 * i] = (in >= 0 && src->padded) ? (size_t)gi->first : 0;
+        off[3 * i + 1] = (res >= 0 && (layouts & LAYOUT_RES_PADDED)) ? (size_t)go->first : 0;
+        off[3 * i + 2] = want_out.padded ? (size_t)go->first : 0;
+        if (want_out.padded && (size_t)go->lead > lead) lead = (size_t)go->lead;
+        if (out >= 0) {
+            const size_t len = want_out.padded
+                ? (size_t)a->N * go->PS + (size_t)go->slack
+                : (size_t)a->N * Ho * Wo + VL;
+            if (len > buf_len[out]) buf_len[out] = len;
+            cur[out] = want_out;
+        } else {
+            ylen = (size_t)a->N * Ho * Wo;
+        }
+        copy_at[i + 1] = copy_at[i] + plan_buffer_len(&pl[i]);
     }
-#endif
-    const int rc = kernel_setup(&g, &pe, &te, B, M, N, H, W, nblk, P, Mk, chan, T, tap_dh,
-                                tap_dw, stride, kh, kw);
-    if (rc) return rc;
-    const int HWo = g.Ho * g.Wo;
-    const int nte = Mk * T;
-    const int groups = block_groups(B, nblk, nthreads);
-    const int per_group = (nblk + groups - 1) / groups;
-    const long total = (long)B * groups;
-    /* padded image + slack for the last block's overrun (reads only feed discarded lanes) */
-    const size_t lead = (size_t)g.lead, slack = (size_t)g.slack;
-    const size_t buf_len = lead + (size_t)M * g.PS + slack;
-    int status = 0;
-#pragma omp parallel num_threads(nthreads) if (total > 1)
+    size_t per_thread = copy_at[status ? 0 : nops];
+    for (int k = 0; k < nbuf && !status; ++k) per_thread += lead + buf_len[k];
+    const size_t ximg = (size_t)xs.C * xs.H * xs.W, ximg2 = (size_t)xs2.C * xs2.H * xs2.W;
+#pragma omp parallel num_threads(nthreads) if (B > 1 && !status)
     {
-        const int key[6] = {M, H, W, stride, kh, kw};
-        float *buf = pad_buffer(buf_len, key);
-        int last_b = -1;
-        if (!buf) {
+        /* this thread's memory: the ops' padded copies, then the buffers (lead zeros first) */
+        float *mem = status ? NULL : (float *)calloc(per_thread ? per_thread : 1, sizeof(float));
+        float *bufs[64];
+        const int nb = nbuf < 64 ? nbuf : 64;
+        if (!status && (!mem || nbuf > 64)) {
 #pragma omp atomic write
             status = -2;
         }
+        if (mem) {
+            float *p = mem + copy_at[nops];
+            for (int k = 0; k < nb; ++k) { bufs[k] = p + lead; p += lead + buf_len[k]; }
+        }
 #pragma omp for schedule(static)
-        for (long it = 0; it < total; ++it) {
-            if (!buf) continue;
-            const int b = (int)(it / groups), grp = (int)(it % groups);
-            float *xp = buf + lead;
-            if (b != last_b) { pad_image(x + (size_t)b * M * H * W, xp, M, &g); last_b = b; }
-            float *yb = y + (size_t)b * N * HWo;
-            const float *rb = res ? res + (size_t)b * N * HWo : NULL;
-            const int end = (grp + 1) * per_group < nblk ? (grp + 1) * per_group : nblk;
-            for (int pb = 0; pb < g.npb; ++pb) {
-                const int q0 = g.pb_start[pb], nch = g.pb_len[pb];
-                for (int blk = grp * per_group; blk < end; ++blk) {
-                    float *yo[NB];
-                    const float *ro[NB];
-                    const int *tei[NB];
-                    const int shared = block_setup(blk, blk_cls, blk_out, yb, rb, HWo, te, nte,
-                                                   yo, ro, tei);
-                    micro_kernel(nch, xp, yo, ro, &g, q0, M, pe, w1p + (size_t)blk * M * NB,
-                                 nte, tei, shared, wkp + (size_t)blk * nte * NB,
-                                 bp ? bp + (size_t)blk * NB : NULL, relu);
-                }
+        for (int b = 0; b < B; ++b) {
+            if (!mem || nbuf > 64) continue;
+            for (int i = 0; i < nops; ++i) {
+                const hetconv_chain_op *op = &ops[i];
+                const fwd_plan *q = &pl[i];
+                const float *xb = op->in == CHAIN_X ? x + (size_t)b * ximg
+                                  : op->in == CHAIN_X2 ? x2 + (size_t)b * ximg2
+                                                       : bufs[op->in] + off[3 * i];
+                const float *rb = op->res == CHAIN_NONE ? NULL
+                                  : op->res == CHAIN_X ? x + (size_t)b * ximg
+                                  : op->res == CHAIN_X2 ? x2 + (size_t)b * ximg2
+                                                        : bufs[op->res] + off[3 * i + 1];
+                float *yb = op->out == CHAIN_Y ? y + (size_t)b * ylen
+                                               : bufs[op->out] + off[3 * i + 2];
+                plan_image(q, xb, yb, rb, 0, q->a.nblk, mem + copy_at[i], 1);
             }
         }
+        free(mem);
     }
-    free(pe); free(te);
+    if (pl)
+        for (int i = 0; i < nops; ++i) plan_free(&pl[i]);
+    free(cur); free(buf_len); free(pl); free(off); free(copy_at);
     return status;
 }
 
@@ -918,7 +1208,8 @@ int hetconv_native_wgrad(const float *x, const float *gy, float *gc, float *gt,
             const int b0 = grp * WG, ng = B - b0 < WG ? B - b0 : WG;
             float *xp = xbuf + lead;
             for (int img = 0; img < ng; ++img) {
-                pad_image(x + (size_t)(b0 + img) * M * H * W, xp + img * ximg, M, &g);
+                pad_image(x + (size_t)(b0 + img) * M * H * W, xp + img * ximg, M, &g,
+                          (size_t)H * W, W);
                 pad_grad(gy + (size_t)(b0 + img) * N * HWo, gbuf + img * gimg, N, &g, gplane);
             }
             const float *x0 = xp + g.first;
@@ -963,28 +1254,4 @@ int hetconv_native_wgrad(const float *x, const float *gy, float *gc, float *gt,
     }
     free(partial); free(pe); free(te);
     return status;
-}
-
-/*
- * The forward pass with every argument but the tensors and the thread count in one
- * struct: a prepared call (hetconv/native.py) builds it once, so a call converts 5
- * arguments instead of 27 (about 2.4 us less per call from Python's ctypes).
- */
-typedef struct {
-    int B, M, N, H, W, nblk;
-    const int *blk_cls, *blk_out;
-    const float *w1p, *wkp, *bp;
-    int P, Mk;
-    const int *chan;
-    int T;
-    const int *tap_dh, *tap_dw;
-    int stride, kh, kw, relu;
-} hetconv_forward_args;
-
-int hetconv_native_forward_packed(const hetconv_forward_args *a, const float *x, float *y,
-                                  const float *res, int nthreads) {
-    return hetconv_native_forward(x, y, a->B, a->M, a->N, a->H, a->W, a->nblk, a->blk_cls,
-                                  a->blk_out, a->w1p, a->wkp, a->bp, a->P, a->Mk, a->chan, a->T,
-                                  a->tap_dh, a->tap_dw, a->stride, a->kh, a->kw, res, a->relu,
-                                  nthreads);
 }

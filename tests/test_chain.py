@@ -1,0 +1,242 @@
+"""Native layers chained by optimize_for_inference: one C call runs them image by image
+(hetconv_native_chain). Checked against the same layers run one after another (bitwise: the
+same arithmetic per output) and against the original model."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import hetconv
+from hetconv import deploy, native
+
+pytestmark = pytest.mark.skipif(not native.available(), reason="native kernel unavailable")
+
+X, Y, NONE, X2 = native.CHAIN_X, native.CHAIN_Y, native.CHAIN_NONE, native.CHAIN_X2
+
+
+def _chains(model: nn.Module):
+    return [m for m in model.modules() if isinstance(m, deploy.NativeChain)]
+
+
+def _counting(monkeypatch):
+    """Counts the C chain calls."""
+    calls = []
+    real = native.run_chain
+
+    def counted(*args, **kwargs):
+        calls.append(args[1].shape)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(native, "run_chain", counted)
+    return calls
+
+
+def _stepwise(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The model with its chains run layer by layer."""
+    chains = _chains(model)
+    for c in chains:
+        c.enabled = False
+    try:
+        return model(x)
+    finally:
+        for c in chains:
+            c.enabled = True
+
+
+def _resnet(size: int = 16, batch: int = 8, part: int = 4, seed: int = 0):
+    torch.manual_seed(seed)
+    model = hetconv.create_model("resnet56_cifar", part=part, width=0.5).eval()
+    with torch.no_grad():  # non-trivial BatchNorms, so the folded biases are not zero
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2)
+                m.bias.uniform_(-0.5, 0.5)
+    x = torch.randn(batch, 3, size, size)
+    return model, x
+
+
+@pytest.mark.parametrize("size", [16, 32, 20])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_resnet_stages_chained_match_layer_by_layer(size, threads, monkeypatch):
+    """ResNet-56: one chain per stage (the stage transitions' shortcuts are the second
+    inputs); padded geometries (32x32, 16x16, 20x20), planes read in place (8x8, 4x4),
+    stride-2 layers reading the intermediate buffers: the same numbers as layer by layer,
+    bit for bit, and the original model's within tolerance."""
+    model, x = _resnet(size)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        fast = hetconv.optimize_for_inference(model, x, backend="native",
+                                              memory_format="contiguous")
+        assert fast.hetconv_plan["chained_native"] == 3
+        assert [len(c.layers) for c in _chains(fast)] == [18, 18, 18]
+        calls = _counting(monkeypatch)
+        with torch.no_grad():
+            got = fast(x)
+            assert len(calls) == 3
+            want = _stepwise(fast, x)
+            assert len(calls) == 3
+            ref = model(x)
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(got, want)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_resnet_chain_program_reuses_three_buffers():
+    model, x = _resnet()
+    fast = hetconv.optimize_for_inference(model, x, backend="native", memory_format="contiguous")
+    first, second, _ = _chains(fast)
+    # a block: conv1 reads the block input, conv2 reads conv1's output plus the block input
+    assert first.program[:2] == [(X, NONE, 0), (0, X, 1)]
+    assert second.program[:2] == [(X, NONE, 0), (0, X2, 1)]  # x2: the transition's shortcut
+    assert first.program[2:4] == [(1, NONE, 0), (0, 1, 2)]
+    assert first.program[-1][2] == Y
+    assert first.nbuf == second.nbuf == 3
+    for c in (first, second):
+        for k, (i, r, o) in enumerate(c.program):  # nothing overwritten while still read
+            assert o not in (i, r)
+            if k < len(c.program) - 1:
+                assert o >= 0
+
+
+class _Plain(nn.Module):
+    """Convolutions with ReLUs and a residual sum that reaches back two layers: channel
+    counts change, a 5x5 kernel set, stride 2 in the middle."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = hetconv.HetConv2d(8, 16, 5, part=4, bias=True)
+        self.b = hetconv.HetConv2d(16, 16, 5, part=2, bias=True, pattern="blocked")
+        self.c = hetconv.HetConv2d(16, 24, 5, stride=2, part=8, bias=True)
+        self.d = hetconv.HetConv2d(24, 24, 5, part=4, bias=True)
+        self.e = hetconv.HetConv2d(24, 24, 5, part=3, bias=True)
+
+    def forward(self, x):
+        x = F.relu(self.a(x))
+        x = F.relu(self.b(x))
+        y = F.relu(self.c(x))
+        z = F.relu(self.d(y))
+        return torch.relu(self.e(z) + y)
+
+
+@pytest.mark.parametrize("size", [(24, 24), (19, 13)])
+def test_generic_chain_matches(size, monkeypatch):
+    torch.manual_seed(1)
+    model = _Plain().eval()
+    x = torch.randn(6, 8, *size)
+    fast = hetconv.optimize_for_inference(model, x, backend="native", memory_format="contiguous",
+                                          absorb=False)
+    assert [len(c.layers) for c in _chains(fast)] == [5]
+    calls = _counting(monkeypatch)
+    with torch.no_grad():
+        got = fast(x)
+        assert len(calls) == 1
+        assert torch.equal(got, _stepwise(fast, x))
+        torch.testing.assert_close(got, model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_small_batches_autograd_and_other_layouts_run_layer_by_layer(monkeypatch):
+    model, x = _resnet(batch=8)
+    fast = hetconv.optimize_for_inference(model, x, backend="native", memory_format="contiguous")
+    calls = _counting(monkeypatch)
+    small = x[:1]
+    with torch.no_grad():
+        torch.testing.assert_close(fast(small), model(small), rtol=1e-4, atol=1e-4)
+        assert not calls  # one image: each layer's threads share it
+        # channels_last input: the first stage's input is channels_last (layer by layer),
+        # the later stages get the NCHW kernel's NCHW outputs (chained)
+        cl = x.contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(fast(cl), model(x), rtol=1e-4, atol=1e-4)
+        assert len(calls) == 2
+        calls.clear()
+    xg = x.clone().requires_grad_()
+    out = fast(xg)
+    out.sum().backward()
+    assert not calls and xg.grad is not None
+    torch.testing.assert_close(out.detach(), model(x).detach(), rtol=1e-4, atol=1e-4)
+
+
+def test_chain_sees_weights_changed_after_a_call(monkeypatch):
+    """Weights updated in place or replaced after a chained call: the next call prepares
+    again and uses them."""
+    model, x = _resnet()
+    fast = hetconv.optimize_for_inference(model, x, backend="native", memory_format="contiguous")
+    calls = _counting(monkeypatch)
+    first = _chains(fast)[0]
+    with torch.no_grad():
+        before = fast(x)
+        first.layers[3].layer.weight_k.mul_(-2.0)  # in place
+        after = fast(x)
+        assert not torch.equal(after, before)
+        assert torch.equal(after, _stepwise(fast, x))
+        first.layers[5].layer.weight_1 = nn.Parameter(first.layers[5].layer.weight_1 * 3,
+                                                      requires_grad=False)  # replaced
+        again = fast(x)
+        assert torch.equal(again, _stepwise(fast, x))
+        assert not torch.equal(again, after)
+    assert len(calls) == 3 * 3
+
+
+def test_chained_model_copies_and_pickles(tmp_path):
+    model, x = _resnet()
+    fast = hetconv.optimize_for_inference(model, x, backend="native", memory_format="contiguous")
+    with torch.no_grad():
+        want = fast(x)
+        twin = copy.deepcopy(fast)
+        torch.save(fast, tmp_path / "m.pt")
+        loaded = torch.load(tmp_path / "m.pt", weights_only=False)
+        for other in (twin, loaded):
+            assert all(not c.__dict__.get("_plans") for c in _chains(other))
+            assert torch.equal(other(x), want)
+
+
+def test_measured_optimization_keeps_the_faster_way():
+    model, x = _resnet()
+    fast = hetconv.optimize_for_inference(model, x, repeats=1)
+    plan = fast.hetconv_plan
+    if plan["chained_native"]:
+        seconds = plan["chain_seconds"]
+        want = seconds["chained"] <= seconds["layer_by_layer"]
+        assert all(c.enabled == want for c in _chains(fast))
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_inconsistent_chains_are_refused():
+    """run_chain checks the inputs against the chain; the C side checks the program: reading
+    a buffer nothing wrote, the output written before the end, a second input nobody gave,
+    shapes that do not follow from one layer to the next."""
+    torch.manual_seed(2)
+    layers = [hetconv.HetConv2d(8, 8, 3, part=4, bias=True).eval() for _ in range(2)]
+    wide = hetconv.HetConv2d(16, 8, 3, part=4).eval()
+    with torch.no_grad():
+        def plan(m, c=8):
+            return native.ForwardPlan.build(torch.empty(1, c, 6, 6), m.weight_k, m.weight_1,
+                                            m.bias, m.pattern, True, None, 1)
+        plans = [plan(m) for m in layers]
+        x = torch.randn(4, 8, 6, 6)
+        good = native.Chain(plans, [(X, NONE, 0), (0, X, Y)])
+        assert good.nbuf == 1 and good.in_shapes == ((8, 6, 6), None)
+        want = F.relu(layers[1](F.relu(layers[0](x))) + x)
+        torch.testing.assert_close(native.run_chain(good, x), want, rtol=1e-4, atol=1e-4)
+        for program in ([(X, NONE, 1), (0, X, Y)],  # buffer 0 read, never written
+                        [(X, NONE, Y), (X, NONE, 0)]):  # y written before the end
+            chain = native.Chain(plans, program)
+            with pytest.raises(RuntimeError, match="chain failed"):
+                native.run_chain(chain, x)
+        x2_chain = native.Chain(plans, [(X, X2, 0), (0, NONE, Y)])
+        with pytest.raises(ValueError, match="x2 must be"):
+            native.run_chain(x2_chain, x)
+        mismatch = native.Chain([plans[0], plan(wide, 16)], [(X, NONE, 0), (0, NONE, Y)])
+        with pytest.raises(RuntimeError, match="chain failed"):  # 8 channels into 16
+            native.run_chain(mismatch, x)
+        with pytest.raises(ValueError, match=r"x must be .* \(B, 8, 6, 6\)"):
+            native.run_chain(good, torch.randn(4, 8, 5, 5))
+        with pytest.raises(ValueError, match="x must be"):
+            native.run_chain(good, x.contiguous(memory_format=torch.channels_last))
