@@ -39,13 +39,16 @@ def _median_ms(fn: Callable[[], object], repeats: int, warmup: int = 3) -> float
 
 
 def split(model_name: str, part, batch: int, width: float = 1.0, repeats: int = 25,
-          memory_format: str = "auto", backend: str = "measure") -> Dict[str, object]:
+          memory_format: str = "auto", backend: str = "measure",
+          chains: bool = False) -> Dict[str, object]:
     """``{"total_ms", "kernels_ms", "pass_ms", "outside_ms", "layers": [(signature, calls,
     ms), ...]}`` per forward pass of the optimized model (``layers``: kernel time per
     signature; ``pass_ms``: the mean forward pass of the same calls the kernel times come
-    from, so it contains them)."""
+    from, so it contains them). ``chains``: keep the model's native chains (one entry per
+    chain, signature ``("native chain", input shape, output channels, False)``); by default
+    they run layer by layer, so every layer's kernel call is seen."""
     import hetconv
-    from hetconv import native
+    from hetconv import deploy, native
     from hetconv._timing import retain_freed_memory
 
     retain_freed_memory()
@@ -57,6 +60,9 @@ def split(model_name: str, part, batch: int, width: float = 1.0, repeats: int = 
                                          backend=backend, check=False)
     if opt.hetconv_plan["memory_format"] == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
+    for module in opt.modules():
+        if isinstance(module, deploy.NativeChain):
+            module.enabled = chains
 
     def forward():
         with torch.no_grad():
@@ -65,7 +71,7 @@ def split(model_name: str, part, batch: int, width: float = 1.0, repeats: int = 
     total = _median_ms(forward, repeats)
     spent: Dict[tuple, float] = collections.defaultdict(float)
     calls: Dict[tuple, int] = collections.Counter()
-    real = native._launch
+    real, real_chain = native._launch, native.run_chain
 
     def timed(x_, shape, fmt, call, residual, what):
         t0 = time.perf_counter()
@@ -75,11 +81,22 @@ def split(model_name: str, part, batch: int, width: float = 1.0, repeats: int = 
         calls[key] += 1
         return y
 
+    def timed_chain(chain, x_, x2=None):
+        t0 = time.perf_counter()
+        y = real_chain(chain, x_, x2)
+        key = ("native chain", tuple(x_.shape[1:]), y.shape[1], False)
+        spent[key] += time.perf_counter() - t0
+        calls[key] += 1
+        return y
+
     def skipped(x_, shape, fmt, call, residual, what):
         return real(x_, shape, fmt, lambda *args: 0, residual, what)
 
+    def skipped_chain(chain, x_, x2=None):
+        return torch.empty((x_.shape[0],) + chain.out_shape)
+
     try:
-        native._launch = timed
+        native._launch, native.run_chain = timed, timed_chain
         forward()  # warm
         spent.clear()
         calls.clear()
@@ -87,14 +104,15 @@ def split(model_name: str, part, batch: int, width: float = 1.0, repeats: int = 
         for _ in range(repeats):
             forward()
         pass_ms = (time.perf_counter() - t0) / repeats * 1e3
-        native._launch = skipped
+        native._launch, native.run_chain = skipped, skipped_chain
         outside = _median_ms(forward, repeats)
     finally:
-        native._launch = real
+        native._launch, native.run_chain = real, real_chain
     layers = [(key, calls[key] // repeats, spent[key] / repeats * 1e3) for key in sorted(spent)]
     return {"total_ms": total, "kernels_ms": sum(ms for _, _, ms in layers), "pass_ms": pass_ms,
             "outside_ms": outside, "layers": layers,
-            "memory_format": opt.hetconv_plan["memory_format"]}
+            "memory_format": opt.hetconv_plan["memory_format"],
+            "native_dense": opt.hetconv_plan.get("native_dense", 0)}
 
 
 def _part(text: str):
@@ -116,6 +134,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--backend", default="measure",
                     help="optimize_for_inference's backend: measure (default), auto or one of "
                          "hetconv.BACKENDS")
+    ap.add_argument("--chains", action="store_true",
+                    help="keep the model's native chains (one row per chain); by default they "
+                         "run layer by layer, one row per layer signature")
     args = ap.parse_args(argv)
     for name in ("batch", "repeats", "threads"):
         if getattr(args, name) < 1:
@@ -124,7 +145,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         ap.error(f"--width must be > 0, got {args.width}")
     torch.set_num_threads(args.threads)
     out = split(args.model, args.part, args.batch, args.width, args.repeats,
-                args.memory_format, args.backend)
+                args.memory_format, args.backend, args.chains)
     print(f"{args.model} P{args.part} batch {args.batch} ({out['memory_format']}): "
           f"{out['total_ms']:.2f} ms per call; kernel calls {out['kernels_ms']:.2f} ms; "
           f"with the kernels skipped {out['outside_ms']:.2f} ms")

@@ -245,9 +245,14 @@ def test_model_time_split_script_accounts_for_every_native_layer():
     if not hetconv.native.available():
         assert out["layers"] == []
         return
-    assert sum(calls for _, calls, _ in out["layers"]) == 27 * 2
+    # (+ the stem where the kernel ran it faster as a P = 1 layer)
+    assert sum(calls for _, calls, _ in out["layers"]) == 27 * 2 + out["native_dense"]
     assert {key[3] for key, _, _ in out["layers"]} == {False, True}  # fused residuals too
     assert 0 < out["kernels_ms"] < out["pass_ms"]
+    chained = mts.split("resnet56_cifar", 4, batch=8, width=0.25, repeats=2,
+                        memory_format="contiguous", backend="native", chains=True)
+    if torch.get_num_threads() * 2 <= 8:  # chains run on >= 2 images per thread
+        assert [(key[0], calls) for key, calls, _ in chained["layers"]] == [("native chain", 1)]
     assert hetconv.native._launch.__name__ == "_launch"  # put back
     with pytest.raises(SystemExit):
         mts.main(["--batch", "0"])

@@ -62,25 +62,31 @@ def _resnet(size: int = 16, batch: int = 8, part: int = 4, seed: int = 0):
 
 @pytest.mark.parametrize("size", [16, 32, 20])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_resnet_stages_chained_match_layer_by_layer(size, threads, monkeypatch):
-    """ResNet-56: one chain per stage (the stage transitions' shortcuts are the second
-    inputs); padded geometries (32x32, 16x16, 20x20), planes read in place (8x8, 4x4),
-    stride-2 layers reading the intermediate buffers: the same numbers as layer by layer,
-    bit for bit, and the original model's within tolerance."""
+@pytest.mark.parametrize("absorb", [True, False])
+def test_resnet_chained_matches_layer_by_layer(size, threads, absorb, monkeypatch):
+    """ResNet-56 becomes one chain: its 54 HetConv layers, the two stage transitions'
+    shortcuts (in the absorbed graph with their channel orders) and the stem when the
+    kernel ran it faster. Padded geometries (32x32, 16x16, 20x20), planes read in place
+    (8x8, 4x4), stride-2 layers reading the intermediate buffers: the same numbers as layer
+    by layer, bit for bit, and the original model's within tolerance."""
     model, x = _resnet(size)
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         fast = hetconv.optimize_for_inference(model, x, backend="native",
-                                              memory_format="contiguous")
-        assert fast.hetconv_plan["chained_native"] == 3
-        assert [len(c.layers) for c in _chains(fast)] == [18, 18, 18]
+                                              memory_format="contiguous", absorb=absorb)
+        plan = fast.hetconv_plan
+        assert plan["chained_native"] == 1
+        (chain,) = _chains(fast)
+        kinds = [type(m).__name__ for m in chain.layers]
+        assert kinds.count("ChannelPadShortcut") == 2
+        assert kinds.count("NativeFused") == 54 + plan["native_dense"]
         calls = _counting(monkeypatch)
         with torch.no_grad():
             got = fast(x)
-            assert len(calls) == 3
+            assert len(calls) == 1
             want = _stepwise(fast, x)
-            assert len(calls) == 3
+            assert len(calls) == 1
             ref = model(x)
     finally:
         torch.set_num_threads(old)
@@ -88,21 +94,24 @@ def test_resnet_stages_chained_match_layer_by_layer(size, threads, monkeypatch):
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
 
 
-def test_resnet_chain_program_reuses_three_buffers():
+def test_resnet_chain_program_reuses_three_buffers(monkeypatch):
+    monkeypatch.setattr(deploy, "_native_dense_convs", lambda *args: 0)  # the stem stays dense
     model, x = _resnet()
     fast = hetconv.optimize_for_inference(model, x, backend="native", memory_format="contiguous")
-    first, second, _ = _chains(fast)
+    (chain,) = _chains(fast)
     # a block: conv1 reads the block input, conv2 reads conv1's output plus the block input
-    assert first.program[:2] == [(X, NONE, 0), (0, X, 1)]
-    assert second.program[:2] == [(X, NONE, 0), (0, X2, 1)]  # x2: the transition's shortcut
-    assert first.program[2:4] == [(1, NONE, 0), (0, 1, 2)]
-    assert first.program[-1][2] == Y
-    assert first.nbuf == second.nbuf == 3
-    for c in (first, second):
-        for k, (i, r, o) in enumerate(c.program):  # nothing overwritten while still read
-            assert o not in (i, r)
-            if k < len(c.program) - 1:
-                assert o >= 0
+    assert chain.program[:4] == [(X, NONE, 0), (0, X, 1), (1, NONE, 0), (0, 1, 2)]
+    shortcuts = [k for k, m in enumerate(chain.layers) if isinstance(m, deploy.ChannelPadShortcut)]
+    assert len(shortcuts) == 2
+    for k in shortcuts:  # a transition: conv1 and the shortcut read the block input, conv2
+        i, r, o = chain.program[k]  # adds the shortcut
+        assert r == NONE and chain.program[k - 1][0] == i and chain.program[k + 1][1] == o
+    assert chain.program[-1][2] == Y
+    assert chain.nbuf == 3
+    for k, (i, r, o) in enumerate(chain.program):  # nothing overwritten while still read
+        assert o not in (i, r)
+        if k < len(chain.program) - 1:
+            assert o >= 0
 
 
 class _Plain(nn.Module):
@@ -149,12 +158,9 @@ def test_small_batches_autograd_and_other_layouts_run_layer_by_layer(monkeypatch
     with torch.no_grad():
         torch.testing.assert_close(fast(small), model(small), rtol=1e-4, atol=1e-4)
         assert not calls  # one image: each layer's threads share it
-        # channels_last input: the first stage's input is channels_last (layer by layer),
-        # the later stages get the NCHW kernel's NCHW outputs (chained)
         cl = x.contiguous(memory_format=torch.channels_last)
         torch.testing.assert_close(fast(cl), model(x), rtol=1e-4, atol=1e-4)
-        assert len(calls) == 2
-        calls.clear()
+        assert not calls  # channels_last: not the NCHW kernel's input
     xg = x.clone().requires_grad_()
     out = fast(xg)
     out.sum().backward()
@@ -180,7 +186,7 @@ def test_chain_sees_weights_changed_after_a_call(monkeypatch):
         again = fast(x)
         assert torch.equal(again, _stepwise(fast, x))
         assert not torch.equal(again, after)
-    assert len(calls) == 3 * 3
+    assert len(calls) == 3
 
 
 def test_chained_model_copies_and_pickles(tmp_path):
@@ -240,3 +246,69 @@ def test_inconsistent_chains_are_refused():
             native.run_chain(good, torch.randn(4, 8, 5, 5))
         with pytest.raises(ValueError, match="x must be"):
             native.run_chain(good, x.contiguous(memory_format=torch.channels_last))
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("bias", [True, False])
+def test_dense_convolution_as_a_native_layer(stride, bias):
+    """A dense stem the NCHW kernel computes as a P = 1 layer: its taps are the dense kernel,
+    fused with its ReLU it equals the convolution."""
+    torch.manual_seed(3)
+    conv = nn.Conv2d(3, 16, 3, stride=stride, padding=1, bias=bias).eval()
+    assert deploy._native_dense_ok(conv)
+    layer = deploy._as_native_p1(conv)
+    assert layer.part == 1 and layer.backend == "native"
+    fused = deploy.NativeFused(layer, relu=True, residual=False)
+    x = torch.randn(4, 3, 17, 15)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), F.relu(conv(x)), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("conv", [
+    nn.Conv2d(3, 16, 3, padding=0), nn.Conv2d(4, 16, 3, padding=1, groups=2),
+    nn.Conv2d(3, 16, 4, padding=2), nn.Conv2d(3, 16, 3, padding=2, dilation=2),
+    nn.Conv2d(3, 16, 3, stride=3, padding=1), nn.Conv2d(3, 16, 3, padding=1, padding_mode="reflect"),
+    nn.Conv2d(3, 16, 3, padding=1).double(), hetconv.HetConv2d(4, 16, 3, part=2)])
+def test_dense_convolutions_the_kernel_does_not_take(conv):
+    assert not deploy._native_dense_ok(conv)
+
+
+class _Shortcuts(nn.Module):
+    """Two option-A shortcuts as traced code writes them: channels padded at both ends and
+    reordered, and padded at the end only (stride 1)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("order", torch.randperm(13))
+
+    def forward(self, x):
+        a = torch.index_select(F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, 2, 3)), 1, self.order)
+        b = F.pad(x[:, :, ::1, ::1], (0, 0, 0, 0, 0, 4))
+        c = F.pad(x[:, :, ::2, ::2], (1, 0, 0, 0, 0, 4))  # a spatial pad: not a shortcut
+        return a.sum() + b.sum() * 2 + c.sum() * 3, a, b, c
+
+
+def test_shortcut_patterns_become_modules_and_chain_ops():
+    torch.manual_seed(4)
+    model = _Shortcuts()
+    gm = torch.fx.symbolic_trace(model)
+    assert deploy._fuse_shortcuts(gm) == 2
+    gm.recompile()
+    mods = [m for m in gm.modules() if isinstance(m, deploy.ChannelPadShortcut)]
+    assert sorted((m.stride, m.front, m.back, m.order is not None) for m in mods) == [
+        (1, 0, 4, False), (2, 2, 3, True)]
+    x = torch.randn(3, 8, 7, 6)
+    for got, want in zip(gm(x), model(x)):
+        assert torch.equal(got, want)
+    for m in mods:  # the C op (run as a one-op chain's first op) computes the same
+        plan = native.ShortcutPlan((1, 8, 7, 6), m.stride, m.front, m.back, m.order)
+        ref = m(x)
+        assert plan.shape[1:] == tuple(ref.shape[1:])
+        layer = hetconv.HetConv2d(ref.shape[1], 8, 3, part=1, bias=True).eval()
+        with torch.no_grad():
+            conv = native.ForwardPlan.build(torch.empty(plan.shape), layer.weight_k,
+                                            layer.weight_1, layer.bias, "shifted", False,
+                                            None, 1)
+            got = native.run_chain(native.Chain([plan, conv], [(X, NONE, 0), (0, NONE, Y)]), x)
+            want = F.conv2d(ref, layer.dense_weight(), layer.bias, 1, 1)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

@@ -35,7 +35,7 @@ from .native import PlanHolder
 from .permute import PermutationTracer, absorb_permutations, has_shifted_layers
 
 __all__ = ["fold_batchnorm", "optimize_for_inference", "export_onnx", "export_module",
-           "NativeFused", "NativeChain"]
+           "NativeFused", "NativeChain", "ChannelPadShortcut"]
 
 log = logging.getLogger(__name__)
 
@@ -113,11 +113,12 @@ def fold_batchnorm(model: nn.Module) -> int:
 # Backend and memory-format selection
 # ---------------------------------------------------------------------------
 
-def _capture_inputs(model: nn.Module, example_input: torch.Tensor) -> Dict[nn.Module, torch.Tensor]:
-    """The input each HetConv2d of ``model`` sees on ``example_input``."""
+def _capture_inputs(model: nn.Module, example_input: torch.Tensor,
+                    kinds: tuple = (HetConv2d,)) -> Dict[nn.Module, torch.Tensor]:
+    """The input each module of ``kinds`` in ``model`` sees on ``example_input``."""
     seen: Dict[nn.Module, torch.Tensor] = {}
     hooks = [m.register_forward_pre_hook(lambda mod, args: seen.setdefault(mod, args[0].detach()))
-             for m in model.modules() if isinstance(m, HetConv2d)]
+             for m in model.modules() if isinstance(m, kinds)]
     try:
         with torch.no_grad():
             model(example_input)
@@ -145,6 +146,68 @@ def _fastest_backend(layer: HetConv2d, x: torch.Tensor, repeats: int) -> Tuple[s
                                  settle=1)
     medians = {b: t.median for b, t in times.items()}
     return min(medians, key=medians.get), medians
+
+
+def _native_dense_ok(conv: nn.Module) -> bool:
+    """A dense convolution the NCHW kernel can compute (as a HetConv2d with P = 1)."""
+    if type(conv) is not nn.Conv2d:
+        return False
+    k = tuple(conv.kernel_size)
+    return (conv.groups == 1 and tuple(conv.dilation) == (1, 1)
+            and conv.padding_mode == "zeros" and all(v % 2 == 1 for v in k)
+            and tuple(conv.padding) == (k[0] // 2, k[1] // 2)
+            and tuple(conv.stride) in ((1, 1), (2, 2)) and conv.weight.dtype == torch.float32)
+
+
+def _as_native_p1(conv: nn.Conv2d) -> HetConv2d:
+    """``conv`` as a HetConv2d with P = 1 (every tap on every channel: the same dense
+    kernel) on the native backend."""
+    layer = HetConv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
+                      bias=conv.bias is not None, part=1, backend="native",
+                      device=conv.weight.device)
+    with torch.no_grad():
+        layer.weight_k.copy_(conv.weight)
+        if conv.bias is not None:
+            layer.bias.copy_(conv.bias)
+    if not torch.equal(layer.dense_weight(), conv.weight):  # P = 1: weight_k is the kernel
+        raise AssertionError("P = 1 HetConv2d does not hold the dense kernel as it is")
+    layer.requires_grad_(False)
+    return layer.eval()
+
+
+def _native_dense_convs(out: nn.Module, x: torch.Tensor, repeats: int, plan: dict) -> int:
+    """Replace the dense convolutions (a stem, say) that the NCHW kernel runs faster than
+    ``nn.Conv2d`` on their own NCHW input by P = 1 HetConv2d layers on it; returns how many
+    (their timings go to ``plan["layers"]``)."""
+    if not HF._native.vectorized():
+        return 0
+    names = {m: n for n, m in out.named_modules()
+             if _native_dense_ok(m)}
+    if not names:
+        return 0
+    inputs = _capture_inputs(out, x, (nn.Conv2d,))
+    replaced = 0
+    for conv, name in names.items():
+        xin = inputs.get(conv)
+        if xin is None or xin.dim() != 4 or not xin.is_contiguous() \
+                or xin.dtype != torch.float32:
+            continue
+        layer = _as_native_p1(conv)
+        args = (layer.weight_k, layer.weight_1, layer.bias, layer.pattern, False, None,
+                layer.stride[0])
+        with torch.no_grad():  # the kernel itself (HetConv2d runs P = 1 densely; NativeFused not)
+            times = time_interleaved(
+                {"dense": lambda: conv(xin),
+                 "native": lambda: HF._native.native_conv2d(xin, *args)},
+                repeats=repeats, warmup=1, settle=1)
+        medians = {k: t.median for k, t in times.items()}
+        if medians["native"] < medians["dense"]:
+            parent, _, attr = name.rpartition(".")
+            setattr(out.get_submodule(parent) if parent else out, attr, layer)
+            plan["layers"][name] = {"backend": "native", "seconds": medians,
+                                    "from": "nn.Conv2d (as P = 1)"}
+            replaced += 1
+    return replaced
 
 
 def _absorbed(model: nn.Module, example_input: Optional[torch.Tensor]) -> Tuple[nn.Module, dict]:
@@ -201,7 +264,7 @@ class NativeFused(PlanHolder, nn.Module):
 
     def _check(self, x: torch.Tensor, residual: Optional[torch.Tensor]) -> bool:
         layer = self.layer
-        if getattr(layer, "backend", None) != "native" or layer.part == 1 or x.dim() != 4:
+        if getattr(layer, "backend", None) != "native" or x.dim() != 4:
             return False
         if getattr(layer, "padding_mode", "zeros") != "zeros":
             return False
@@ -330,6 +393,95 @@ def _fuse_native(model: nn.Module) -> Tuple[nn.Module, int]:
     return gm, fused
 
 
+class ChannelPadShortcut(nn.Module):
+    """``F.pad(x[:, :, ::stride, ::stride], (0, 0, 0, 0, front, back))``, then (``order``
+    given) ``index_select(., 1, order)``: the parameter-free ("option A") shortcut of the
+    CIFAR ResNets, as one module, so a :class:`NativeChain` can run it. Built by
+    :func:`optimize_for_inference` from those operations in the traced graph."""
+
+    def __init__(self, stride: int, front: int, back: int,
+                 order: Optional[torch.Tensor] = None) -> None:
+        super().__init__()
+        self.stride, self.front, self.back = int(stride), int(front), int(back)
+        self.register_buffer("order", None if order is None else order.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.stride
+        y = F.pad(x[:, :, ::s, ::s], (0, 0, 0, 0, self.front, self.back))
+        return y if self.order is None else torch.index_select(y, 1, self.order)
+
+    def extra_repr(self) -> str:
+        return (f"stride={self.stride}, front={self.front}, back={self.back}, "
+                f"order={'yes' if self.order is not None else 'no'}")
+
+
+def _shortcut_pattern(gm: torch.fx.GraphModule, node) -> Optional[tuple]:
+    """``(input, stride, front, back, order, nodes)`` when ``node`` (a getitem) starts
+    ``x[:, :, ::s, ::s] -> F.pad(., (0, 0, 0, 0, front, back)) [-> index_select(., 1, t)]``
+    whose intermediate values have no other user; else None."""
+    if node.op != "call_function" or node.target is not operator.getitem or len(node.args) != 2:
+        return None
+    index = node.args[1]
+    full = slice(None, None, None)
+    if not (isinstance(index, tuple) and len(index) == 4 and index[0] == full
+            and index[1] == full and all(isinstance(i, slice) for i in index[2:])):
+        return None
+    s = index[2].step
+    if (index[2] != index[3] or index[2].start not in (None, 0) or index[2].stop is not None
+            or not isinstance(s, int) or s < 1 or len(node.users) != 1):
+        return None
+    pad = next(iter(node.users))
+    kwargs = dict(pad.kwargs)
+    if pad.op != "call_function" or pad.target is not F.pad or len(pad.args) < 2:
+        return None
+    amounts = pad.args[1]
+    mode = pad.args[2] if len(pad.args) > 2 else kwargs.get("mode", "constant")
+    value = pad.args[3] if len(pad.args) > 3 else kwargs.get("value", None)
+    if (not isinstance(amounts, (tuple, list)) or len(amounts) != 6
+            or any(not isinstance(v, int) or v < 0 for v in amounts) or any(amounts[:4])
+            or mode != "constant" or value not in (None, 0, 0.0)):
+        return None
+    nodes, end, order = [node, pad], pad, None
+    if len(pad.users) == 1:
+        sel = next(iter(pad.users))
+        if (sel.op == "call_function" and sel.target is torch.index_select and len(sel.args) == 3
+                and not sel.kwargs and sel.args[1] == 1 and isinstance(sel.args[2], torch.fx.Node)
+                and sel.args[2].op == "get_attr"):
+            order = getattr(gm, sel.args[2].target, None)
+            if isinstance(order, torch.Tensor):
+                nodes.append(sel)
+                end = sel
+            else:
+                order = None
+    return node.args[0], s, amounts[4], amounts[5], order, nodes, end
+
+
+def _fuse_shortcuts(gm: torch.fx.GraphModule) -> int:
+    """Replace each option-A shortcut (:func:`_shortcut_pattern`) by a
+    :class:`ChannelPadShortcut` module; returns how many."""
+    made = 0
+    for node in list(gm.graph.nodes):
+        found = _shortcut_pattern(gm, node)
+        if found is None:
+            continue
+        value, s, front, back, order, nodes, end = found
+        name = f"pad_shortcut_{made}"
+        while hasattr(gm, name):
+            name += "_"
+        gm.add_submodule(name, ChannelPadShortcut(s, front, back, order))
+        with gm.graph.inserting_before(end):
+            new = gm.graph.call_module(name, (value,))
+        end.replace_all_uses_with(new)
+        for n in reversed(nodes):
+            if not n.users:
+                gm.graph.erase_node(n)
+        made += 1
+    for node in list(gm.graph.nodes):  # orders now held by the modules
+        if node.op == "get_attr" and not node.users:
+            gm.graph.erase_node(node)
+    return made
+
+
 class NativeChain(PlanHolder, nn.Module):
     """Consecutive :class:`NativeFused` layers run image by image in one kernel call.
 
@@ -350,7 +502,7 @@ class NativeChain(PlanHolder, nn.Module):
     #: share its images, which keeps both cores busy on small batches).
     min_batch_per_thread = 2
 
-    def __init__(self, layers: List["NativeFused"], program: List[Tuple[int, int, int]],
+    def __init__(self, layers: List[nn.Module], program: List[Tuple[int, int, int]],
                  nbuf: int) -> None:
         super().__init__()
         self.layers = nn.ModuleList(layers)
@@ -369,7 +521,7 @@ class NativeChain(PlanHolder, nn.Module):
         nat = HF._native
         values = {nat.CHAIN_X: x, nat.CHAIN_X2: x2}
         for layer, (i, r, o) in zip(self.layers, self.program):
-            values[o] = layer(values[i], None if r == nat.CHAIN_NONE else values[r])
+            values[o] = layer(values[i]) if r == nat.CHAIN_NONE else layer(values[i], values[r])
         return values[nat.CHAIN_Y]
 
     def _chained(self, x: torch.Tensor, x2: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -384,7 +536,7 @@ class NativeChain(PlanHolder, nn.Module):
                     p.requires_grad for p in self.parameters())))):
             return None
         key = (tuple(x.shape[1:]), None if x2 is None else tuple(x2.shape[1:]),
-               tuple(m.layer.backend for m in self.layers))
+               tuple(getattr(m, "layer", m).__dict__.get("backend") for m in self.layers))
         entry = self._plan_for(key)
         if entry is False:
             entry = self._prepare(x, x2)
@@ -392,7 +544,8 @@ class NativeChain(PlanHolder, nn.Module):
         if entry is None:
             return None
         for plan, m in zip(entry.plans, self.layers):
-            if not plan.holds(m.layer.weight_k, m.layer.weight_1, m.layer.bias):
+            if isinstance(m, NativeFused) and not plan.holds(
+                    m.layer.weight_k, m.layer.weight_1, m.layer.bias):
                 self._keep_plan(key, False)  # weights replaced or updated: prepare again
                 return self._chained(x, x2)
         return nat.run_chain(entry, x, x2)
@@ -407,9 +560,17 @@ class NativeChain(PlanHolder, nn.Module):
                   nat.CHAIN_X2: None if x2 is None else tuple(x2.shape[1:])}
         plans = []
         for m, (i, r, o) in zip(self.layers, self.program):
-            layer, shape = m.layer, shapes.get(i)
+            shape = shapes.get(i)
             if shape is None or (r != nat.CHAIN_NONE and shapes.get(r) is None):
                 return None
+            if isinstance(m, ChannelPadShortcut):
+                if r != nat.CHAIN_NONE or len(shape) != 3:
+                    return None
+                plan = nat.ShortcutPlan((1,) + shape, m.stride, m.front, m.back, m.order)
+                plans.append(plan)
+                shapes[o] = tuple(plan.shape[1:])
+                continue
+            layer = m.layer
             probe = torch.empty((1,) + shape)
             res = None if r == nat.CHAIN_NONE else torch.empty((1,) + shapes[r])
             if not m._check(probe, res) or nat._use_nhwc(
@@ -459,21 +620,28 @@ def _chain_native(gm: torch.fx.GraphModule) -> int:
                 yield user
 
     def candidate(node):
+        if of(node, ChannelPadShortcut):
+            return len(node.args) == 1 and not node.kwargs and isinstance(node.args[0],
+                                                                           torch.fx.Node)
         if not of(node, NativeFused) or node.kwargs or not 1 <= len(node.args) <= 2:
             return False
         layer = gm.get_submodule(node.target).layer
         return layer.backend == "native" and all(isinstance(a, torch.fx.Node) for a in node.args)
 
     def kernel(node):
-        return tuple(gm.get_submodule(node.target).layer.kernel_size)
+        """A layer's kernel size; None for a shortcut (it fits any chain)."""
+        module = gm.get_submodule(node.target)
+        return tuple(module.layer.kernel_size) if isinstance(module, NativeFused) else None
 
     nodes = [n for n in gm.graph.nodes if candidate(n)]
     made, start = 0, 0
     while start < len(nodes):
-        members, inputs, best = [], [], 0
+        members, inputs, best, size = [], [], 0, None
         for node in nodes[start:]:
-            if members and kernel(node) != kernel(members[0]):
-                break
+            if kernel(node) is not None:
+                if size is not None and kernel(node) != size:
+                    break
+                size = kernel(node)
             args = [resolve(a) for a in node.args]
             new = [a for a in args if a not in members and a not in inputs]
             if len(inputs) + len(dict.fromkeys(new)) > 2:
@@ -483,7 +651,9 @@ def _chain_native(gm: torch.fx.GraphModule) -> int:
             # closable here: every earlier member's output is used by members only
             if all(all(u in members for u in uses(m)) for m in members[:-1]):
                 best = len(members)
-        if best < 2:
+        while best and kernel(members[best - 1]) is None:  # do not end on a shortcut
+            best -= 1
+        if best < 2 or all(kernel(m) is None for m in members[:best]):
             start += 1
             continue
         members = members[:best]
@@ -563,10 +733,16 @@ def _configure(out: nn.Module, plan: dict, example_input: Optional[torch.Tensor]
         for layer in hets:
             layer.backend = backend
             plan["layers"][names[layer]] = {"backend": backend}
+    plan["native_dense"] = 0
+    if example_input is not None and memory_format == "contiguous" and backend in (
+            "measure", "native"):
+        plan["native_dense"] = _native_dense_convs(
+            out, example_input.contiguous(), repeats, plan)
     plan["fused_native"] = plan["chained_native"] = 0
     if fuse:
         out, plan["fused_native"] = _fuse_native(out)
     if plan["fused_native"] and isinstance(out, torch.fx.GraphModule):
+        _fuse_shortcuts(out)
         plan["chained_native"] = _chain_native(out)
         out.graph.lint()
         out.delete_all_unused_submodules()

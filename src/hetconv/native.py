@@ -808,10 +808,40 @@ def _packed_call(fn: Callable, args: ctypes.Structure) -> Callable:
 
 
 class _ChainOp(ctypes.Structure):
-    """``hetconv_chain_op`` (csrc/hetconv_cpu.c): a layer's struct and where its input,
-    residual and output are (:data:`CHAIN_X`, ..., or a buffer index)."""
+    """``hetconv_chain_op`` (csrc/hetconv_cpu.c): a layer's struct, where its input,
+    residual and output are (:data:`CHAIN_X`, ..., or a buffer index) and its kind
+    (0: a HetConv layer, 1: a shortcut)."""
     _fields_ = [("layer", ctypes.c_void_p), ("input", ctypes.c_int), ("res", ctypes.c_int),
-                ("out", ctypes.c_int)]
+                ("out", ctypes.c_int), ("kind", ctypes.c_int)]
+
+
+class _ShortcutArgs(ctypes.Structure):
+    """``hetconv_shortcut_args`` (csrc/hetconv_cpu.c)."""
+    _fields_ = [(f, ctypes.c_int) for f in ("M", "H", "W", "N", "stride")] + [
+        ("src", ctypes.c_void_p)]
+
+
+class ShortcutPlan:
+    """The option-A shortcut of the CIFAR ResNets as a chain op, for inputs of ``in_shape``
+    (batch 1): ``F.pad(x[:, :, ::stride, ::stride], (0, 0, 0, 0, front, back))``, then the
+    channels in ``order`` (when given), as a map from output to input channels."""
+
+    __slots__ = ("args", "src", "in_shape", "shape")
+
+    def __init__(self, in_shape: tuple, stride: int, front: int, back: int,
+                 order: Optional[torch.Tensor] = None) -> None:
+        _, m, h, w = in_shape
+        n = m + front + back
+        src = torch.full((n,), -1, dtype=torch.int64)
+        src[front:front + m] = torch.arange(m)
+        if order is not None:
+            if order.dim() != 1 or len(order) != n:
+                raise ValueError(f"order must list the {n} channels, got {tuple(order.shape)}")
+            src = src[order.long()]
+        self.src = src.to(torch.int32).contiguous()
+        self.args = _ShortcutArgs(m, h, w, n, stride, self.src.data_ptr())
+        self.in_shape = tuple(in_shape)
+        self.shape = (1, n, (h - 1) // stride + 1, (w - 1) // stride + 1)
 
 
 #: Places in a chain program (csrc/hetconv_cpu.c, hetconv_native_chain): the chain's first
@@ -820,9 +850,10 @@ CHAIN_X, CHAIN_Y, CHAIN_NONE, CHAIN_X2 = -1, -2, -3, -4
 
 
 class Chain:
-    """A chain of NCHW-kernel layers prepared for :func:`run_chain`: the C op array, the
-    plans it points into (kept alive here), the buffers it needs and the shapes (batch
-    left out) of its inputs and output."""
+    """A chain of NCHW-kernel layers (:class:`ForwardPlan` s) and shortcuts
+    (:class:`ShortcutPlan` s) prepared for :func:`run_chain`: the C op array, the plans it
+    points into (kept alive here), the buffers it needs and the shapes (batch left out) of
+    its inputs and output."""
 
     __slots__ = ("ops", "plans", "nbuf", "in_shapes", "out_shape")
 
@@ -831,9 +862,13 @@ class Chain:
         self.ops = (_ChainOp * len(plans))()
         shapes = {}
         for op, plan, (i, r, o) in zip(self.ops, self.plans, program):
-            args = getattr(plan.call, "args", None)
-            if plan.fmt != torch.contiguous_format or args is None:
-                raise ValueError("chain layers must run the NCHW kernel")
+            if isinstance(plan, ShortcutPlan):
+                args, op.kind = plan.args, 1
+            else:
+                args = getattr(plan.call, "args", None)
+                if plan.fmt != torch.contiguous_format or args is None:
+                    raise ValueError("chain layers must run the NCHW kernel")
+                op.kind = 0
             op.layer, op.input, op.res, op.out = ctypes.addressof(args), i, r, o
             shapes.setdefault(i, tuple(plan.in_shape[1:]))
             if r != CHAIN_NONE:

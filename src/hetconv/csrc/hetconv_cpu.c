@@ -956,57 +956,120 @@ int hetconv_native_forward_packed(const hetconv_forward_args *a, const float *x,
 
 /*
  * A chain of layers run image by image (depth-first).  Each thread takes whole images and
- * runs every layer of the chain on one image before the next, so the activations between
- * the layers stay in small per-thread buffers in L2, in the padded layout the next layer
- * reads in place (no copy, plain stores), instead of going through memory as whole-batch
- * tensors, layer by layer, each call starting its threads.  ops[i]: the layer and where its
- * input, residual and output are: CHAIN_X or CHAIN_X2 (the chain's inputs x and x2, contiguous
- * NCHW; x2 may be NULL when no op reads it), CHAIN_Y
- * (the chain's output y, contiguous NCHW: the last op's output, and only it), CHAIN_NONE
- * (no residual), or a buffer 0 .. nbuf - 1 an earlier op wrote.  The layers' B is
- * ignored: x holds B images.  All layers have one kernel size.  Returns 0, or a negative
- * code (-1: an inconsistent chain, -2: out of memory).
+ * runs every op of the chain on one image before the next, so the activations between the
+ * ops stay in small per-thread buffers in L2, in the padded layout the next layer reads in
+ * place (no copy, plain stores), instead of going through memory as whole-batch tensors,
+ * layer by layer, each call starting its threads.
+ *
+ * ops[i]: what it computes (kind CHAIN_CONV: layer is a hetconv_forward_args; kind
+ * CHAIN_SHORTCUT: layer is a hetconv_shortcut_args) and where its input, residual and
+ * output are: CHAIN_X or CHAIN_X2 (the chain's inputs x and x2, contiguous NCHW; x2 may be
+ * NULL when no op reads it), CHAIN_Y (the chain's output y, contiguous NCHW: the last op's
+ * output, and only it), CHAIN_NONE (no residual), or a buffer 0 .. nbuf - 1 an earlier op
+ * wrote.  The layers' B is ignored: x holds B images.  All layers have one kernel size.
+ * Returns 0, or a negative code (-1: an inconsistent chain, -2: out of memory).
  */
 #define CHAIN_X (-1)
 #define CHAIN_Y (-2)
 #define CHAIN_NONE (-3)
 #define CHAIN_X2 (-4)
+#define CHAIN_CONV 0
+#define CHAIN_SHORTCUT 1
 typedef struct {
-    const hetconv_forward_args *layer;
-    int in, res, out;
+    const void *layer;
+    int in, res, out, kind;
 } hetconv_chain_op;
+
+/* The parameter-free shortcut of the CIFAR ResNets ("option A"), in any channel order:
+ * output channel n (N of them) is input channel src[n] (M of them) subsampled by stride
+ * (rows and columns 0, stride, 2 stride, ...), or zeros where src[n] < 0. */
+typedef struct {
+    int M, H, W, N, stride;
+    const int *src;
+} hetconv_shortcut_args;
+
+/* One image of a shortcut: x planes xcs floats apart, rows xrs; y likewise, or (go) in the
+ * padded layout of go (the whole plane written, zeros included). */
+static void shortcut_image(const hetconv_shortcut_args *sa, const float *xb, size_t xcs,
+                           int xrs, float *yb, size_t ycs, int yrs, const geom_t *go) {
+    const int s = sa->stride, Ho = (sa->H - 1) / s + 1, Wo = (sa->W - 1) / s + 1;
+    for (int n = 0; n < sa->N; ++n) {
+        float *plane = yb + (size_t)n * ycs;
+        if (go) memset(plane - go->first, 0, sizeof(float) * (size_t)go->PS);
+        const int c = sa->src[n];
+        if (c < 0) {
+            if (!go)
+                for (int r = 0; r < Ho; ++r) memset(plane + (size_t)r * yrs, 0, sizeof(float) * (size_t)Wo);
+            continue;
+        }
+        const float *xc = xb + (size_t)c * xcs;
+        for (int r = 0; r < Ho; ++r) {
+            const float *src = xc + (size_t)r * s * xrs;
+            float *dst = plane + (size_t)r * yrs;
+            if (s == 1) copy_row(dst, src, Wo);
+            else if (s == 2) copy_even(dst, src, Wo);
+            else for (int k = 0; k < Wo; ++k) dst[k] = src[(size_t)k * s];
+        }
+    }
+}
 
 typedef struct { int C, H, W, padded; } chain_shape;
 
 int hetconv_native_chain(const hetconv_chain_op *ops, int nops, int nbuf, const float *x,
                          const float *x2, float *y, int B, int nthreads) {
-    if (!ops || nops < 1 || nbuf < 0 || nbuf > nops || B < 0 || !x || !y || !ops[0].layer)
+    if (!ops || nops < 1 || nbuf < 0 || nbuf > nops || nbuf > 64 || B < 0 || !x || !y)
         return -1;
     if (nthreads < 1) nthreads = 1;
-    const int kh = ops[0].layer->kh, kw = ops[0].layer->kw;
-    chain_shape xs = {-1, 0, 0, 0}, xs2 = {-1, 0, 0, 0}, *cur = (chain_shape *)calloc((size_t)nbuf + 1, sizeof(chain_shape));
+    int kh = 0, kw = 0;  /* the chain's kernel size: its convolutions' */
+    for (int i = 0; i < nops && !kh; ++i)
+        if (ops[i].kind == CHAIN_CONV && ops[i].layer) {
+            kh = ((const hetconv_forward_args *)ops[i].layer)->kh;
+            kw = ((const hetconv_forward_args *)ops[i].layer)->kw;
+        }
+    if (!kh) return -1;
+    chain_shape xs = {-1, 0, 0, 0}, xs2 = {-1, 0, 0, 0};
+    chain_shape *cur = (chain_shape *)calloc((size_t)nbuf + 1, sizeof(chain_shape));
     size_t *buf_len = (size_t *)calloc((size_t)nbuf + 1, sizeof(size_t));
     fwd_plan *pl = (fwd_plan *)calloc((size_t)nops, sizeof(fwd_plan));
+    const geom_t **sgo = (const geom_t **)calloc((size_t)nops, sizeof(geom_t *));  /* shortcuts' */
     size_t *off = (size_t *)calloc((size_t)nops * 3, sizeof(size_t));  /* in, res, out */
+    size_t *stride_in = (size_t *)calloc((size_t)nops * 4, sizeof(size_t));  /* x, y plane/row */
     size_t *copy_at = (size_t *)calloc((size_t)nops + 1, sizeof(size_t));
-    int status = (cur && buf_len && pl && off && copy_at) ? 0 : -2;
+    int status = (cur && buf_len && pl && sgo && off && stride_in && copy_at) ? 0 : -2;
     size_t lead = 0, ylen = 0;  /* the zeros every buffer starts with; y's floats per image */
     for (int i = 0; i < nops && !status; ++i) {
-        const hetconv_forward_args *a = ops[i].layer;
-        const int in = ops[i].in, res = ops[i].res, out = ops[i].out;
+        const int in = ops[i].in, res = ops[i].res, out = ops[i].out, kind = ops[i].kind;
         const int ext_in = in == CHAIN_X || in == CHAIN_X2, ext_res = res == CHAIN_X || res == CHAIN_X2;
-        if (!a || a->kh != kh || a->kw != kw || (in < 0 && !ext_in) || in >= nbuf ||
+        if (!ops[i].layer || (kind != CHAIN_CONV && kind != CHAIN_SHORTCUT) ||
+            (in < 0 && !ext_in) || in >= nbuf ||
             (res < 0 && !ext_res && res != CHAIN_NONE) || res >= nbuf ||
+            (kind == CHAIN_SHORTCUT && res != CHAIN_NONE) ||
             ((in == CHAIN_X2 || res == CHAIN_X2) && !x2) ||
             (out != CHAIN_Y && (out < 0 || out >= nbuf)) || (out == CHAIN_Y) != (i == nops - 1) ||
-            out == in || out == res || !args_ok(1, a->M, a->N, a->H, a->W, a->nblk, a->P,
-                                               a->Mk, a->T, a->stride, kh, kw)) {
+            out == in || out == res) {
             status = -1;
             break;
         }
-        const int Ho = (a->H + 2 * (kh / 2) - kh) / a->stride + 1;
-        const int Wo = (a->W + 2 * (kw / 2) - kw) / a->stride + 1;
-        chain_shape want_in = {a->M, a->H, a->W, 0}, want_out = {a->N, Ho, Wo, 0};
+        const hetconv_forward_args *a = kind == CHAIN_CONV ? ops[i].layer : NULL;
+        const hetconv_shortcut_args *sa = kind == CHAIN_SHORTCUT ? ops[i].layer : NULL;
+        if (a && (a->kh != kh || a->kw != kw || !args_ok(1, a->M, a->N, a->H, a->W, a->nblk, a->P,
+                                                        a->Mk, a->T, a->stride, kh, kw))) {
+            status = -1;
+            break;
+        }
+        if (sa && (sa->M < 1 || sa->N < 1 || sa->H < 1 || sa->W < 1 || sa->stride < 1 || !sa->src)) {
+            status = -1;
+            break;
+        }
+        if (sa)
+            for (int n = 0; n < sa->N; ++n)
+                if (sa->src[n] >= sa->M) status = -1;
+        if (status) break;
+        const int s = a ? a->stride : sa->stride;
+        const int H = a ? a->H : sa->H, W = a ? a->W : sa->W;
+        const int Ho = a ? (H + 2 * (kh / 2) - kh) / s + 1 : (H - 1) / s + 1;
+        const int Wo = a ? (W + 2 * (kw / 2) - kw) / s + 1 : (W - 1) / s + 1;
+        chain_shape want_in = {a ? a->M : sa->M, H, W, 0}, want_out = {a ? a->N : sa->N, Ho, Wo, 0};
         chain_shape *src = in == CHAIN_X ? &xs : in == CHAIN_X2 ? &xs2 : &cur[in];
         if (ext_in && src->C < 0) *src = want_in;
         if (src->C != want_in.C || src->H != want_in.H || src->W != want_in.W) { status = -1; break; }
@@ -1023,23 +1086,34 @@ int hetconv_native_chain(const hetconv_chain_op *ops, int nops, int nbuf, const 
             want_out.padded = 1;
             layouts |= LAYOUT_Y_PADDED;
         }
-        if ((status = plan_init(&pl[i], a, layouts))) break;
+        const geom_t *gi = NULL;
+        if (a) {
+            if ((status = plan_init(&pl[i], a, layouts))) break;
+            gi = pl[i].gi;
+        } else {
+            if (src->padded && !(gi = geom_get(H, W, 1, kh, kw))) { status = -2; break; }
+            sgo[i] = want_out.padded ? geom_ref(go) : NULL;  /* go is still cached here */
+            stride_in[4 * i] = gi ? (size_t)gi->PS : (size_t)H * W;
+            stride_in[4 * i + 1] = gi ? (size_t)gi->Wp : (size_t)W;
+            stride_in[4 * i + 2] = want_out.padded ? (size_t)go->PS : (size_t)Ho * Wo;
+            stride_in[4 * i + 3] = want_out.padded ? (size_t)go->Wp : (size_t)Wo;
+        }
         /* where the op's tensors start within their buffers (past the common lead) */
-        const geom_t *gi = pl[i].gi;
         off[3 * i] = (in >= 0 && src->padded) ? (size_t)gi->first : 0;
         off[3 * i + 1] = (res >= 0 && (layouts & LAYOUT_RES_PADDED)) ? (size_t)go->first : 0;
         off[3 * i + 2] = want_out.padded ? (size_t)go->first : 0;
         if (want_out.padded && (size_t)go->lead > lead) lead = (size_t)go->lead;
+        const int N = want_out.C;
         if (out >= 0) {
             const size_t len = want_out.padded
-                ? (size_t)a->N * go->PS + (size_t)go->slack
-                : (size_t)a->N * Ho * Wo + VL;
+                ? (size_t)N * go->PS + (size_t)go->slack
+                : (size_t)N * Ho * Wo + VL;
             if (len > buf_len[out]) buf_len[out] = len;
             cur[out] = want_out;
         } else {
-            ylen = (size_t)a->N * Ho * Wo;
+            ylen = (size_t)N * Ho * Wo;
         }
-        copy_at[i + 1] = copy_at[i] + plan_buffer_len(&pl[i]);
+        copy_at[i + 1] = copy_at[i] + (a ? plan_buffer_len(&pl[i]) : 0);
     }
     size_t per_thread = copy_at[status ? 0 : nops];
     for (int k = 0; k < nbuf && !status; ++k) per_thread += lead + buf_len[k];
@@ -1049,21 +1123,19 @@ int hetconv_native_chain(const hetconv_chain_op *ops, int nops, int nbuf, const 
         /* this thread's memory: the ops' padded copies, then the buffers (lead zeros first) */
         float *mem = status ? NULL : (float *)calloc(per_thread ? per_thread : 1, sizeof(float));
         float *bufs[64];
-        const int nb = nbuf < 64 ? nbuf : 64;
-        if (!status && (!mem || nbuf > 64)) {
+        if (!status && !mem) {
 #pragma omp atomic write
             status = -2;
         }
         if (mem) {
             float *p = mem + copy_at[nops];
-            for (int k = 0; k < nb; ++k) { bufs[k] = p + lead; p += lead + buf_len[k]; }
+            for (int k = 0; k < nbuf; ++k) { bufs[k] = p + lead; p += lead + buf_len[k]; }
         }
 #pragma omp for schedule(static)
         for (int b = 0; b < B; ++b) {
-            if (!mem || nbuf > 64) continue;
+            if (!mem) continue;
             for (int i = 0; i < nops; ++i) {
                 const hetconv_chain_op *op = &ops[i];
-                const fwd_plan *q = &pl[i];
                 const float *xb = op->in == CHAIN_X ? x + (size_t)b * ximg
                                   : op->in == CHAIN_X2 ? x2 + (size_t)b * ximg2
                                                        : bufs[op->in] + off[3 * i];
@@ -1073,14 +1145,22 @@ int hetconv_native_chain(const hetconv_chain_op *ops, int nops, int nbuf, const 
                                                         : bufs[op->res] + off[3 * i + 1];
                 float *yb = op->out == CHAIN_Y ? y + (size_t)b * ylen
                                                : bufs[op->out] + off[3 * i + 2];
-                plan_image(q, xb, yb, rb, 0, q->a.nblk, mem + copy_at[i], 1);
+                if (op->kind == CHAIN_SHORTCUT) {
+                    const size_t *st = stride_in + 4 * i;
+                    shortcut_image(op->layer, xb, st[0], (int)st[1], yb, st[2], (int)st[3],
+                                   sgo[i]);
+                } else {
+                    plan_image(&pl[i], xb, yb, rb, 0, pl[i].a.nblk, mem + copy_at[i], 1);
+                }
             }
         }
         free(mem);
     }
     if (pl)
         for (int i = 0; i < nops; ++i) plan_free(&pl[i]);
-    free(cur); free(buf_len); free(pl); free(off); free(copy_at);
+    if (sgo)
+        for (int i = 0; i < nops; ++i) geom_unref(sgo[i]);
+    free(cur); free(buf_len); free(pl); free(sgo); free(off); free(stride_in); free(copy_at);
     return status;
 }
 
