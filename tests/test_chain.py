@@ -150,14 +150,30 @@ def test_generic_chain_matches(size, monkeypatch):
         torch.testing.assert_close(got, model(x), rtol=1e-4, atol=1e-4)
 
 
-def test_small_batches_autograd_and_other_layouts_run_layer_by_layer(monkeypatch):
+@pytest.mark.parametrize("batch", [1, 2, 3])
+def test_small_batches_chained_too(batch, monkeypatch):
+    """Fewer images than threads: all threads on each image, each layer's filter blocks
+    split between them (a barrier after each layer); the same numbers, bit for bit."""
     model, x = _resnet(batch=8)
     fast = hetconv.optimize_for_inference(model, x, backend="native", memory_format="contiguous")
     calls = _counting(monkeypatch)
-    small = x[:1]
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.no_grad():
+            got = fast(x[:batch])
+            assert len(calls) == 1
+            assert torch.equal(got, _stepwise(fast, x[:batch]))
+            torch.testing.assert_close(got, model(x[:batch]), rtol=1e-4, atol=1e-4)
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_autograd_and_other_layouts_run_layer_by_layer(monkeypatch):
+    model, x = _resnet(batch=8)
+    fast = hetconv.optimize_for_inference(model, x, backend="native", memory_format="contiguous")
+    calls = _counting(monkeypatch)
     with torch.no_grad():
-        torch.testing.assert_close(fast(small), model(small), rtol=1e-4, atol=1e-4)
-        assert not calls  # one image: each layer's threads share it
         cl = x.contiguous(memory_format=torch.channels_last)
         torch.testing.assert_close(fast(cl), model(x), rtol=1e-4, atol=1e-4)
         assert not calls  # channels_last: not the NCHW kernel's input

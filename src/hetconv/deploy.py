@@ -489,18 +489,15 @@ class NativeChain(PlanHolder, nn.Module):
     is ``(input, residual, output)``, each a place: the inputs ``x`` and ``x2``
     (``native.CHAIN_X``, ``native.CHAIN_X2``), the result (``native.CHAIN_Y``, the last
     layer's output), no residual (``native.CHAIN_NONE``) or an intermediate value
-    (0, 1, ...: ``nbuf`` of them, reused once dead). On batches of at least
-    ``min_batch_per_thread`` images per thread, outside autograd, with every layer on the
-    NCHW kernel, one C call runs the whole chain on one image at a time per thread: the
-    activations between the layers stay in small per-thread buffers (L2) in the layout the
-    next layer reads in place. Otherwise (small batches, autograd, other backends) the
-    layers run one after another, as the original graph did. Built by
-    :func:`optimize_for_inference`.
+    (0, 1, ...: ``nbuf`` of them, reused once dead). Outside autograd, on contiguous
+    float32 input, with every layer on the NCHW kernel, one C call runs the whole chain
+    image by image: each thread takes whole images, the activations between the layers in
+    small per-thread buffers (L2) in the layout the next layer reads in place; with fewer
+    images than threads, all threads work on each image, splitting every layer's filters.
+    Otherwise (autograd, channels_last input, other backends) the layers run one after
+    another, as the original graph did. Also ops that are not HetConv layers:
+    :class:`ChannelPadShortcut`. Built by :func:`optimize_for_inference`.
     """
-
-    #: Images per thread from which the chain runs depth-first (below, each layer's threads
-    #: share its images, which keeps both cores busy on small batches).
-    min_batch_per_thread = 2
 
     def __init__(self, layers: List[nn.Module], program: List[Tuple[int, int, int]],
                  nbuf: int) -> None:
@@ -530,7 +527,6 @@ class NativeChain(PlanHolder, nn.Module):
         inputs = (x,) if x2 is None else (x, x2)
         if (any(t.dim() != 4 or t.dtype != torch.float32 or t.device.type != "cpu"
                 or not t.is_contiguous() or t.shape[0] != x.shape[0] for t in inputs)
-                or x.shape[0] < self.min_batch_per_thread * torch.get_num_threads()
                 or torch.is_autocast_enabled("cpu")
                 or (torch.is_grad_enabled() and (any(t.requires_grad for t in inputs) or any(
                     p.requires_grad for p in self.parameters())))):
