@@ -95,7 +95,7 @@ def test_resnet_chained_matches_layer_by_layer(size, threads, absorb, monkeypatc
 
 
 def test_resnet_chain_program_reuses_three_buffers(monkeypatch):
-    monkeypatch.setattr(deploy, "_native_dense_convs", lambda *args: 0)  # the stem stays dense
+    monkeypatch.setattr(deploy, "_native_dense_convs", lambda *args: {})  # the stem stays dense
     model, x = _resnet()
     fast = hetconv.optimize_for_inference(model, x, backend="native", memory_format="contiguous")
     (chain,) = _chains(fast)
@@ -328,3 +328,33 @@ def test_shortcut_patterns_become_modules_and_chain_ops():
             got = native.run_chain(native.Chain([plan, conv], [(X, NONE, 0), (0, NONE, Y)]), x)
             want = F.conv2d(ref, layer.dense_weight(), layer.bias, 1, 1)
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_chain_arguments_are_checked():
+    with pytest.raises(ValueError, match="one .input, residual, output. entry per plan"):
+        native.Chain([native.ShortcutPlan((1, 4, 6, 6), 2, 0, 4)], [])
+    with pytest.raises(ValueError, match="stride must be a positive int"):
+        native.ShortcutPlan((1, 4, 6, 6), 0, 0, 4)
+    with pytest.raises(ValueError, match="order must list the 8 channels"):
+        native.ShortcutPlan((1, 4, 6, 6), 2, 0, 4, torch.arange(7))
+
+
+def test_dense_convolution_left_alone_where_nothing_fuses_it(monkeypatch):
+    """A dense convolution converted for the kernel runs it only inside a fused layer: with
+    nothing after it to fuse (no ReLU, no sum) it goes back to nn.Conv2d, although the
+    timing (faked here: the kernel faster) chose the kernel."""
+    class Timed:
+        def __init__(self, median):
+            self.median = median
+    monkeypatch.setattr(deploy, "time_interleaved", lambda fns, **kw: {
+        k: Timed(0.0 if k == "native" else 1.0) for k in fns})
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), hetconv.HetConv2d(16, 16, 3, part=4),
+                          nn.ReLU()).eval()
+    x = torch.randn(4, 3, 16, 16)
+    fast = hetconv.optimize_for_inference(model, x, backend="native", memory_format="contiguous")
+    assert fast.hetconv_plan["native_dense"] == 0
+    convs = [m for m in fast.modules() if type(m) is nn.Conv2d]
+    assert len(convs) == 1 and "0" not in fast.hetconv_plan["layers"]
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), model(x), rtol=1e-4, atol=1e-4)

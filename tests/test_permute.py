@@ -29,6 +29,12 @@ def _hets(model: nn.Module):
     return [m for m in model.modules() if isinstance(m, hetconv.HetConv2d)]
 
 
+def _converted_hets(model: nn.Module):
+    """The HetConv2d layers of an optimized model that came from the original's HetConv2d
+    layers (not the P = 1 ones it makes of dense convolutions the kernel runs faster)."""
+    return [m for m in _hets(model) if m.part != 1]
+
+
 @pytest.mark.parametrize("m,n,part", [(8, 8, 2), (12, 20, 4), (16, 10, 4), (6, 9, 3), (8, 12, 8),
                                       (12, 7, 3)])
 @pytest.mark.parametrize("stride", [1, 2])
@@ -189,7 +195,7 @@ def test_optimize_for_inference_absorbs_and_matches():
         warnings.simplefilter("error")
         fast = hetconv.optimize_for_inference(model, x, repeats=1, backend="auto")
     assert fast.hetconv_plan["permutations"] == {"rewritten_layers": 12, "gathers": 1}
-    assert all(h.pattern == "blocked" for h in _hets(fast))
+    assert all(h.pattern == "blocked" for h in _converted_hets(fast))
     assert all(not p.requires_grad for p in fast.parameters())
     # measured: the absorbed and the plain graph are both timed, the faster is kept
     measured = hetconv.optimize_for_inference(model, x, repeats=1)
@@ -197,11 +203,12 @@ def test_optimize_for_inference_absorbs_and_matches():
     assert set(plan["absorb_seconds"]) == {"absorbed", "plain"}
     absorbed = plan["absorb_seconds"]["absorbed"] <= plan["absorb_seconds"]["plain"]
     assert plan["permutations"]["rewritten_layers"] == (12 if absorbed else 0)
-    assert all(h.pattern == ("blocked" if absorbed else "shifted") for h in _hets(measured))
+    assert all(h.pattern == ("blocked" if absorbed else "shifted")
+               for h in _converted_hets(measured))
     with torch.no_grad():
         torch.testing.assert_close(measured(x), model(x), rtol=1e-4, atol=1e-4)
     kept = hetconv.optimize_for_inference(model, x, repeats=1, absorb=False)
-    assert all(h.pattern == "shifted" for h in _hets(kept))
+    assert all(h.pattern == "shifted" for h in _converted_hets(kept))
     with torch.no_grad():
         torch.testing.assert_close(fast(x), model(x), rtol=1e-4, atol=1e-4)
 

@@ -175,18 +175,25 @@ def _as_native_p1(conv: nn.Conv2d) -> HetConv2d:
     return layer.eval()
 
 
-def _native_dense_convs(out: nn.Module, x: torch.Tensor, repeats: int, plan: dict) -> int:
+def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, attr = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, attr, module)
+
+
+def _native_dense_convs(out: nn.Module, x: torch.Tensor, repeats: int,
+                        plan: dict) -> Dict[str, nn.Conv2d]:
     """Replace the dense convolutions (a stem, say) that the NCHW kernel runs faster than
-    ``nn.Conv2d`` on their own NCHW input by P = 1 HetConv2d layers on it; returns how many
-    (their timings go to ``plan["layers"]``)."""
+    ``nn.Conv2d`` on their own NCHW input by P = 1 HetConv2d layers on it (their timings go
+    to ``plan["layers"]``); returns the replaced convolutions by name. The kernel runs them
+    only inside a :class:`NativeFused` (a HetConv2d with P = 1 runs the dense convolution):
+    :func:`_configure` puts back those that fusion did not take."""
     if not HF._native.vectorized():
-        return 0
-    names = {m: n for n, m in out.named_modules()
-             if _native_dense_ok(m)}
+        return {}
+    names = {m: n for n, m in out.named_modules() if _native_dense_ok(m)}
     if not names:
-        return 0
+        return {}
     inputs = _capture_inputs(out, x, (nn.Conv2d,))
-    replaced = 0
+    replaced = {}
     for conv, name in names.items():
         xin = inputs.get(conv)
         if xin is None or xin.dim() != 4 or not xin.is_contiguous() \
@@ -202,11 +209,10 @@ def _native_dense_convs(out: nn.Module, x: torch.Tensor, repeats: int, plan: dic
                 repeats=repeats, warmup=1, settle=1)
         medians = {k: t.median for k, t in times.items()}
         if medians["native"] < medians["dense"]:
-            parent, _, attr = name.rpartition(".")
-            setattr(out.get_submodule(parent) if parent else out, attr, layer)
+            _set_module(out, name, layer)
             plan["layers"][name] = {"backend": "native", "seconds": medians,
                                     "from": "nn.Conv2d (as P = 1)"}
-            replaced += 1
+            replaced[name] = conv
     return replaced
 
 
@@ -729,14 +735,23 @@ def _configure(out: nn.Module, plan: dict, example_input: Optional[torch.Tensor]
         for layer in hets:
             layer.backend = backend
             plan["layers"][names[layer]] = {"backend": backend}
-    plan["native_dense"] = 0
-    if example_input is not None and memory_format == "contiguous" and backend in (
+    converted = {}
+    if fuse and example_input is not None and memory_format == "contiguous" and backend in (
             "measure", "native"):
-        plan["native_dense"] = _native_dense_convs(
-            out, example_input.contiguous(), repeats, plan)
+        converted = _native_dense_convs(out, example_input.contiguous(), repeats, plan)
     plan["fused_native"] = plan["chained_native"] = 0
     if fuse:
         out, plan["fused_native"] = _fuse_native(out)
+    fused_layers = {m.layer for m in out.modules() if isinstance(m, NativeFused)}
+    for name, conv in converted.items():  # not fused: the dense convolution as it was
+        try:
+            layer = out.get_submodule(name)
+        except AttributeError:
+            continue
+        if layer not in fused_layers:
+            _set_module(out, name, conv)
+            plan["layers"].pop(name, None)
+    plan["native_dense"] = sum(1 for name in converted if name in plan["layers"])
     if plan["fused_native"] and isinstance(out, torch.fx.GraphModule):
         _fuse_shortcuts(out)
         plan["chained_native"] = _chain_native(out)

@@ -831,6 +831,10 @@ class ShortcutPlan:
     def __init__(self, in_shape: tuple, stride: int, front: int, back: int,
                  order: Optional[torch.Tensor] = None) -> None:
         _, m, h, w = in_shape
+        if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1 \
+                or min(front, back) < 0:
+            raise ValueError(f"stride must be a positive int and the pads >= 0, got stride "
+                             f"{stride!r}, front {front!r}, back {back!r}")
         n = m + front + back
         src = torch.full((n,), -1, dtype=torch.int64)
         src[front:front + m] = torch.arange(m)
@@ -858,6 +862,9 @@ class Chain:
     __slots__ = ("ops", "plans", "nbuf", "in_shapes", "out_shape")
 
     def __init__(self, plans: list, program: list) -> None:
+        if len(plans) != len(program) or not plans:
+            raise ValueError(f"a chain needs one (input, residual, output) entry per plan, got "
+                             f"{len(program)} entries for {len(plans)} plans")
         self.plans = list(plans)
         self.ops = (_ChainOp * len(plans))()
         shapes = {}
