@@ -839,7 +839,7 @@ def test_release_buffers_frees_the_per_thread_scratch():
         freed = native.release_buffers()
         after = native.scratch_held()
         assert freed >= _padded_image_bytes(24, 20, 18)
-        assert after["pad_bytes"] == before["pad_bytes"] - freed
+        assert after["pad_bytes"] <= before["pad_bytes"] - freed  # (< if another thread exited)
         assert after["geometries"] < before["geometries"]
         assert native.release_buffers() == 0
         torch.testing.assert_close(layer(x), F.conv2d(x, layer.dense_weight(), layer.bias,
