@@ -358,3 +358,19 @@ def test_dense_convolution_left_alone_where_nothing_fuses_it(monkeypatch):
     assert len(convs) == 1 and "0" not in fast.hetconv_plan["layers"]
     with torch.no_grad():
         torch.testing.assert_close(fast(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")  # shape checks traced as constants
+def test_jit_trace_of_native_models_records_the_kernel():
+    """torch.jit.trace of models whose layers run the C kernel: the trace records the
+    kernel as its op (a ctypes call would not be recorded, and the trace would replay an
+    uninitialised output); chains run layer by layer while tracing."""
+    model, x = _resnet()
+    fast = hetconv.optimize_for_inference(model, x, backend="native", memory_format="contiguous")
+    plain = nn.Sequential(hetconv.HetConv2d(3, 16, 3, part=1, backend="native"), nn.ReLU(),
+                          hetconv.HetConv2d(16, 8, 3, part=4, backend="native")).eval()
+    for m in (fast, plain):
+        with torch.no_grad():
+            traced = torch.jit.trace(m, x, check_trace=False)
+            other = torch.randn_like(x)
+            torch.testing.assert_close(traced(other), m(other), rtol=1e-4, atol=1e-4)

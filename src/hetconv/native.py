@@ -709,7 +709,8 @@ class ForwardPlan:
         kept: autograd recording, compiling, inference-mode weights (never cached), input
         that is not 4-d float32 on the CPU, or a stride the kernel does not take."""
         tensors = (weight_k, weight_1, bias)
-        if (torch.compiler.is_compiling() or stride not in (1, 2) or x.dim() != 4
+        if (torch.compiler.is_compiling() or torch.jit.is_tracing() or stride not in (1, 2)
+                or x.dim() != 4
                 or x.dtype != torch.float32 or x.device.type != "cpu"
                 or _recording(x, tensors, residual)
                 or any(t is not None and t.is_inference() for t in tensors)):
@@ -728,6 +729,7 @@ class ForwardPlan:
         if (weight_k is not wk or weight_1 is not w1 or bias is not b
                 or tuple(x.shape) != self.in_shape or x.dtype != torch.float32
                 or x.device.type != "cpu" or torch.compiler.is_compiling()
+                or torch.jit.is_tracing()
                 or _recording(x, self.tensors, residual) or self._state(self.tensors) != self.key):
             return None
         return _launch(x, self.shape, self.fmt, self.call, residual, self.what)
@@ -1077,7 +1079,9 @@ def native_conv2d(x: torch.Tensor, weight_k: torch.Tensor, weight_1: torch.Tenso
     """
     if stride not in (1, 2):
         raise ValueError(f"stride must be 1 or 2 for the native kernel, got {stride!r}")
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        # the op: compilation and torch.jit.trace record it (a ctypes call would not be:
+        # a trace replayed the uninitialised output)
         return _native_op(x, weight_k, weight_1, bias, pattern, relu, residual, stride)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                        for t in (x, weight_k, weight_1, bias, residual)):
