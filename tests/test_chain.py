@@ -361,6 +361,7 @@ def test_dense_convolution_left_alone_where_nothing_fuses_it(monkeypatch):
 
 
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")  # shape checks traced as constants
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace:FutureWarning")  # torch deprecates it; still used
 def test_jit_trace_of_native_models_records_the_kernel():
     """torch.jit.trace of models whose layers run the C kernel: the trace records the
     kernel as its op (a ctypes call would not be recorded, and the trace would replay an
