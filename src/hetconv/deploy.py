@@ -818,7 +818,10 @@ def optimize_for_inference(model: nn.Module, example_input: Optional[torch.Tenso
     The returned copy is in eval mode and carries ``hetconv_plan``: a dict with
     the chosen memory format, the number of folded BatchNorms, the absorbed
     permutations, the number of native layers with a fused sum/ReLU
-    (``fused_native``) and of chains (``chained_native``) and the backend (with measured medians in seconds) of every
+    (``fused_native``), of chains (``chained_native``) and of dense convolutions run by the
+    native kernel as P = 1 layers (``native_dense``; with ``backend`` "measure" or
+    "native", NCHW, and ``fuse``: those the kernel ran faster on their example input and
+    fusion took), and the backend (with measured medians in seconds) of every
     HetConv2d by module name.
     """
     if not isinstance(model, nn.Module):
