@@ -375,3 +375,14 @@ def test_jit_trace_of_native_models_records_the_kernel():
             traced = torch.jit.trace(m, x, check_trace=False)
             other = torch.randn_like(x)
             torch.testing.assert_close(traced(other), m(other), rtol=1e-4, atol=1e-4)
+
+
+def test_chain_runs_under_inference_mode(monkeypatch):
+    model, x = _resnet()
+    fast = hetconv.optimize_for_inference(model, x, backend="native", memory_format="contiguous")
+    calls = _counting(monkeypatch)
+    with torch.inference_mode():
+        got = fast(x)
+    assert len(calls) == 1
+    with torch.no_grad():
+        torch.testing.assert_close(got, model(x), rtol=1e-4, atol=1e-4)
