@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from . import functional as HF
 from ._timing import time_interleaved
+from .convert import _replace
 from .layers import HetConv2d
 from .native import PlanHolder
 from .permute import PermutationTracer, absorb_permutations, has_shifted_layers
@@ -175,11 +176,6 @@ def _as_native_p1(conv: nn.Conv2d) -> HetConv2d:
     return layer.eval()
 
 
-def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, attr = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, attr, module)
-
-
 def _native_dense_convs(out: nn.Module, x: torch.Tensor, repeats: int,
                         plan: dict) -> Dict[str, nn.Conv2d]:
     """Replace the dense convolutions (a stem, say) that the NCHW kernel runs faster than
@@ -209,7 +205,7 @@ def _native_dense_convs(out: nn.Module, x: torch.Tensor, repeats: int,
                 repeats=repeats, warmup=1, settle=1)
         medians = {k: t.median for k, t in times.items()}
         if medians["native"] < medians["dense"]:
-            _set_module(out, name, layer)
+            _replace(out, name, layer)
             plan["layers"][name] = {"backend": "native", "seconds": medians,
                                     "from": "nn.Conv2d (as P = 1)"}
             replaced[name] = conv
@@ -575,8 +571,7 @@ class NativeChain(PlanHolder, nn.Module):
             layer = m.layer
             probe = torch.empty((1,) + shape)
             res = None if r == nat.CHAIN_NONE else torch.empty((1,) + shapes[r])
-            if not m._check(probe, res) or nat._use_nhwc(
-                    probe, layer.out_channels, layer.in_channels, layer.part, layer.pattern):
+            if not m._check(probe, res):
                 return None
             plan = nat.ForwardPlan.build(probe, layer.weight_k, layer.weight_1, layer.bias,
                                          layer.pattern, m.relu, res, layer.stride[0])
@@ -749,7 +744,7 @@ def _configure(out: nn.Module, plan: dict, example_input: Optional[torch.Tensor]
         except AttributeError:
             continue
         if layer not in fused_layers:
-            _set_module(out, name, conv)
+            _replace(out, name, conv)
             plan["layers"].pop(name, None)
     plan["native_dense"] = sum(1 for name in converted if name in plan["layers"])
     if plan["fused_native"] and isinstance(out, torch.fx.GraphModule):

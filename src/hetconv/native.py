@@ -725,12 +725,10 @@ class ForwardPlan:
             weight_1: torch.Tensor, bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         """``native_conv2d(x, weight_k, weight_1, bias, ..., residual)`` with the plan's other
         arguments, or None (nothing run) where the plan does not hold."""
-        wk, w1, b = self.tensors
-        if (weight_k is not wk or weight_1 is not w1 or bias is not b
-                or tuple(x.shape) != self.in_shape or x.dtype != torch.float32
+        if (tuple(x.shape) != self.in_shape or x.dtype != torch.float32
                 or x.device.type != "cpu" or torch.compiler.is_compiling()
-                or torch.jit.is_tracing()
-                or _recording(x, self.tensors, residual) or self._state(self.tensors) != self.key):
+                or torch.jit.is_tracing() or _recording(x, self.tensors, residual)
+                or not self.holds(weight_k, weight_1, bias)):
             return None
         return _launch(x, self.shape, self.fmt, self.call, residual, self.what)
 

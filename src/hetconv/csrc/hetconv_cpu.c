@@ -417,11 +417,28 @@ void hetconv_native_scratch(long *out) {
  * channels; te: per class, the Mk * T other taps of its channels).  Returns 0,
  * or a negative code with nothing left allocated.
  */
+/* Output length of a stride-s convolution of n positions by a k tap kernel, padding k / 2. */
+static inline int out_len(int n, int k, int s) { return (n + 2 * (k / 2) - k) / s + 1; }
+
 static int args_ok(int B, int M, int N, int H, int W, int nblk, int P, int Mk, int T,
                    int stride, int kh, int kw) {
     return !(B < 0 || M < 1 || N < 1 || H < 1 || W < 1 || nblk < 1 || P < 1 || Mk < 0 ||
              T < 0 || (stride != 1 && stride != 2) || kh < 1 || kw < 1 || kh % 2 == 0 ||
              kw % 2 == 0);
+}
+
+/* Entry offsets of the padded geometry g: pe[c], channel c's centre tap (M of them), and
+ * te[p * Mk * T + j * T + t], tap t of the j-th channel of class p. */
+static void padded_entries(const geom_t *g, int *pe, int *te, int M, int P, int Mk,
+                           const int *chan, int T, const int *tap_dh, const int *tap_dw, int kh,
+                           int kw) {
+    const int nte = Mk * T;
+    for (int c = 0; c < M; ++c) pe[c] = c * g->PS + geom_tap(g, kh / 2, kw / 2);
+    for (int p = 0; p < P; ++p)
+        for (int j = 0; j < Mk; ++j)
+            for (int t = 0; t < T; ++t)
+                te[(size_t)p * nte + j * T + t] = chan[p * Mk + j] * g->PS +
+                    geom_tap(g, tap_dh[t] + kh / 2, tap_dw[t] + kw / 2);
 }
 
 static int kernel_setup(geom_t *g, int **pe, int **te, int B, int M, int N, int H, int W,
@@ -439,12 +456,7 @@ static int kernel_setup(geom_t *g, int **pe, int **te, int B, int M, int N, int 
         free(*pe); free(*te); *pe = *te = NULL;
         return -2;
     }
-    for (int c = 0; c < M; ++c) (*pe)[c] = c * g->PS + geom_tap(g, kh / 2, kw / 2);
-    for (int p = 0; p < P; ++p)
-        for (int j = 0; j < Mk; ++j)
-            for (int t = 0; t < T; ++t)
-                (*te)[(size_t)p * nte + j * T + t] = chan[p * Mk + j] * g->PS +
-                    geom_tap(g, tap_dh[t] + kh / 2, tap_dw[t] + kw / 2);
+    padded_entries(g, *pe, *te, M, P, Mk, chan, T, tap_dh, tap_dw, kh, kw);
     return 0;
 }
 
@@ -780,8 +792,8 @@ static int plan_init(fwd_plan *pl, const hetconv_forward_args *a, int layouts) {
     if (!args_ok(a->B, M, a->N, H, W, a->nblk, P, Mk, T, s, kh, kw) || (layouts & ~LAYOUT_ALL))
         return -1;
     pl->layouts = layouts;
-    pl->Ho = (H + 2 * (kh / 2) - kh) / s + 1;
-    pl->Wo = (W + 2 * (kw / 2) - kw) / s + 1;
+    pl->Ho = out_len(H, kh, s);
+    pl->Wo = out_len(W, kw, s);
     pl->nte = Mk * T;
     if (!(pl->g = geom_ref(geom_get(H, W, s, kh, kw)))) return -2;
     if ((layouts & LAYOUT_X_PADDED) && !(pl->gi = geom_ref(geom_get(H, W, 1, kh, kw)))) {
@@ -816,12 +828,7 @@ static int plan_init(fwd_plan *pl, const hetconv_forward_args *a, int layouts) {
                         a->chan[p * Mk + j] * H * W + a->tap_dh[t] * W + a->tap_dw[t];
         return 0;
     }
-    for (int c = 0; c < M; ++c) pl->pe[c] = c * g->PS + geom_tap(g, kh / 2, kw / 2);
-    for (int p = 0; p < P; ++p)
-        for (int j = 0; j < Mk; ++j)
-            for (int t = 0; t < T; ++t)
-                pl->te[(size_t)p * nte + j * T + t] = a->chan[p * Mk + j] * g->PS +
-                    geom_tap(g, a->tap_dh[t] + kh / 2, a->tap_dw[t] + kw / 2);
+    padded_entries(g, pl->pe, pl->te, M, P, Mk, a->chan, T, a->tap_dh, a->tap_dw, kh, kw);
     return 0;
 }
 
@@ -1100,8 +1107,8 @@ int hetconv_native_chain(const hetconv_chain_op *ops, int nops, int nbuf, const 
         if (status) break;
         const int s = a ? a->stride : sa->stride;
         const int H = a ? a->H : sa->H, W = a ? a->W : sa->W;
-        const int Ho = a ? (H + 2 * (kh / 2) - kh) / s + 1 : (H - 1) / s + 1;
-        const int Wo = a ? (W + 2 * (kw / 2) - kw) / s + 1 : (W - 1) / s + 1;
+        const int Ho = a ? out_len(H, kh, s) : (H - 1) / s + 1;
+        const int Wo = a ? out_len(W, kw, s) : (W - 1) / s + 1;
         chain_shape want_in = {a ? a->M : sa->M, H, W, 0}, want_out = {a ? a->N : sa->N, Ho, Wo, 0};
         chain_shape *src = in == CHAIN_X ? &xs : in == CHAIN_X2 ? &xs2 : &cur[in];
         if (ext_in && src->C < 0) *src = want_in;
