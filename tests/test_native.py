@@ -271,9 +271,11 @@ def test_auto_picks_the_channels_last_kernel_for_wide_layers(cl):
 @pytest.mark.parametrize("cl", [False, True])
 def test_auto_picks_the_nchw_kernel_from_p_32(cl):
     """P >= 32 below depthwise: the NCHW kernel at stride 1 on outputs of >= 64 pixels (>= 49
-    outside autograd). On channels_last input the channels-last kernel ("shifted", 16 | N:
-    one vector per filter block) where the NCHW one would pay for its copy (up to 128
-    channels, or 256 output rows outside autograd), and at stride 2; the NCHW kernel with
+    outside autograd). On channels_last input the channels-last kernel ("shifted", 16 | P:
+    vectors P filters apart): with N >= 4P (blocks of 4 vectors) always; with narrower
+    blocks where the NCHW one would pay for its copy (up to 128 channels, or 256 output rows
+    outside autograd), and at stride 2. On NCHW input with N >= 4P the channels-last kernel
+    (input copied, >= 128 channels) where the NCHW kernel does not run. The NCHW kernel with
     its copy where only that one applies ("blocked" with N/P not a multiple of 16)."""
     pick = functools.partial(_auto_pick, cl)
 
@@ -281,24 +283,31 @@ def test_auto_picks_the_nchw_kernel_from_p_32(cl):
         pytest.skip("the kernel was built without AVX-512: auto never picks it")
     want = ("native", False)
     here = ("native", True) if cl else want  # the kernel for this layout
-    fused = ("fused", False)
+    fused, nhwc = ("fused", False), ("native", True)
     for grad in (False, True):
+        # N = 2P: blocks of 2 vectors
         assert pick(64, 64, 32, 8, grad=grad) == here
-        assert pick(128, 256, 64, 8, grad=grad) == here
         assert pick(128, 128, 32, 8, grad=grad, pattern="blocked") == want
-        assert pick(256, 256, 32, 8, batch=8, grad=grad) == (fused if cl else want)
-        assert pick(512, 512, 32, 4, grad=grad) != want  # 16 pixels
+        if cl:  # wide, many rows: "fused"
+            assert pick(256, 512, 256, 8, batch=8, grad=grad) == fused
+        # N >= 4P: blocks of 4 vectors
+        assert pick(128, 256, 64, 8, grad=grad) == here
+        assert pick(256, 256, 32, 8, batch=8, grad=grad) == here
+        assert pick(512, 512, 32, 4, grad=grad) == nhwc  # 16 pixels: the NCHW kernel does not run
         if cl:  # depthwise: oneDNN's kernel ("fused"); NCHW input keeps the narrow rule
             assert pick(64, 64, 64, 8, grad=grad) == fused
-        # stride 2: the channels-last kernel on channels_last input, and under autograd
-        # (NCHW input copied, >= 128 channels)
-        assert pick(128, 128, 32, 16, stride=2, grad=grad) == (
-            ("native", True) if cl or grad else fused)
+        # stride 2: the channels-last kernel on channels_last input, and on NCHW input
+        # (copied, >= 128 channels) where the NCHW kernel does not run (under autograd; 64
+        # output pixels outside it)
+        assert pick(128, 128, 32, 16, stride=2, grad=grad) == nhwc
         if cl:  # P = M but N = 2M: not depthwise (ResNet-56's 32->64 stride-2 layer at P32)
             assert pick(32, 64, 32, 16, stride=2, grad=grad) == ("native", True)
+        # N = 2P, stride 2: NCHW input only under autograd
+        assert pick(128, 256, 128, 16, stride=2, grad=grad) == (
+            nhwc if cl or grad else ("fused", False))
     assert pick(512, 512, 32, 7, batch=1) == here  # 49 pixels, 49 rows
-    assert pick(512, 512, 32, 7, batch=6) == (fused if cl else want)  # 294 rows
-    assert pick(512, 512, 32, 7, batch=1, grad=True) == fused
+    assert pick(512, 512, 32, 7, batch=6) == here  # 294 rows
+    assert pick(512, 512, 32, 7, batch=1, grad=True) == nhwc  # < 64 pixels under autograd
     # and het_conv2d runs it on channels_last input, forward and backward, equal to the
     # dense reference
     wk, w1 = _weights(64, 64, 32, requires_grad=True)
@@ -324,10 +333,13 @@ def test_auto_picks_the_nchw_kernel_from_p_32(cl):
 def test_channels_last_kernel_matches_dense_reference(p, m_k, vectors, h, w, batch, k, pattern,
                                                       bias, stride, epilogue):
     # "blocked" needs 16 | N/P; vectors > 4 gives blocks of unequal width (4 + rest);
-    # "shifted" with P = 32, 64: one vector (16 consecutive classes) per block
+    # "shifted" with P = 32, 64: blocks of vectors P filters apart (16 classes each), so
+    # 2 * vectors vectors give blocks of 1-4 (and of unequal width)
     if pattern == "blocked":
         p = min(p, 16)
     m, n = m_k * p, 16 * vectors * (p if pattern == "blocked" and vectors <= 2 else 1)
+    if pattern == "shifted" and p > 16:
+        n *= 2
     if pattern == "blocked" and n % (16 * p):
         n = 16 * p
     assert native.nhwc_supported(n, m, p, pattern)
@@ -357,13 +369,14 @@ def test_channels_last_kernel_matches_dense_reference(p, m_k, vectors, h, w, bat
 
 @needs_kernel
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("n,stride,pattern", [(128, 1, "shifted"), (80, 2, "shifted"),
-                                              (128, 2, "blocked")])
-def test_channels_last_forward_over_many_pixels_matches_dense_reference(n, stride, pattern,
+@pytest.mark.parametrize("n,stride,pattern,p", [(128, 1, "shifted", 4), (80, 2, "shifted", 4),
+                                                (128, 2, "blocked", 4), (160, 1, "shifted", 32)])
+def test_channels_last_forward_over_many_pixels_matches_dense_reference(n, stride, pattern, p,
                                                                          threads):
     """Enough pixels and filter blocks for the pixel-major work split (each item runs every
-    filter block over a chunk of pixels); N = 80: blocks of 4 and 1 vectors."""
-    m, p = 32, 4
+    filter block over a chunk of pixels); N = 80: blocks of 4 and 1 vectors; P = 32: blocks
+    of vectors 32 filters apart (4, 4, 1 and 1 vectors)."""
+    m = 32
     torch.manual_seed(n + stride)
     wk, w1 = _weights(m, n, p)
     b = torch.randn(n)
@@ -406,6 +419,56 @@ def test_channels_last_layer_runs_the_channels_last_kernel(m, n, p, size, batch,
     # ran too where the transposed layer is one of its cases (outputs: the M channels), else
     # the NCHW kernel (stride 1) or the dense reference (stride 2) did
     assert len(nhwc_runs) == (2 if native.nhwc_supported(m, n, p, pattern) else 1)
+
+
+def test_channels_last_blocks_of_shifted_high_part_are_vectors_p_filters_apart():
+    """"shifted" with 16 | P: filters n and n + P share their class, so a block's vectors are
+    P filters apart and read the same 16 channels - 4 vectors per block where N >= 4P (with
+    consecutive filters every block would be one vector)."""
+    lay = native._nhwc_layout(160, 64, 32, "shifted", 3, 3)
+    assert lay["vs"] == 32 and lay["lw"] == 16
+    assert lay["blk_n0"].tolist() == [0, 16, 128, 144]
+    assert lay["blk_v"].tolist() == [4, 4, 1, 1]
+    assert lay["blk_p0"].tolist() == [0, 64, 128, 144]  # packed: the blocks one after another
+    assert lay["blk_toff"].tolist() == [0, 16, 0, 16]  # the first lane's class
+    # the transposed layer (input gradient: 64 outputs over the 160 filters) likewise
+    lay_t = native._nhwc_layout(160, 64, 32, "shifted", 3, 3, transposed=True)
+    assert lay_t["vs"] == 32 and lay_t["blk_v"].tolist() == [2, 2]
+    # P | 16 and "blocked" keep consecutive filters
+    for p, pattern in ((8, "shifted"), (4, "blocked")):
+        lay = native._nhwc_layout(256, 64, p, pattern, 3, 3)
+        assert lay["vs"] == 16 and lay["blk_p0"].tolist() == lay["blk_n0"].tolist()
+    # a block's centre weights: lane l of step c is filter n0 + l // 16 * 32 + l % 16's weight
+    # on channel c (the packing gathers through these indices)
+    lay = native._nhwc_layout(128, 64, 32, "shifted", 3, 3)
+    lanes = torch.arange(64)
+    want_rows = 16 + lanes // 16 * 32 + lanes % 16  # block 1: n0 = 16
+    got = lay["w1_index"][64 * 64:128 * 64].view(64, 64).long()  # (channel, lane), flat (N, M)
+    assert torch.equal(got // 64, want_rows.expand(64, 64))
+    assert torch.equal(got % 64, torch.arange(64)[:, None].expand(64, 64))
+
+
+@needs_kernel
+@pytest.mark.parametrize("stride", [1, 2])
+def test_channels_last_kernel_vectors_p_filters_apart_match_dense_reference(stride, nhwc_runs):
+    """Blocks of 4, 4, 1 and 1 vectors 32 filters apart: forward with bias, residual and ReLU,
+    the input gradient (its transposed layer: blocks of 2 vectors) and the weight gradient."""
+    m, n, p = 64, 160, 32
+    torch.manual_seed(stride)
+    cl = torch.channels_last
+    wk, w1 = _weights(m, n, p, requires_grad=True)
+    b = torch.randn(n, requires_grad=True)
+    x = torch.randn(3, m, 10, 9).contiguous(memory_format=cl).requires_grad_()
+    ho, wo = (10 - 1) // stride + 1, (9 - 1) // stride + 1
+    res = torch.randn(3, n, ho, wo).contiguous(memory_format=cl).requires_grad_()
+    y = native.native_conv2d(x, wk, w1, b, "shifted", relu=True, residual=res, stride=stride)
+    ref = F.relu(_reference(x, wk, w1, b, "shifted", stride=stride) + res)
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
+    g = torch.randn_like(y)
+    leaves = (x, wk, w1, b, res)
+    for got, want in zip(torch.autograd.grad(y, leaves, g), torch.autograd.grad(ref, leaves, g)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert len(nhwc_runs) == 2  # the forward and the input gradient
 
 
 @needs_kernel

@@ -104,12 +104,16 @@ NATIVE_MIN_AREA_HIGH_PART_INFERENCE: int = 49
 NATIVE_HIGH_PART_MAX_CHANNELS_CL: int = 128
 NATIVE_HIGH_PART_MAX_ROWS_CL: int = 256
 
-#: "shifted" with P above this: the channels-last kernel runs one vector (16 filters, 16
-#: consecutive classes) per filter block instead of broadcasting P floats to up to 64.
-#: ``"auto"`` takes it at stride 2 (channels_last input, or under autograd), and at stride 1
-#: on channels_last input under the NATIVE_HIGH_PART_* conditions (where it beats the NCHW
-#: kernel and its copy); not for depthwise layers.
+#: "shifted" with P above this: the channels-last kernel loads 16 consecutive classes per
+#: vector instead of broadcasting P floats, and a filter block's vectors are P filters apart
+#: (the classes repeat every P filters), so a block has min(4, N/P) vectors.  With full
+#: blocks (N >= NATIVE_NHWC_FULL_BLOCKS * P) ``"auto"`` takes it as for smaller P, except on
+#: NCHW input where the NCHW kernel runs the layer (it is faster there without the copy).
+#: With narrower blocks it takes it at stride 2 (channels_last input, or under autograd),
+#: and at stride 1 on channels_last input under the NATIVE_HIGH_PART_* conditions (where it
+#: beats the NCHW kernel and its copy); not for depthwise layers.
 NATIVE_NHWC_BROADCAST_MAX_PART: int = 16
+NATIVE_NHWC_FULL_BLOCKS: int = 4
 
 #: ``"auto"``'s dense path runs NCHW (copying channels_last input) when the GEMM the
 #: convolution amounts to has at most this many rows (B*Ho*Wo) per input channel:
@@ -307,8 +311,13 @@ def select_backend(x: torch.Tensor, weight_k: torch.Tensor, weight_1: torch.Tens
       32-channel layers 1.1-2.5x in both modes, on its 16-channel layers in
       inference 1.0-1.85x (forward+backward there: 0.75-1.05x, so not).
     * ... but "shifted" with P > :data:`NATIVE_NHWC_BROADCAST_MAX_PART` (16),
-      not depthwise (the channels-last kernel with one 16-filter register per
-      block): at stride 2 on channels_last input, or under autograd (NCHW input copied,
+      not depthwise: with N >= 4P (filter blocks of 4 vectors P filters apart)
+      as above, except on NCHW input that the NCHW kernel runs (next rules;
+      then it does, without the copy): 2.9-7.2x on channels_last input where
+      the previous rule's picks measured 1.6-4.4x (benchmarks/auto_rule_sweep.py
+      shapes at P = 32 and 64), and on NCHW input 3.1-5.0x on 4x4 and 2x2
+      outputs (was ``"fused"``, 2.6-3.6x).  With N < 4P (narrower blocks):
+      at stride 2 on channels_last input, or under autograd (NCHW input copied,
       M, N >= 128), 1.75-3.3x where the other backends measured 0.75-2.5x;
       at stride 1 only on channels_last input where the NCHW kernel's copy
       would pay (below), which it beats there (1.2-5.1x).
@@ -417,10 +426,14 @@ def _native_nhwc_pick(x, weight_k, n, m, p, stride, dilation, padding, pattern) 
         return False
     if min(m, n) < least or not _native.nhwc_supported(n, m, p, pattern):
         return False
-    if pattern == "shifted" and p > NATIVE_NHWC_BROADCAST_MAX_PART:  # one vector per block
+    if pattern == "shifted" and p > NATIVE_NHWC_BROADCAST_MAX_PART:
         if p == m == n:  # depthwise: oneDNN's kernel ("fused") is faster
             return False
-        if strided:
+        if n >= NATIVE_NHWC_FULL_BLOCKS * p:  # blocks of 4 vectors, as for P <= 16
+            if not cl and (_native_high_part_pick(x, weight_k, n, m, p, stride, dilation, padding)
+                           or _native_pick(x, weight_k, n, m, p, stride, dilation, padding)):
+                return False  # the NCHW kernel on NCHW input, without the copy
+        elif strided:
             if not (cl or training):  # NCHW input outside autograd: the NCHW kernel
                 return False
         elif not cl or not _high_part_cl_pays(x, weight_k, m, stride, padding, dilation,

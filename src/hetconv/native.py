@@ -163,7 +163,7 @@ def _load() -> Optional[ctypes.CDLL]:
             lib.hetconv_nhwc_forward_packed.restype = i
             lib.hetconv_nhwc_forward_packed.argtypes = packed
             lib.hetconv_nhwc_wgrad.restype = i
-            lib.hetconv_nhwc_wgrad.argtypes = [p] * 4 + [i] * 14 + [p] * 3 + [i]
+            lib.hetconv_nhwc_wgrad.argtypes = [p] * 4 + [i] * 15 + [p] * 4 + [i]
             for name in ("hetconv_gather", "hetconv_scatter"):
                 getattr(lib, name).restype = None
                 getattr(lib, name).argtypes = [p] * 3 + [ctypes.c_long, i]
@@ -439,22 +439,33 @@ def _nhwc_layout(n: int, m: int, p: int, pattern: str, kh: int, kw: int,
         ts, lw = _nhwc_step(n_out, n_in, p, pattern)
         mk = chan.shape[1]
         cof = chan[out_cls]  # (n_out, Mk): the input read by output n at step j
-        blocks = []  # (n0, vectors, toff); a block's vectors share one channel offset
-        for v in range(n_out // 16):
+        # Vector v of a block holds outputs n0 + v * vs .. + 15 (csrc/hetconv_nhwc.c): vs = P
+        # for "shifted" with 16 | P (outputs P apart share their class, so their 16 lanes read
+        # the same channels), else 16 (consecutive outputs).
+        vs = p if lw == 16 and p > 16 else 16
+        nvec, step = n_out // 16, vs // 16
+        blocks, taken = [], torch.zeros(nvec, dtype=torch.bool)
+        for v in range(nvec):  # (n0, vectors, toff); a block's vectors share one offset
+            if taken[v]:
+                continue
             # the offset: what the vector's first lane reads at step 0 (0 for "shifted" with
             # P | 16, its class for "shifted" with 16 | P, class * Mk for "blocked")
-            toff = int(cof[16 * v, 0])
-            if blocks and blocks[-1][2] == toff and blocks[-1][1] < 4:
-                blocks[-1][1] += 1
-            else:
-                blocks.append([16 * v, 1, toff])
-        # The kernel reads, for output n at step j, channel toff + j * ts + (n - n0) % lw:
-        # check that it is n's own class channel.
-        read = torch.empty_like(cof)
-        for n0, nv, toff in blocks:
+            toff, nv = int(cof[16 * v, 0]), 1
+            while (nv < 4 and v + nv * step < nvec and not taken[v + nv * step]
+                   and int(cof[16 * (v + nv * step), 0]) == toff):
+                nv += 1
+            taken[v:v + nv * step:step] = True
+            blocks.append((16 * v, nv, toff))
+        lanes = [n0 + torch.arange(16 * nv) // 16 * vs + torch.arange(16 * nv) % 16
+                 for n0, nv, _ in blocks]  # each block's outputs, lane by lane
+        # The kernel reads, for output n at step j, channel toff + j * ts + (lane % lw):
+        # check that it is n's own class channel, and that the blocks cover every output once.
+        read = torch.full_like(cof, -1)
+        for (n0, nv, toff), out in zip(blocks, lanes):
             lane = torch.arange(16 * nv) % lw
-            read[n0:n0 + 16 * nv] = toff + torch.arange(mk)[None, :] * ts + lane[:, None]
-        if not torch.equal(read, cof):
+            read[out] = toff + torch.arange(mk)[None, :] * ts + lane[:, None]
+        if (not torch.equal(read, cof)
+                or not torch.equal(torch.cat(lanes).sort().values, torch.arange(n_out))):
             raise AssertionError("channels-last kernel layout does not match the pattern")
         ta, tb = _taps(kh, kw)
         # Where each packed tap weight sits in weight_k (N, Mk, Kh, Kw): weight_k[f, j] is
@@ -470,22 +481,26 @@ def _nhwc_layout(n: int, m: int, p: int, pattern: str, kh: int, kw: int,
         else:
             src_row = torch.arange(n_out)[:, None].expand_as(cof)
             src_col = torch.arange(mk)[None, :].expand_as(cof)
-        # Packed order: block (n0, v) holds its centre weights at n0 * n_in as (n_in, 16 v)
-        # and its tap weights at n0 * T * Mk as (T, Mk, 16 v); lane l is output n0 + l.
+        # Packed order: block b (after p0 lanes of blocks before it) holds its centre
+        # weights at p0 * n_in as (n_in, 16 v) and its tap weights at p0 * T * Mk as
+        # (T, Mk, 16 v); lane l is output lanes[b][l].
         t = len(ta)
         centre_ij, tap_ij = [], []  # per block: (input, lane) and (tap, step, lane) grids
-        for n0, nv, _ in blocks:
-            lanes = torch.arange(n0, n0 + 16 * nv)
-            centre_ij.append(torch.meshgrid(torch.arange(n_in), lanes, indexing="ij"))
-            tap_ij.append(torch.meshgrid(torch.arange(t), torch.arange(mk), lanes, indexing="ij"))
+        for lanes_b in lanes:
+            centre_ij.append(torch.meshgrid(torch.arange(n_in), lanes_b, indexing="ij"))
+            tap_ij.append(torch.meshgrid(torch.arange(t), torch.arange(mk), lanes_b,
+                                         indexing="ij"))
         c1, r1 = (torch.cat([g[d].reshape(-1) for g in centre_ij]) for d in range(2))
         ek, jk, rk = (torch.cat([g[d].reshape(-1) for g in tap_ij]) for d in range(3))
         i32 = torch.int32
         return {
             "blk_n0": torch.tensor([b[0] for b in blocks], dtype=i32),
+            # where each block's packed weights start (the lanes of the blocks before it)
+            "blk_p0": torch.tensor([0] + [16 * b[1] for b in blocks[:-1]], dtype=i32).cumsum(
+                0, dtype=i32),
             "blk_v": torch.tensor([b[1] for b in blocks], dtype=i32),
             "blk_toff": torch.tensor([b[2] for b in blocks], dtype=i32),
-            "nfb": len(blocks), "mk": mk, "ts": ts,
+            "nfb": len(blocks), "mk": mk, "ts": ts, "vs": vs,
             "lw": lw, "T": t, "kernel": (kh, kw), "n_out": n_out,
             # each packed centre weight's flat index in the (N, M) centre matrix (its row
             # n0 + l of the kernel's (n_out, n_in) matrix, which is that matrix transposed
@@ -560,9 +575,9 @@ def _nhwc_pack(weight_k: torch.Tensor, weight_1: torch.Tensor, bias: Optional[to
     wkp = _gather(flat, _tap_index(lay, weight_k))
     bp = None if bias is None else bias.detach().float().contiguous()
     pk = dict(lay, w1p=w1p, wkp=wkp, bp=bp)
-    pk["args"] = (lay["mk"], lay["ts"], lay["lw"], lay["nfb"], _ptr(lay["blk_n0"]),
-                  _ptr(lay["blk_v"]), _ptr(lay["blk_toff"]), _ptr(pk["w1p"]), _ptr(pk["wkp"]),
-                  _ptr(bp))
+    pk["args"] = (lay["mk"], lay["ts"], lay["lw"], lay["vs"], lay["nfb"], _ptr(lay["blk_n0"]),
+                  _ptr(lay["blk_p0"]), _ptr(lay["blk_v"]), _ptr(lay["blk_toff"]),
+                  _ptr(pk["w1p"]), _ptr(pk["wkp"]), _ptr(bp))
     return pk
 
 
@@ -645,8 +660,8 @@ def _wgrad_nhwc(x: torch.Tensor, gy: torch.Tensor, weight_k: torch.Tensor, patte
     packed, gc = torch.empty(n * t * mk), torch.empty(n, m)  # gc: the centre taps' (N, M)
     rc = _load().hetconv_nhwc_wgrad(
         _ptr(x), _ptr(gy), _ptr(packed), _ptr(gc), b, m, n, h, w, kh, kw, stride, kh // 2,
-        kw // 2, mk, lay["ts"], lay["lw"], lay["nfb"], _ptr(lay["blk_n0"]), _ptr(lay["blk_v"]),
-        _ptr(lay["blk_toff"]), torch.get_num_threads())
+        kw // 2, mk, lay["ts"], lay["lw"], lay["vs"], lay["nfb"], _ptr(lay["blk_n0"]),
+        _ptr(lay["blk_p0"]), _ptr(lay["blk_v"]), _ptr(lay["blk_toff"]), torch.get_num_threads())
     if rc != 0:
         raise RuntimeError(f"hetconv channels-last weight-gradient kernel failed (code {rc})")
     # weight_k's gradient in weight_k's own layout (autograd then keeps it as it is): the
@@ -789,9 +804,9 @@ class _ForwardArgs(ctypes.Structure):
 class _NhwcArgs(ctypes.Structure):
     """``hetconv_nhwc_args`` (csrc/hetconv_nhwc.c), likewise for the channels-last one."""
     _fields_ = ([(f, ctypes.c_int) for f in ("B", "M", "N", "H", "W", "kh", "kw", "s", "ph",
-                                             "pw", "Mk", "ts", "lw", "nfb")]
-                + [(f, ctypes.c_void_p) for f in ("blk_n0", "blk_v", "blk_toff", "w1p", "wkp",
-                                                  "bias")]
+                                             "pw", "Mk", "ts", "lw", "vs", "nfb")]
+                + [(f, ctypes.c_void_p) for f in ("blk_n0", "blk_p0", "blk_v", "blk_toff",
+                                                  "w1p", "wkp", "bias")]
                 + [(f, ctypes.c_int) for f in ("relu", "posmajor", "up", "Ho", "Wo")])
 
 

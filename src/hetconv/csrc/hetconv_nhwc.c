@@ -15,7 +15,8 @@
  *     broadcast of P floats (lw = P, step ts = P, offset toff = 0).
  *   "shifted" with 16 | P (32, 64, ...): the 16 lanes want 16 consecutive classes,
  *     channels j*P + c0 .. j*P + c0 + 15 (c0: the first lane's class): a load of 16
- *     floats (lw = 16, ts = P, toff = c0; blocks of one vector, as c0 differs per vector).
+ *     floats (lw = 16, ts = P, toff = c0; c0 differs from one 16 filters to the next, so
+ *     a block's vectors are P filters apart, where the classes repeat: vs = P below).
  *   "blocked" with 16 | N / P: a block's 16 filters share one class k and
  *     chan[k][j] = k * Mk + j: a broadcast of one float (lw = 1, ts = 1,
  *     toff = k * Mk).
@@ -32,9 +33,16 @@
  * of a tile is skipped.  For small planes the pixels of a tile are the same
  * position in R images (position-major order), so border taps skip exactly.
  *
- * Packed weights (filter blocks of 16 * V_b filters starting at n0_b):
- *   w1p  block b at n0_b * M:        (M, 16 V_b)     centre taps
- *   wkp  block b at n0_b * T * Mk:   (T, Mk, 16 V_b) the T = Kh*Kw - 1 other taps
+ * Blocks of V vectors.  Vector v of a block holds filters n0 + v * vs .. n0 + v * vs + 15:
+ * vs = 16 (consecutive filters) except for "shifted" with 16 | P, where vs = P: filters n
+ * and n + P have the same class, so the block's vectors read the same 16 channels (one
+ * load per pixel and step for all V) - with consecutive vectors (16 classes each) every
+ * block would be one vector.
+ *
+ * Packed weights (filter blocks in the layout's order; p0_b: the 16 V lanes of the blocks
+ * before b):
+ *   w1p  block b at p0_b * M:        (M, 16 V_b)     centre taps
+ *   wkp  block b at p0_b * T * Mk:   (T, Mk, 16 V_b) the T = Kh*Kw - 1 other taps
  *   bias (N) or NULL
  */
 #include <stddef.h>
@@ -63,6 +71,7 @@ static inline int nh_jrows(int V) { return V >= 4 ? NH_JR4 : NH_JRMAX; }
 typedef struct {
     int B, M, N, H, W, Ho, Wo, kh, kw, s, ph, pw, Mk, ts, lw, posmajor;
     int up;  /* > 1: transposed strided convolution (see nh_tap) */
+    int vs;  /* filters from one vector of a block to the next (16, or P: see the top) */
 } nh_geom;
 
 /* Pixel orders (posmajor): 0 image-major (b, oh, ow); 1 position-major (oh, ow, b); 2
@@ -148,10 +157,10 @@ static inline __attribute__((always_inline)) void nh_tile(
         const unsigned char *live, const float *w1, const float *wk, int toff,
         const float *bias, float *const *yo, const float *const *ro, int relu) {
     const int KK = g->kh * g->kw, centre = (g->kh / 2) * g->kw + g->kw / 2;
-    const int M = g->M, Mk = g->Mk, ts = g->ts, VW = 16 * V;
+    const int M = g->M, Mk = g->Mk, ts = g->ts, VW = 16 * V, vs = g->vs;
     __m512 acc[NH_RMAX][4];  /* fixed sizes (not VLAs), so they become registers */
     _Pragma("GCC unroll 8") for (int v = 0; v < V; ++v) {
-        const __m512 b0 = bias ? _mm512_loadu_ps(bias + 16 * v) : _mm512_setzero_ps();
+        const __m512 b0 = bias ? _mm512_loadu_ps(bias + vs * v) : _mm512_setzero_ps();
         _Pragma("GCC unroll 8") for (int r = 0; r < R; ++r) acc[r][v] = b0;
     }
     if (live[centre]) {
@@ -187,9 +196,9 @@ static inline __attribute__((always_inline)) void nh_tile(
         if (!yo[r]) continue;
         _Pragma("GCC unroll 8") for (int v = 0; v < V; ++v) {
             __m512 a = acc[r][v];
-            if (ro[r]) a = _mm512_add_ps(a, _mm512_loadu_ps(ro[r] + 16 * v));
+            if (ro[r]) a = _mm512_add_ps(a, _mm512_loadu_ps(ro[r] + vs * v));
             if (relu) a = _mm512_max_ps(a, zero);
-            _mm512_storeu_ps(yo[r] + 16 * v, a);
+            _mm512_storeu_ps(yo[r] + vs * v, a);
         }
     }
 }
@@ -223,7 +232,8 @@ static void nh_tile_any(int V, const nh_geom *g, const float *const *px, const u
     _Pragma("GCC unroll 8") for (int r = 0; r < R; ++r) {
         if (!yo[r]) continue;
         for (int i = 0; i < VW; ++i) {
-            float a = bias ? bias[i] : 0.f;
+            const int f = i / 16 * g->vs + i % 16;  /* lane i's filter, from the block's first */
+            float a = bias ? bias[f] : 0.f;
             if (live[centre])
                 for (int c = 0; c < g->M; ++c) a += px[centre * R + r][c] * w1[(size_t)c * VW + i];
             for (int t = 0, e = 0; t < KK; ++t) {
@@ -234,8 +244,8 @@ static void nh_tile_any(int V, const nh_geom *g, const float *const *px, const u
                 for (int j = 0; j < g->Mk; ++j)
                     a += px[t * R + r][toff + j * g->ts + i % g->lw] * wt[(size_t)j * VW + i];
             }
-            if (ro[r]) a += ro[r][i];
-            yo[r][i] = (relu && a < 0.f) ? 0.f : a;
+            if (ro[r]) a += ro[r][f];
+            yo[r][f] = (relu && a < 0.f) ? 0.f : a;
         }
     }
 }
@@ -244,7 +254,7 @@ static void nh_tile_any(int V, const nh_geom *g, const float *const *px, const u
 static int nh_check(const nh_geom *g) {
     if (g->B < 0 || g->M < 1 || g->N < 16 || g->N % 16 || g->H < 1 || g->W < 1) return -1;
     if (g->kh * g->kw > NH_KKMAX || g->kh % 2 == 0 || g->kw % 2 == 0) return -1;
-    if (g->s < 1 || g->Mk < 0 || g->ts < 1) return -1;
+    if (g->s < 1 || g->Mk < 0 || g->ts < 1 || g->vs < 16 || g->vs % 16) return -1;
     if (g->lw != 1 && g->lw != 2 && g->lw != 4 && g->lw != 8 && g->lw != 16) return -1;
     return 0;
 }
@@ -282,15 +292,15 @@ static void nh_residue_tile(const nh_geom *g, const float *x, float *y, const fl
 /* Filter block fb of the forward over output pixels [q_begin, q_end), tile by tile. */
 static void nh_fwd_run(const nh_geom *gp, const float *x, float *y, const float *zero,
                        const ptrdiff_t *toffs, int fb, long q_begin, long q_end,
-                       const int *blk_n0, const int *blk_v, const int *blk_toff,
-                       const float *w1p, const float *wkp, const float *bias, const float *res,
-                       int relu) {
+                       const int *blk_n0, const int *blk_p0, const int *blk_v,
+                       const int *blk_toff, const float *w1p, const float *wkp,
+                       const float *bias, const float *res, int relu) {
     const nh_geom g = *gp;
     const int M = g.M, N = g.N, H = g.H, W = g.W, kw = g.kw;
     const int posmajor = g.posmajor, Mk = g.Mk, B = g.B;
     const int KK = g.kh * kw, T = KK - 1;
-    const int V = blk_v[fb], n0 = blk_n0[fb], Rt = nh_rows(V);
-    const float *w1 = w1p + (size_t)n0 * M, *wk = wkp + (size_t)n0 * T * Mk;
+    const int V = blk_v[fb], n0 = blk_n0[fb], p0 = blk_p0[fb], Rt = nh_rows(V);
+    const float *w1 = w1p + (size_t)p0 * M, *wk = wkp + (size_t)p0 * T * Mk;
     const float *bb = bias ? bias + n0 : NULL;
     const float *px[NH_KKMAX * NH_RMAX];
     float *yo[NH_RMAX];
@@ -345,18 +355,20 @@ static void nh_fwd_run(const nh_geom *gp, const float *x, float *y, const float 
 
 /*
  * y (B, Ho, Wo, N) = HetConv(x (B, H, W, M)), padding (ph, pw), stride s.
- * nfb filter blocks: blk_n0 (first filter), blk_v (vectors, 1..4), blk_toff (offset of the
- * block's class channels: 0 "shifted", class * Mk "blocked").  res (B, Ho, Wo, N) or NULL
+ * nfb filter blocks: blk_n0 (first filter), blk_p0 (first packed lane / 1: where the block's
+ * weights start, in filters), blk_v (vectors, 1..4; vector v holds filters n0 + v * vs ..
+ * n0 + v * vs + 15), blk_toff (offset of the block's class channels: 0 "shifted" with P | 16,
+ * the first lane's class with 16 | P, class * Mk "blocked").  res (B, Ho, Wo, N) or NULL
  * is added before the ReLU (relu != 0).  Returns 0 or a negative code.
  */
 int hetconv_nhwc_forward(const float *x, float *y, int B, int M, int N, int H, int W,
                          int kh, int kw, int s, int ph, int pw, int Mk, int ts, int lw,
-                         int nfb, const int *blk_n0, const int *blk_v, const int *blk_toff,
-                         const float *w1p, const float *wkp, const float *bias,
-                         const float *res, int relu, int posmajor, int up, int Ho, int Wo,
-                         int nthreads) {
+                         int vs, int nfb, const int *blk_n0, const int *blk_p0,
+                         const int *blk_v, const int *blk_toff, const float *w1p,
+                         const float *wkp, const float *bias, const float *res, int relu,
+                         int posmajor, int up, int Ho, int Wo, int nthreads) {
     nh_geom g = {B, M, N, H, W, (H + 2 * ph - kh) / s + 1, (W + 2 * pw - kw) / s + 1,
-                 kh, kw, s, ph, pw, Mk, ts, lw, posmajor, up};
+                 kh, kw, s, ph, pw, Mk, ts, lw, posmajor, up, vs};
     if (up > 1) {  /* transposed strided: the output size is the caller's (s must be 1) */
         if (s != 1) return -1;
         g.Ho = Ho; g.Wo = Wo;
@@ -393,15 +405,15 @@ int hetconv_nhwc_forward(const float *x, float *y, int B, int M, int N, int H, i
         const long q_begin = (it % runs) * per_run;
         const long q_end = q_begin + per_run < npix ? q_begin + per_run : npix;
         if (!pixmajor) {
-            nh_fwd_run(&g, x, y, zero, toffs, (int)(it / runs), q_begin, q_end, blk_n0, blk_v,
-                       blk_toff, w1p, wkp, bias, res, relu);
+            nh_fwd_run(&g, x, y, zero, toffs, (int)(it / runs), q_begin, q_end, blk_n0, blk_p0,
+                       blk_v, blk_toff, w1p, wkp, bias, res, relu);
             continue;
         }
         for (long c0 = q_begin; c0 < q_end; c0 += NH_PIXCHUNK) {
             const long c1 = c0 + NH_PIXCHUNK < q_end ? c0 + NH_PIXCHUNK : q_end;
             for (int fb = 0; fb < nfb; ++fb)
-                nh_fwd_run(&g, x, y, zero, toffs, fb, c0, c1, blk_n0, blk_v, blk_toff, w1p,
-                           wkp, bias, res, relu);
+                nh_fwd_run(&g, x, y, zero, toffs, fb, c0, c1, blk_n0, blk_p0, blk_v, blk_toff,
+                           w1p, wkp, bias, res, relu);
         }
     }
     free(zero);
@@ -418,7 +430,7 @@ int hetconv_nhwc_forward(const float *x, float *y, int B, int M, int N, int H, i
 #if defined(__AVX512F__)
 static inline __attribute__((always_inline)) void nh_wtile(
         const int J, const int V, const int lw, int n, const float *const *xr,
-        const float *const *gr, int ts, int j0, int Mk, float *out) {
+        const float *const *gr, int ts, int vs, int j0, int Mk, float *out) {
     const int VW = 16 * V;
     __m512 acc[NH_JRMAX][4];
     _Pragma("GCC unroll 8") for (int a = 0; a < J; ++a)
@@ -428,7 +440,7 @@ static inline __attribute__((always_inline)) void nh_wtile(
     for (int i = 0; i < n; ++i) {
         const float *xp = xr[i], *gp = gr[i];
         __m512 gv[4];
-        _Pragma("GCC unroll 8") for (int v = 0; v < V; ++v) gv[v] = _mm512_loadu_ps(gp + 16 * v);
+        _Pragma("GCC unroll 8") for (int v = 0; v < V; ++v) gv[v] = _mm512_loadu_ps(gp + vs * v);
         _Pragma("GCC unroll 8") for (int a = 0; a < J; ++a) {
             const __m512 xv = nh_load(xp + off[a], lw);
             _Pragma("GCC unroll 8") for (int v = 0; v < V; ++v) acc[a][v] = _mm512_fmadd_ps(xv, gv[v], acc[a][v]);
@@ -443,14 +455,14 @@ static inline __attribute__((always_inline)) void nh_wtile(
 
 #define NH_WTILE_CASES(LW)                                                         \
     switch (V) {                                                                   \
-        case 4: nh_wtile(NH_JR4, 4, LW, n, xr, gr, ts, j0, Mk, out); break;        \
-        case 3: nh_wtile(NH_JRMAX, 3, LW, n, xr, gr, ts, j0, Mk, out); break;      \
-        case 2: nh_wtile(NH_JRMAX, 2, LW, n, xr, gr, ts, j0, Mk, out); break;      \
-        default: nh_wtile(NH_JRMAX, 1, LW, n, xr, gr, ts, j0, Mk, out); break;     \
+        case 4: nh_wtile(NH_JR4, 4, LW, n, xr, gr, ts, vs, j0, Mk, out); break;        \
+        case 3: nh_wtile(NH_JRMAX, 3, LW, n, xr, gr, ts, vs, j0, Mk, out); break;      \
+        case 2: nh_wtile(NH_JRMAX, 2, LW, n, xr, gr, ts, vs, j0, Mk, out); break;      \
+        default: nh_wtile(NH_JRMAX, 1, LW, n, xr, gr, ts, vs, j0, Mk, out); break; \
     }
 
 static void nh_wtile_any(int V, int lw, int n, const float *const *xr, const float *const *gr,
-                         int ts, int j0, int Mk, float *out) {
+                         int ts, int vs, int j0, int Mk, float *out) {
     switch (lw) {
         case 1: NH_WTILE_CASES(1) break;
         case 2: NH_WTILE_CASES(2) break;
@@ -461,12 +473,12 @@ static void nh_wtile_any(int V, int lw, int n, const float *const *xr, const flo
 }
 #else
 static void nh_wtile_any(int V, int lw, int n, const float *const *xr, const float *const *gr,
-                         int ts, int j0, int Mk, float *out) {
+                         int ts, int vs, int j0, int Mk, float *out) {
     const int J = nh_jrows(V), VW = 16 * V;
     for (int a = 0; a < J && j0 + a < Mk; ++a)
         for (int l = 0; l < VW; ++l) {
             float s = 0.f;
-            for (int i = 0; i < n; ++i) s += xr[i][(j0 + a) * ts + l % lw] * gr[i][l];
+            for (int i = 0; i < n; ++i) s += xr[i][(j0 + a) * ts + l % lw] * gr[i][l / 16 * vs + l % 16];
             out[(size_t)(j0 + a) * VW + l] += s;
         }
 }
@@ -487,11 +499,13 @@ static void nh_wtile_any(int V, int lw, int n, const float *const *xr, const flo
  * gwk: the taps' gradient in the layout of wkp.  gc (N, M) row-major or NULL: the centre
  * taps' gradient too (summed in w1p's block layout, transposed into gc at the end).
  */
-static void nh_unpack_centre(const float *src, float *gc, int M, int n0, int VW) {
+static void nh_unpack_centre(const float *src, float *gc, int M, int n0, int VW, int vs) {
     for (int c0 = 0; c0 < M; c0 += 16) {  /* 16 channels x VW filters at a time */
         const int c1 = c0 + 16 < M ? c0 + 16 : M;
-        for (int l = 0; l < VW; ++l)
-            for (int c = c0; c < c1; ++c) gc[(size_t)(n0 + l) * M + c] = src[(size_t)c * VW + l];
+        for (int l = 0; l < VW; ++l) {
+            float *row = gc + (size_t)(n0 + l / 16 * vs + l % 16) * M;  /* lane l's filter */
+            for (int c = c0; c < c1; ++c) row[c] = src[(size_t)c * VW + l];
+        }
     }
 }
 
@@ -501,6 +515,7 @@ static void nh_wgrad_chunk(const nh_geom *g, const float *x, const float *gy, in
                            long c1, const int *blk_n0, const int *blk_v, const int *blk_toff,
                            float *out_t, float *out_c, const float **xr, const float **gr) {
     const int kh = g->kh, kw = g->kw, M = g->M, Mk = g->Mk, N = g->N, lw = g->lw, ts = g->ts;
+    const int vs = g->vs;
     const int T = kh * kw - 1, centre = (kh / 2) * kw + kw / 2;
     const int V = blk_v[fb], n0 = blk_n0[fb], J = nh_jrows(V), VW = 16 * V;
     /* per pixel once: the top-left tap's row when every tap is inside the image (then tap t
@@ -530,20 +545,20 @@ static void nh_wgrad_chunk(const nh_geom *g, const float *x, const float *gy, in
         }
         if (!n) continue;
         if (e < 0) {
-            for (int j0 = 0; j0 < M; j0 += J) nh_wtile_any(V, 1, n, xr, gr, 1, j0, M, out_c);
+            for (int j0 = 0; j0 < M; j0 += J) nh_wtile_any(V, 1, n, xr, gr, 1, vs, j0, M, out_c);
         } else {
             float *ot = out_t + (size_t)e * Mk * VW;
-            for (int j0 = 0; j0 < Mk; j0 += J) nh_wtile_any(V, lw, n, xr, gr, ts, j0, Mk, ot);
+            for (int j0 = 0; j0 < Mk; j0 += J) nh_wtile_any(V, lw, n, xr, gr, ts, vs, j0, Mk, ot);
         }
     }
 }
 
 int hetconv_nhwc_wgrad(const float *x, const float *gy, float *gwk, float *gc, int B, int M,
                        int N, int H, int W, int kh, int kw, int s, int ph, int pw, int Mk,
-                       int ts, int lw, int nfb, const int *blk_n0, const int *blk_v,
-                       const int *blk_toff, int nthreads) {
+                       int ts, int lw, int vs, int nfb, const int *blk_n0, const int *blk_p0,
+                       const int *blk_v, const int *blk_toff, int nthreads) {
     nh_geom g = {B, M, N, H, W, (H + 2 * ph - kh) / s + 1, (W + 2 * pw - kw) / s + 1,
-                 kh, kw, s, ph, pw, Mk, ts, lw, 0, 1};
+                 kh, kw, s, ph, pw, Mk, ts, lw, 0, 1, vs};
     if (nh_check(&g) || g.Ho < 1 || g.Wo < 1) return -1;
     const int T = kh * kw - 1;
     const long npix = (long)B * g.Ho * g.Wo;
@@ -590,11 +605,11 @@ int hetconv_nhwc_wgrad(const float *x, const float *gy, float *gwk, float *gc, i
                 for (int fb = fb_lo; fb < fb_hi; ++fb) {
                     /* the block's sums: taps (T, Mk, VW) and the centre (M, VW): in the
                      * range's partial buffer (taps then centre), or in gwk and cbuf */
-                    const int n0 = blk_n0[fb];
-                    float *out_t = part ? part + r * whole + (size_t)n0 * per_filter
-                                        : gwk + (size_t)n0 * T * Mk;
+                    const int p0 = blk_p0[fb];
+                    float *out_t = part ? part + r * whole + (size_t)p0 * per_filter
+                                        : gwk + (size_t)p0 * T * Mk;
                     float *out_c = !gc ? NULL : part ? out_t + (size_t)T * Mk * 16 * blk_v[fb]
-                                                     : cbuf + (size_t)n0 * M;
+                                                     : cbuf + (size_t)p0 * M;
                     nh_wgrad_chunk(&g, x, gy, fb, c0, c1, blk_n0, blk_v, blk_toff, out_t,
                                    out_c, xr, gr);
                 }
@@ -612,11 +627,11 @@ int hetconv_nhwc_wgrad(const float *x, const float *gy, float *gwk, float *gc, i
 #pragma omp for schedule(static)
         for (int fb = 0; fb < nfb; ++fb) {
             if (status) continue;
-            const int n0 = blk_n0[fb], VW = 16 * blk_v[fb];
-            const float *src = part ? part + (size_t)n0 * per_filter : NULL;
-            if (part) memcpy(gwk + (size_t)n0 * T * Mk, src, sizeof(float) * (size_t)T * Mk * VW);
-            if (gc) nh_unpack_centre(part ? src + (size_t)T * Mk * VW : cbuf + (size_t)n0 * M,
-                                     gc, M, n0, VW);
+            const int n0 = blk_n0[fb], p0 = blk_p0[fb], VW = 16 * blk_v[fb];
+            const float *src = part ? part + (size_t)p0 * per_filter : NULL;
+            if (part) memcpy(gwk + (size_t)p0 * T * Mk, src, sizeof(float) * (size_t)T * Mk * VW);
+            if (gc) nh_unpack_centre(part ? src + (size_t)T * Mk * VW : cbuf + (size_t)p0 * M,
+                                     gc, M, n0, VW, g.vs);
         }
     }
     free(part); free(cbuf);
@@ -645,8 +660,8 @@ void hetconv_scatter(const float *src, const int *idx, float *dst, long n, int n
 /* hetconv_nhwc_forward with every argument but the tensors and the thread count in one
  * struct (see hetconv_native_forward_packed). */
 typedef struct {
-    int B, M, N, H, W, kh, kw, s, ph, pw, Mk, ts, lw, nfb;
-    const int *blk_n0, *blk_v, *blk_toff;
+    int B, M, N, H, W, kh, kw, s, ph, pw, Mk, ts, lw, vs, nfb;
+    const int *blk_n0, *blk_p0, *blk_v, *blk_toff;
     const float *w1p, *wkp, *bias;
     int relu, posmajor, up, Ho, Wo;
 } hetconv_nhwc_args;
@@ -654,7 +669,7 @@ typedef struct {
 int hetconv_nhwc_forward_packed(const hetconv_nhwc_args *a, const float *x, float *y,
                                 const float *res, int nthreads) {
     return hetconv_nhwc_forward(x, y, a->B, a->M, a->N, a->H, a->W, a->kh, a->kw, a->s, a->ph,
-                                a->pw, a->Mk, a->ts, a->lw, a->nfb, a->blk_n0, a->blk_v,
-                                a->blk_toff, a->w1p, a->wkp, a->bias, res, a->relu, a->posmajor,
-                                a->up, a->Ho, a->Wo, nthreads);
+                                a->pw, a->Mk, a->ts, a->lw, a->vs, a->nfb, a->blk_n0,
+                                a->blk_p0, a->blk_v, a->blk_toff, a->w1p, a->wkp, a->bias, res,
+                                a->relu, a->posmajor, a->up, a->Ho, a->Wo, nthreads);
 }
