@@ -313,10 +313,11 @@ def select_backend(x: torch.Tensor, weight_k: torch.Tensor, weight_1: torch.Tens
     * ... but "shifted" with P > :data:`NATIVE_NHWC_BROADCAST_MAX_PART` (16),
       not depthwise: with N >= 4P (filter blocks of 4 vectors P filters apart)
       as above, except on NCHW input that the NCHW kernel runs (next rules;
-      then it does, without the copy): 2.9-7.2x on channels_last input where
-      the previous rule's picks measured 1.6-4.4x (benchmarks/auto_rule_sweep.py
-      shapes at P = 32 and 64), and on NCHW input 3.1-5.0x on 4x4 and 2x2
-      outputs (was ``"fused"``, 2.6-3.6x).  With N < 4P (narrower blocks):
+      then it does, without the copy): 3.0-6.1x on channels_last input where
+      the previous rule ran ``"fused"`` (1.6-4.0x), and on NCHW input the
+      kernel with the copy 3.1-8.7x where it ran ``"fused"`` (2.0-4.2x; 4x4
+      and 2x2 outputs, 7x7 under autograd, 14x14 stride 2): the benchmark's
+      layer shapes at P = 32 and 64.  With N < 4P (narrower blocks):
       at stride 2 on channels_last input, or under autograd (NCHW input copied,
       M, N >= 128), 1.75-3.3x where the other backends measured 0.75-2.5x;
       at stride 1 only on channels_last input where the NCHW kernel's copy
