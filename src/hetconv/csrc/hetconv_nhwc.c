@@ -66,7 +66,14 @@
                                  * item's pass over all blocks' weights costs more) */
 
 static inline int nh_rows(int V) { return V >= 4 ? NH_R4 : NH_RMAX; }
-static inline int nh_jrows(int V) { return V >= 4 ? NH_JR4 : NH_JRMAX; }
+
+/* Steps of the weight-gradient tile at rem steps from the end: with 4 vectors 6, then 4 or 2
+ * for the rest (M/P = 16: 6 + 6 + 4, 32: 5 x 6 + 2; one size for all would compute 12.5% in
+ * vain there: the tile's steps past the end repeat the last one); 8 with fewer vectors. */
+static inline int nh_wsteps(int V, int rem) {
+    if (V < 4) return NH_JRMAX;
+    return rem >= NH_JR4 - 1 ? NH_JR4 : rem > 2 ? 4 : 2;
+}
 
 typedef struct {
     int B, M, N, H, W, Ho, Wo, kh, kw, s, ph, pw, Mk, ts, lw, posmajor;
@@ -455,14 +462,18 @@ static inline __attribute__((always_inline)) void nh_wtile(
 
 #define NH_WTILE_CASES(LW)                                                         \
     switch (V) {                                                                   \
-        case 4: nh_wtile(NH_JR4, 4, LW, n, xr, gr, ts, vs, j0, Mk, out); break;        \
+        case 4:                                                                    \
+            if (jt == 2) nh_wtile(2, 4, LW, n, xr, gr, ts, vs, j0, Mk, out);       \
+            else if (jt == 4) nh_wtile(4, 4, LW, n, xr, gr, ts, vs, j0, Mk, out);  \
+            else nh_wtile(NH_JR4, 4, LW, n, xr, gr, ts, vs, j0, Mk, out);          \
+            break;                                                                 \
         case 3: nh_wtile(NH_JRMAX, 3, LW, n, xr, gr, ts, vs, j0, Mk, out); break;      \
         case 2: nh_wtile(NH_JRMAX, 2, LW, n, xr, gr, ts, vs, j0, Mk, out); break;      \
         default: nh_wtile(NH_JRMAX, 1, LW, n, xr, gr, ts, vs, j0, Mk, out); break; \
     }
 
-static void nh_wtile_any(int V, int lw, int n, const float *const *xr, const float *const *gr,
-                         int ts, int vs, int j0, int Mk, float *out) {
+static void nh_wtile_any(int V, int jt, int lw, int n, const float *const *xr,
+                         const float *const *gr, int ts, int vs, int j0, int Mk, float *out) {
     switch (lw) {
         case 1: NH_WTILE_CASES(1) break;
         case 2: NH_WTILE_CASES(2) break;
@@ -472,10 +483,10 @@ static void nh_wtile_any(int V, int lw, int n, const float *const *xr, const flo
     }
 }
 #else
-static void nh_wtile_any(int V, int lw, int n, const float *const *xr, const float *const *gr,
-                         int ts, int vs, int j0, int Mk, float *out) {
-    const int J = nh_jrows(V), VW = 16 * V;
-    for (int a = 0; a < J && j0 + a < Mk; ++a)
+static void nh_wtile_any(int V, int jt, int lw, int n, const float *const *xr,
+                         const float *const *gr, int ts, int vs, int j0, int Mk, float *out) {
+    const int VW = 16 * V;
+    for (int a = 0; a < jt && j0 + a < Mk; ++a)
         for (int l = 0; l < VW; ++l) {
             float s = 0.f;
             for (int i = 0; i < n; ++i) s += xr[i][(j0 + a) * ts + l % lw] * gr[i][l / 16 * vs + l % 16];
@@ -517,7 +528,7 @@ static void nh_wgrad_chunk(const nh_geom *g, const float *x, const float *gy, in
     const int kh = g->kh, kw = g->kw, M = g->M, Mk = g->Mk, N = g->N, lw = g->lw, ts = g->ts;
     const int vs = g->vs;
     const int T = kh * kw - 1, centre = (kh / 2) * kw + kw / 2;
-    const int V = blk_v[fb], n0 = blk_n0[fb], J = nh_jrows(V), VW = 16 * V;
+    const int V = blk_v[fb], n0 = blk_n0[fb], VW = 16 * V;
     /* per pixel once: the top-left tap's row when every tap is inside the image (then tap t
      * is at a fixed offset from it), else NULL (looked up per tap) */
     const float *base[NH_WCHUNK];
@@ -545,10 +556,12 @@ static void nh_wgrad_chunk(const nh_geom *g, const float *x, const float *gy, in
         }
         if (!n) continue;
         if (e < 0) {
-            for (int j0 = 0; j0 < M; j0 += J) nh_wtile_any(V, 1, n, xr, gr, 1, vs, j0, M, out_c);
+            for (int j0 = 0, jt; j0 < M; j0 += jt)
+                nh_wtile_any(V, jt = nh_wsteps(V, M - j0), 1, n, xr, gr, 1, vs, j0, M, out_c);
         } else {
             float *ot = out_t + (size_t)e * Mk * VW;
-            for (int j0 = 0; j0 < Mk; j0 += J) nh_wtile_any(V, lw, n, xr, gr, ts, vs, j0, Mk, ot);
+            for (int j0 = 0, jt; j0 < Mk; j0 += jt)
+                nh_wtile_any(V, jt = nh_wsteps(V, Mk - j0), lw, n, xr, gr, ts, vs, j0, Mk, ot);
         }
     }
 }
