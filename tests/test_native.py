@@ -472,6 +472,29 @@ def test_channels_last_kernel_vectors_p_filters_apart_match_dense_reference(stri
 
 
 @needs_kernel
+@pytest.mark.parametrize("batch,size,stride", [(1, 7, 1), (1, 5, 1), (16, 3, 1), (3, 14, 2),
+                                               (2, 9, 2)])
+def test_channels_last_kernel_tail_tiles_match_dense_reference(batch, size, stride):
+    """Blocks of 4 vectors (N = M = 64: the input gradient's too) with tiles of 6 pixels, and
+    the 4- and 2-pixel tiles for what is left: 49 and 25 pixels of one image, positions of 16
+    images (position-major: 6 + 6 + 4), and at stride 2 the input gradient's residue-order
+    rows (14 columns: 7 + 7, 9 columns: 5 + 4)."""
+    m, n, p = 64, 64, 4
+    torch.manual_seed(batch * 100 + size)
+    cl = torch.channels_last
+    wk, w1 = _weights(m, n, p, requires_grad=True)
+    b = torch.randn(n, requires_grad=True)
+    x = torch.randn(batch, m, size, size).contiguous(memory_format=cl).requires_grad_()
+    y = native.native_conv2d(x, wk, w1, b, "shifted", relu=True, stride=stride)
+    ref = F.relu(_reference(x, wk, w1, b, "shifted", stride=stride))
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
+    g = torch.randn_like(y)
+    leaves = (x, wk, w1, b)
+    for got, want in zip(torch.autograd.grad(y, leaves, g), torch.autograd.grad(ref, leaves, g)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@needs_kernel
 def test_channels_last_kernel_does_not_depend_on_thread_count():
     torch.manual_seed(8)
     x = torch.randn(5, 64, 9, 9).contiguous(memory_format=torch.channels_last)

@@ -67,6 +67,14 @@
 
 static inline int nh_rows(int V) { return V >= 4 ? NH_R4 : NH_RMAX; }
 
+/* Pixels of a forward tile that holds n pixels (n <= nh_rows(V)): with 4 vectors 6, 4 or 2
+ * (a tile's pixels past n repeat the last one and are not stored: 7x7 planes at batch 1,
+ * 49 = 8 x 6 + 1, computed 54 pixels; a position of 16 images 18), else nh_rows(V). */
+static inline int nh_tile_rows(int V, long n) {
+    if (V < 4) return NH_RMAX;
+    return n >= NH_R4 - 1 ? NH_R4 : n > 2 ? 4 : 2;
+}
+
 /* Steps of the weight-gradient tile at rem steps from the end: with 4 vectors 6, then 4 or 2
  * for the rest (M/P = 16: 6 + 6 + 4, 32: 5 x 6 + 2; one size for all would compute 12.5% in
  * vain there: the tile's steps past the end repeat the last one); 8 with fewer vectors. */
@@ -212,13 +220,18 @@ static inline __attribute__((always_inline)) void nh_tile(
 
 #define NH_TILE_CASES(LW)                                                                   \
     switch (V) {                                                                            \
-        case 4: nh_tile(NH_R4, 4, LW, g, px, live, w1, wk, toff, bias, yo, ro, relu); break;  \
+        case 4:                                                                             \
+            if (R == 2) nh_tile(2, 4, LW, g, px, live, w1, wk, toff, bias, yo, ro, relu);     \
+            else if (R == 4) nh_tile(4, 4, LW, g, px, live, w1, wk, toff, bias, yo, ro, relu);\
+            else nh_tile(NH_R4, 4, LW, g, px, live, w1, wk, toff, bias, yo, ro, relu);        \
+            break;                                                                          \
         case 3: nh_tile(NH_RMAX, 3, LW, g, px, live, w1, wk, toff, bias, yo, ro, relu); break; \
         case 2: nh_tile(NH_RMAX, 2, LW, g, px, live, w1, wk, toff, bias, yo, ro, relu); break; \
         default: nh_tile(NH_RMAX, 1, LW, g, px, live, w1, wk, toff, bias, yo, ro, relu); break; \
     }
 
-static void nh_tile_any(int V, const nh_geom *g, const float *const *px, const unsigned char *live,
+static void nh_tile_any(int V, int R, const nh_geom *g, const float *const *px,
+                        const unsigned char *live,
                         const float *w1, const float *wk, int toff, const float *bias,
                         float *const *yo, const float *const *ro, int relu) {
     switch (g->lw) {
@@ -231,10 +244,11 @@ static void nh_tile_any(int V, const nh_geom *g, const float *const *px, const u
 }
 #else
 /* Portable scalar version of the same tile (correct, not fast). */
-static void nh_tile_any(int V, const nh_geom *g, const float *const *px, const unsigned char *live,
+static void nh_tile_any(int V, int R, const nh_geom *g, const float *const *px,
+                        const unsigned char *live,
                         const float *w1, const float *wk, int toff, const float *bias,
                         float *const *yo, const float *const *ro, int relu) {
-    const int R = nh_rows(V), KK = g->kh * g->kw, centre = (g->kh / 2) * g->kw + g->kw / 2;
+    const int KK = g->kh * g->kw, centre = (g->kh / 2) * g->kw + g->kw / 2;
     const int VW = 16 * V;
     _Pragma("GCC unroll 8") for (int r = 0; r < R; ++r) {
         if (!yo[r]) continue;
@@ -266,17 +280,15 @@ static int nh_check(const nh_geom *g) {
     return 0;
 }
 
-/* A residue-order tile (transposed strided layer, up > 1): pixels (b, oh, ow + r * up),
- * cut at the end of the row's residue class (lim).  A tap reads, for all of them or for
+/* A residue-order tile (transposed strided layer, up > 1): pixels (b, oh, ow + r * up) up
+ * to lim (the caller cuts it at the end of the row's residue class).  A tap reads, for all of them or for
  * none, input row (oh - ph + u) / up and columns (ow - pw + v) / up + r (consecutive), the
  * ones inside the image. */
 static void nh_residue_tile(const nh_geom *g, const float *x, float *y, const float *res,
                             const float *zero, int n0, int b, int oh, int ow, int Rt, long q0,
-                            long *lim, const float **px, unsigned char *live, float **yo,
+                            long lim, const float **px, unsigned char *live, float **yo,
                             const float **ro) {
-    const int up = g->up, left = (g->Wo - 1 - ow) / up + 1;
-    if (*lim > q0 + left) *lim = q0 + left;
-    const int n = (int)(*lim - q0);
+    const int up = g->up, n = (int)(lim - q0);
     for (int r = 0; r < Rt; ++r) {
         const int rr = r < n ? r : n - 1;  /* tail: the last pixel again, not stored */
         const size_t o = (((size_t)b * g->Ho + oh) * g->Wo + ow + rr * up) * (size_t)g->N + n0;
@@ -306,7 +318,7 @@ static void nh_fwd_run(const nh_geom *gp, const float *x, float *y, const float 
     const int M = g.M, N = g.N, H = g.H, W = g.W, kw = g.kw;
     const int posmajor = g.posmajor, Mk = g.Mk, B = g.B;
     const int KK = g.kh * kw, T = KK - 1;
-    const int V = blk_v[fb], n0 = blk_n0[fb], p0 = blk_p0[fb], Rt = nh_rows(V);
+    const int V = blk_v[fb], n0 = blk_n0[fb], p0 = blk_p0[fb], Rmax = nh_rows(V);
     const float *w1 = w1p + (size_t)p0 * M, *wk = wkp + (size_t)p0 * T * Mk;
     const float *bb = bias ? bias + n0 : NULL;
     const float *px[NH_KKMAX * NH_RMAX];
@@ -314,16 +326,22 @@ static void nh_fwd_run(const nh_geom *gp, const float *x, float *y, const float 
     const float *ro[NH_RMAX];
     unsigned char live[NH_KKMAX];
     for (long q0 = q_begin, lim; q0 < q_end; q0 = lim) {
-        /* a tile: Rt pixels, cut at the range's end and (position-major) at the end of a
-         * position, so its pixels share which taps fall in the padding */
-        lim = q0 + Rt < q_end ? q0 + Rt : q_end;
+        /* a tile: up to Rmax pixels, cut at the range's end, (position-major) at the end of
+         * a position, so its pixels share which taps fall in the padding, and (residue
+         * order) at the end of the row's residue class; Rt of them computed */
+        lim = q0 + Rmax < q_end ? q0 + Rmax : q_end;
         if (posmajor == 1 && lim > (q0 / B + 1) * B) lim = (q0 / B + 1) * B;
         memset(live, 0, sizeof live);
         int b, oh, ow;
         nh_pixel(&g, q0, &b, &oh, &ow);  /* then stepped in pixel order: no divisions */
         if (posmajor == NH_ORDER_RESIDUE) {
-            nh_residue_tile(&g, x, y, res, zero, n0, b, oh, ow, Rt, q0, &lim, px, live, yo, ro);
-            nh_tile_any(V, &g, px, live, w1, wk, blk_toff[fb], bb, yo, ro, relu);
+            const long left = (g.Wo - 1 - ow) / g.up + 1;
+            if (lim > q0 + left) lim = q0 + left;
+        }
+        const int Rt = nh_tile_rows(V, lim - q0);
+        if (posmajor == NH_ORDER_RESIDUE) {
+            nh_residue_tile(&g, x, y, res, zero, n0, b, oh, ow, Rt, q0, lim, px, live, yo, ro);
+            nh_tile_any(V, Rt, &g, px, live, w1, wk, blk_toff[fb], bb, yo, ro, relu);
             continue;
         }
         /* position-major: the tile is one position in consecutive images, so the first
@@ -356,7 +374,7 @@ static void nh_fwd_run(const nh_geom *gp, const float *x, float *y, const float 
                     px[t * Rt + r] = live[t] ? px[t * Rt] + rr * xs : zero;
             }
         }
-        nh_tile_any(V, &g, px, live, w1, wk, blk_toff[fb], bb, yo, ro, relu);
+        nh_tile_any(V, Rt, &g, px, live, w1, wk, blk_toff[fb], bb, yo, ro, relu);
     }
 }
 
