@@ -472,14 +472,18 @@ def test_channels_last_kernel_vectors_p_filters_apart_match_dense_reference(stri
 
 
 @needs_kernel
-@pytest.mark.parametrize("batch,size,stride", [(1, 7, 1), (1, 5, 1), (16, 3, 1), (3, 14, 2),
-                                               (2, 9, 2)])
-def test_channels_last_kernel_tail_tiles_match_dense_reference(batch, size, stride):
+@pytest.mark.parametrize("channels", [64, 32])
+@pytest.mark.parametrize("batch,size,stride", [(1, 7, 1), (1, 5, 1), (16, 3, 1), (5, 1, 1),
+                                               (3, 14, 2), (2, 9, 2)])
+def test_channels_last_kernel_tail_tiles_match_dense_reference(batch, size, stride, channels):
     """Blocks of 4 vectors (N = M = 64: the input gradient's too) with tiles of 6 pixels, and
     the 4- and 2-pixel tiles for what is left: 49 and 25 pixels of one image, positions of 16
-    images (position-major: 6 + 6 + 4), and at stride 2 the input gradient's residue-order
-    rows (14 columns: 7 + 7, 9 columns: 5 + 4)."""
-    m, n, p = 64, 64, 4
+    images (position-major: 6 + 6 + 4) or of 5, and at stride 2 the input gradient's
+    residue-order rows (14 columns: 7 + 7, 9 columns: 5 + 4). With 2 vectors (32 channels)
+    tiles of 8, then 4 and 2 (5 pixels: 4 + 2); the weight gradient's channel tiles likewise
+    (M/P = 16 with 4 vectors: 6 + 6 + 4; 8 with 2: 8)."""
+    m = n = channels
+    p = 4
     torch.manual_seed(batch * 100 + size)
     cl = torch.channels_last
     wk, w1 = _weights(m, n, p, requires_grad=True)

@@ -67,20 +67,22 @@
 
 static inline int nh_rows(int V) { return V >= 4 ? NH_R4 : NH_RMAX; }
 
-/* Pixels of a forward tile that holds n pixels (n <= nh_rows(V)): with 4 vectors 6, 4 or 2
- * (a tile's pixels past n repeat the last one and are not stored: 7x7 planes at batch 1,
- * 49 = 8 x 6 + 1, computed 54 pixels; a position of 16 images 18), else nh_rows(V). */
+/* Pixels of the forward tile for the next n pixels (n <= nh_rows(V)): nh_rows(V), or 4 or 2
+ * when fewer are left (the caller takes at most that many; a tile's pixels past the end
+ * repeat the last one and are not stored: 7x7 planes at batch 1, 49 = 8 x 6 + 1, computed 54
+ * pixels with tiles of 6 only; a position of 16 images 18). */
 static inline int nh_tile_rows(int V, long n) {
-    if (V < 4) return NH_RMAX;
-    return n >= NH_R4 - 1 ? NH_R4 : n > 2 ? 4 : 2;
+    const int full = nh_rows(V);
+    return n >= full - 1 ? full : n > 2 ? 4 : 2;
 }
 
-/* Steps of the weight-gradient tile at rem steps from the end: with 4 vectors 6, then 4 or 2
- * for the rest (M/P = 16: 6 + 6 + 4, 32: 5 x 6 + 2; one size for all would compute 12.5% in
- * vain there: the tile's steps past the end repeat the last one); 8 with fewer vectors. */
+/* Steps of the weight-gradient tile at rem steps from the end: 6 with 4 vectors, 8 with
+ * fewer, then 4 or 2 for the rest (M/P = 16: 6 + 6 + 4, 32: 5 x 6 + 2, 4 with 2 vectors:
+ * 4; one size for all computes the tile's steps past the end in vain, repeating the last
+ * one: 12.5% of the taps at M/P = 16 or 32 with 4 vectors, half at M/P = 4 with 2). */
 static inline int nh_wsteps(int V, int rem) {
-    if (V < 4) return NH_JRMAX;
-    return rem >= NH_JR4 - 1 ? NH_JR4 : rem > 2 ? 4 : 2;
+    const int full = V >= 4 ? NH_JR4 : NH_JRMAX;
+    return rem >= full - 1 ? full : rem > 2 ? 4 : 2;
 }
 
 typedef struct {
@@ -218,16 +220,19 @@ static inline __attribute__((always_inline)) void nh_tile(
     }
 }
 
+/* nh_tile with R pixels (the full tile FULL, or the tails' 4 and 2) and V vectors */
+#define NH_TILE_R(FULL, V, LW)                                                              \
+    do {                                                                                    \
+        if (R == 2) nh_tile(2, V, LW, g, px, live, w1, wk, toff, bias, yo, ro, relu);       \
+        else if (R == 4) nh_tile(4, V, LW, g, px, live, w1, wk, toff, bias, yo, ro, relu);  \
+        else nh_tile(FULL, V, LW, g, px, live, w1, wk, toff, bias, yo, ro, relu);           \
+    } while (0)
 #define NH_TILE_CASES(LW)                                                                   \
     switch (V) {                                                                            \
-        case 4:                                                                             \
-            if (R == 2) nh_tile(2, 4, LW, g, px, live, w1, wk, toff, bias, yo, ro, relu);     \
-            else if (R == 4) nh_tile(4, 4, LW, g, px, live, w1, wk, toff, bias, yo, ro, relu);\
-            else nh_tile(NH_R4, 4, LW, g, px, live, w1, wk, toff, bias, yo, ro, relu);        \
-            break;                                                                          \
-        case 3: nh_tile(NH_RMAX, 3, LW, g, px, live, w1, wk, toff, bias, yo, ro, relu); break; \
-        case 2: nh_tile(NH_RMAX, 2, LW, g, px, live, w1, wk, toff, bias, yo, ro, relu); break; \
-        default: nh_tile(NH_RMAX, 1, LW, g, px, live, w1, wk, toff, bias, yo, ro, relu); break; \
+        case 4: NH_TILE_R(NH_R4, 4, LW); break;                                             \
+        case 3: NH_TILE_R(NH_RMAX, 3, LW); break;                                           \
+        case 2: NH_TILE_R(NH_RMAX, 2, LW); break;                                           \
+        default: NH_TILE_R(NH_RMAX, 1, LW); break;                                          \
     }
 
 static void nh_tile_any(int V, int R, const nh_geom *g, const float *const *px,
@@ -339,6 +344,7 @@ static void nh_fwd_run(const nh_geom *gp, const float *x, float *y, const float 
             if (lim > q0 + left) lim = q0 + left;
         }
         const int Rt = nh_tile_rows(V, lim - q0);
+        if (lim > q0 + Rt) lim = q0 + Rt;  /* 5 or 6 pixels of an 8-pixel tile: 4, then 2 */
         if (posmajor == NH_ORDER_RESIDUE) {
             nh_residue_tile(&g, x, y, res, zero, n0, b, oh, ow, Rt, q0, lim, px, live, yo, ro);
             nh_tile_any(V, Rt, &g, px, live, w1, wk, blk_toff[fb], bb, yo, ro, relu);
@@ -478,16 +484,19 @@ static inline __attribute__((always_inline)) void nh_wtile(
         }
 }
 
+/* nh_wtile with jt steps (the full tile FULL, or the last tiles' 4 and 2) and V vectors */
+#define NH_WTILE_J(FULL, V, LW)                                                     \
+    do {                                                                            \
+        if (jt == 2) nh_wtile(2, V, LW, n, xr, gr, ts, vs, j0, Mk, out);            \
+        else if (jt == 4) nh_wtile(4, V, LW, n, xr, gr, ts, vs, j0, Mk, out);       \
+        else nh_wtile(FULL, V, LW, n, xr, gr, ts, vs, j0, Mk, out);                 \
+    } while (0)
 #define NH_WTILE_CASES(LW)                                                         \
     switch (V) {                                                                   \
-        case 4:                                                                    \
-            if (jt == 2) nh_wtile(2, 4, LW, n, xr, gr, ts, vs, j0, Mk, out);       \
-            else if (jt == 4) nh_wtile(4, 4, LW, n, xr, gr, ts, vs, j0, Mk, out);  \
-            else nh_wtile(NH_JR4, 4, LW, n, xr, gr, ts, vs, j0, Mk, out);          \
-            break;                                                                 \
-        case 3: nh_wtile(NH_JRMAX, 3, LW, n, xr, gr, ts, vs, j0, Mk, out); break;      \
-        case 2: nh_wtile(NH_JRMAX, 2, LW, n, xr, gr, ts, vs, j0, Mk, out); break;      \
-        default: nh_wtile(NH_JRMAX, 1, LW, n, xr, gr, ts, vs, j0, Mk, out); break; \
+        case 4: NH_WTILE_J(NH_JR4, 4, LW); break;                                  \
+        case 3: NH_WTILE_J(NH_JRMAX, 3, LW); break;                                \
+        case 2: NH_WTILE_J(NH_JRMAX, 2, LW); break;                                \
+        default: NH_WTILE_J(NH_JRMAX, 1, LW); break;                               \
     }
 
 static void nh_wtile_any(int V, int jt, int lw, int n, const float *const *xr,
