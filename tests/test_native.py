@@ -499,6 +499,26 @@ def test_channels_last_kernel_tail_tiles_match_dense_reference(batch, size, stri
 
 
 @needs_kernel
+def test_channels_last_kernel_refuses_blocks_outside_the_layer():
+    """The C side checks the filter blocks it is handed: a block whose vectors or packed
+    weights reach past N, or with more than 4 vectors, is refused (code -1), not run."""
+    cl = torch.channels_last
+    wk, w1 = _weights(64, 64, 4)
+    x = torch.randn(1, 64, 5, 5).contiguous(memory_format=cl)
+    pk = native._nhwc_packed(wk, w1, None, "shifted", 64, 64, 4)
+    assert pk["nfb"] == 1 and pk["blk_v"].tolist() == [4]
+    for field, bad in (("blk_n0", 16), ("blk_p0", 16), ("blk_v", 5), ("blk_v", 0)):
+        shape, call = native._nhwc_call(tuple(x.shape), pk, 64, False, 1)
+        y = torch.empty(shape).contiguous(memory_format=cl)
+        assert call(x, y, None) == 0
+        t = torch.tensor([bad], dtype=torch.int32)
+        setattr(call.args, field, t.data_ptr())  # this call's struct only, not the packing
+        assert call(x, y, None) == -1, (field, bad)
+    torch.testing.assert_close(native._run_nhwc(x, pk, 64),
+                               _reference(x, wk, w1, None, "shifted"), rtol=1e-4, atol=1e-4)
+
+
+@needs_kernel
 def test_channels_last_kernel_does_not_depend_on_thread_count():
     torch.manual_seed(8)
     x = torch.randn(5, 64, 9, 9).contiguous(memory_format=torch.channels_last)

@@ -277,6 +277,19 @@ static void nh_tile_any(int V, int R, const nh_geom *g, const float *const *px,
 }
 #endif
 
+/* The filter blocks cover filters and packed lanes inside [0, N) (they are the caller's). */
+static int nh_check_blocks(const nh_geom *g, int nfb, const int *blk_n0, const int *blk_p0,
+                           const int *blk_v) {
+    if (nfb < 1 || !blk_n0 || !blk_p0 || !blk_v) return -1;
+    for (int fb = 0; fb < nfb; ++fb) {
+        const int V = blk_v[fb], n0 = blk_n0[fb], p0 = blk_p0[fb];
+        if (V < 1 || V > 4 || n0 < 0 || p0 < 0 || p0 + 16 * V > g->N
+            || n0 + (V - 1) * g->vs + 16 > g->N)
+            return -1;
+    }
+    return 0;
+}
+
 static int nh_check(const nh_geom *g) {
     if (g->B < 0 || g->M < 1 || g->N < 16 || g->N % 16 || g->H < 1 || g->W < 1) return -1;
     if (g->kh * g->kw > NH_KKMAX || g->kh % 2 == 0 || g->kw % 2 == 0) return -1;
@@ -286,9 +299,9 @@ static int nh_check(const nh_geom *g) {
 }
 
 /* A residue-order tile (transposed strided layer, up > 1): pixels (b, oh, ow + r * up) up
- * to lim (the caller cuts it at the end of the row's residue class).  A tap reads, for all of them or for
- * none, input row (oh - ph + u) / up and columns (ow - pw + v) / up + r (consecutive), the
- * ones inside the image. */
+ * to lim (the caller cuts it at the end of the row's residue class).  A tap reads, for all
+ * of them or for none, input row (oh - ph + u) / up and columns (ow - pw + v) / up + r
+ * (consecutive), the ones inside the image. */
 static void nh_residue_tile(const nh_geom *g, const float *x, float *y, const float *res,
                             const float *zero, int n0, int b, int oh, int ow, int Rt, long q0,
                             long lim, const float **px, unsigned char *live, float **yo,
@@ -404,7 +417,9 @@ int hetconv_nhwc_forward(const float *x, float *y, int B, int M, int N, int H, i
         if (s != 1) return -1;
         g.Ho = Ho; g.Wo = Wo;
     }
-    if (nh_check(&g) || g.Ho < 1 || g.Wo < 1 || g.Ho != Ho || g.Wo != Wo) return -1;
+    if (nh_check(&g) || nh_check_blocks(&g, nfb, blk_n0, blk_p0, blk_v) || g.Ho < 1
+        || g.Wo < 1 || g.Ho != Ho || g.Wo != Wo)
+        return -1;
     const int T = kh * kw - 1, KK = kh * kw;
     const long npix = (long)B * g.Ho * g.Wo;
     float *zero = (float *)calloc((size_t)M + 64, sizeof(float));
@@ -516,7 +531,8 @@ static void nh_wtile_any(int V, int jt, int lw, int n, const float *const *xr,
     for (int a = 0; a < jt && j0 + a < Mk; ++a)
         for (int l = 0; l < VW; ++l) {
             float s = 0.f;
-            for (int i = 0; i < n; ++i) s += xr[i][(j0 + a) * ts + l % lw] * gr[i][l / 16 * vs + l % 16];
+            const int f = l / 16 * vs + l % 16;  /* lane l's filter, from the block's first */
+            for (int i = 0; i < n; ++i) s += xr[i][(j0 + a) * ts + l % lw] * gr[i][f];
             out[(size_t)(j0 + a) * VW + l] += s;
         }
 }
@@ -599,7 +615,9 @@ int hetconv_nhwc_wgrad(const float *x, const float *gy, float *gwk, float *gc, i
                        const int *blk_v, const int *blk_toff, int nthreads) {
     nh_geom g = {B, M, N, H, W, (H + 2 * ph - kh) / s + 1, (W + 2 * pw - kw) / s + 1,
                  kh, kw, s, ph, pw, Mk, ts, lw, 0, 1, vs};
-    if (nh_check(&g) || g.Ho < 1 || g.Wo < 1) return -1;
+    if (nh_check(&g) || nh_check_blocks(&g, nfb, blk_n0, blk_p0, blk_v) || g.Ho < 1
+        || g.Wo < 1)
+        return -1;
     const int T = kh * kw - 1;
     const long npix = (long)B * g.Ho * g.Wo;
     const long per_filter = (long)T * Mk + (gc ? M : 0);  /* partial floats per filter */
