@@ -384,12 +384,20 @@ def _select(x, weight_k, weight_1, stride, dilation, pattern, padding, native=Tr
         return "dense", False
     if padding is None:
         padding = _padding(None, (kh, kw), tuple(dilation))
-    if native and _native_nhwc_pick(x, weight_k, n, m, p, stride, dilation, padding, pattern):
-        return "native", True
-    if native and (_native_high_part_pick(x, weight_k, n, m, p, stride, dilation, padding)
-                   or _native_pick(x, weight_k, n, m, p, stride, dilation, padding)):
-        return "native", False
+    if native:
+        kernel = _native_nhwc_pick(x, weight_k, n, m, p, stride, dilation, padding, pattern)
+        if kernel == "channels_last":
+            return "native", True
+        if kernel == "nchw" or _native_nchw_pick(x, weight_k, n, m, p, stride, dilation,
+                                                 padding):
+            return "native", False
     return _select_rest(x, n, m, p), False
+
+
+def _native_nchw_pick(x, weight_k, n, m, p, stride, dilation, padding) -> bool:
+    """``select_backend``'s NCHW native branches (P >= 32, then the others)."""
+    return (_native_high_part_pick(x, weight_k, n, m, p, stride, dilation, padding)
+            or _native_pick(x, weight_k, n, m, p, stride, dilation, padding))
 
 
 def _select_rest(x, n, m, p) -> str:
@@ -412,10 +420,12 @@ def _is_cl(x: torch.Tensor) -> bool:
     return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
-def _native_nhwc_pick(x, weight_k, n, m, p, stride, dilation, padding, pattern) -> bool:
-    """``select_backend``'s channels-last native branch (see its docstring)."""
+def _native_nhwc_pick(x, weight_k, n, m, p, stride, dilation, padding,
+                      pattern) -> Optional[str]:
+    """``select_backend``'s channels-last native branch (see its docstring): "channels_last"
+    when it takes the layer, "nchw" when it found that the NCHW kernel does, else None."""
     if x.dim() != 4 or torch.compiler.is_compiling():
-        return False
+        return None
     cl, training, strided = _is_cl(x), _training(x, weight_k), tuple(stride) != (1, 1)
     if cl:
         least = NATIVE_NHWC_MIN_CHANNELS
@@ -424,23 +434,22 @@ def _native_nhwc_pick(x, weight_k, n, m, p, stride, dilation, padding, pattern) 
     elif x.is_contiguous():
         least = NATIVE_NHWC_MIN_CHANNELS_NCHW
     else:
-        return False
+        return None
     if min(m, n) < least or not _native.nhwc_supported(n, m, p, pattern):
-        return False
+        return None
     if pattern == "shifted" and p > NATIVE_NHWC_BROADCAST_MAX_PART:
         if p == m == n:  # depthwise: oneDNN's kernel ("fused") is faster
-            return False
+            return None
         if n >= NATIVE_NHWC_FULL_BLOCKS * p:  # blocks of 4 vectors, as for P <= 16
-            if not cl and (_native_high_part_pick(x, weight_k, n, m, p, stride, dilation, padding)
-                           or _native_pick(x, weight_k, n, m, p, stride, dilation, padding)):
-                return False  # the NCHW kernel on NCHW input, without the copy
+            if not cl and _native_nchw_pick(x, weight_k, n, m, p, stride, dilation, padding):
+                return "nchw"  # the NCHW kernel on NCHW input, without the copy
         elif strided:
             if not (cl or training):  # NCHW input outside autograd: the NCHW kernel
-                return False
+                return None
         elif not cl or not _high_part_cl_pays(x, weight_k, m, stride, padding, dilation,
                                               training):
-            return False
-    return _native_runs(x, weight_k, stride, dilation, padding)
+            return None
+    return "channels_last" if _native_runs(x, weight_k, stride, dilation, padding) else None
 
 
 def _high_part_cl_pays(x, weight_k, m, stride, padding, dilation, training) -> bool:

@@ -575,10 +575,15 @@ def _nhwc_pack(weight_k: torch.Tensor, weight_1: torch.Tensor, bias: Optional[to
     wkp = _gather(flat, _tap_index(lay, weight_k))
     bp = None if bias is None else bias.detach().float().contiguous()
     pk = dict(lay, w1p=w1p, wkp=wkp, bp=bp)
-    pk["args"] = (lay["mk"], lay["ts"], lay["lw"], lay["vs"], lay["nfb"], _ptr(lay["blk_n0"]),
-                  _ptr(lay["blk_p0"]), _ptr(lay["blk_v"]), _ptr(lay["blk_toff"]),
-                  _ptr(pk["w1p"]), _ptr(pk["wkp"]), _ptr(bp))
+    pk["args"] = _nhwc_block_args(lay) + (_ptr(pk["w1p"]), _ptr(pk["wkp"]), _ptr(bp))
     return pk
+
+
+def _nhwc_block_args(lay: dict) -> tuple:
+    """The layout's arguments of both channels-last kernels, in their order: Mk, ts, lw, vs,
+    nfb and the filter blocks' tables."""
+    return (lay["mk"], lay["ts"], lay["lw"], lay["vs"], lay["nfb"], _ptr(lay["blk_n0"]),
+            _ptr(lay["blk_p0"]), _ptr(lay["blk_v"]), _ptr(lay["blk_toff"]))
 
 
 def _nhwc_packed(weight_k, weight_1, bias, pattern, n, m, p, transposed: bool = False) -> dict:
@@ -660,8 +665,7 @@ def _wgrad_nhwc(x: torch.Tensor, gy: torch.Tensor, weight_k: torch.Tensor, patte
     packed, gc = torch.empty(n * t * mk), torch.empty(n, m)  # gc: the centre taps' (N, M)
     rc = _load().hetconv_nhwc_wgrad(
         _ptr(x), _ptr(gy), _ptr(packed), _ptr(gc), b, m, n, h, w, kh, kw, stride, kh // 2,
-        kw // 2, mk, lay["ts"], lay["lw"], lay["vs"], lay["nfb"], _ptr(lay["blk_n0"]),
-        _ptr(lay["blk_p0"]), _ptr(lay["blk_v"]), _ptr(lay["blk_toff"]), torch.get_num_threads())
+        kw // 2, *_nhwc_block_args(lay), torch.get_num_threads())
     if rc != 0:
         raise RuntimeError(f"hetconv channels-last weight-gradient kernel failed (code {rc})")
     # weight_k's gradient in weight_k's own layout (autograd then keeps it as it is): the

@@ -67,22 +67,17 @@
 
 static inline int nh_rows(int V) { return V >= 4 ? NH_R4 : NH_RMAX; }
 
-/* Pixels of the forward tile for the next n pixels (n <= nh_rows(V)): nh_rows(V), or 4 or 2
- * when fewer are left (the caller takes at most that many; a tile's pixels past the end
- * repeat the last one and are not stored: 7x7 planes at batch 1, 49 = 8 x 6 + 1, computed 54
- * pixels with tiles of 6 only; a position of 16 images 18). */
-static inline int nh_tile_rows(int V, long n) {
-    const int full = nh_rows(V);
+/* Size of a tile (of full, or 4 or 2 when fewer are left) for the next n pixels or steps: a
+ * tile's pixels / steps past the end repeat the last one and are computed in vain (7x7 planes
+ * at batch 1, 49 = 8 x 6 + 1, computed 54 pixels with tiles of 6 only; a position of 16
+ * images 18; 6-step weight-gradient tiles 12.5% of the taps at M/P = 16 or 32, 8-step ones
+ * half at M/P = 4).  A forward caller takes at most that many pixels. */
+static inline int nh_part(int full, long n) {
     return n >= full - 1 ? full : n > 2 ? 4 : 2;
 }
-
-/* Steps of the weight-gradient tile at rem steps from the end: 6 with 4 vectors, 8 with
- * fewer, then 4 or 2 for the rest (M/P = 16: 6 + 6 + 4, 32: 5 x 6 + 2, 4 with 2 vectors:
- * 4; one size for all computes the tile's steps past the end in vain, repeating the last
- * one: 12.5% of the taps at M/P = 16 or 32 with 4 vectors, half at M/P = 4 with 2). */
+static inline int nh_tile_rows(int V, long n) { return nh_part(nh_rows(V), n); }
 static inline int nh_wsteps(int V, int rem) {
-    const int full = V >= 4 ? NH_JR4 : NH_JRMAX;
-    return rem >= full - 1 ? full : rem > 2 ? 4 : 2;
+    return nh_part(V >= 4 ? NH_JR4 : NH_JRMAX, rem);
 }
 
 typedef struct {
