@@ -86,8 +86,9 @@ NATIVE_MIN_AREA_STRIDED: int = 196
 #: kernel is as fast without the copy).  See :func:`select_backend`.
 NATIVE_NHWC_MIN_CHANNELS: int = 32
 NATIVE_NHWC_MIN_CHANNELS_NCHW: int = 128
-#: ... and on channels_last input outside autograd from this many channels on, when
-#: P >= NATIVE_MIN_PART_NARROW_TRAINING or the stride is 2 (ResNet-56's 16-channel layers).
+#: ... and on channels_last input from this many channels on: outside autograd when
+#: P >= NATIVE_MIN_PART_NARROW_TRAINING or the stride is 2, under autograd when both
+#: (ResNet-56's 16-channel layers).
 NATIVE_NHWC_MIN_CHANNELS_INFERENCE: int = 16
 
 #: From this P on (below depthwise), ``"auto"`` picks the NCHW native kernel at stride 1
@@ -301,7 +302,8 @@ def select_backend(x: torch.Tensor, weight_k: torch.Tensor, weight_1: torch.Tens
       "shifted" with P in {2, 4, 8, 16} or a multiple of 16, "blocked" with
       16 | N/P) when M and N are >= :data:`NATIVE_NHWC_MIN_CHANNELS` (32) on
       channels_last input (>= :data:`NATIVE_NHWC_MIN_CHANNELS_INFERENCE` (16)
-      outside autograd at P >= 4 or stride 2) or >= :data:`NATIVE_NHWC_MIN_CHANNELS_NCHW`
+      outside autograd at P >= 4 or stride 2, under autograd at P >= 4 and stride 2)
+      or >= :data:`NATIVE_NHWC_MIN_CHANNELS_NCHW`
       (128) on NCHW input (made channels_last for it), under the kernel's
       own conditions below (stride 1 or 2 included: its input gradient is a
       transposed strided convolution in the same kernel).  Measured:
@@ -309,7 +311,9 @@ def select_backend(x: torch.Tensor, weight_k: torch.Tensor, weight_1: torch.Tens
       VGG-16 and ResNet-50 layers in inference, 1.5-2.7x forward+backward;
       more where the padding is a large part (2x2 outputs); on ResNet-56's
       32-channel layers 1.1-2.5x in both modes, on its 16-channel layers in
-      inference 1.0-1.85x (forward+backward there: 0.75-1.05x, so not).
+      inference 1.0-1.85x (forward+backward there: 0.75-1.05x, so not; but
+      1.1-1.5x on its 16->32 stride-2 layer at P >= 4 in the benchmark's runs
+      21-23, where the dense path runs at 0.93-0.97x).
     * ... but "shifted" with P > :data:`NATIVE_NHWC_BROADCAST_MAX_PART` (16),
       not depthwise: with N >= 4P (filter blocks of 4 vectors P filters apart)
       as above, except on NCHW input that the NCHW kernel runs (next rules;
@@ -429,7 +433,8 @@ def _native_nhwc_pick(x, weight_k, n, m, p, stride, dilation, padding,
     cl, training, strided = _is_cl(x), _training(x, weight_k), tuple(stride) != (1, 1)
     if cl:
         least = NATIVE_NHWC_MIN_CHANNELS
-        if not training and (p >= NATIVE_MIN_PART_NARROW_TRAINING or strided):
+        wide_part = p >= NATIVE_MIN_PART_NARROW_TRAINING
+        if (not training and (wide_part or strided)) or (strided and wide_part):
             least = NATIVE_NHWC_MIN_CHANNELS_INFERENCE
     elif x.is_contiguous():
         least = NATIVE_NHWC_MIN_CHANNELS_NCHW
