@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 import pytest
 import torch
@@ -157,6 +158,25 @@ def test_export_onnx_runs_in_onnxruntime(tmp_path, form, pattern):
     got = torch.from_numpy(session.run(None, {"input": x5.numpy()})[0])
     with torch.no_grad():
         torch.testing.assert_close(got, model(x5), rtol=1e-4, atol=1e-4)
+
+
+def test_export_onnx_of_a_resnet_is_quiet_and_runs(tmp_path):
+    """The stride-2 shortcuts' slices export without the exporter's constant-folding
+    warnings (three per slice), and the model runs in onnxruntime."""
+    ort = pytest.importorskip("onnxruntime")
+    from hetconv.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("resnet56_cifar", part=4, width=0.25).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        path = hetconv.export_onnx(model, tmp_path / "r.onnx", x)
+    assert not [w for w in caught if "Constant folding" in str(w.message)]
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    got = torch.from_numpy(session.run(None, {"input": x.numpy()})[0])
+    with torch.no_grad():
+        torch.testing.assert_close(got, model(x), rtol=1e-4, atol=1e-4)
 
 
 def test_export_onnx_bad_arguments(tmp_path):

@@ -990,6 +990,11 @@ def export_onnx(model: nn.Module, path: Union[str, os.PathLike], example_input: 
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)  # the legacy exporter, on purpose
+            # the exporter tries to constant-fold every Slice and says so for the stride-2
+            # slices of shortcuts (x[:, :, ::2, ::2]), which take the input, not a constant:
+            # three lines per slice in every export of a ResNet, about nothing
+            warnings.filterwarnings("ignore", message="Constant folding - Only steps=1",
+                                    category=UserWarning)
             torch.onnx.export(exportable, (example_input.contiguous(),), tmp,
                               input_names=["input"], output_names=["output"],
                               dynamic_axes=dynamic_axes, opset_version=opset, dynamo=False)

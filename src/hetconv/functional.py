@@ -86,9 +86,8 @@ NATIVE_MIN_AREA_STRIDED: int = 196
 #: kernel is as fast without the copy).  See :func:`select_backend`.
 NATIVE_NHWC_MIN_CHANNELS: int = 32
 NATIVE_NHWC_MIN_CHANNELS_NCHW: int = 128
-#: ... and on channels_last input from this many channels on: outside autograd when
-#: P >= NATIVE_MIN_PART_NARROW_TRAINING or the stride is 2, under autograd when both
-#: (ResNet-56's 16-channel layers).
+#: ... and on channels_last input from this many channels on at stride 2, and outside
+#: autograd when P >= NATIVE_MIN_PART_NARROW_TRAINING (ResNet-56's 16-channel layers).
 NATIVE_NHWC_MIN_CHANNELS_INFERENCE: int = 16
 
 #: From this P on (below depthwise), ``"auto"`` picks the NCHW native kernel at stride 1
@@ -302,7 +301,7 @@ def select_backend(x: torch.Tensor, weight_k: torch.Tensor, weight_1: torch.Tens
       "shifted" with P in {2, 4, 8, 16} or a multiple of 16, "blocked" with
       16 | N/P) when M and N are >= :data:`NATIVE_NHWC_MIN_CHANNELS` (32) on
       channels_last input (>= :data:`NATIVE_NHWC_MIN_CHANNELS_INFERENCE` (16)
-      outside autograd at P >= 4 or stride 2, under autograd at P >= 4 and stride 2)
+      at stride 2, or outside autograd at P >= 4)
       or >= :data:`NATIVE_NHWC_MIN_CHANNELS_NCHW`
       (128) on NCHW input (made channels_last for it), under the kernel's
       own conditions below (stride 1 or 2 included: its input gradient is a
@@ -311,9 +310,9 @@ def select_backend(x: torch.Tensor, weight_k: torch.Tensor, weight_1: torch.Tens
       VGG-16 and ResNet-50 layers in inference, 1.5-2.7x forward+backward;
       more where the padding is a large part (2x2 outputs); on ResNet-56's
       32-channel layers 1.1-2.5x in both modes, on its 16-channel layers in
-      inference 1.0-1.85x (forward+backward there: 0.75-1.05x, so not; but
-      1.1-1.5x on its 16->32 stride-2 layer at P >= 4 in the benchmark's runs
-      21-23, where the dense path runs at 0.93-0.97x).
+      inference 1.0-1.85x (forward+backward there: 0.75-1.05x at stride 1, so
+      not; on its 16->32 stride-2 layer 1.1-1.5x in the benchmark's runs 21-24,
+      and 0.97-1.06x / 1.08-1.35x of the dense path at P = 2 / P >= 4 in A/Bs).
     * ... but "shifted" with P > :data:`NATIVE_NHWC_BROADCAST_MAX_PART` (16),
       not depthwise: with N >= 4P (filter blocks of 4 vectors P filters apart)
       as above, except on NCHW input that the NCHW kernel runs (next rules;
@@ -433,8 +432,7 @@ def _native_nhwc_pick(x, weight_k, n, m, p, stride, dilation, padding,
     cl, training, strided = _is_cl(x), _training(x, weight_k), tuple(stride) != (1, 1)
     if cl:
         least = NATIVE_NHWC_MIN_CHANNELS
-        wide_part = p >= NATIVE_MIN_PART_NARROW_TRAINING
-        if (not training and (wide_part or strided)) or (strided and wide_part):
+        if strided or (not training and p >= NATIVE_MIN_PART_NARROW_TRAINING):
             least = NATIVE_NHWC_MIN_CHANNELS_INFERENCE
     elif x.is_contiguous():
         least = NATIVE_NHWC_MIN_CHANNELS_NCHW
