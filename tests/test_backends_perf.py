@@ -172,6 +172,8 @@ def test_bench_bad_arguments():
         bench.run("huge")
     with pytest.raises(ValueError, match="settle"):
         bench.run("quick", settle=-1)
+    with pytest.raises(ValueError, match="settle_ms"):
+        bench.run("quick", settle_ms=-5)
     with pytest.raises(ValueError, match="family"):
         bench.run_models(["lenet"])
 

@@ -12,9 +12,11 @@ so a fixed order would bias some candidates in every round.
 measured: each timed call then follows untimed calls of the same candidate,
 so it sees what a loop of calls to it sees (its own weights and buffers in
 the caches, no other runtime's threads still winding down).  ``hetconv bench``
-uses it (``--settle``, default 1): a torch model timed right after an
-onnxruntime session ran 25-80% slower than in a loop of its own calls, on the
-project's 2-core machine.
+uses it (``--settle``, default 1, and ``--settle-ms``, default 10): a torch model
+timed right after an onnxruntime session ran 25-80% slower than in a loop of its own
+calls, on the project's 2-core machine; at batch 1 (1-3 ms calls) one untimed call
+was not enough (VGG-16 P4: 2.4 ms after one, 1.6 ms after 5 ms of them, 1.55 ms in a
+loop; onnxruntime 2.7 / 1.0 ms).
 
 :func:`retain_freed_memory` removes one more cost of running many candidates in one
 process: glibc hands freed activations back to the operating system, so the next call
@@ -55,14 +57,18 @@ class Timing:
 
 def time_interleaved(candidates: Mapping[str, Callable[[], object]], repeats: int = 7,
                      warmup: int = 2, min_seconds: float = 0.0,
-                     shuffle: bool = True, seed: int = 0, settle: int = 0) -> Dict[str, Timing]:
+                     shuffle: bool = True, seed: int = 0, settle: int = 0,
+                     settle_seconds: float = 0.0) -> Dict[str, Timing]:
     """Time each zero-argument callable ``repeats`` times, interleaved after ``warmup`` calls.
 
     ``min_seconds`` extends the repeats (up to 10x) until every candidate has
     been timed for at least that long in total, so tiny calls get more samples.
     ``shuffle`` runs each round in a random order drawn from ``seed`` (the
     same orders every run); ``False`` keeps the mapping's order.  ``settle``
-    untimed calls of a candidate precede each of its timed calls (steady state).
+    untimed calls of a candidate precede each of its timed calls (steady state), and
+    more of them until they took ``settle_seconds`` together: short calls need more than
+    one to get out of the previous candidate's wake (another runtime's threads spin for
+    milliseconds after its call returns).
     """
     if not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"repeats must be a positive int, got {repeats!r}")
@@ -70,6 +76,9 @@ def time_interleaved(candidates: Mapping[str, Callable[[], object]], repeats: in
         raise ValueError(f"warmup must be an int >= 0, got {warmup!r}")
     if not isinstance(settle, int) or isinstance(settle, bool) or settle < 0:
         raise ValueError(f"settle must be an int >= 0, got {settle!r}")
+    if (not isinstance(settle_seconds, (int, float)) or isinstance(settle_seconds, bool)
+            or not 0 <= settle_seconds < float("inf")):
+        raise ValueError(f"settle_seconds must be a finite number >= 0, got {settle_seconds!r}")
     if not candidates:
         raise ValueError("candidates must not be empty")
     for fn in candidates.values():
@@ -84,7 +93,10 @@ def time_interleaved(candidates: Mapping[str, Callable[[], object]], repeats: in
             rng.shuffle(order)
         for name in order:
             fn = candidates[name]
+            t0 = time.perf_counter()
             for _ in range(settle):
+                fn()
+            while time.perf_counter() - t0 < settle_seconds:
                 fn()
             t0 = time.perf_counter()
             fn()

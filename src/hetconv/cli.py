@@ -298,6 +298,10 @@ def _add_bench(sub) -> None:
                    help="untimed calls of a candidate right before each of its timed calls "
                         "(default: 1, steady state: no candidate is timed cold after another "
                         "one evicted its caches; 0 halves the run time, noisier)")
+    p.add_argument("--settle-ms", type=float, default=10.0,
+                   help="... and more untimed calls until they took this many milliseconds "
+                        "(default: 10; batch-1 calls of 1-3 ms were still slowed after one "
+                        "untimed call by what ran before, e.g. onnxruntime's spinning threads)")
     p.add_argument("--compile", action="store_true",
                    help="also time torch.compile'd dense baselines and models (slow to compile)")
     p.add_argument("--no-onnx", action="store_true", help="skip the onnxruntime model variant")
@@ -329,6 +333,7 @@ def _run_bench(args) -> int:
                 threads=args.threads, repeats=args.repeats, compile=args.compile,
                 onnx=not args.no_onnx, pattern=args.pattern, progress=sys.stderr.isatty(),
                 name=args.name, max_minutes=args.max_minutes, settle=args.settle,
+                settle_ms=args.settle_ms,
                 retain_memory=not args.no_retain_memory, isolate=not args.no_isolate)
     with open(paths["markdown"]) as f:
         text = f.read()

@@ -210,14 +210,16 @@ def _branches(x, w_full, mask, part, stride, pattern):
 def run_layers(shapes: Sequence[LayerShape], parts: Sequence[Union[int, str]] = ALL_PARTS,
                modes: Sequence[str] = ("infer", "train"), repeats: int = 5, warmup: int = 1,
                compile: bool = False, pattern: str = "shifted", progress=None,
-               deadline: Optional[float] = None, settle: int = 1) -> List[dict]:
+               deadline: Optional[float] = None, settle: int = 1,
+               settle_seconds: float = 0.01) -> List[dict]:
     """Time every candidate of every shape x part x mode; one row per (shape, P, mode, candidate).
 
     No new item starts after ``deadline`` (a ``time.perf_counter()`` value).
     Each row holds the median in milliseconds, ``speedup`` against the
     fastest dense baseline of the same shape and mode (timed in the same
     interleaved batch) and ``theory`` = Eq. 5 for that P.  ``settle`` untimed calls of a
-    candidate precede each timed one (steady state; see :func:`hetconv._timing.time_interleaved`).
+    candidate precede each timed one, more of them up to ``settle_seconds`` (steady state;
+    see :func:`hetconv._timing.time_interleaved`).
     """
     rows: List[dict] = []
     for shape in shapes:
@@ -232,7 +234,8 @@ def run_layers(shapes: Sequence[LayerShape], parts: Sequence[Union[int, str]] = 
                 if part > 1:
                     cands.update(layer_candidates(shape, part, train, compile, pattern,
                                                   baselines=False))
-                times = time_interleaved(cands, repeats=repeats, warmup=warmup, settle=settle)
+                times = time_interleaved(cands, repeats=repeats, warmup=warmup, settle=settle,
+                                         settle_seconds=settle_seconds)
                 best = min(v.median for k, v in times.items() if k.startswith("dense_"))
                 for name, t in times.items():
                     rows.append({

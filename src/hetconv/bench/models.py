@@ -4,9 +4,10 @@ For each family every P variant is timed in one interleaved batch per
 metric, in several execution variants, and the best variant of each model is
 compared with the best variant of the family's reference (P = 1, or the
 depthwise+pointwise MobileNet).  Each timed call follows an untimed call of the
-same variant (``settle=1``, the default, of :func:`hetconv._timing.time_interleaved`): the
-numbers are steady-state, as in a loop of calls to one model, and no variant
-pays for the caches or threads another runtime (onnxruntime) left behind.
+same variant, and more of them up to 10 ms (``settle=1, settle_seconds=0.01``, the
+defaults, of :func:`hetconv._timing.time_interleaved`): the numbers are steady-state, as in
+a loop of calls to one model, and no variant pays for the caches or threads another runtime
+(onnxruntime) left behind - at batch 1 one untimed call was not enough.
 
 * ``eager_nchw`` / ``eager_cl``: the model as built (``backend="auto"``), NCHW
   or channels_last model and input;
@@ -138,7 +139,8 @@ def _train_variants(model: nn.Module, x: torch.Tensor) -> Dict[str, Callable[[],
 
 
 def _measure(family: str, metric: str, fam_parts: Sequence, repeats: int, warmup: int,
-             batch: int, width: float, compile: bool, onnx: bool, settle: int) -> List[dict]:
+             batch: int, width: float, compile: bool, onnx: bool, settle: int,
+             settle_seconds: float = 0.0) -> List[dict]:
     """The rows of one (family, metric): every model of the family in every variant, timed
     interleaved."""
     from .. import pattern as _pattern
@@ -156,7 +158,8 @@ def _measure(family: str, metric: str, fam_parts: Sequence, repeats: int, warmup
             else:
                 vs = _inference_variants(model, x, compile, onnx, tmpdir, f"{tag}_{b}")
             cands.update({f"{_label(part)}|{k}": v for k, v in vs.items()})
-        times = time_interleaved(cands, repeats=repeats, warmup=warmup, settle=settle)
+        times = time_interleaved(cands, repeats=repeats, warmup=warmup, settle=settle,
+                                 settle_seconds=settle_seconds)
     best: Dict[str, float] = {}
     for key, t in times.items():
         label = key.split("|")[0]
@@ -188,7 +191,8 @@ def run_models(families: Sequence[str] = tuple(MODEL_SUITES), metrics: Sequence[
                parts: Optional[Dict[str, Sequence]] = None, repeats: int = 5, warmup: int = 1,
                batch: int = 64, width: float = 1.0, compile: bool = False, onnx: bool = True,
                progress=None, deadline: Optional[float] = None, settle: int = 1,
-               isolate: bool = False, retain_memory: bool = False) -> List[dict]:
+               isolate: bool = False, retain_memory: bool = False,
+               settle_seconds: float = 0.01) -> List[dict]:
     """One row per (family, model, metric, variant): median ms, images/s and ratio to the reference.
 
     ``ratio`` compares the model's best variant with the reference model's best
@@ -222,7 +226,7 @@ def run_models(families: Sequence[str] = tuple(MODEL_SUITES), metrics: Sequence[
                 if deadline is not None and time.perf_counter() > deadline:
                     return rows
                 args = (family, metric, fam_parts, repeats, warmup, batch, width, compile,
-                        onnx, settle)
+                        onnx, settle, settle_seconds)
                 if pool is None:
                     rows += _measure(*args)
                 else:

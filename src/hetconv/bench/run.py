@@ -47,13 +47,15 @@ def run(preset: str = "quick", out_dir: str = "docs", what: Sequence[str] = ("la
         threads: Optional[int] = 2, repeats: Optional[int] = None, compile: bool = False,
         onnx: bool = True, pattern: str = "shifted", progress: bool = True,
         name: Optional[str] = None, max_minutes: Optional[float] = None,
-        settle: int = 1, retain_memory: bool = True, isolate: bool = True) -> Dict[str, str]:
+        settle: int = 1, retain_memory: bool = True, isolate: bool = True,
+        settle_ms: float = 10.0) -> Dict[str, str]:
     """Run the benchmark ``preset`` and write its report to ``out_dir``; returns the written paths.
 
     Models are measured first (the headline targets), then layers.  With
     ``max_minutes`` no new item starts after that budget; the report then
     holds what was measured.  ``settle`` untimed calls of a candidate precede each timed
-    one (default 1: steady-state timings, no candidate pays for what ran before it).
+    one, and more of them until they took ``settle_ms`` milliseconds (defaults 1 and 10:
+    steady-state timings, no candidate pays for what ran before it, short calls too).
     ``retain_memory`` keeps freed memory in the process
     (:func:`hetconv._timing.retain_freed_memory`, glibc), so no torch candidate pays for
     page-faulting in the activations another candidate's calls gave back to the system;
@@ -73,6 +75,9 @@ def run(preset: str = "quick", out_dir: str = "docs", what: Sequence[str] = ("la
         torch.set_num_threads(threads)
     if not isinstance(settle, int) or isinstance(settle, bool) or settle < 0:
         raise ValueError(f"settle must be an int >= 0, got {settle!r}")
+    if (not isinstance(settle_ms, (int, float)) or isinstance(settle_ms, bool)
+            or not 0 <= settle_ms < float("inf")):
+        raise ValueError(f"settle_ms must be a finite number >= 0, got {settle_ms!r}")
     malloc = ((retain_freed_memory() if retain_memory else None)
               or "default (glibc may return freed memory to the system)")
     cfg = PRESETS[preset]
@@ -86,16 +91,18 @@ def run(preset: str = "quick", out_dir: str = "docs", what: Sequence[str] = ("la
             model_rows = run_models(cfg["families"], cfg["metrics"], cfg["model_parts"],
                                     repeats=reps, batch=cfg["model_batch"], compile=compile,
                                     onnx=onnx, progress=step, deadline=deadline, settle=settle,
+                                    settle_seconds=settle_ms / 1000,
                                     isolate=isolate, retain_memory=retain_memory)
         if "layers" in what:
             shapes = layer_shapes(cfg["layer_suites"], cfg["batch_scale"], cfg["max_shapes"])
             layer_rows = run_layers(shapes, cfg["parts"], repeats=reps, compile=compile,
                                     pattern=pattern, progress=step, deadline=deadline,
-                                    settle=settle)
+                                    settle=settle, settle_seconds=settle_ms / 1000)
     finally:
         close()
     env = environment()
     env["malloc"] = malloc
+    env["settle"] = f"{settle} untimed call(s), at least {settle_ms:g} ms, before each timed one"
     if "models" in what:
         env["model_processes"] = ("a fresh process per family and metric" if isolate
                                   else "the benchmark's own process")
