@@ -163,10 +163,9 @@ def _load() -> Optional[ctypes.CDLL]:
             lib.hetconv_nhwc_forward_packed.restype = i
             lib.hetconv_nhwc_forward_packed.argtypes = packed
             lib.hetconv_nhwc_wgrad.restype = i
-            lib.hetconv_nhwc_wgrad.argtypes = [p] * 4 + [i] * 15 + [p] * 4 + [i]
-            for name in ("hetconv_gather", "hetconv_scatter"):
-                getattr(lib, name).restype = None
-                getattr(lib, name).argtypes = [p] * 3 + [ctypes.c_long, i]
+            lib.hetconv_nhwc_wgrad.argtypes = [p] * 6 + [i] * 15 + [p] * 4 + [i]
+            lib.hetconv_gather.restype = None
+            lib.hetconv_gather.argtypes = [p] * 3 + [ctypes.c_long, i]
             _LIB = lib
         except Exception as exc:  # no compiler, failed build, odd platform: fall back
             _ERROR = f"{type(exc).__name__}: {exc}"
@@ -510,6 +509,7 @@ def _nhwc_layout(n: int, m: int, p: int, pattern: str, kh: int, kw: int,
             "tap_index": {(m // p * kh * kw, kh * kw, kw, 1): (
                 ((src_row[rk, jk] * (m // p) + src_col[rk, jk]) * kh + ta[ek]) * kw + tb[ek]
             ).to(torch.int32)},  # weight_k strides -> storage index of each packed tap weight
+            "centre_dst": {},  # weight_k strides -> the weight gradient's centre map
         }
     from .functional import _memo_index
     return _memo_index(("nhwc", n, m, p, pattern, kh, kw, transposed), build)
@@ -537,14 +537,9 @@ def _gather(src: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _scatter_into(dst: torch.Tensor, idx: torch.Tensor, src: torch.Tensor) -> None:
-    """``dst[idx] = src`` for 1-D float32 ``dst``/``src`` and int32 ``idx`` (the C loop)."""
-    _load().hetconv_scatter(_ptr(src), _ptr(idx), _ptr(dst), idx.numel(), torch.get_num_threads())
-
-
 def _tap_index(lay: dict, weight_k: torch.Tensor) -> torch.Tensor:
     """Storage index (in ``weight_k``'s own strides) of each packed tap weight, in packed order:
-    the packing is one gather and the weight gradient one scatter, in NCHW or channels_last
+    the packing is one gather, and the weight-gradient kernel writes through it, in NCHW or channels_last
     parameters alike (``model.to(memory_format=torch.channels_last)`` converts them)."""
     strides = weight_k.stride()
     hit = lay["tap_index"].get(strides)
@@ -652,31 +647,48 @@ def _launch(x: torch.Tensor, shape: tuple, fmt: torch.memory_format, call: Calla
     return y
 
 
+def _centre_dst(lay: dict, gwk: torch.Tensor, n: int, m: int, p: int,
+                pattern: str) -> torch.Tensor:
+    """The weight-gradient kernel's centre map (csrc/hetconv_nhwc.c): for filter n and
+    channel c (flat n * M + c), the storage index in ``gwk`` (``weight_k``'s strides) of
+    n's KxK centre on c when c is a channel of n's class, else ``-1 - i`` for index i of
+    the contiguous (N, M - M/P) gradient of ``weight_1``.  Cached per strides."""
+    strides = gwk.stride()
+    hit = lay["centre_dst"].get(strides)
+    if hit is None:
+        from .functional import _indices
+
+        idx = _indices(m, n, p, pattern, torch.device("cpu"))
+        mk, (kh, kw) = lay["mk"], lay["kernel"]
+        rows = torch.arange(n)[:, None]
+        dst = torch.empty(n, m, dtype=torch.long)
+        dst.scatter_(1, idx["kxk"], rows * strides[0] + torch.arange(mk)[None, :] * strides[1]
+                     + (kh // 2) * strides[2] + (kw // 2) * strides[3])
+        dst.scatter_(1, idx["pw"], -1 - (rows * (m - mk) + torch.arange(m - mk)[None, :]))
+        hit = lay["centre_dst"][strides] = dst.flatten().to(torch.int32)
+    return hit
+
+
 def _wgrad_nhwc(x: torch.Tensor, gy: torch.Tensor, weight_k: torch.Tensor, pattern: str,
                 n: int, m: int, p: int, stride: int = 1) -> Tuple[torch.Tensor, torch.Tensor]:
     """Gradients of ``weight_k`` and ``weight_1`` by the channels-last weight-gradient kernel
-    (centre taps and the others in one pass over the activations)."""
+    (centre taps and the others in one pass over the activations), written by the kernel
+    straight into both gradients (``weight_k``'s in its own strides, so autograd keeps it as
+    it is) through the packing's tap index and the centre map."""
     cl = torch.channels_last
     kh, kw = weight_k.shape[2:]
     lay = _nhwc_layout(n, m, p, pattern, kh, kw)
     x, gy = x.contiguous(memory_format=cl), gy.contiguous(memory_format=cl)
     b, _, h, w = x.shape
-    mk, t = lay["mk"], lay["T"]
-    packed, gc = torch.empty(n * t * mk), torch.empty(n, m)  # gc: the centre taps' (N, M)
+    gwk, flat = _storage_view(_empty_grad(weight_k))
+    gw1 = torch.empty(n, m - lay["mk"])
     rc = _load().hetconv_nhwc_wgrad(
-        _ptr(x), _ptr(gy), _ptr(packed), _ptr(gc), b, m, n, h, w, kh, kw, stride, kh // 2,
-        kw // 2, *_nhwc_block_args(lay), torch.get_num_threads())
+        _ptr(x), _ptr(gy), _ptr(flat), _ptr(gw1), _ptr(_tap_index(lay, gwk)),
+        _ptr(_centre_dst(lay, gwk, n, m, p, pattern)), b, m, n, h, w, kh, kw, stride,
+        kh // 2, kw // 2, *_nhwc_block_args(lay), torch.get_num_threads())
     if rc != 0:
         raise RuntimeError(f"hetconv channels-last weight-gradient kernel failed (code {rc})")
-    # weight_k's gradient in weight_k's own layout (autograd then keeps it as it is): the
-    # packed taps scattered back through the packing's index, the centres from gc
-    from .functional import _indices
-
-    idx = _indices(m, n, p, pattern, gc.device)
-    gwk, flat = _storage_view(_empty_grad(weight_k))
-    _scatter_into(flat, _tap_index(lay, gwk), packed)
-    gwk[:, :, kh // 2, kw // 2] = gc.gather(1, idx["kxk"])
-    return gwk, gc.gather(1, idx["pw"])
+    return gwk, gw1
 
 
 def _use_nhwc(x: torch.Tensor, n: int, m: int, p: int, pattern: str) -> bool:

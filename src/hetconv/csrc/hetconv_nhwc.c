@@ -462,9 +462,9 @@ int hetconv_nhwc_forward(const float *x, float *y, int B, int M, int N, int H, i
 }
 
 /*
- * Weight gradient.  Non-centre taps: gwk[block, e, j, lane] = sum over pixels of
+ * Weight gradient.  Non-centre taps: sum[block, e, j, lane] = sum over pixels of
  * gy[pixel, n0 + lane] * x[pixel + tap_e, toff + j * ts + lane % lw], in the layout of wkp;
- * centre taps: gc[n0 + lane, c] = sum over pixels of gy[pixel, n0 + lane] *
+ * centre taps: sum[n0 + lane, c] = sum over pixels of gy[pixel, n0 + lane] *
  * x[centre pixel, c] (the same tile with lw = ts = 1 over all M, summed in w1p's layout).
  * nh_wtile: J steps x V vectors in J*V accumulators over n pixels, added into out.
  */
@@ -544,22 +544,32 @@ static void nh_wtile_any(int V, int jt, int lw, int n, const float *const *xr,
  * taps outside the pixels streamed the whole activations once per tap).  With several
  * ranges each item sums into its own partial buffer and the partials are added in range
  * order at the end, so the result does not depend on the thread count (the ranges depend
- * only on the layer); with one range (small layers) the items sum straight into place.
- * gwk: the taps' gradient in the layout of wkp.  gc (N, M) row-major or NULL: the centre
- * taps' gradient too (summed in w1p's block layout, transposed into gc at the end).
+ * only on the layer); with one range (small layers) the items sum into one buffer.
+ * The sums (taps in the layout of wkp, centres in w1p's block layout) are then written
+ * straight into the parameters' gradients through two index maps (one pass, no
+ * intermediate (N, M) matrix or packed copy for the caller to scatter and gather):
+ *   tap_dst[i]: where packed tap weight i goes in gk (weight_k's gradient, its own strides);
+ *   centre_dst[n * M + c]: where filter n's centre weight on channel c goes: gk[d] for
+ *     d >= 0 (a channel of its class: a KxK kernel's centre), else g1[-1 - d] (weight_1).
  */
-static void nh_unpack_centre(const float *src, float *gc, int M, int n0, int VW, int vs) {
+static void nh_map_centre(const float *src, float *gk, float *g1, const int *centre_dst,
+                          int M, int n0, int VW, int vs) {
     for (int c0 = 0; c0 < M; c0 += 16) {  /* 16 channels x VW filters at a time */
         const int c1 = c0 + 16 < M ? c0 + 16 : M;
         for (int l = 0; l < VW; ++l) {
-            float *row = gc + (size_t)(n0 + l / 16 * vs + l % 16) * M;  /* lane l's filter */
-            for (int c = c0; c < c1; ++c) row[c] = src[(size_t)c * VW + l];
+            const int *dst = centre_dst + (size_t)(n0 + l / 16 * vs + l % 16) * M;  /* lane l's filter */
+            for (int c = c0; c < c1; ++c) {
+                const float v = src[(size_t)c * VW + l];
+                const int d = dst[c];
+                if (d >= 0) gk[d] = v;
+                else g1[-1 - (long)d] = v;
+            }
         }
     }
 }
 
 /* Weight-gradient sums of filter block fb over output pixels [c0, c1) (at most NH_WCHUNK),
- * every tap then the centre (gc only), added into out_t (T, Mk, VW) and out_c (M, VW). */
+ * every tap then the centre, added into out_t (T, Mk, VW) and out_c (M, VW). */
 static void nh_wgrad_chunk(const nh_geom *g, const float *x, const float *gy, int fb, long c0,
                            long c1, const int *blk_n0, const int *blk_v, const int *blk_toff,
                            float *out_t, float *out_c, const float **xr, const float **gr) {
@@ -576,7 +586,7 @@ static void nh_wgrad_chunk(const nh_geom *g, const float *x, const float *gy, in
         base[q - c0] = nh_base(g, x, b, oh, ow);
         nh_next(g, &b, &oh, &ow);
     }
-    for (int e = out_c ? -1 : 0; e < T; ++e) {  /* e = -1: the centre */
+    for (int e = -1; e < T; ++e) {  /* e = -1: the centre */
         const int t = e < 0 ? centre : (e < centre ? e : e + 1);
         const size_t off = e < 0 ? 0 : (size_t)blk_toff[fb];
         const ptrdiff_t toff = nh_toff(g, t);
@@ -604,18 +614,19 @@ static void nh_wgrad_chunk(const nh_geom *g, const float *x, const float *gy, in
     }
 }
 
-int hetconv_nhwc_wgrad(const float *x, const float *gy, float *gwk, float *gc, int B, int M,
+int hetconv_nhwc_wgrad(const float *x, const float *gy, float *gk, float *g1,
+                       const int *tap_dst, const int *centre_dst, int B, int M,
                        int N, int H, int W, int kh, int kw, int s, int ph, int pw, int Mk,
                        int ts, int lw, int vs, int nfb, const int *blk_n0, const int *blk_p0,
                        const int *blk_v, const int *blk_toff, int nthreads) {
     nh_geom g = {B, M, N, H, W, (H + 2 * ph - kh) / s + 1, (W + 2 * pw - kw) / s + 1,
                  kh, kw, s, ph, pw, Mk, ts, lw, 0, 1, vs};
     if (nh_check(&g) || nh_check_blocks(&g, nfb, blk_n0, blk_p0, blk_v) || g.Ho < 1
-        || g.Wo < 1)
+        || g.Wo < 1 || !gk || !g1 || !tap_dst || !centre_dst)
         return -1;
     const int T = kh * kw - 1;
     const long npix = (long)B * g.Ho * g.Wo;
-    const long per_filter = (long)T * Mk + (gc ? M : 0);  /* partial floats per filter */
+    const long per_filter = (long)T * Mk + M;  /* sums per filter: taps, then the centre */
     const long whole = (long)N * per_filter;
     long nranges = (npix + NH_WRANGE - 1) / NH_WRANGE;
     if (nranges * whole > NH_WPART_MAX) nranges = NH_WPART_MAX / whole;
@@ -630,14 +641,9 @@ int hetconv_nhwc_wgrad(const float *x, const float *gy, float *gwk, float *gc, i
     const int pixmajor = nfb > 1 && nranges >= 4L * nthreads &&
         (size_t)whole * sizeof(float) <= NH_PIXMAJOR_MAX_WBYTES;
     const long items = pixmajor ? nranges : (long)nfb * nranges;
-    float *part = NULL, *cbuf = NULL;  /* partials (several ranges) / centre sums (one) */
-    if (nranges > 1) {
-        part = (float *)calloc((size_t)(nranges * whole), sizeof(float));
-        if (!part) return -2;
-    } else {
-        memset(gwk, 0, sizeof(float) * (size_t)N * T * Mk);
-        if (gc && !(cbuf = (float *)calloc((size_t)N * M, sizeof(float)))) return -2;
-    }
+    /* each range's sums (one range: the sums themselves) */
+    float *part = (float *)calloc((size_t)(nranges * whole), sizeof(float));
+    if (!part) return -2;
     int status = 0;
 #pragma omp parallel num_threads(nthreads) if (items > 1)
     {
@@ -656,13 +662,10 @@ int hetconv_nhwc_wgrad(const float *x, const float *gy, float *gwk, float *gc, i
             for (long c0 = r * per_range; c0 < r1; c0 += NH_WCHUNK) {
                 const long c1 = c0 + NH_WCHUNK < r1 ? c0 + NH_WCHUNK : r1;
                 for (int fb = fb_lo; fb < fb_hi; ++fb) {
-                    /* the block's sums: taps (T, Mk, VW) and the centre (M, VW): in the
-                     * range's partial buffer (taps then centre), or in gwk and cbuf */
-                    const int p0 = blk_p0[fb];
-                    float *out_t = part ? part + r * whole + (size_t)p0 * per_filter
-                                        : gwk + (size_t)p0 * T * Mk;
-                    float *out_c = !gc ? NULL : part ? out_t + (size_t)T * Mk * 16 * blk_v[fb]
-                                                     : cbuf + (size_t)p0 * M;
+                    /* the block's sums in the range's buffer: taps (T, Mk, VW), then the
+                     * centre (M, VW) */
+                    float *out_t = part + r * whole + (size_t)blk_p0[fb] * per_filter;
+                    float *out_c = out_t + (size_t)T * Mk * 16 * blk_v[fb];
                     nh_wgrad_chunk(&g, x, gy, fb, c0, c1, blk_n0, blk_v, blk_toff, out_t,
                                    out_c, xr, gr);
                 }
@@ -671,43 +674,36 @@ int hetconv_nhwc_wgrad(const float *x, const float *gy, float *gwk, float *gc, i
         free(xr); free(gr);
         /* the partials, added in range order (range 0's slots then hold the sums) */
 #pragma omp for schedule(static)
-        for (long i = 0; i < (part ? whole : 0); ++i) {
+        for (long i = 0; i < (nranges > 1 ? whole : 0); ++i) {
             float acc = 0.f;
             for (long r = 0; r < nranges; ++r) acc += part[r * whole + i];
             part[i] = acc;
         }
-        /* into place: the taps to gwk (from the partials), the centre transposed into gc */
+        /* into place: the taps and the centres to gk and g1, through the maps */
 #pragma omp for schedule(static)
         for (int fb = 0; fb < nfb; ++fb) {
             if (status) continue;
             const int n0 = blk_n0[fb], p0 = blk_p0[fb], VW = 16 * blk_v[fb];
-            const float *src = part ? part + (size_t)p0 * per_filter : NULL;
-            if (part) memcpy(gwk + (size_t)p0 * T * Mk, src, sizeof(float) * (size_t)T * Mk * VW);
-            if (gc) nh_unpack_centre(part ? src + (size_t)T * Mk * VW : cbuf + (size_t)p0 * M,
-                                     gc, M, n0, VW, g.vs);
+            const float *src = part + (size_t)p0 * per_filter;
+            const int *td = tap_dst + (size_t)p0 * T * Mk;
+            for (long i = 0; i < (long)T * Mk * VW; ++i) gk[td[i]] = src[i];
+            nh_map_centre(src + (size_t)T * Mk * VW, gk, g1, centre_dst, M, n0, VW, g.vs);
         }
     }
-    free(part); free(cbuf);
+    free(part);
     return status;
 }
 
 /*
- * Weight packing helpers: dst[i] = src[idx[i]] (gather) and dst[idx[i]] = src[i] (scatter)
- * for i < n, idx 32-bit (the layouts' index tables), OpenMP over i.  The packings of the
- * channels-last kernel are one gather each and its weight gradient one scatter, per
- * training step and layer, so they should run at memory speed (torch.take with 64-bit
- * indices: about 3x slower).
+ * Weight packing helper: dst[i] = src[idx[i]] for i < n, idx 32-bit (the layouts' index
+ * tables), OpenMP over i.  The packings of the channels-last kernel are one gather each,
+ * per training step and layer, so they should run at memory speed (torch.take with 64-bit
+ * indices: about 3x slower).  (The weight gradient writes through its maps itself.)
  */
 void hetconv_gather(const float *src, const int *idx, float *dst, long n, int nthreads) {
     if (nthreads < 1) nthreads = 1;
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (n > 65536)
     for (long i = 0; i < n; ++i) dst[i] = src[idx[i]];
-}
-
-void hetconv_scatter(const float *src, const int *idx, float *dst, long n, int nthreads) {
-    if (nthreads < 1) nthreads = 1;
-#pragma omp parallel for schedule(static) num_threads(nthreads) if (n > 65536)
-    for (long i = 0; i < n; ++i) dst[idx[i]] = src[i];
 }
 
 /* hetconv_nhwc_forward with every argument but the tensors and the thread count in one
