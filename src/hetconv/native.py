@@ -166,6 +166,8 @@ def _load() -> Optional[ctypes.CDLL]:
             lib.hetconv_nhwc_wgrad.argtypes = [p] * 6 + [i] * 15 + [p] * 4 + [i]
             lib.hetconv_gather.restype = None
             lib.hetconv_gather.argtypes = [p] * 3 + [ctypes.c_long, i]
+            lib.hetconv_gather2.restype = None
+            lib.hetconv_gather2.argtypes = [p] * 4 + [ctypes.c_long, i]
             _LIB = lib
         except Exception as exc:  # no compiler, failed build, odd platform: fall back
             _ERROR = f"{type(exc).__name__}: {exc}"
@@ -509,7 +511,7 @@ def _nhwc_layout(n: int, m: int, p: int, pattern: str, kh: int, kw: int,
             "tap_index": {(m // p * kh * kw, kh * kw, kw, 1): (
                 ((src_row[rk, jk] * (m // p) + src_col[rk, jk]) * kh + ta[ek]) * kw + tb[ek]
             ).to(torch.int32)},  # weight_k strides -> storage index of each packed tap weight
-            "centre_dst": {},  # weight_k strides -> the weight gradient's centre map
+            "centre_src": {},  # weight_k strides -> each packed centre weight's source
         }
     from .functional import _memo_index
     return _memo_index(("nhwc", n, m, p, pattern, kh, kw, transposed), build)
@@ -528,6 +530,15 @@ def _empty_grad(param: torch.Tensor) -> torch.Tensor:
     """An empty float32 gradient for ``param`` with the strides the weight gradients get:
     ``param``'s own when it is contiguous in NCHW or channels_last order, else contiguous."""
     return _storage_view(torch.empty_like(param, dtype=torch.float32))[0]
+
+
+def _gather2(src_k: torch.Tensor, src_1: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``src_k[i] if i >= 0 else src_1[-1 - i]`` for each ``i`` of int32 ``idx`` (1-D float32
+    sources; the C loop): the centre weights, from ``weight_k`` and ``weight_1`` at once."""
+    out = torch.empty(idx.numel(), dtype=torch.float32)
+    _load().hetconv_gather2(_ptr(src_k), _ptr(src_1), _ptr(idx), _ptr(out), idx.numel(),
+                            torch.get_num_threads())
+    return out
 
 
 def _gather(src: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -556,17 +567,17 @@ def _nhwc_pack(weight_k: torch.Tensor, weight_1: torch.Tensor, bias: Optional[to
                pattern: str, n: int, m: int, p: int, transposed: bool = False) -> dict:
     """Weights in the channels-last kernel's layout (see csrc/hetconv_nhwc.c); no autograd.
     Two gathers: the centre matrix's entries and weight_k's taps, straight into packed order."""
-    from .functional import _indices, _pointwise_matrix
-
     kh, kw = weight_k.shape[2:]
     lay = _nhwc_layout(n, m, p, pattern, kh, kw, transposed)
-    weight_k, weight_1 = weight_k.float(), weight_1.float()
-    idx = _indices(m, n, p, pattern, weight_k.device)
-    # centre taps: the (N, M) pointwise matrix (weight_1 and the KxK kernels' centres)
-    centre = _pointwise_matrix(weight_1, m, idx).scatter_(1, idx["kxk"],
-                                                          weight_k[:, :, kh // 2, kw // 2])
-    w1p = _gather(centre.reshape(-1), lay["w1_index"])
-    weight_k, flat = _storage_view(weight_k)
+    weight_k, flat = _storage_view(weight_k.float())
+    # centre taps: each packed entry of the (N, M) pointwise matrix straight from weight_1 or
+    # a KxK kernel's centre (one pass; no (N, M) matrix built)
+    centre = lay["centre_src"].get(weight_k.stride())
+    if centre is None:
+        centre = _centre_map(n, m, p, pattern, (kh, kw), weight_k.stride())[
+            lay["w1_index"].long()]
+        lay["centre_src"][weight_k.stride()] = centre
+    w1p = _gather2(flat, weight_1.float().contiguous(), centre)
     wkp = _gather(flat, _tap_index(lay, weight_k))
     bp = None if bias is None else bias.detach().float().contiguous()
     pk = dict(lay, w1p=w1p, wkp=wkp, bp=bp)
@@ -647,26 +658,26 @@ def _launch(x: torch.Tensor, shape: tuple, fmt: torch.memory_format, call: Calla
     return y
 
 
-def _centre_dst(lay: dict, gwk: torch.Tensor, n: int, m: int, p: int,
-                pattern: str) -> torch.Tensor:
-    """The weight-gradient kernel's centre map (csrc/hetconv_nhwc.c): for filter n and
-    channel c (flat n * M + c), the storage index in ``gwk`` (``weight_k``'s strides) of
-    n's KxK centre on c when c is a channel of n's class, else ``-1 - i`` for index i of
-    the contiguous (N, M - M/P) gradient of ``weight_1``.  Cached per strides."""
-    strides = gwk.stride()
-    hit = lay["centre_dst"].get(strides)
-    if hit is None:
+def _centre_map(n: int, m: int, p: int, pattern: str, kernel: Tuple[int, int],
+                strides: tuple) -> torch.Tensor:
+    """Where each centre weight of the (N, M) pointwise matrix lives (flat n * M + c, int32):
+    the storage index in ``weight_k`` (of these strides) of filter n's KxK centre on
+    channel c when c is a channel of n's class, else ``-1 - i`` for index i of the
+    contiguous (N, M - M/P) ``weight_1``.  The channels-last packing reads the centre weights
+    through it and the weight-gradient kernel writes their gradients through it."""
+    def build():
         from .functional import _indices
 
         idx = _indices(m, n, p, pattern, torch.device("cpu"))
-        mk, (kh, kw) = lay["mk"], lay["kernel"]
+        mk, (kh, kw) = m // p, kernel
         rows = torch.arange(n)[:, None]
-        dst = torch.empty(n, m, dtype=torch.long)
-        dst.scatter_(1, idx["kxk"], rows * strides[0] + torch.arange(mk)[None, :] * strides[1]
+        out = torch.empty(n, m, dtype=torch.long)
+        out.scatter_(1, idx["kxk"], rows * strides[0] + torch.arange(mk)[None, :] * strides[1]
                      + (kh // 2) * strides[2] + (kw // 2) * strides[3])
-        dst.scatter_(1, idx["pw"], -1 - (rows * (m - mk) + torch.arange(m - mk)[None, :]))
-        hit = lay["centre_dst"][strides] = dst.flatten().to(torch.int32)
-    return hit
+        out.scatter_(1, idx["pw"], -1 - (rows * (m - mk) + torch.arange(m - mk)[None, :]))
+        return out.flatten().to(torch.int32)
+    from .functional import _memo_index
+    return _memo_index(("centre", n, m, p, pattern, tuple(kernel), tuple(strides)), build)
 
 
 def _wgrad_nhwc(x: torch.Tensor, gy: torch.Tensor, weight_k: torch.Tensor, pattern: str,
@@ -684,7 +695,8 @@ def _wgrad_nhwc(x: torch.Tensor, gy: torch.Tensor, weight_k: torch.Tensor, patte
     gw1 = torch.empty(n, m - lay["mk"])
     rc = _load().hetconv_nhwc_wgrad(
         _ptr(x), _ptr(gy), _ptr(flat), _ptr(gw1), _ptr(_tap_index(lay, gwk)),
-        _ptr(_centre_dst(lay, gwk, n, m, p, pattern)), b, m, n, h, w, kh, kw, stride,
+        _ptr(_centre_map(n, m, p, pattern, (kh, kw), gwk.stride())), b, m, n, h, w, kh, kw,
+        stride,
         kh // 2, kw // 2, *_nhwc_block_args(lay), torch.get_num_threads())
     if rc != 0:
         raise RuntimeError(f"hetconv channels-last weight-gradient kernel failed (code {rc})")

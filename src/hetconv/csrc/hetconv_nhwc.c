@@ -706,6 +706,15 @@ void hetconv_gather(const float *src, const int *idx, float *dst, long n, int nt
     for (long i = 0; i < n; ++i) dst[i] = src[idx[i]];
 }
 
+/* dst[i] = src_k[idx[i]] where idx[i] >= 0, else src_1[-1 - idx[i]]: the packed centre
+ * weights, each from weight_k (a KxK kernel's centre) or weight_1, in one pass. */
+void hetconv_gather2(const float *src_k, const float *src_1, const int *idx, float *dst,
+                     long n, int nthreads) {
+    if (nthreads < 1) nthreads = 1;
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (n > 65536)
+    for (long i = 0; i < n; ++i) dst[i] = idx[i] >= 0 ? src_k[idx[i]] : src_1[-1 - (long)idx[i]];
+}
+
 /* hetconv_nhwc_forward with every argument but the tensors and the thread count in one
  * struct (see hetconv_native_forward_packed). */
 typedef struct {
