@@ -641,8 +641,8 @@ int hetconv_nhwc_wgrad(const float *x, const float *gy, float *gk, float *g1,
     const int pixmajor = nfb > 1 && nranges >= 4L * nthreads &&
         (size_t)whole * sizeof(float) <= NH_PIXMAJOR_MAX_WBYTES;
     const long items = pixmajor ? nranges : (long)nfb * nranges;
-    /* each range's sums (one range: the sums themselves) */
-    float *part = (float *)calloc((size_t)(nranges * whole), sizeof(float));
+    /* each range's sums (one range: the sums themselves); each item zeroes its own */
+    float *part = (float *)malloc(sizeof(float) * (size_t)(nranges * whole));
     if (!part) return -2;
     int status = 0;
 #pragma omp parallel num_threads(nthreads) if (items > 1)
@@ -659,6 +659,9 @@ int hetconv_nhwc_wgrad(const float *x, const float *gy, float *gk, float *g1,
             const long r = it % nranges;
             const int fb_lo = pixmajor ? 0 : (int)(it / nranges), fb_hi = pixmajor ? nfb : fb_lo + 1;
             const long r1 = (r + 1) * per_range < npix ? (r + 1) * per_range : npix;
+            for (int fb = fb_lo; fb < fb_hi; ++fb)  /* the item's sums, zeroed by its thread */
+                memset(part + r * whole + (size_t)blk_p0[fb] * per_filter, 0,
+                       sizeof(float) * (size_t)per_filter * 16 * blk_v[fb]);
             for (long c0 = r * per_range; c0 < r1; c0 += NH_WCHUNK) {
                 const long c1 = c0 + NH_WCHUNK < r1 ? c0 + NH_WCHUNK : r1;
                 for (int fb = fb_lo; fb < fb_hi; ++fb) {
