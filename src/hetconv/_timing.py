@@ -55,6 +55,20 @@ class Timing:
         return cls(statistics.median(s), q1, q3, tuple(samples))
 
 
+#: ``hetconv bench``'s default for how long untimed calls settle each timed one (``--settle-ms``)
+SETTLE_MS: float = 10.0
+
+
+def check_settle(settle: int, seconds: float, seconds_name: str = "settle_seconds") -> None:
+    """Raise ValueError unless ``settle`` is an int >= 0 and ``seconds`` (the argument called
+    ``seconds_name``) a finite number >= 0."""
+    if not isinstance(settle, int) or isinstance(settle, bool) or settle < 0:
+        raise ValueError(f"settle must be an int >= 0, got {settle!r}")
+    if (not isinstance(seconds, (int, float)) or isinstance(seconds, bool)
+            or not 0 <= seconds < float("inf")):
+        raise ValueError(f"{seconds_name} must be a finite number >= 0, got {seconds!r}")
+
+
 def time_interleaved(candidates: Mapping[str, Callable[[], object]], repeats: int = 7,
                      warmup: int = 2, min_seconds: float = 0.0,
                      shuffle: bool = True, seed: int = 0, settle: int = 0,
@@ -74,11 +88,7 @@ def time_interleaved(candidates: Mapping[str, Callable[[], object]], repeats: in
         raise ValueError(f"repeats must be a positive int, got {repeats!r}")
     if not isinstance(warmup, int) or warmup < 0:
         raise ValueError(f"warmup must be an int >= 0, got {warmup!r}")
-    if not isinstance(settle, int) or isinstance(settle, bool) or settle < 0:
-        raise ValueError(f"settle must be an int >= 0, got {settle!r}")
-    if (not isinstance(settle_seconds, (int, float)) or isinstance(settle_seconds, bool)
-            or not 0 <= settle_seconds < float("inf")):
-        raise ValueError(f"settle_seconds must be a finite number >= 0, got {settle_seconds!r}")
+    check_settle(settle, settle_seconds)
     if not candidates:
         raise ValueError("candidates must not be empty")
     for fn in candidates.values():

@@ -274,6 +274,7 @@ def _run_compare(args) -> int:
 
 
 def _add_bench(sub) -> None:
+    from ._timing import SETTLE_MS
     from .pattern import PATTERNS
 
     p = sub.add_parser(
@@ -298,7 +299,7 @@ def _add_bench(sub) -> None:
                    help="untimed calls of a candidate right before each of its timed calls "
                         "(default: 1, steady state: no candidate is timed cold after another "
                         "one evicted its caches; 0 halves the run time, noisier)")
-    p.add_argument("--settle-ms", type=float, default=10.0,
+    p.add_argument("--settle-ms", type=float, default=SETTLE_MS,
                    help="... and more untimed calls until they took this many milliseconds "
                         "(default: 10; batch-1 calls of 1-3 ms were still slowed after one "
                         "untimed call by what ran before, e.g. onnxruntime's spinning threads)")

@@ -563,6 +563,19 @@ def _tap_index(lay: dict, weight_k: torch.Tensor) -> torch.Tensor:
     return hit
 
 
+def _centre_src(lay: dict, weight_k: torch.Tensor, n: int, m: int, p: int,
+                pattern: str) -> torch.Tensor:
+    """Where each packed centre weight comes from (:func:`_centre_map`'s encoding, for
+    ``weight_k``'s strides), in packed order; cached in the layout per strides, like
+    :func:`_tap_index`."""
+    strides = weight_k.stride()
+    hit = lay["centre_src"].get(strides)
+    if hit is None:
+        hit = lay["centre_src"][strides] = _centre_map(
+            n, m, p, pattern, lay["kernel"], strides)[lay["w1_index"].long()]
+    return hit
+
+
 def _nhwc_pack(weight_k: torch.Tensor, weight_1: torch.Tensor, bias: Optional[torch.Tensor],
                pattern: str, n: int, m: int, p: int, transposed: bool = False) -> dict:
     """Weights in the channels-last kernel's layout (see csrc/hetconv_nhwc.c); no autograd.
@@ -572,12 +585,8 @@ def _nhwc_pack(weight_k: torch.Tensor, weight_1: torch.Tensor, bias: Optional[to
     weight_k, flat = _storage_view(weight_k.float())
     # centre taps: each packed entry of the (N, M) pointwise matrix straight from weight_1 or
     # a KxK kernel's centre (one pass; no (N, M) matrix built)
-    centre = lay["centre_src"].get(weight_k.stride())
-    if centre is None:
-        centre = _centre_map(n, m, p, pattern, (kh, kw), weight_k.stride())[
-            lay["w1_index"].long()]
-        lay["centre_src"][weight_k.stride()] = centre
-    w1p = _gather2(flat, weight_1.float().contiguous(), centre)
+    w1p = _gather2(flat, weight_1.float().contiguous(),
+                   _centre_src(lay, weight_k, n, m, p, pattern))
     wkp = _gather(flat, _tap_index(lay, weight_k))
     bp = None if bias is None else bias.detach().float().contiguous()
     pk = dict(lay, w1p=w1p, wkp=wkp, bp=bp)
@@ -696,8 +705,7 @@ def _wgrad_nhwc(x: torch.Tensor, gy: torch.Tensor, weight_k: torch.Tensor, patte
     rc = _load().hetconv_nhwc_wgrad(
         _ptr(x), _ptr(gy), _ptr(flat), _ptr(gw1), _ptr(_tap_index(lay, gwk)),
         _ptr(_centre_map(n, m, p, pattern, (kh, kw), gwk.stride())), b, m, n, h, w, kh, kw,
-        stride,
-        kh // 2, kw // 2, *_nhwc_block_args(lay), torch.get_num_threads())
+        stride, kh // 2, kw // 2, *_nhwc_block_args(lay), torch.get_num_threads())
     if rc != 0:
         raise RuntimeError(f"hetconv channels-last weight-gradient kernel failed (code {rc})")
     return gwk, gw1

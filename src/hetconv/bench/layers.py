@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from .. import functional as HF
 from .. import pattern as _pattern
-from .._timing import time_interleaved
+from .._timing import SETTLE_MS, time_interleaved
 
 __all__ = ["LayerShape", "LAYER_SUITES", "layer_shapes", "parts_for", "layer_candidates",
            "run_layers"]
@@ -211,7 +211,7 @@ def run_layers(shapes: Sequence[LayerShape], parts: Sequence[Union[int, str]] = 
                modes: Sequence[str] = ("infer", "train"), repeats: int = 5, warmup: int = 1,
                compile: bool = False, pattern: str = "shifted", progress=None,
                deadline: Optional[float] = None, settle: int = 1,
-               settle_seconds: float = 0.01) -> List[dict]:
+               settle_seconds: float = SETTLE_MS / 1000) -> List[dict]:
     """Time every candidate of every shape x part x mode; one row per (shape, P, mode, candidate).
 
     No new item starts after ``deadline`` (a ``time.perf_counter()`` value).

@@ -31,7 +31,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
-from .._timing import time_interleaved
+from .._timing import SETTLE_MS, time_interleaved
 
 __all__ = ["MODEL_SUITES", "METRICS", "run_models"]
 
@@ -140,7 +140,7 @@ def _train_variants(model: nn.Module, x: torch.Tensor) -> Dict[str, Callable[[],
 
 def _measure(family: str, metric: str, fam_parts: Sequence, repeats: int, warmup: int,
              batch: int, width: float, compile: bool, onnx: bool, settle: int,
-             settle_seconds: float = 0.0) -> List[dict]:
+             settle_seconds: float) -> List[dict]:
     """The rows of one (family, metric): every model of the family in every variant, timed
     interleaved."""
     from .. import pattern as _pattern
@@ -192,7 +192,7 @@ def run_models(families: Sequence[str] = tuple(MODEL_SUITES), metrics: Sequence[
                batch: int = 64, width: float = 1.0, compile: bool = False, onnx: bool = True,
                progress=None, deadline: Optional[float] = None, settle: int = 1,
                isolate: bool = False, retain_memory: bool = False,
-               settle_seconds: float = 0.01) -> List[dict]:
+               settle_seconds: float = SETTLE_MS / 1000) -> List[dict]:
     """One row per (family, model, metric, variant): median ms, images/s and ratio to the reference.
 
     ``ratio`` compares the model's best variant with the reference model's best

@@ -9,7 +9,7 @@ import torch
 
 from .layers import LAYER_SUITES, layer_shapes, run_layers
 from .models import MODEL_SUITES, run_models
-from .._timing import retain_freed_memory
+from .._timing import SETTLE_MS, check_settle, retain_freed_memory
 from .report import environment, write_report
 
 __all__ = ["run", "PRESETS"]
@@ -48,7 +48,7 @@ def run(preset: str = "quick", out_dir: str = "docs", what: Sequence[str] = ("la
         onnx: bool = True, pattern: str = "shifted", progress: bool = True,
         name: Optional[str] = None, max_minutes: Optional[float] = None,
         settle: int = 1, retain_memory: bool = True, isolate: bool = True,
-        settle_ms: float = 10.0) -> Dict[str, str]:
+        settle_ms: float = SETTLE_MS) -> Dict[str, str]:
     """Run the benchmark ``preset`` and write its report to ``out_dir``; returns the written paths.
 
     Models are measured first (the headline targets), then layers.  With
@@ -73,11 +73,7 @@ def run(preset: str = "quick", out_dir: str = "docs", what: Sequence[str] = ("la
         if not isinstance(threads, int) or threads < 1:
             raise ValueError(f"threads must be a positive int, got {threads!r}")
         torch.set_num_threads(threads)
-    if not isinstance(settle, int) or isinstance(settle, bool) or settle < 0:
-        raise ValueError(f"settle must be an int >= 0, got {settle!r}")
-    if (not isinstance(settle_ms, (int, float)) or isinstance(settle_ms, bool)
-            or not 0 <= settle_ms < float("inf")):
-        raise ValueError(f"settle_ms must be a finite number >= 0, got {settle_ms!r}")
+    check_settle(settle, settle_ms, "settle_ms")
     malloc = ((retain_freed_memory() if retain_memory else None)
               or "default (glibc may return freed memory to the system)")
     cfg = PRESETS[preset]
