@@ -221,6 +221,45 @@ def test_bench_models_isolated_in_fresh_processes(monkeypatch):
         bench.run_models(["vgg16_cifar"], isolate="yes")
 
 
+def test_bench_onnxruntime_sessions_share_one_thread_pool():
+    """The onnxruntime variants of a family run on one global pool of torch's thread count
+    (one pool per session slowed every candidate of a batch-1 family 1.3-2x), recorded per
+    row; in a process whose global pools exist already, each session gets its own."""
+    pytest.importorskip("onnxruntime")
+    rows = bench.run_models(["vgg16_cifar"], ["latency_b1"], parts={"vgg16_cifar": (1, 4)},
+                            repeats=1, warmup=0, width=0.125, isolate=True)
+    ort_rows = [r for r in rows if r["variant"] == "onnxruntime"]
+    assert len(ort_rows) == 2
+    pool = f"one global pool of {torch.get_num_threads()} threads"
+    assert all(r["ort_threads"] == pool for r in ort_rows)
+    assert all("ort_threads" not in r for r in rows if r["variant"] != "onnxruntime")
+
+
+def test_bench_onnxruntime_session_options(monkeypatch):
+    ort = pytest.importorskip("onnxruntime")
+    from hetconv.bench import models as bm
+
+    made = []
+    monkeypatch.setattr(ort, "InferenceSession", lambda path, opts, providers: made.append(opts))
+    sizes = []
+    monkeypatch.setattr(ort, "set_global_thread_pool_sizes", lambda *a: sizes.append(a))
+    monkeypatch.setattr(bm, "_ORT_POOL", None)
+    bm._ort_session(ort, "m.onnx", 3)
+    bm._ort_session(ort, "m.onnx", 3)
+    assert sizes == [(3, 1)] and bm.ort_thread_pool() == 3  # set up once
+    assert [o.use_per_session_threads for o in made] == [False, False]
+    bm._ort_session(ort, "m.onnx", 2)  # another thread count: a pool of its own
+    assert made[-1].use_per_session_threads and made[-1].intra_op_num_threads == 2
+
+    def taken(*a):
+        raise ort.capi.onnxruntime_pybind11_state.Fail("global pools exist")
+    monkeypatch.setattr(ort, "set_global_thread_pool_sizes", taken)
+    monkeypatch.setattr(bm, "_ORT_POOL", None)
+    bm._ort_session(ort, "m.onnx", 3)
+    assert bm.ort_thread_pool() == 0
+    assert made[-1].use_per_session_threads and made[-1].intra_op_num_threads == 3
+
+
 def test_bench_blocked_twin_models():
     from hetconv.bench.models import _build
 

@@ -102,5 +102,8 @@ def run(preset: str = "quick", out_dir: str = "docs", what: Sequence[str] = ("la
     if "models" in what:
         env["model_processes"] = ("a fresh process per family and metric" if isolate
                                   else "the benchmark's own process")
+        pools = sorted({r["ort_threads"] for r in model_rows if "ort_threads" in r})
+        if pools:
+            env["onnxruntime_threads"] = "; ".join(pools)
     return write_report(layer_rows, model_rows, out_dir, env, time.perf_counter() - t0,
                         name or preset)
