@@ -235,6 +235,23 @@ def test_bench_onnxruntime_sessions_share_one_thread_pool():
     assert all("ort_threads" not in r for r in rows if r["variant"] != "onnxruntime")
 
 
+def test_bench_latency_gets_more_samples(monkeypatch):
+    from hetconv.bench import models as bm
+
+    seen = {}
+    real = bm.time_interleaved
+
+    def spy(cands, **kw):
+        seen[len(seen)] = kw["repeats"]
+        return real(cands, **kw)
+    monkeypatch.setattr(bm, "time_interleaved", spy)
+    rows = bench.run_models(["vgg16_cifar"], ["throughput_b64", "latency_b1"],
+                            parts={"vgg16_cifar": (1,)}, repeats=2, warmup=0, batch=2,
+                            width=0.125, onnx=False, settle_seconds=0.0)
+    assert [r["metric"] for r in rows][-1] == "latency_b1"
+    assert seen == {0: 2, 1: 2 * bm.LATENCY_SAMPLES} and bm.LATENCY_SAMPLES > 1
+
+
 def test_bench_onnxruntime_session_options(monkeypatch):
     ort = pytest.importorskip("onnxruntime")
     from hetconv.bench import models as bm
