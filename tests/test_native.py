@@ -394,6 +394,29 @@ def test_channels_last_forward_over_many_pixels_matches_dense_reference(n, strid
 
 
 @needs_kernel
+@pytest.mark.parametrize("stride,size,batch", [(1, 32, 12), (2, 56, 4)])
+def test_channels_last_forward_of_inputs_larger_than_l2_matches_dense_reference(stride, size,
+                                                                               batch):
+    """Inputs over 2 MiB prefetch the next output row's input as they go (image-major
+    order): 2.4-3.1 MB here, tiles at every edge, and the transposed (input-gradient) pass
+    of the stride-1 layer on a gradient as large."""
+    m = n = 64
+    torch.manual_seed(size)
+    wk, w1 = _weights(m, n, 4)
+    x = torch.randn(batch, m, size, size).contiguous(memory_format=torch.channels_last)
+    assert x.numel() * 4 > 2 << 20
+    x.requires_grad_(stride == 1)
+    y = native.native_conv2d(x, wk, w1, None, "shifted", stride=stride)
+    ref = _reference(x, wk, w1, None, "shifted", stride=stride)
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
+    if stride == 1:
+        g = torch.randn_like(y)
+        got, = torch.autograd.grad(y, x, g)
+        want, = torch.autograd.grad(ref, x, g)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@needs_kernel
 @pytest.mark.parametrize("pattern", PATTERNS)
 @pytest.mark.parametrize("m,n,p,size,batch", [(64, 64, 4, 8, 3), (128, 256, 8, 4, 9),
                                               (32, 48, 2, 7, 2), (64, 64, 16, 2, 17)])

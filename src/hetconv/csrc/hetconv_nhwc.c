@@ -61,6 +61,7 @@
 #define NH_JR4 6  /* weight-gradient steps per tile with 4 vectors */
 #define NH_JRMAX 8
 #define NH_PIXMAJOR_MAX_WBYTES (512 * 1024) /* pixel-major forward items up to this much weight */
+#define NH_PREFETCH_MIN_BYTES (2L << 20) /* inputs above this prefetch ahead (forward) */
 #define NH_PIXCHUNK 96 /* pixels per block in a pixel-major item (a multiple of 24) */
 #define NH_PIXMAJOR_MIN_RUN 384 /* ... and items of at least this many pixels (else each
                                  * item's pass over all blocks' weights costs more) */
@@ -321,12 +322,36 @@ static void nh_residue_tile(const nh_geom *g, const float *x, float *y, const fl
     }
 }
 
+/* Into L2: the input the pixel one output row below (b, oh, ow) reads and this one does not
+ * (s x s pixels: its taps' new rows and columns), so a large input streams in from memory
+ * ahead of its tiles. */
+static inline void nh_prefetch_next_row(const nh_geom *g, const float *x, int b, int oh,
+                                        int ow) {
+#if defined(__AVX512F__)
+    if (oh + 1 >= g->Ho) return;
+    const int ih0 = (oh + 1) * g->s - g->ph + g->kh - g->s, iw0 = ow * g->s - g->pw + g->kw - g->s;
+    const size_t bytes = (size_t)g->M * sizeof(float);
+    for (int u = 0; u < g->s; ++u) {
+        const int ih = ih0 + u;
+        if (ih < 0 || ih >= g->H) continue;
+        for (int v = 0; v < g->s; ++v) {
+            const int iw = iw0 + v;
+            if (iw < 0 || iw >= g->W) continue;
+            const char *p = (const char *)(x + (((size_t)b * g->H + ih) * g->W + iw) * g->M);
+            for (size_t o = 0; o < bytes; o += 64) _mm_prefetch(p + o, _MM_HINT_T1);
+        }
+    }
+#else
+    (void)g; (void)x; (void)b; (void)oh; (void)ow;
+#endif
+}
+
 /* Filter block fb of the forward over output pixels [q_begin, q_end), tile by tile. */
 static void nh_fwd_run(const nh_geom *gp, const float *x, float *y, const float *zero,
                        const ptrdiff_t *toffs, int fb, long q_begin, long q_end,
                        const int *blk_n0, const int *blk_p0, const int *blk_v,
                        const int *blk_toff, const float *w1p, const float *wkp,
-                       const float *bias, const float *res, int relu) {
+                       const float *bias, const float *res, int relu, int prefetch) {
     const nh_geom g = *gp;
     const int M = g.M, N = g.N, H = g.H, W = g.W, kw = g.kw;
     const int posmajor = g.posmajor, Mk = g.Mk, B = g.B;
@@ -376,6 +401,7 @@ static void nh_fwd_run(const nh_geom *gp, const float *x, float *y, const float 
                     px[t * Rt + r] = p ? p : zero;
                 }
             }
+            if (prefetch && q0 + r < lim) nh_prefetch_next_row(&g, x, b, oh, ow);
             if (q0 + r + 1 < lim) nh_next(&g, &b, &oh, &ow);  /* else: the tail repeats it */
         }
         if (posmajor) {
@@ -439,6 +465,9 @@ int hetconv_nhwc_forward(const float *x, float *y, int B, int M, int N, int H, i
      * can be partial */
     const long per_run = ((ntiles * R / runs + 23) / 24) * 24;
     const long items = (long)groups * runs;
+    /* inputs larger than L2 (image-major order): prefetch the next output row's new input */
+    const int prefetch = posmajor == 0 && up == 1 &&
+        (size_t)B * H * W * M * sizeof(float) > NH_PREFETCH_MIN_BYTES;
     ptrdiff_t toffs[NH_KKMAX];  /* offset of each tap from the top-left tap, inside the image */
     for (int t = 0; t < KK; ++t) toffs[t] = nh_toff(&g, t);
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (items > 1)
@@ -447,14 +476,14 @@ int hetconv_nhwc_forward(const float *x, float *y, int B, int M, int N, int H, i
         const long q_end = q_begin + per_run < npix ? q_begin + per_run : npix;
         if (!pixmajor) {
             nh_fwd_run(&g, x, y, zero, toffs, (int)(it / runs), q_begin, q_end, blk_n0, blk_p0,
-                       blk_v, blk_toff, w1p, wkp, bias, res, relu);
+                       blk_v, blk_toff, w1p, wkp, bias, res, relu, prefetch);
             continue;
         }
         for (long c0 = q_begin; c0 < q_end; c0 += NH_PIXCHUNK) {
             const long c1 = c0 + NH_PIXCHUNK < q_end ? c0 + NH_PIXCHUNK : q_end;
             for (int fb = 0; fb < nfb; ++fb)
                 nh_fwd_run(&g, x, y, zero, toffs, fb, c0, c1, blk_n0, blk_p0, blk_v, blk_toff,
-                           w1p, wkp, bias, res, relu);
+                           w1p, wkp, bias, res, relu, prefetch && fb == 0);
         }
     }
     free(zero);
