@@ -314,3 +314,20 @@ def test_model_time_split_script_accounts_for_every_native_layer():
     assert hetconv.native._launch.__name__ == "_launch"  # put back
     with pytest.raises(SystemExit):
         mts.main(["--batch", "0"])
+
+
+def test_bench_reports_the_machine_rate_and_its_drift(tmp_path):
+    from hetconv.bench.run import RATE_DRIFT, machine_rates
+
+    assert machine_rates([("at the start", None)]) == (None, [])
+    entry, notes = machine_rates([("at the start", 500.0), ("at the end", 490.0)])
+    assert entry.startswith("500 at the start, 490 at the end (GFLOP/s,") and notes == []
+    entry, notes = machine_rates([("at the start", 530.0), ("after the models", None),
+                                  ("at the end", 212.0)])
+    assert "after the models" not in entry and len(notes) == 1
+    assert f"{530 / 212:.2f}x" in notes[0] and RATE_DRIFT < 530 / 212
+    paths = bench.write_report([], [], str(tmp_path), env={"cpu": "x", "fma_rate": entry},
+                               name="t", notes=notes)
+    assert notes[0] in open(paths["markdown"]).read()
+    data = json.load(open(paths["json"]))
+    assert data["notes"] == notes and data["environment"]["fma_rate"] == entry

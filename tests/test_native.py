@@ -1018,3 +1018,41 @@ def test_scratch_of_exited_threads_is_freed():
 def test_release_buffers_refuses_a_bad_thread_count(threads):
     with pytest.raises(ValueError, match="threads must be a positive int"):
         native.release_buffers(threads)
+
+
+@needs_kernel
+def test_fma_loop_runs_every_step_of_every_chain():
+    """The FMA loop behind native.fma_rate computes a = a * b + c, iters times, in
+    16 * 24 lanes per thread: from a = 0 that is iters (b = 1) or 2^iters - 1 (b = 2)."""
+    lanes = native.FMA_LOOP_FLOPS // 2
+    assert lanes == 16 * 24
+    lib = native._load()
+    assert lib.hetconv_fma_loop(1000, 2, 1.0, 1.0) == lanes * 1000 * 2
+    assert lib.hetconv_fma_loop(10, 1, 2.0, 1.0) == lanes * (2 ** 10 - 1)
+    assert lib.hetconv_fma_loop(0, 3, 1.0, 1.0) == 0
+
+
+@needs_kernel
+def test_fma_rate_is_flops_over_the_median_call():
+    # A fake clock: each reading advances by the next duration, so every call "takes" the
+    # listed time. Calibration: one call of 0.01 s >= seconds / 4, so iters = 1000 * 0.04 /
+    # 0.01 = 4000; then 5 timed calls whose median is 0.02 s.
+    durations = iter([0.01, 0.03, 0.02, 0.01, 0.05, 0.02])
+    now = [0.0]
+
+    def clock():
+        if clock.started:
+            now[0] += next(durations)
+        clock.started = not clock.started
+        return now[0]
+    clock.started = False
+    rate = native.fma_rate(threads=2, seconds=0.04, repeats=5, timer=clock)
+    assert rate == pytest.approx(2 * 16 * 24 * 4000 * 2 / 0.02 / 1e9)
+
+
+def test_fma_rate_rejects_bad_arguments():
+    for kwargs, name in (({"threads": 0}, "threads"), ({"threads": True}, "threads"),
+                         ({"repeats": 0}, "repeats"), ({"seconds": -1.0}, "seconds"),
+                         ({"seconds": float("nan")}, "seconds")):
+        with pytest.raises(ValueError, match=name):
+            native.fma_rate(**kwargs)

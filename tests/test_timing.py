@@ -141,10 +141,18 @@ def test_bench_records_the_allocator_setting(monkeypatch):
     seen = {}
     monkeypatch.setattr(bench_run, "run_models", lambda *a, **k: [])
     monkeypatch.setattr(bench_run, "write_report",
-                        lambda layers, models, out, env, seconds, name: seen.update(env) or {})
+                        lambda layers, models, out, env, seconds, name, notes:
+                        seen.update(env, notes=notes) or {})
     monkeypatch.setattr(bench_run, "retain_freed_memory", lambda: "kept (test)")
+    rates = iter([500.0, 200.0])  # the FMA rate at the start and at the end: it dropped
+    monkeypatch.setattr(bench_run.native, "fma_rate", lambda: next(rates))
     bench_run.run("quick", what=("models",), progress=False, threads=None)
     assert seen["malloc"] == "kept (test)"
+    assert seen["fma_rate"].startswith("500 at the start, 200 at the end")
+    assert len(seen["notes"]) == 1 and "2.50x" in seen["notes"][0]
+    monkeypatch.setattr(bench_run.native, "fma_rate", lambda: None)  # no kernel: no entry
+    seen.clear()
     bench_run.run("quick", what=("models",), progress=False, threads=None,
                   retain_memory=False)
     assert seen["malloc"].startswith("default")
+    assert "fma_rate" not in seen and seen["notes"] == []

@@ -43,12 +43,14 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import logging
+import math
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
 import threading
+import time
 from typing import Callable, Optional, Tuple
 
 import torch
@@ -164,6 +166,8 @@ def _load() -> Optional[ctypes.CDLL]:
             lib.hetconv_nhwc_forward_packed.argtypes = packed
             lib.hetconv_nhwc_wgrad.restype = i
             lib.hetconv_nhwc_wgrad.argtypes = [p] * 6 + [i] * 15 + [p] * 4 + [i]
+            lib.hetconv_fma_loop.restype = ctypes.c_double
+            lib.hetconv_fma_loop.argtypes = [ctypes.c_long, i, ctypes.c_float, ctypes.c_float]
             lib.hetconv_gather.restype = None
             lib.hetconv_gather.argtypes = [p] * 3 + [ctypes.c_long, i]
             lib.hetconv_gather2.restype = None
@@ -225,6 +229,46 @@ def scratch_held() -> dict:
     out = (ctypes.c_long * 2)()
     lib.hetconv_native_scratch(out)
     return {"pad_bytes": int(out[0]), "geometries": int(out[1])}
+
+
+#: flops of one step of hetconv_fma_loop on one thread (24 chains of 16 multiply-adds)
+FMA_LOOP_FLOPS = 2 * 16 * 24
+
+
+def fma_rate(threads: Optional[int] = None, seconds: float = 0.05, repeats: int = 7,
+             timer: Callable[[], float] = time.perf_counter) -> Optional[float]:
+    """The machine's multiply-add rate now, in GFLOP/s: the median of ``repeats`` timed
+    calls of a loop of independent fp32 FMA chains (AVX-512 when the kernel is
+    vectorized) on ``threads`` threads (default ``torch.get_num_threads()``), each call
+    about ``seconds`` long. About the peak the kernels can reach; on a shared host it
+    drops when other guests load the cores, so benchmark reports record it. None when
+    the kernel is unavailable. ``timer`` is the clock (seconds)."""
+    if threads is None:
+        threads = torch.get_num_threads()
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"threads must be a positive int or None, got {threads!r}")
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats must be a positive int, got {repeats!r}")
+    if not isinstance(seconds, (int, float)) or not math.isfinite(seconds) or seconds <= 0:
+        raise ValueError(f"seconds must be a positive finite number, got {seconds!r}")
+    lib = _load()
+    if lib is None:
+        return None
+
+    def timed(iters: int) -> float:
+        t0 = timer()
+        lib.hetconv_fma_loop(iters, threads, 1.0, 1.0)
+        return max(timer() - t0, 1e-9)
+
+    iters = 1000
+    while True:  # calibrate: grow the loop until one call takes about `seconds`
+        dt = timed(iters)
+        if dt >= seconds / 4 or iters >= 1 << 40:
+            break
+        iters *= 8
+    iters = max(1, int(iters * seconds / dt))
+    times = sorted(timed(iters) for _ in range(repeats))
+    return FMA_LOOP_FLOPS * iters * threads / times[len(times) // 2] / 1e9
 
 
 def build_error() -> Optional[str]:

@@ -218,14 +218,15 @@ def plot_speedup(layer_rows: Sequence[dict], model_rows: Sequence[dict], path: s
 
 def write_report(layer_rows: Sequence[dict], model_rows: Sequence[dict], out_dir: str,
                  env: Optional[dict] = None, seconds: Optional[float] = None,
-                 name: str = "bench") -> Dict[str, str]:
-    """Write ``<name>_results.md``, ``<name>_results.json`` and ``<name>_speedup.png`` to ``out_dir``."""
+                 name: str = "bench", notes: Sequence[str] = ()) -> Dict[str, str]:
+    """Write ``<name>_results.md``, ``<name>_results.json`` and ``<name>_speedup.png`` to ``out_dir``
+    (``notes``: paragraphs for the report's head, e.g. that the machine changed speed)."""
     env = env or environment()
     paths = {"markdown": os.path.join(out_dir, f"{name}_results.md"),
              "json": os.path.join(out_dir, f"{name}_results.json"),
              "plot": os.path.join(out_dir, f"{name}_speedup.png")}
     atomic_write(paths["json"], json.dumps(
-        {"environment": env, "seconds": seconds, "layers": list(layer_rows),
+        {"environment": env, "seconds": seconds, "notes": list(notes), "layers": list(layer_rows),
          "models": list(model_rows)}, indent=1))
     plot = plot_speedup(layer_rows, model_rows, paths["plot"]) if layer_rows or model_rows else None
     md = [f"# Benchmark results ({name})", "",
@@ -238,6 +239,8 @@ def write_report(layer_rows: Sequence[dict], model_rows: Sequence[dict], out_dir
           "| " + " | ".join(env.values()) + " |", ""]
     if seconds is not None:
         md += [f"Run time: {seconds / 60:.1f} min.", ""]
+    for note in notes:
+        md += [f"**Note.** {note}", ""]
     checks = target_checks(layer_rows, model_rows)
     if checks:
         md += ["## Targets", ""] + [f"- {c}" for c in checks] + [""]

@@ -11,8 +11,32 @@ from .layers import LAYER_SUITES, layer_shapes, run_layers
 from .models import MODEL_SUITES, run_models
 from .._timing import SETTLE_MS, check_settle, retain_freed_memory
 from .report import environment, write_report
+from .. import native
 
 __all__ = ["run", "PRESETS"]
+
+#: the FMA rate changed by more than this factor during a run: the report says so
+RATE_DRIFT = 1.2
+
+
+def machine_rates(rates: Sequence[tuple]) -> tuple:
+    """The environment entry and the report notes for the FMA rates measured during a run
+    (``(when, GFLOP/s or None)`` pairs): ``(entry or None, notes)``. A note when the rates
+    differ by more than ``RATE_DRIFT``x: the host changed speed while the candidates ran
+    (ratios of candidates timed together still compare; absolute times across items do not)."""
+    known = [(when, r) for when, r in rates if r is not None]
+    if not known:
+        return None, []
+    entry = ", ".join(f"{r:.0f} {when}" for when, r in known)
+    lo, hi = min(r for _, r in known), max(r for _, r in known)
+    notes = []
+    if hi > RATE_DRIFT * lo:
+        notes.append(f"The machine's FMA rate varied {hi / lo:.2f}x during this run ({entry} "
+                     "GFLOP/s): the host was shared and changed speed. Ratios of candidates "
+                     "timed together (interleaved) still compare; absolute times of items "
+                     "timed at different moments do not.")
+    return entry + f" (GFLOP/s, {torch.get_num_threads()} threads)", notes
+
 
 #: ``quick``: about a minute; ``full``: the issue's complete set (about 21 min on a quiet 2-core machine).
 PRESETS: Dict[str, dict] = {
@@ -82,6 +106,7 @@ def run(preset: str = "quick", out_dir: str = "docs", what: Sequence[str] = ("la
     t0 = time.perf_counter()
     deadline = None if max_minutes is None else t0 + 60 * max_minutes
     layer_rows, model_rows = [], []
+    rates = [("at the start", native.fma_rate())]
     try:
         if "models" in what:
             model_rows = run_models(cfg["families"], cfg["metrics"], cfg["model_parts"],
@@ -90,13 +115,19 @@ def run(preset: str = "quick", out_dir: str = "docs", what: Sequence[str] = ("la
                                     settle_seconds=settle_ms / 1000,
                                     isolate=isolate, retain_memory=retain_memory)
         if "layers" in what:
+            if "models" in what:
+                rates.append(("after the models", native.fma_rate()))
             shapes = layer_shapes(cfg["layer_suites"], cfg["batch_scale"], cfg["max_shapes"])
             layer_rows = run_layers(shapes, cfg["parts"], repeats=reps, compile=compile,
                                     pattern=pattern, progress=step, deadline=deadline,
                                     settle=settle, settle_seconds=settle_ms / 1000)
     finally:
         close()
+    rates.append(("at the end", native.fma_rate()))
     env = environment()
+    fma, notes = machine_rates(rates)
+    if fma:
+        env["fma_rate"] = fma
     env["malloc"] = malloc
     env["settle"] = f"{settle} untimed call(s), at least {settle_ms:g} ms, before each timed one"
     if "models" in what:
@@ -106,4 +137,4 @@ def run(preset: str = "quick", out_dir: str = "docs", what: Sequence[str] = ("la
         if pools:
             env["onnxruntime_threads"] = "; ".join(pools)
     return write_report(layer_rows, model_rows, out_dir, env, time.perf_counter() - t0,
-                        name or preset)
+                        name or preset, notes=notes)

@@ -63,6 +63,40 @@ int hetconv_native_isa(void) {
 int hetconv_native_version(void) { return 5; }
 
 /*
+ * The machine's multiply-add rate, for benchmark reports (the caller times the call):
+ * on each of nthreads threads, iters steps of FMA_CHAINS independent chains of 16 floats,
+ * a = a * b + c from a = 0; 2 * 16 * FMA_CHAINS * iters flops per thread.  Independent
+ * chains keep both FMA units busy whatever their latency; b and c arrive at run time so
+ * the compiler cannot fold the loop.  Returns the sum of every chain's last value over all
+ * threads (b = c = 1: 16 * FMA_CHAINS * iters * nthreads exactly, below 2^24 per value).
+ */
+#define FMA_CHAINS 24
+double hetconv_fma_loop(long iters, int nthreads, float b, float c) {
+    double total = 0.0;
+    if (nthreads < 1) nthreads = 1;
+#pragma omp parallel num_threads(nthreads) reduction(+ : total)
+    {
+        float out[16 * FMA_CHAINS];
+#if defined(__AVX512F__)
+        __m512 a[FMA_CHAINS];
+        const __m512 vb = _mm512_set1_ps(b), vc = _mm512_set1_ps(c);
+        for (int i = 0; i < FMA_CHAINS; ++i) a[i] = _mm512_setzero_ps();
+        for (long k = 0; k < iters; ++k) {
+            _Pragma("GCC unroll 24") for (int i = 0; i < FMA_CHAINS; ++i)
+                a[i] = _mm512_fmadd_ps(a[i], vb, vc);
+        }
+        for (int i = 0; i < FMA_CHAINS; ++i) _mm512_storeu_ps(out + 16 * i, a[i]);
+#else
+        for (int i = 0; i < 16 * FMA_CHAINS; ++i) out[i] = 0.f;
+        for (long k = 0; k < iters; ++k)
+            for (int i = 0; i < 16 * FMA_CHAINS; ++i) out[i] = out[i] * b + c;
+#endif
+        for (int i = 0; i < 16 * FMA_CHAINS; ++i) total += out[i];
+    }
+    return total;
+}
+
+/*
  * Geometry.  Each image is copied (by the thread that computes it, into a
  * buffer that stays in L2) into zero-padded planes, and outputs are computed
  * at every position of a regular grid of rows, some of whose columns are
