@@ -10,7 +10,10 @@ benchmark's memory setting applied, as ``hetconv bench`` does):
 2. every kernel launch inside it (``hetconv.native._launch`` timed in place), summed per
    layer signature: input shape, output channels, with or without a fused residual;
 3. the forward pass with the kernels skipped (the launches allocate their outputs but do
-   not call C): the stem, gathers, pooling, classifier and Python.
+   not call C): the stem, gathers, pooling, classifier and Python;
+4. the machine's FMA rate right after (``hetconv.native.fma_rate``), and the model's rate
+   in counted multiply-adds (``hetconv.profile``: HetConv by its definition) against it:
+   on a shared host the first number moves, the second is the kernels' efficiency.
 
 docs/performance.md ("What was tried", eighth session) quotes its ResNet-56 numbers::
 
@@ -109,8 +112,10 @@ def split(model_name: str, part, batch: int, width: float = 1.0, repeats: int = 
     finally:
         native._launch, native.run_chain = real, real_chain
     layers = [(key, calls[key] // repeats, spent[key] / repeats * 1e3) for key in sorted(spent)]
+    macs = hetconv.profile(model, tuple(x.shape[1:])).macs
     return {"total_ms": total, "kernels_ms": sum(ms for _, _, ms in layers), "pass_ms": pass_ms,
-            "outside_ms": outside, "layers": layers,
+            "outside_ms": outside, "layers": layers, "macs_per_image": macs,
+            "gflops": 2 * macs * batch / total / 1e6, "fma_gflops": native.fma_rate(),
             "memory_format": opt.hetconv_plan["memory_format"],
             "native_dense": opt.hetconv_plan.get("native_dense", 0)}
 
@@ -149,6 +154,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"{args.model} P{args.part} batch {args.batch} ({out['memory_format']}): "
           f"{out['total_ms']:.2f} ms per call; kernel calls {out['kernels_ms']:.2f} ms; "
           f"with the kernels skipped {out['outside_ms']:.2f} ms")
+    rate = (f", {out['gflops'] / out['fma_gflops']:.0%} of the machine's FMA rate now "
+            f"({out['fma_gflops']:.0f} GFLOP/s)" if out["fma_gflops"] else "")
+    print(f"{out['macs_per_image'] / 1e6:.1f}M multiply-adds per image: "
+          f"{out['gflops']:.0f} GFLOP/s{rate}")
     print("| kernel | input (C, H, W) | out ch | residual | calls | ms per call | ms |")
     print("|---|---|---|---|---|---|---|")
     for (what, shape, n, res), count, ms in out["layers"]:

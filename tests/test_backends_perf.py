@@ -307,6 +307,12 @@ def test_model_time_split_script_accounts_for_every_native_layer():
     assert sum(calls for _, calls, _ in out["layers"]) == 27 * 2 + out["native_dense"]
     assert {key[3] for key, _, _ in out["layers"]} == {False, True}  # fused residuals too
     assert 0 < out["kernels_ms"] < out["pass_ms"]
+    # the counted work: 2 flops per multiply-add of the P = 4 model, per image of the batch
+    macs = hetconv.profile(hetconv.create_model("resnet56_cifar", width=0.25, part=4),
+                           (3, 32, 32)).macs
+    assert out["macs_per_image"] == macs
+    assert out["gflops"] == pytest.approx(2 * macs * 2 / out["total_ms"] / 1e6)
+    assert out["fma_gflops"] > 0
     chained = mts.split("resnet56_cifar", 4, batch=8, width=0.25, repeats=2,
                         memory_format="contiguous", backend="native", chains=True)
     if torch.get_num_threads() * 2 <= 8:  # chains run on >= 2 images per thread
