@@ -337,3 +337,40 @@ def test_bench_reports_the_machine_rate_and_its_drift(tmp_path):
     assert notes[0] in open(paths["markdown"]).read()
     data = json.load(open(paths["json"]))
     assert data["notes"] == notes and data["environment"]["fma_rate"] == entry
+
+
+def test_bench_machine_describes_the_machine_and_benchmarks_nothing(tmp_path, capsys, monkeypatch):
+    from hetconv import native
+    from hetconv.cli import main
+
+    calls = []
+    monkeypatch.setattr(native, "fma_rate", lambda threads=None: calls.append(threads) or 123.4)
+    monkeypatch.setattr("hetconv.bench.run", lambda *a, **k: pytest.fail("benchmark ran"))
+    threads = torch.get_num_threads()
+    try:
+        assert main(["bench", "--machine", "--threads", "1", "--out", str(tmp_path)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert "torch_threads: 1" in out and f"torch: {torch.__version__}" in out
+    if native.available():
+        assert calls == [1] and "fma_rate: 123 GFLOP/s on 1 thread(s)" in out
+    else:
+        assert calls == [] and "native kernel: unavailable" in out
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(SystemExit, match="threads"):
+        main(["bench", "--machine", "--threads", "0"])
+
+
+def test_bench_cli_prints_the_reports_notes(tmp_path, capsys, monkeypatch):
+    from hetconv.cli import main
+
+    report = tmp_path / "t_results.md"  # the shape write_report gives it: head, targets, tables
+    report.write_text("# Benchmark results (t)\n\n| cpu |\n|---|\n| x |\n\nRun time: 1.0 min.\n\n"
+                      "**Note.** The machine's FMA rate varied 2.50x during this run.\n\n"
+                      "## Targets\n\n- a target: MET\n\n## Models\n\n| a table |\n")
+    monkeypatch.setattr("hetconv.bench.run", lambda *a, **k: {"markdown": str(report)})
+    assert main(["bench", "--quick", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "- a target: MET" in out and "| a table |" not in out and "| cpu |" not in out
+    assert "**Note.** The machine's FMA rate varied 2.50x" in out

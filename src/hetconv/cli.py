@@ -321,7 +321,30 @@ def _add_bench(sub) -> None:
                         "family and metric runs in a fresh process, so no model pays for "
                         "what earlier models left behind (heap, caches) - a deployed model "
                         "runs alone")
+    p.add_argument("--machine", action="store_true",
+                   help="only describe the machine and exit: CPU, threads, versions, the "
+                        "native kernel and its FMA rate now (GFLOP/s; on a shared host it "
+                        "drops when other guests load the cores: check it before a long run)")
     p.set_defaults(func=_run_bench)
+
+
+def _machine(threads: int) -> int:
+    import torch
+
+    from . import native
+    from .bench.report import environment
+
+    if threads < 1:
+        raise SystemExit(f"--threads must be >= 1, got {threads}")
+    torch.set_num_threads(threads)
+    for key, value in environment().items():
+        print(f"{key}: {value}")
+    if not native.available():
+        print(f"native kernel: unavailable ({native.build_error()})")
+        return 0
+    print(f"native kernel: {'AVX-512' if native.vectorized() else 'scalar (no AVX-512)'}")
+    print(f"fma_rate: {native.fma_rate(threads):.0f} GFLOP/s on {threads} thread(s)")
+    return 0
 
 
 def _run_bench(args) -> int:
@@ -329,6 +352,8 @@ def _run_bench(args) -> int:
 
     from .bench import run
 
+    if args.machine:
+        return _machine(args.threads)
     what = ("layers", "models") if args.what == "all" else (args.what,)
     paths = run("quick" if args.quick else "full", out_dir=args.out, what=what,
                 threads=args.threads, repeats=args.repeats, compile=args.compile,
@@ -340,6 +365,9 @@ def _run_bench(args) -> int:
         text = f.read()
     start = text.find("## Targets")
     print(text[start:text.find("\n## ", start + 3)] if start >= 0 else text)
+    for line in text.splitlines():
+        if line.startswith("**Note.**"):  # e.g. the machine changed speed during the run
+            print(line)
     for kind, path in paths.items():
         print(f"{kind}: {path}")
     return 0
