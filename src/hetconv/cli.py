@@ -351,6 +351,7 @@ def _run_bench(args) -> int:
     import sys
 
     from .bench import run
+    from .bench.report import NOTE_PREFIX
 
     if args.machine:
         return _machine(args.threads)
@@ -366,7 +367,7 @@ def _run_bench(args) -> int:
     start = text.find("## Targets")
     print(text[start:text.find("\n## ", start + 3)] if start >= 0 else text)
     for line in text.splitlines():
-        if line.startswith("**Note.**"):  # e.g. the machine changed speed during the run
+        if line.startswith(NOTE_PREFIX):  # e.g. the machine changed speed during the run
             print(line)
     for kind, path in paths.items():
         print(f"{kind}: {path}")

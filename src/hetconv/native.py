@@ -200,6 +200,16 @@ def reads_in_place(h: int, w: int, kernel: Tuple[int, int] = (3, 3)) -> bool:
     return lib is not None and lib.hetconv_native_reads_in_place(h, w, *kernel) == 1
 
 
+def _team_size(threads: Optional[int]) -> int:
+    """The OpenMP team size a ``threads`` argument asks for: ``torch.get_num_threads()`` for
+    None (the team the kernels run in), else a positive int; ValueError otherwise."""
+    if threads is None:
+        return torch.get_num_threads()
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"threads must be a positive int or None, got {threads!r}")
+    return threads
+
+
 def release_buffers(threads: Optional[int] = None) -> int:
     """Free the NCHW kernel's per-thread scratch memory now; returns the bytes freed.
 
@@ -211,10 +221,7 @@ def release_buffers(threads: Optional[int] = None) -> int:
     freed anyway. Returns the bytes of padded-image buffers freed (0 when the kernel is
     unavailable).
     """
-    if threads is None:
-        threads = torch.get_num_threads()
-    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-        raise ValueError(f"threads must be a positive int or None, got {threads!r}")
+    threads = _team_size(threads)
     lib = _load()
     return 0 if lib is None else int(lib.hetconv_native_release(threads))
 
@@ -243,10 +250,7 @@ def fma_rate(threads: Optional[int] = None, seconds: float = 0.05, repeats: int 
     about ``seconds`` long. About the peak the kernels can reach; on a shared host it
     drops when other guests load the cores, so benchmark reports record it. None when
     the kernel is unavailable. ``timer`` is the clock (seconds)."""
-    if threads is None:
-        threads = torch.get_num_threads()
-    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-        raise ValueError(f"threads must be a positive int or None, got {threads!r}")
+    threads = _team_size(threads)
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"repeats must be a positive int, got {repeats!r}")
     if not isinstance(seconds, (int, float)) or not math.isfinite(seconds) or seconds <= 0:

@@ -216,6 +216,10 @@ def plot_speedup(layer_rows: Sequence[dict], model_rows: Sequence[dict], path: s
     return path
 
 
+#: how a note (``write_report``'s ``notes``) starts its line in the markdown report
+NOTE_PREFIX = "**Note.** "
+
+
 def write_report(layer_rows: Sequence[dict], model_rows: Sequence[dict], out_dir: str,
                  env: Optional[dict] = None, seconds: Optional[float] = None,
                  name: str = "bench", notes: Sequence[str] = ()) -> Dict[str, str]:
@@ -240,7 +244,7 @@ def write_report(layer_rows: Sequence[dict], model_rows: Sequence[dict], out_dir
     if seconds is not None:
         md += [f"Run time: {seconds / 60:.1f} min.", ""]
     for note in notes:
-        md += [f"**Note.** {note}", ""]
+        md += [NOTE_PREFIX + note, ""]
     checks = target_checks(layer_rows, model_rows)
     if checks:
         md += ["## Targets", ""] + [f"- {c}" for c in checks] + [""]
