@@ -358,8 +358,32 @@ def test_bench_machine_describes_the_machine_and_benchmarks_nothing(tmp_path, ca
     else:
         assert calls == [] and "native kernel: unavailable" in out
     assert list(tmp_path.iterdir()) == []
-    with pytest.raises(SystemExit, match="threads"):
-        main(["bench", "--machine", "--threads", "0"])
+
+
+@pytest.mark.parametrize("option, bad, allowed, good", [
+    ("--threads", "0", "an int >= 1", "1"),
+    ("--threads", "two", "an int >= 1", "2"),
+    ("--repeats", "-2", "an int >= 1", "1"),
+    ("--settle", "-1", "an int >= 0", "0"),
+    ("--settle-ms", "-5", "a number >= 0", "0"),
+    ("--settle-ms", "nan", "a number >= 0", "2.5"),
+    ("--max-minutes", "0", "a number > 0", "0.5"),
+])
+def test_bench_cli_rejects_bad_numbers_before_running(option, bad, allowed, good, capsys,
+                                                       monkeypatch):
+    from hetconv.cli import build_parser, main
+
+    monkeypatch.setattr("hetconv.bench.run", lambda *a, **k: pytest.fail("benchmark ran"))
+    for extra in ([], ["--machine"]):  # one check for both paths
+        with pytest.raises(SystemExit) as exc:
+            main(["bench", *extra, option, bad])
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert f"argument {option}: must be {allowed}, got '{bad}'" in err
+        assert "Traceback" not in err
+    value = getattr(build_parser().parse_args(["bench", option, good]), option[2:].replace("-", "_"))
+    want = int(good) if "int" in allowed else float(good)
+    assert value == want and type(value) is type(want)
 
 
 def test_bench_cli_prints_the_reports_notes(tmp_path, capsys, monkeypatch):

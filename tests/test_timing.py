@@ -57,19 +57,28 @@ def test_settle_calls_precede_each_timed_call():
     assert all(len(t.samples) == 3 for t in out.values())  # only the third call is timed
 
 
-def test_settle_seconds_adds_untimed_calls_until_that_long():
-    import time
+def test_settle_seconds_adds_untimed_calls_until_that_long(monkeypatch):
+    import types
+
+    import hetconv._timing as timing
+    clock = {"now": 0.0}  # a fake clock: exact however loaded the machine is
+
+    def perf_counter():
+        clock["now"] += 1e-6  # every reading takes a microsecond
+        return clock["now"]
+
+    monkeypatch.setattr(timing, "time", types.SimpleNamespace(perf_counter=perf_counter))
     calls = []
 
     def five_ms():
         calls.append("x")
-        time.sleep(0.005)
+        clock["now"] += 0.005
 
     out = time_interleaved({"x": five_ms, "y": lambda: None}, repeats=3, warmup=0,
                            shuffle=False, settle=1, settle_seconds=0.02)
-    # per round: untimed calls until 20 ms had passed (4, as each sleeps >= 5 ms), then the
-    # timed one; the settle count alone would have given 2
-    assert 5 * 3 <= len(calls) <= 6 * 3
+    # per round: untimed calls until 20 ms had passed (4 of 5 ms), then the timed one; the
+    # settle count alone would have given 2
+    assert len(calls) == 5 * 3
     assert len(out["x"].samples) == 3 and min(out["x"].samples) >= 0.005
     for bad in (-0.1, float("nan"), float("inf"), "1", True):
         with pytest.raises(ValueError, match="settle_seconds"):

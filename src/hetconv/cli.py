@@ -58,6 +58,26 @@ def _part_arg(text: str):
     return value
 
 
+def _number_arg(cast: Callable, low: float, inclusive: bool = True) -> Callable:
+    """An argparse ``type``: ``cast(text)`` at least ``low`` (above it unless ``inclusive``),
+    else an error naming what is allowed (argparse adds the option's name)."""
+    kind = "an int" if cast is int else "a number"
+    allowed = f"{kind} {'>=' if inclusive else '>'} {low:g}"
+
+    def parse(text: str):
+        try:
+            value = cast(text)
+        except ValueError:
+            value = None
+        if value is None or value != value or value in (float("inf"), float("-inf")) or (
+                value < low if inclusive else value <= low):
+            raise argparse.ArgumentTypeError(f"must be {allowed}, got {text!r}")
+        return value
+
+    parse.__name__ = allowed  # what argparse calls the type in its own messages
+    return parse
+
+
 def _size_arg(text: str):
     """``--input``: CxHxW, e.g. 3x32x32."""
     try:
@@ -291,15 +311,15 @@ def _add_bench(sub) -> None:
     p.add_argument("--out", default="docs", help="output directory (default: docs)")
     p.add_argument("--name", default=None,
                    help="file name prefix of the results (default: 'quick' or 'full')")
-    p.add_argument("--threads", type=int, default=2,
+    p.add_argument("--threads", type=_number_arg(int, 1), default=2,
                    help="torch intra-op threads (default: 2, the target machine)")
-    p.add_argument("--repeats", type=int, default=None,
+    p.add_argument("--repeats", type=_number_arg(int, 1), default=None,
                    help="timed repeats per candidate (default: 3 quick, 5 full)")
-    p.add_argument("--settle", type=int, default=1,
+    p.add_argument("--settle", type=_number_arg(int, 0), default=1,
                    help="untimed calls of a candidate right before each of its timed calls "
                         "(default: 1, steady state: no candidate is timed cold after another "
                         "one evicted its caches; 0 halves the run time, noisier)")
-    p.add_argument("--settle-ms", type=float, default=SETTLE_MS,
+    p.add_argument("--settle-ms", type=_number_arg(float, 0), default=SETTLE_MS,
                    help="... and more untimed calls until they took this many milliseconds "
                         "(default: 10; batch-1 calls of 1-3 ms were still slowed after one "
                         "untimed call by what ran before, e.g. onnxruntime's spinning threads)")
@@ -309,7 +329,7 @@ def _add_bench(sub) -> None:
     p.add_argument("--pattern", choices=PATTERNS, default="shifted",
                    help="HetConv pattern of the per-layer candidates (default: shifted; the "
                         "other pattern is always timed for the fused and native backends)")
-    p.add_argument("--max-minutes", type=float, default=None,
+    p.add_argument("--max-minutes", type=_number_arg(float, 0, inclusive=False), default=None,
                    help="start no new item after this many minutes; report what was measured")
     p.add_argument("--no-retain-memory", action="store_true",
                    help="leave glibc free to return freed memory to the system; by default it "
@@ -334,8 +354,6 @@ def _machine(threads: int) -> int:
     from . import native
     from .bench.report import environment
 
-    if threads < 1:
-        raise SystemExit(f"--threads must be >= 1, got {threads}")
     torch.set_num_threads(threads)
     for key, value in environment().items():
         print(f"{key}: {value}")
