@@ -542,6 +542,30 @@ def test_channels_last_kernel_refuses_blocks_outside_the_layer():
 
 
 @needs_kernel
+@pytest.mark.parametrize("offset", [0, 1, 4])
+def test_channels_last_kernel_writes_any_output_alignment(offset):
+    """The forward streams its output past the caches where a row is 64-byte aligned (a
+    torch allocation is) and stores it plainly elsewhere: an output 4 and 16 bytes off a
+    cache line gets the same values, with and without a residual, and nothing around it."""
+    cl = torch.channels_last
+    torch.manual_seed(11)
+    wk, w1 = _weights(32, 64, 4)
+    x = torch.randn(3, 32, 7, 7).contiguous(memory_format=cl)
+    res = torch.randn(3, 64, 7, 7).contiguous(memory_format=cl)
+    pk = native._nhwc_packed(wk, w1, None, "shifted", 64, 32, 4)
+    shape, call = native._nhwc_call(tuple(x.shape), pk, 64, True, 1)
+    n = 3 * 64 * 7 * 7
+    for r in (None, res):
+        buf = torch.full((n + 8,), -7.0)
+        y = buf[offset:offset + n].view(3, 7, 7, 64).permute(0, 3, 1, 2)  # channels_last
+        assert y.is_contiguous(memory_format=cl) and y.data_ptr() % 64 == 4 * offset % 64
+        assert call(x, y, r) == 0
+        want = F.relu(_reference(x, wk, w1, None, "shifted") + (0 if r is None else r))
+        torch.testing.assert_close(y, want, rtol=1e-4, atol=1e-4)
+        assert (buf[:offset] == -7).all() and (buf[offset + n:] == -7).all()
+
+
+@needs_kernel
 def test_channels_last_kernel_does_not_depend_on_thread_count():
     torch.manual_seed(8)
     x = torch.randn(5, 64, 9, 9).contiguous(memory_format=torch.channels_last)

@@ -39,6 +39,13 @@
  * load per pixel and step for all V) - with consecutive vectors (16 classes each) every
  * block would be one vector.
  *
+ * Output stores.  The forward writes y with non-temporal stores (_mm512_stream_ps) where a
+ * pixel's row of a block's filters is 64-byte aligned (y from torch is; n0 of a "shifted"
+ * 16 | P block may not be), and ends each run with an sfence.  No cache line of y is read
+ * for ownership first, and y does not push the input and the weights out of the caches.
+ * Paired A/B in one process (docs/performance.md, fourteenth session): 0.91-0.98x the time
+ * per layer, batch 1 to 64, inference and training; VGG-16 0.95-0.99x.
+ *
  * Packed weights (filter blocks in the layout's order; p0_b: the 16 V lanes of the blocks
  * before b):
  *   w1p  block b at p0_b * M:        (M, 16 V_b)     centre taps
@@ -46,6 +53,7 @@
  *   bias (N) or NULL
  */
 #include <stddef.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #ifdef _OPENMP
@@ -85,6 +93,7 @@ typedef struct {
     int B, M, N, H, W, Ho, Wo, kh, kw, s, ph, pw, Mk, ts, lw, posmajor;
     int up;  /* > 1: transposed strided convolution (see nh_tap) */
     int vs;  /* filters from one vector of a block to the next (16, or P: see the top) */
+    int stream;  /* forward: write y with non-temporal stores (see "Output stores") */
 } nh_geom;
 
 /* Pixel orders (posmajor): 0 image-major (b, oh, ow); 1 position-major (oh, ow, b); 2
@@ -207,11 +216,14 @@ static inline __attribute__((always_inline)) void nh_tile(
     const __m512 zero = _mm512_setzero_ps();
     _Pragma("GCC unroll 8") for (int r = 0; r < R; ++r) {
         if (!yo[r]) continue;
+        /* vs * v floats are whole cache lines: the row's alignment is its vectors' */
+        const int stream_r = g->stream && !((uintptr_t)yo[r] & 63);
         _Pragma("GCC unroll 8") for (int v = 0; v < V; ++v) {
             __m512 a = acc[r][v];
             if (ro[r]) a = _mm512_add_ps(a, _mm512_loadu_ps(ro[r] + vs * v));
             if (relu) a = _mm512_max_ps(a, zero);
-            _mm512_storeu_ps(yo[r] + vs * v, a);
+            if (stream_r) _mm512_stream_ps(yo[r] + vs * v, a);
+            else _mm512_storeu_ps(yo[r] + vs * v, a);
         }
     }
 }
@@ -416,6 +428,9 @@ static void nh_fwd_run(const nh_geom *gp, const float *x, float *y, const float 
         }
         nh_tile_any(V, Rt, &g, px, live, w1, wk, blk_toff[fb], bb, yo, ro, relu);
     }
+#if defined(__AVX512F__)
+    if (g.stream) _mm_sfence();  /* the run's non-temporal stores, ordered before it ends */
+#endif
 }
 
 /*
@@ -441,6 +456,7 @@ int hetconv_nhwc_forward(const float *x, float *y, int B, int M, int N, int H, i
     if (nh_check(&g) || nh_check_blocks(&g, nfb, blk_n0, blk_p0, blk_v) || g.Ho < 1
         || g.Wo < 1 || g.Ho != Ho || g.Wo != Wo)
         return -1;
+    g.stream = 1;
     const int T = kh * kw - 1, KK = kh * kw;
     const long npix = (long)B * g.Ho * g.Wo;
     float *zero = (float *)calloc((size_t)M + 64, sizeof(float));
