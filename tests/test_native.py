@@ -605,15 +605,18 @@ def test_channels_last_strided_input_gradient_matches_dense_reference(batch, siz
 
 @needs_kernel
 @pytest.mark.parametrize("stride", [1, 2])
-def test_channels_last_weight_gradient_over_many_pixels(stride):
+@pytest.mark.parametrize("batch,size", [(4, 64), (3, 45)])
+def test_channels_last_weight_gradient_over_many_pixels(stride, batch, size):
     """Enough pixel ranges for the pixel-major split of the weight gradient (1 thread: each
     range runs every filter block) and a thread count where it is block-major (3): the same
-    bits, and the dense reference's gradient."""
+    bits, and the dense reference's gradient. 3 x 45 x 45 pixels: ranges of 2025, which the
+    passes' chunks (256 pixels at stride 1, 64 at stride 2) do not divide."""
     torch.manual_seed(9 + stride)
     m, n, p = 32, 80, 4  # N = 80: filter blocks of 4 and 1 vectors
-    x = torch.randn(4, m, 64 * stride, 64 * stride).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(batch, m, size * stride, size * stride).contiguous(
+        memory_format=torch.channels_last)
     wk, w1 = _weights(m, n, p, requires_grad=True)
-    gy = torch.randn(4, n, 64, 64).contiguous(memory_format=torch.channels_last)
+    gy = torch.randn(batch, n, size, size).contiguous(memory_format=torch.channels_last)
     threads = torch.get_num_threads()
     out = []
     try:
