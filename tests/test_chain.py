@@ -386,3 +386,47 @@ def test_chain_runs_under_inference_mode(monkeypatch):
     assert len(calls) == 1
     with torch.no_grad():
         torch.testing.assert_close(got, model(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("faster", ["rule", "measured"])
+def test_measured_optimization_checks_the_whole_model_against_the_rule(faster, monkeypatch):
+    """With backend "measure" the configured model (each layer's fastest backend, fused,
+    chained) is timed against the same model on the "auto" rule, and the faster kept: timed
+    one by one, layers can add up to a slower model. The timings are faked here: every
+    candidate 1 s, the one that should win 0 s."""
+    class Timed:
+        def __init__(self, median):
+            self.median = median
+    calls = []
+
+    def fake(fns, **kw):  # per layer, the native kernel wins (so layers fuse and chain)
+        calls.append(sorted(fns))
+        return {k: Timed(0.0 if k == faster else 0.5 if k == "native" else 1.0) for k in fns}
+    monkeypatch.setattr(deploy, "time_interleaved", fake)
+    model, x = _resnet()
+    fast = hetconv.optimize_for_inference(model, x, absorb=False)
+    plan = fast.hetconv_plan
+    assert ["measured", "rule"] in calls
+    assert plan["kept"] == faster and plan["model_seconds"] == {
+        "measured": 0.0 if faster == "measured" else 1.0, "rule": 0.0 if faster == "rule" else 1.0}
+    hets = {n: m for n, m in fast.named_modules() if isinstance(m, hetconv.HetConv2d)}
+    fused = [m for m in fast.modules() if isinstance(m, (deploy.NativeFused, deploy.NativeChain))]
+    if faster == "rule":
+        assert not fused and "chain_seconds" not in plan
+        assert plan["fused_native"] == plan["chained_native"] == plan["native_dense"] == 0
+        assert set(plan["layers"]) == set(hets) and len(hets) == 54  # the stem stays nn.Conv2d
+        assert all(m.backend == "auto" for m in hets.values())
+        assert all(e["backend"] == "auto" and "seconds" in e for n, e in plan["layers"].items()
+                   if hets[n].part != 1)
+    else:
+        assert fused and plan["fused_native"] > 0 and plan["chained_native"] > 0
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_optimization_without_measuring_times_no_whole_model(monkeypatch):
+    monkeypatch.setattr(deploy, "time_interleaved", lambda fns, **kw: pytest.fail("timed"))
+    model, x = _resnet()
+    plan = hetconv.optimize_for_inference(model, x, backend="auto", memory_format="contiguous",
+                                          absorb=False).hetconv_plan
+    assert "model_seconds" not in plan and "kept" not in plan
