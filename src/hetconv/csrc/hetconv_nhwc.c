@@ -586,8 +586,9 @@ static void nh_wtile_any(int V, int jt, int lw, int n, const float *const *xr,
 /*
  * Work items: (filter block, range of pixels).  An item walks its range in chunks of 256
  * pixels (64 at stride 2: nh_wchunk) and, per chunk, every tap (and the centre), so the
- * chunk's gy rows and the input rows around it stay in L2 while all of the block's weights are summed (a loop over
- * taps outside the pixels streamed the whole activations once per tap).  With several
+ * chunk's gy rows and the input rows around it stay in L2 while all of the block's
+ * weights are summed (a loop over taps outside the pixels streamed the whole activations
+ * once per tap).  With several
  * ranges each item sums into its own partial buffer and the partials are added in range
  * order at the end, so the result does not depend on the thread count (the ranges depend
  * only on the layer); with one range (small layers) the items sum into one buffer.
