@@ -717,9 +717,10 @@ def _configure(out: nn.Module, plan: dict, example_input: Optional[torch.Tensor]
     plan["memory_format"] = memory_format
     rule = None
     if backend == "measure" and example_input is not None:
-        # The rule's configuration, timed against the measured one at the end: layers
-        # timed one by one on their captured inputs can add up to a slower model (VGG-16 P8
-        # "blocked": every layer faster on the NCHW kernel alone, the model 1.3x slower).
+        # The rule's configuration, timed against the measured one at the end: each layer
+        # is timed on its input captured from the rule's configuration, whose memory layout
+        # the measured choices upstream can change (VGG-16 P8 "blocked": its 512-channel
+        # layers timed on channels_last input, then given NCHW input: the model 1.3x slower).
         rule = copy.deepcopy(out)
         for m in rule.modules():
             if isinstance(m, HetConv2d):
