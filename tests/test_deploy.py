@@ -412,3 +412,48 @@ def test_backend_measurement_times_each_backend_in_steady_state(monkeypatch):
     timed = calls[len(hetconv.BACKENDS):]  # after one warm-up call each
     assert len(timed) == 2 * 3 * len(hetconv.BACKENDS)
     assert all(a == b for a, b in zip(timed[::2], timed[1::2]))
+
+
+@pytest.mark.skipif(not hetconv.native.available(), reason="native kernel unavailable")
+def test_measured_layers_see_the_layout_the_chosen_layers_upstream_produce(monkeypatch):
+    """Layers are measured in execution order, each on the input the layers already chosen
+    produce. Here the rule runs the wide first layer on the channels-last kernel (its output
+    channels_last); chosen "native" on NCHW input, it hands NCHW on, and the second layer is
+    timed on that."""
+    torch.manual_seed(3)
+    model = nn.Sequential(hetconv.HetConv2d(128, 128, 3, part=4), nn.ReLU(),
+                          hetconv.HetConv2d(128, 128, 3, part=4)).eval()
+    x = torch.randn(2, 128, 6, 6)
+    rule_inputs = deploy._capture_inputs(model, x)
+    assert rule_inputs[model[2]].is_contiguous(memory_format=torch.channels_last)
+    seen = []
+
+    def fake(layer, xin, repeats):
+        seen.append((layer, xin.is_contiguous()))
+        return "native", {"native": 0.0}
+    monkeypatch.setattr(deploy, "_fastest_backend", fake)
+    fast = hetconv.optimize_for_inference(model, x, memory_format="contiguous", absorb=False,
+                                          fuse=False)
+    assert [(layer.in_channels, nchw) for layer, nchw in seen] == [(128, True), (128, True)]
+    assert seen[0][0] is not seen[1][0]
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not hetconv.native.available(), reason="native kernel unavailable")
+def test_auto_is_timed_where_it_changes_the_input_layout(monkeypatch):
+    """"auto" runs wide layers on NCHW input on the channels-last kernel after a layout
+    change, which no named backend does on that input: it is a candidate there, and only
+    there."""
+    timed = []
+
+    class Timed:
+        median = 1.0
+    monkeypatch.setattr(deploy, "time_interleaved",
+                        lambda fns, **kw: timed.append(sorted(fns)) or {k: Timed() for k in fns})
+    layer = hetconv.HetConv2d(128, 128, 3, part=4).eval()
+    x = torch.randn(2, 128, 6, 6)
+    for inp, has_auto in ((x, True), (x.contiguous(memory_format=torch.channels_last), False)):
+        deploy._fastest_backend(layer, inp, 1)
+        assert ("auto" in timed[-1]) == has_auto
+        assert set(timed[-1]) >= set(hetconv.BACKENDS)

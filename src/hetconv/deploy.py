@@ -130,7 +130,10 @@ def _capture_inputs(model: nn.Module, example_input: torch.Tensor,
 
 
 def _fastest_backend(layer: HetConv2d, x: torch.Tensor, repeats: int) -> Tuple[str, dict]:
-    """The backend of ``layer`` that runs fastest on ``x`` (ties go to the rule's choice)."""
+    """The backend of ``layer`` that runs fastest on ``x`` (ties go to the earlier of
+    :data:`hetconv.BACKENDS`). ``"auto"`` is a candidate too where the rule changes the
+    input's memory layout for its backend (wide layers on NCHW input run the channels-last
+    kernel): no named backend runs that on ``x``."""
     if layer.part == 1:
         return "dense", {}
 
@@ -140,10 +143,16 @@ def _fastest_backend(layer: HetConv2d, x: torch.Tensor, repeats: int) -> Tuple[s
                                  layer.padding, layer.dilation, layer.pattern, backend)
         return call
 
+    candidates = tuple(HF.BACKENDS)
+    _, m, p = HF._split_shapes(layer.weight_k, layer.weight_1)
+    _, resolved = HF._resolve(x, layer.weight_k, layer.weight_1, layer.stride, layer.padding,
+                              layer.dilation, layer.pattern, "auto", m, p)
+    if resolved.stride() != x.stride():
+        candidates += ("auto",)
     # settle=1: each timed call follows an untimed one of the same backend, so no backend is
     # timed in the wake of another's (cold caches, other buffers): docs/performance.md.
     with torch.no_grad():
-        times = time_interleaved({b: run(b) for b in HF.BACKENDS}, repeats=repeats, warmup=1,
+        times = time_interleaved({b: run(b) for b in candidates}, repeats=repeats, warmup=1,
                                  settle=1)
     medians = {b: t.median for b, t in times.items()}
     return min(medians, key=medians.get), medians
@@ -717,10 +726,10 @@ def _configure(out: nn.Module, plan: dict, example_input: Optional[torch.Tensor]
     plan["memory_format"] = memory_format
     rule = None
     if backend == "measure" and example_input is not None:
-        # The rule's configuration, timed against the measured one at the end: each layer
-        # is timed on its input captured from the rule's configuration, whose memory layout
-        # the measured choices upstream can change (VGG-16 P8 "blocked": its 512-channel
-        # layers timed on channels_last input, then given NCHW input: the model 1.3x slower).
+        # The rule's configuration, timed against the measured one at the end: layers
+        # timed one by one can add up to a slower model (before the layers were measured in
+        # execution order, VGG-16 P8 "blocked" ran 1.3x slower so: its 512-channel layers
+        # were timed on the rule's channels_last activations, then got NCHW ones).
         rule = copy.deepcopy(out)
         for m in rule.modules():
             if isinstance(m, HetConv2d):
@@ -733,7 +742,13 @@ def _configure(out: nn.Module, plan: dict, example_input: Optional[torch.Tensor]
         for layer in hets:
             if layer not in inputs:  # not reached by this input: keep the rule
                 layer.backend = "auto"
-                continue
+        # In execution order, each layer timed on the input the layers chosen before it
+        # produce: a choice upstream can change the memory layout a layer receives (the
+        # channels-last kernel hands channels_last activations on, the NCHW kernel NCHW ones),
+        # and with it what the layer's backends cost.
+        for i, layer in enumerate(list(inputs)):
+            if i:
+                inputs = _capture_inputs(out, x)
             layer.backend, medians = _fastest_backend(layer, inputs[layer], repeats)
             plan["layers"][names[layer]] = {"backend": layer.backend, "seconds": medians}
     else:
