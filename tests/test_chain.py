@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 import hetconv
 from hetconv import deploy, native
+from hetconv._timing import Timing
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="native kernel unavailable")
 
@@ -343,11 +344,8 @@ def test_dense_convolution_left_alone_where_nothing_fuses_it(monkeypatch):
     """A dense convolution converted for the kernel runs it only inside a fused layer: with
     nothing after it to fuse (no ReLU, no sum) it goes back to nn.Conv2d, although the
     timing (faked here: the kernel faster) chose the kernel."""
-    class Timed:
-        def __init__(self, median):
-            self.median = median
     monkeypatch.setattr(deploy, "time_interleaved", lambda fns, **kw: {
-        k: Timed(0.0 if k == "native" else 1.0) for k in fns})
+        k: Timing.from_samples([0.0 if k == "native" else 1.0]) for k in fns})
     torch.manual_seed(5)
     model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), hetconv.HetConv2d(16, 16, 3, part=4),
                           nn.ReLU()).eval()
@@ -394,14 +392,12 @@ def test_measured_optimization_checks_the_whole_model_against_the_rule(faster, m
     chained) is timed against the same model on the "auto" rule, and the faster kept: timed
     one by one, layers can add up to a slower model. The timings are faked here: every
     candidate 1 s, the one that should win 0 s."""
-    class Timed:
-        def __init__(self, median):
-            self.median = median
     calls = []
 
     def fake(fns, **kw):  # per layer, the native kernel wins (so layers fuse and chain)
         calls.append(sorted(fns))
-        return {k: Timed(0.0 if k == faster else 0.5 if k == "native" else 1.0) for k in fns}
+        return {k: Timing.from_samples([0.0 if k == faster else 0.5 if k == "native" else 1.0])
+                for k in fns}
     monkeypatch.setattr(deploy, "time_interleaved", fake)
     model, x = _resnet()
     fast = hetconv.optimize_for_inference(model, x, absorb=False)

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 import hetconv
 from hetconv import deploy
+from hetconv._timing import Timing
 
 
 def _randomise_bn(model: nn.Module) -> nn.Module:
@@ -446,11 +447,8 @@ def test_auto_is_timed_where_it_changes_the_input_layout(monkeypatch):
     change, which no named backend does on that input: it is a candidate there, and only
     there."""
     timed = []
-
-    class Timed:
-        median = 1.0
-    monkeypatch.setattr(deploy, "time_interleaved",
-                        lambda fns, **kw: timed.append(sorted(fns)) or {k: Timed() for k in fns})
+    monkeypatch.setattr(deploy, "time_interleaved", lambda fns, **kw: timed.append(sorted(fns))
+                        or {k: Timing.from_samples([1.0]) for k in fns})
     layer = hetconv.HetConv2d(128, 128, 3, part=4).eval()
     x = torch.randn(2, 128, 6, 6)
     for inp, has_auto in ((x, True), (x.contiguous(memory_format=torch.channels_last), False)):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from typing import Callable, List, Optional
 
@@ -69,7 +70,7 @@ def _number_arg(cast: Callable, low: float, inclusive: bool = True) -> Callable:
             value = cast(text)
         except ValueError:
             value = None
-        if value is None or value != value or value in (float("inf"), float("-inf")) or (
+        if value is None or not math.isfinite(value) or (
                 value < low if inclusive else value <= low):
             raise argparse.ArgumentTypeError(f"must be {allowed}, got {text!r}")
         return value

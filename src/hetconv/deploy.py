@@ -144,9 +144,9 @@ def _fastest_backend(layer: HetConv2d, x: torch.Tensor, repeats: int) -> Tuple[s
         return call
 
     candidates = tuple(HF.BACKENDS)
-    _, m, p = HF._split_shapes(layer.weight_k, layer.weight_1)
     _, resolved = HF._resolve(x, layer.weight_k, layer.weight_1, layer.stride, layer.padding,
-                              layer.dilation, layer.pattern, "auto", m, p)
+                              layer.dilation, layer.pattern, "auto", layer.in_channels,
+                              layer.part)
     if resolved.stride() != x.stride():
         candidates += ("auto",)
     # settle=1: each timed call follows an untimed one of the same backend, so no backend is
@@ -724,8 +724,10 @@ def _configure(out: nn.Module, plan: dict, example_input: Optional[torch.Tensor]
         plan["memory_format_seconds"] = timed
     out.to(memory_format=formats[memory_format])
     plan["memory_format"] = memory_format
+    x = None if example_input is None else example_input.contiguous(
+        memory_format=formats[memory_format])
     rule = None
-    if backend == "measure" and example_input is not None:
+    if backend == "measure" and x is not None:
         # The rule's configuration, timed against the measured one at the end: layers
         # timed one by one can add up to a slower model (before the layers were measured in
         # execution order, VGG-16 P8 "blocked" ran 1.3x slower so: its 512-channel layers
@@ -737,7 +739,6 @@ def _configure(out: nn.Module, plan: dict, example_input: Optional[torch.Tensor]
 
     hets = [m for m in out.modules() if isinstance(m, HetConv2d)]
     if backend == "measure":
-        x = example_input.contiguous(memory_format=formats[memory_format])
         inputs = _capture_inputs(out, x)
         for layer in hets:
             if layer not in inputs:  # not reached by this input: keep the rule
@@ -758,7 +759,7 @@ def _configure(out: nn.Module, plan: dict, example_input: Optional[torch.Tensor]
     converted = {}
     if fuse and example_input is not None and memory_format == "contiguous" and backend in (
             "measure", "native"):
-        converted = _native_dense_convs(out, example_input.contiguous(), repeats, plan)
+        converted = _native_dense_convs(out, x, repeats, plan)  # x: NCHW here
     plan["fused_native"] = plan["chained_native"] = 0
     if fuse:
         out, plan["fused_native"] = _fuse_native(out)
@@ -781,7 +782,6 @@ def _configure(out: nn.Module, plan: dict, example_input: Optional[torch.Tensor]
         chains = [m for m in out.modules() if isinstance(m, NativeChain)]
         if chains and backend == "measure" and example_input is not None:
             # depth-first or layer by layer: whichever runs this input faster
-            x = example_input.contiguous(memory_format=formats[memory_format])
             timed = {}
             for enabled in (True, False):
                 for m in chains:
@@ -791,8 +791,7 @@ def _configure(out: nn.Module, plan: dict, example_input: Optional[torch.Tensor]
                 m.enabled = timed[True] <= timed[False]
             plan["chain_seconds"] = {"chained": timed[True], "layer_by_layer": timed[False]}
     if rule is not None:
-        return _keep_faster(out, rule, plan, example_input.contiguous(
-            memory_format=formats[memory_format]), repeats)
+        return _keep_faster(out, rule, plan, x, repeats)
     return out
 
 
