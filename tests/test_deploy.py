@@ -442,6 +442,46 @@ def test_measured_layers_see_the_layout_the_chosen_layers_upstream_produce(monke
 
 
 @pytest.mark.skipif(not hetconv.native.available(), reason="native kernel unavailable")
+@pytest.mark.parametrize("channels, choice, captures, nchw_after", [
+    # every layer keeps its backend: the first capture serves them all (the channels-last
+    # kernel of "auto" hands channels_last on)
+    (128, "auto", 1, False),
+    # another backend, NCHW out as "auto" gave on these narrow layers: nothing changes
+    (16, "dense", 1, True),
+    # NCHW out where "auto" handed channels_last on: captured again after each of the first
+    # two layers (nothing follows the last)
+    (128, "native", 3, True),
+])
+def test_measurement_captures_again_only_after_a_layout_change(monkeypatch, channels, choice,
+                                                               captures, nchw_after):
+    """Measuring in execution order costs a forward pass per layer only where a layer's
+    chosen backend changes the layout of what it hands on."""
+    torch.manual_seed(5)
+    model = nn.Sequential(*[hetconv.HetConv2d(channels, channels, 3, part=4)
+                            for _ in range(3)]).eval()
+    x = torch.randn(2, channels, 6, 6)
+    calls = []
+    capture = deploy._capture_inputs
+
+    def counting(model, example_input, kinds=(hetconv.HetConv2d,), strides=None):
+        calls.append(kinds)
+        return capture(model, example_input, kinds, strides)
+    monkeypatch.setattr(deploy, "_capture_inputs", counting)
+    seen = []
+
+    def fake(layer, xin, repeats):
+        seen.append(xin.is_contiguous())
+        return choice, {choice: 0.0}
+    monkeypatch.setattr(deploy, "_fastest_backend", fake)
+    fast = hetconv.optimize_for_inference(model, x, memory_format="contiguous", absorb=False,
+                                          fuse=False)
+    assert calls.count((hetconv.HetConv2d,)) == captures
+    assert seen == [True] + [nchw_after] * 2
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not hetconv.native.available(), reason="native kernel unavailable")
 def test_auto_is_timed_where_it_changes_the_input_layout(monkeypatch):
     """"auto" runs wide layers on NCHW input on the channels-last kernel after a layout
     change, which no named backend does on that input: it is a candidate there, and only

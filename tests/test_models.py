@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 from hetconv import (DepthwisePointwiseConv2d, GroupPointwiseConv2d, HetConv2d, SqueezeExcite,
-                     create_model, list_models, register_model)
+                     create_model, list_models, profile, register_model)
 from hetconv.cli import main
 from hetconv.models import default_input_size, is_model, parse_model_name
 
@@ -198,7 +198,6 @@ def test_profile_command(capsys):
     assert main(["profile", "vgg16_cifar", "--part", "4", "--input", "1x28x28", "--total"]) == 0
     out = capsys.readouterr().out
     expected = create_model("vgg16_cifar", part=4, in_chans=1)
-    from hetconv import profile
     assert f"{profile(expected, (1, 28, 28)).macs:,} MACs" in out
     assert main(["profile", "mobilenet_cifar_p32"]) == 0
     assert "HetConv2d" in capsys.readouterr().out
@@ -208,6 +207,20 @@ def test_profile_command(capsys):
         main(["profile", "vgg16_cifar", "--input", "32x32"])
     assert main(["models", "mobilenet*"]) == 0
     assert capsys.readouterr().out.split() == list_models("mobilenet*")
+
+
+@pytest.mark.parametrize("bad", ["0", "-4", "four", "1.5"])
+def test_part_option_rejects_bad_values_naming_it(bad, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["profile", "vgg16_cifar", "--part", bad])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument --part: must be an int >= 1 or C, got '{bad}'" in err
+    assert "Traceback" not in err
+    for good, part in (("c", "C"), ("8", 8)):
+        assert main(["profile", "vgg16_cifar", "--part", good, "--total"]) == 0
+        want = profile(create_model("vgg16_cifar", part=part), (3, 32, 32)).macs
+        assert f"{want:,} MACs" in capsys.readouterr().out
 
 
 def test_squeeze_excite_semantics():

@@ -46,19 +46,6 @@ def _run_demo(args) -> int:
     return 0
 
 
-def _part_arg(text: str):
-    """``--part``: a positive int or C."""
-    if text.upper() == "C":
-        return "C"
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"part must be a positive int or C, got {text!r}")
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"part must be >= 1, got {value}")
-    return value
-
-
 def _number_arg(cast: Callable, low: float, inclusive: bool = True) -> Callable:
     """An argparse ``type``: ``cast(text)`` at least ``low`` (above it unless ``inclusive``),
     else an error naming what is allowed (argparse adds the option's name)."""
@@ -77,6 +64,22 @@ def _number_arg(cast: Callable, low: float, inclusive: bool = True) -> Callable:
 
     parse.__name__ = allowed  # what argparse calls the type in its own messages
     return parse
+
+
+_positive_int = _number_arg(int, 1)
+
+
+def _part_arg(text: str):
+    """``--part``: an int >= 1, or C."""
+    if text.upper() == "C":
+        return "C"
+    try:
+        return _positive_int(text)
+    except argparse.ArgumentTypeError as e:
+        raise argparse.ArgumentTypeError(f"must be an int >= 1 or C, got {text!r}") from e
+
+
+_part_arg.__name__ = "an int >= 1 or C"
 
 
 def _size_arg(text: str):
@@ -312,9 +315,9 @@ def _add_bench(sub) -> None:
     p.add_argument("--out", default="docs", help="output directory (default: docs)")
     p.add_argument("--name", default=None,
                    help="file name prefix of the results (default: 'quick' or 'full')")
-    p.add_argument("--threads", type=_number_arg(int, 1), default=2,
+    p.add_argument("--threads", type=_positive_int, default=2,
                    help="torch intra-op threads (default: 2, the target machine)")
-    p.add_argument("--repeats", type=_number_arg(int, 1), default=None,
+    p.add_argument("--repeats", type=_positive_int, default=None,
                    help="timed repeats per candidate (default: 3 quick, 5 full)")
     p.add_argument("--settle", type=_number_arg(int, 0), default=1,
                    help="untimed calls of a candidate right before each of its timed calls "

@@ -115,11 +115,23 @@ def fold_batchnorm(model: nn.Module) -> int:
 # ---------------------------------------------------------------------------
 
 def _capture_inputs(model: nn.Module, example_input: torch.Tensor,
-                    kinds: tuple = (HetConv2d,)) -> Dict[nn.Module, torch.Tensor]:
-    """The input each module of ``kinds`` in ``model`` sees on ``example_input``."""
+                    kinds: tuple = (HetConv2d,),
+                    strides: Optional[Dict[nn.Module, tuple]] = None
+                    ) -> Dict[nn.Module, torch.Tensor]:
+    """The input each module of ``kinds`` in ``model`` sees on ``example_input`` (in
+    execution order), and into ``strides``, when given, the strides of its output."""
     seen: Dict[nn.Module, torch.Tensor] = {}
-    hooks = [m.register_forward_pre_hook(lambda mod, args: seen.setdefault(mod, args[0].detach()))
-             for m in model.modules() if isinstance(m, kinds)]
+
+    def before(mod, args):  # hooks return None: the module's input and output stay its own
+        seen.setdefault(mod, args[0].detach())
+
+    def after(mod, args, y):
+        strides.setdefault(mod, y.stride())
+
+    kept = [m for m in model.modules() if isinstance(m, kinds)]
+    hooks = [m.register_forward_pre_hook(before) for m in kept]
+    if strides is not None:
+        hooks += [m.register_forward_hook(after) for m in kept]
     try:
         with torch.no_grad():
             model(example_input)
@@ -739,19 +751,27 @@ def _configure(out: nn.Module, plan: dict, example_input: Optional[torch.Tensor]
 
     hets = [m for m in out.modules() if isinstance(m, HetConv2d)]
     if backend == "measure":
-        inputs = _capture_inputs(out, x)
+        strides: Dict[nn.Module, tuple] = {}
+        inputs = _capture_inputs(out, x, strides=strides)
         for layer in hets:
             if layer not in inputs:  # not reached by this input: keep the rule
                 layer.backend = "auto"
         # In execution order, each layer timed on the input the layers chosen before it
         # produce: a choice upstream can change the memory layout a layer receives (the
         # channels-last kernel hands channels_last activations on, the NCHW kernel NCHW ones),
-        # and with it what the layer's backends cost.
-        for i, layer in enumerate(list(inputs)):
-            if i:
-                inputs = _capture_inputs(out, x)
+        # and with it what the layer's backends cost.  The inputs are captured again (one
+        # forward pass) only after a choice that changed its layer's output layout.
+        stale = False
+        for layer in list(inputs):
+            if stale:
+                strides = {}
+                inputs, stale = _capture_inputs(out, x, strides=strides), False
+            before = layer.backend
             layer.backend, medians = _fastest_backend(layer, inputs[layer], repeats)
             plan["layers"][names[layer]] = {"backend": layer.backend, "seconds": medians}
+            if layer.backend != before:
+                with torch.no_grad():
+                    stale = layer(inputs[layer]).stride() != strides[layer]
     else:
         for layer in hets:
             layer.backend = backend
