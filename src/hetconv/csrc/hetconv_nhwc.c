@@ -70,6 +70,7 @@
 #define NH_JRMAX 8
 #define NH_PIXMAJOR_MAX_WBYTES (512 * 1024) /* pixel-major forward items up to this much weight */
 #define NH_PREFETCH_MIN_BYTES (2L << 20) /* inputs above this prefetch ahead (forward) */
+#define NH_WPREFETCH 4 /* forward: weights prefetched this many steps ahead (see nh_tile) */
 #define NH_PIXCHUNK 96 /* pixels per block in a pixel-major item (a multiple of 24) */
 #define NH_PIXMAJOR_MIN_RUN 384 /* ... and items of at least this many pixels (else each
                                  * item's pass over all blocks' weights costs more) */
@@ -173,7 +174,12 @@ static inline __attribute__((always_inline)) __m512 nh_load(const float *p, cons
 }
 
 /* One tile: R pixels (px[t * R + r]: row read by tap t; NULL rows were replaced by the zero
- * row and flagged in live[t]) x V vectors. */
+ * row and flagged in live[t]) x V vectors.  A block's weights (64 KB at 128 channels and
+ * P = 8) do not fit L1 and stream from L2 for every tile; each step prefetches the weights
+ * of the step NH_WPREFETCH ahead (past the end of a tap's or the centre's steps: the next
+ * ones, or harmless addresses: a prefetch never faults).  Paired in one process on the second
+ * Intel host: 0.95-0.99x the time on 128-512-channel layers, inference and training
+ * (docs/performance.md, fifteenth session; not measured on the AMD host). */
 static inline __attribute__((always_inline)) void nh_tile(
         const int R, const int V, const int lw, const nh_geom *g, const float *const *px,
         const unsigned char *live, const float *w1, const float *wk, int toff,
@@ -190,6 +196,8 @@ static inline __attribute__((always_inline)) void nh_tile(
         _Pragma("GCC unroll 8") for (int r = 0; r < R; ++r) p[r] = px[centre * R + r];
         for (int c = 0; c < M; ++c) {
             __m512 w[4];
+            _Pragma("GCC unroll 8") for (int v = 0; v < V; ++v)
+                _mm_prefetch((const char *)(w1 + (size_t)(c + NH_WPREFETCH) * VW + 16 * v), _MM_HINT_T0);
             _Pragma("GCC unroll 8") for (int v = 0; v < V; ++v) w[v] = _mm512_loadu_ps(w1 + (size_t)c * VW + 16 * v);
             _Pragma("GCC unroll 8") for (int r = 0; r < R; ++r) {
                 const __m512 xv = _mm512_set1_ps(p[r][c]);
@@ -206,6 +214,8 @@ static inline __attribute__((always_inline)) void nh_tile(
         _Pragma("GCC unroll 8") for (int r = 0; r < R; ++r) p[r] = px[t * R + r] + toff;
         for (int j = 0; j < Mk; ++j) {
             __m512 w[4];
+            _Pragma("GCC unroll 8") for (int v = 0; v < V; ++v)
+                _mm_prefetch((const char *)(wt + (size_t)(j + NH_WPREFETCH) * VW + 16 * v), _MM_HINT_T0);
             _Pragma("GCC unroll 8") for (int v = 0; v < V; ++v) w[v] = _mm512_loadu_ps(wt + (size_t)j * VW + 16 * v);
             _Pragma("GCC unroll 8") for (int r = 0; r < R; ++r) {
                 const __m512 xv = nh_load(p[r] + (size_t)j * ts, lw);
