@@ -61,6 +61,17 @@ def _reference(x, wk, w1, bias, pattern, padding=None, stride=1):
     return F.conv2d(x, HF.dense_weight(wk, w1, pattern), bias, stride, pad)
 
 
+def _assert_same_grads(y, ref, inputs, tol):
+    """The gradients of ``y`` and of ``ref`` with respect to ``inputs`` agree (one random
+    output gradient); returns y's."""
+    g = torch.randn_like(y)
+    got = torch.autograd.grad(y, inputs, g, retain_graph=True)
+    want = torch.autograd.grad(ref, inputs, g)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+    return got
+
+
 @pytest.mark.skipif(not HAS_CC or not sys.platform.startswith("linux"),
                     reason="needs a C compiler on Linux")
 def test_kernel_builds_where_a_compiler_exists():
@@ -566,6 +577,29 @@ def test_channels_last_kernel_writes_any_output_alignment(offset):
 
 
 @needs_kernel
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("n_out, part", [(64, 4), (48, 8)])  # tiles of 6 and of 8 pixels
+def test_channels_last_forward_interior_tiles(stride, n_out, part):
+    """Large planes (image-major order): most tiles lie in one output row with every tap
+    inside the image and take the short set-up (rows at fixed offsets from the first
+    pixel's); the others (row ends, borders, tails) the general one. With bias, residual and
+    ReLU, both equal the dense reference, and so does the input gradient through the same
+    kernel."""
+    cl = torch.channels_last
+    torch.manual_seed(12 + stride)
+    wk, w1 = _weights(32, n_out, part, requires_grad=True)
+    bias = torch.randn(n_out)
+    x = torch.randn(2, 32, 31, 31).contiguous(memory_format=cl).requires_grad_(True)
+    ho = (31 + 2 - 3) // stride + 1  # 31 or 16 columns: whole interior tiles in each row
+    res = torch.randn(2, n_out, ho, ho).contiguous(memory_format=cl)
+    y = native.native_conv2d(x, wk, w1, bias, "shifted", True, res, stride)
+    want = F.relu(_reference(x, wk, w1, bias, "shifted", stride=stride) + res)
+    assert y.is_contiguous(memory_format=cl)
+    torch.testing.assert_close(y, want, rtol=1e-4, atol=1e-4)
+    _assert_same_grads(y, want, (x, wk, w1), 1e-3)
+
+
+@needs_kernel
 def test_channels_last_kernel_does_not_depend_on_thread_count():
     torch.manual_seed(8)
     x = torch.randn(5, 64, 9, 9).contiguous(memory_format=torch.channels_last)
@@ -682,11 +716,7 @@ def test_weights_in_either_layout_or_strided(weights, input_cl, pattern):
     y = native.native_conv2d(x, wk, w1, None, pattern)
     ref = _reference(x, wk, w1, None, pattern)
     torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
-    g = torch.randn_like(y)
-    got = torch.autograd.grad(y, (x, wk, w1), g)
-    want = torch.autograd.grad(ref, (x, wk, w1), g)
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    got = _assert_same_grads(y, ref, (x, wk, w1), 1e-4)
     if weights == "channels_last":  # in the parameter's layout: autograd keeps it as it is
         assert got[1].stride() == wk.stride()
 
