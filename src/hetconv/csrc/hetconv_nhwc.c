@@ -413,7 +413,7 @@ static void nh_fwd_run(const nh_geom *gp, const float *x, float *y, const float 
             && nh_base(&g, x, b, oh, ow + Rt - 1)) {
             /* the common tile of a large plane: Rt pixels of one output row, every tap of
              * each inside the image, so every row is a fixed offset from the first pixel's
-             * (0.94-0.99x the forward's time against the general set-up below, paired on
+             * (0.94-1.00x the forward's time against the general set-up below, paired on
              * the second Intel host: docs/performance.md, fifteenth session) */
             const size_t o = (((size_t)b * g.Ho + oh) * g.Wo + ow) * (size_t)N + n0;
             const ptrdiff_t step = (ptrdiff_t)g.s * M;
