@@ -65,7 +65,7 @@ def _assert_same_grads(y, ref, inputs, tol):
     """The gradients of ``y`` and of ``ref`` with respect to ``inputs`` agree (one random
     output gradient); returns y's."""
     g = torch.randn_like(y)
-    got = torch.autograd.grad(y, inputs, g, retain_graph=True)
+    got = torch.autograd.grad(y, inputs, g)
     want = torch.autograd.grad(ref, inputs, g)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=tol, atol=tol)
