@@ -86,7 +86,11 @@ static inline int nh_part(int full, long n) {
     return n >= full - 1 ? full : n > 2 ? 4 : 2;
 }
 static inline int nh_tile_rows(int V, long n) { return nh_part(nh_rows(V), n); }
+/* Weight-gradient steps per tile.  With 6-step tiles, 8 steps left go as 4 + 4, not 6 + 2 (a
+ * 2-step tile has 8 accumulators for V = 4 loads per pixel): M/P = 32 is 6 x 5 + 2, M = 128
+ * is 6 x 20 + 8.  Paired on the second Intel host: 0.98-1.00x the weight gradient's time. */
 static inline int nh_wsteps(int V, int rem) {
+    if (V >= 4 && rem == 8) return 4;
     return nh_part(V >= 4 ? NH_JR4 : NH_JRMAX, rem);
 }
 
@@ -542,20 +546,24 @@ int hetconv_nhwc_forward(const float *x, float *y, int B, int M, int N, int H, i
  * gy[pixel, n0 + lane] * x[pixel + tap_e, toff + j * ts + lane % lw], in the layout of wkp;
  * centre taps: sum[n0 + lane, c] = sum over pixels of gy[pixel, n0 + lane] *
  * x[centre pixel, c] (the same tile with lw = ts = 1 over all M, summed in w1p's layout).
- * nh_wtile: J steps x V vectors in J*V accumulators over n pixels, added into out.
+ * nh_wtile: J steps x V vectors in J*V accumulators over n pixels, added into out.  Pixel i
+ * reads the input at xr[i] + xoff and the output gradient at gr[i] + goff (the lists are the
+ * chunk's, shared by its filter blocks: xoff and goff are the block's).
  */
 #if defined(__AVX512F__)
 static inline __attribute__((always_inline)) void nh_wtile(
         const int J, const int V, const int lw, int n, const float *const *xr,
-        const float *const *gr, int ts, int vs, int j0, int Mk, float *out) {
+        const float *const *gr, int ts, int vs, int j0, int Mk, float *out, ptrdiff_t xoff,
+        int goff) {
     const int VW = 16 * V;
     __m512 acc[NH_JRMAX][4];
     _Pragma("GCC unroll 8") for (int a = 0; a < J; ++a)
         _Pragma("GCC unroll 8") for (int v = 0; v < V; ++v) acc[a][v] = _mm512_setzero_ps();
-    int off[NH_JRMAX];
-    _Pragma("GCC unroll 8") for (int a = 0; a < J; ++a) off[a] = (j0 + a < Mk ? j0 + a : Mk - 1) * ts;
+    ptrdiff_t off[NH_JRMAX];
+    _Pragma("GCC unroll 8") for (int a = 0; a < J; ++a)
+        off[a] = xoff + (ptrdiff_t)(j0 + a < Mk ? j0 + a : Mk - 1) * ts;
     for (int i = 0; i < n; ++i) {
-        const float *xp = xr[i], *gp = gr[i];
+        const float *xp = xr[i], *gp = gr[i] + goff;
         __m512 gv[4];
         _Pragma("GCC unroll 8") for (int v = 0; v < V; ++v) gv[v] = _mm512_loadu_ps(gp + vs * v);
         _Pragma("GCC unroll 8") for (int a = 0; a < J; ++a) {
@@ -573,9 +581,9 @@ static inline __attribute__((always_inline)) void nh_wtile(
 /* nh_wtile with jt steps (the full tile FULL, or the last tiles' 4 and 2) and V vectors */
 #define NH_WTILE_J(FULL, V, LW)                                                     \
     do {                                                                            \
-        if (jt == 2) nh_wtile(2, V, LW, n, xr, gr, ts, vs, j0, Mk, out);            \
-        else if (jt == 4) nh_wtile(4, V, LW, n, xr, gr, ts, vs, j0, Mk, out);       \
-        else nh_wtile(FULL, V, LW, n, xr, gr, ts, vs, j0, Mk, out);                 \
+        if (jt == 2) nh_wtile(2, V, LW, n, xr, gr, ts, vs, j0, Mk, out, xoff, goff);       \
+        else if (jt == 4) nh_wtile(4, V, LW, n, xr, gr, ts, vs, j0, Mk, out, xoff, goff);  \
+        else nh_wtile(FULL, V, LW, n, xr, gr, ts, vs, j0, Mk, out, xoff, goff);            \
     } while (0)
 #define NH_WTILE_CASES(LW)                                                         \
     switch (V) {                                                                   \
@@ -586,7 +594,8 @@ static inline __attribute__((always_inline)) void nh_wtile(
     }
 
 static void nh_wtile_any(int V, int jt, int lw, int n, const float *const *xr,
-                         const float *const *gr, int ts, int vs, int j0, int Mk, float *out) {
+                         const float *const *gr, int ts, int vs, int j0, int Mk, float *out,
+                         ptrdiff_t xoff, int goff) {
     switch (lw) {
         case 1: NH_WTILE_CASES(1) break;
         case 2: NH_WTILE_CASES(2) break;
@@ -597,13 +606,14 @@ static void nh_wtile_any(int V, int jt, int lw, int n, const float *const *xr,
 }
 #else
 static void nh_wtile_any(int V, int jt, int lw, int n, const float *const *xr,
-                         const float *const *gr, int ts, int vs, int j0, int Mk, float *out) {
+                         const float *const *gr, int ts, int vs, int j0, int Mk, float *out,
+                         ptrdiff_t xoff, int goff) {
     const int VW = 16 * V;
     for (int a = 0; a < jt && j0 + a < Mk; ++a)
         for (int l = 0; l < VW; ++l) {
             float s = 0.f;
             const int f = l / 16 * vs + l % 16;  /* lane l's filter, from the block's first */
-            for (int i = 0; i < n; ++i) s += xr[i][(j0 + a) * ts + l % lw] * gr[i][f];
+            for (int i = 0; i < n; ++i) s += xr[i][xoff + (j0 + a) * ts + l % lw] * gr[i][goff + f];
             out[(size_t)(j0 + a) * VW + l] += s;
         }
 }
@@ -654,48 +664,61 @@ static void nh_map_centre(const float *src, float *gk, float *g1, const int *cen
  * and 256 channels 56x56 and 28x28): those keep 64. */
 static inline int nh_wchunk(const nh_geom *g) { return g->s == 1 ? NH_WCHUNK : NH_WCHUNK_S2; }
 
-/* Weight-gradient sums of filter block fb over output pixels [c0, c1) (at most NH_WCHUNK),
- * every tap then the centre, added into out_t (T, Mk, VW) and out_c (M, VW). */
-static void nh_wgrad_chunk(const nh_geom *g, const float *x, const float *gy, int fb, long c0,
-                           long c1, const int *blk_n0, const int *blk_v, const int *blk_toff,
-                           float *out_t, float *out_c, const float **xr, const float **gr) {
+/* Weight-gradient sums of filter blocks [fb_lo, fb_hi) over output pixels [c0, c1) (at most
+ * NH_WCHUNK): every tap then the centre, added into each block's sums in `sums` (taps (T, Mk,
+ * VW), then the centre (M, VW), at blk_p0 * per_filter).  Once per chunk: each pixel's offset
+ * of its top-left tap (which may lie in the padding) and a mask of its taps inside the image;
+ * once per tap, for all blocks: the list of the pixels whose tap is inside (input row, output
+ * gradient row), a branch-free pass over the masks.  Built per tap and block with a lookup
+ * per border pixel, the lists took 3-11% of the weight gradient; shared and built this way,
+ * paired in one process on the second Intel host: 0.93-1.00x the time (0.93x at 128 channels
+ * 16x16 batch 64, whose two blocks share a chunk; docs/performance.md, sixteenth session). */
+static void nh_wgrad_chunk(const nh_geom *g, const float *x, const float *gy, int fb_lo,
+                           int fb_hi, long c0, long c1, const int *blk_n0, const int *blk_p0,
+                           const int *blk_v, const int *blk_toff, float *sums, long per_filter,
+                           const float **xr, const float **gr) {
     const int kh = g->kh, kw = g->kw, M = g->M, Mk = g->Mk, N = g->N, lw = g->lw, ts = g->ts;
-    const int vs = g->vs;
+    const int vs = g->vs, nq = (int)(c1 - c0);
     const int T = kh * kw - 1, centre = (kh / 2) * kw + kw / 2;
-    const int V = blk_v[fb], n0 = blk_n0[fb], VW = 16 * V;
-    /* per pixel once: the top-left tap's row when every tap is inside the image (then tap t
-     * is at a fixed offset from it), else NULL (looked up per tap) */
-    const float *base[NH_WCHUNK];
+    ptrdiff_t o[NH_WCHUNK];   /* top-left tap's offset in x (row ih0, column iw0) */
+    uint64_t live[NH_WCHUNK]; /* bit t: tap t inside the image (kh * kw <= NH_KKMAX < 64) */
     int b, oh, ow;
     nh_pixel(g, c0, &b, &oh, &ow);  /* then stepped: no division per pixel */
-    for (long q = c0; q < c1; ++q) {
-        base[q - c0] = nh_base(g, x, b, oh, ow);
+    for (int i = 0; i < nq; ++i) {
+        const int ih0 = oh * g->s - g->ph, iw0 = ow * g->s - g->pw;
+        uint64_t cols = 0, m = 0;
+        for (int v = 0; v < kw; ++v) cols |= (uint64_t)(iw0 + v >= 0 && iw0 + v < g->W) << v;
+        for (int u = 0; u < kh; ++u)
+            if (ih0 + u >= 0 && ih0 + u < g->H) m |= cols << (u * kw);
+        o[i] = (((ptrdiff_t)b * g->H + ih0) * g->W + iw0) * (ptrdiff_t)M;
+        live[i] = m;
         nh_next(g, &b, &oh, &ow);
     }
     for (int e = -1; e < T; ++e) {  /* e = -1: the centre */
         const int t = e < 0 ? centre : (e < centre ? e : e + 1);
-        const size_t off = e < 0 ? 0 : (size_t)blk_toff[fb];
         const ptrdiff_t toff = nh_toff(g, t);
         int n = 0;
-        nh_pixel(g, c0, &b, &oh, &ow);
-        for (long q = c0; q < c1; ++q) {
-            const float *p = base[q - c0] ? base[q - c0] + toff
-                                          : nh_tap(g, x, b, oh, ow, t / kw, t % kw);
-            if (p) {
-                xr[n] = p + off;
-                gr[n] = gy + (size_t)q * N + n0;
-                ++n;
-            }
-            nh_next(g, &b, &oh, &ow);
+        for (int i = 0; i < nq; ++i) {  /* written always, kept (n advanced) if inside */
+            const int in = (int)(live[i] >> t & 1);
+            xr[n] = x + (in ? o[i] + toff : 0);
+            gr[n] = gy + (size_t)(c0 + i) * N;
+            n += in;
         }
         if (!n) continue;
-        if (e < 0) {
-            for (int j0 = 0, jt; j0 < M; j0 += jt)
-                nh_wtile_any(V, jt = nh_wsteps(V, M - j0), 1, n, xr, gr, 1, vs, j0, M, out_c);
-        } else {
-            float *ot = out_t + (size_t)e * Mk * VW;
-            for (int j0 = 0, jt; j0 < Mk; j0 += jt)
-                nh_wtile_any(V, jt = nh_wsteps(V, Mk - j0), lw, n, xr, gr, ts, vs, j0, Mk, ot);
+        for (int fb = fb_lo; fb < fb_hi; ++fb) {
+            const int V = blk_v[fb], n0 = blk_n0[fb], VW = 16 * V;
+            float *out_t = sums + (size_t)blk_p0[fb] * per_filter;
+            if (e < 0) {
+                float *out_c = out_t + (size_t)T * Mk * VW;
+                for (int j0 = 0, jt; j0 < M; j0 += jt)
+                    nh_wtile_any(V, jt = nh_wsteps(V, M - j0), 1, n, xr, gr, 1, vs, j0, M,
+                                 out_c, 0, n0);
+            } else {
+                float *ot = out_t + (size_t)e * Mk * VW;
+                for (int j0 = 0, jt; j0 < Mk; j0 += jt)
+                    nh_wtile_any(V, jt = nh_wsteps(V, Mk - j0), lw, n, xr, gr, ts, vs, j0, Mk,
+                                 ot, blk_toff[fb], n0);
+            }
         }
     }
 }
@@ -722,7 +745,8 @@ int hetconv_nhwc_wgrad(const float *x, const float *gy, float *gk, float *g1,
     /* Work items: (filter block, pixel range), or - when all blocks' sums fit in L2 and there
      * are enough ranges - a pixel range for every block, chunk by chunk, so the chunk's input
      * rows are read from memory once instead of once per block (as in the forward; 1.07x on
-     * 128->128 16x16 b64, no change elsewhere).  A block's sums of one range add the chunks
+     * 128->128 16x16 b64, no change elsewhere) and its pixel lists are built once for all
+     * blocks (see nh_wgrad_chunk).  A block's sums of one range add the chunks
      * in the same order either way. */
     const int pixmajor = nfb > 1 && nranges >= 4L * nthreads &&
         (size_t)whole * sizeof(float) <= NH_PIXMAJOR_MAX_WBYTES;
@@ -751,14 +775,8 @@ int hetconv_nhwc_wgrad(const float *x, const float *gy, float *gk, float *g1,
                        sizeof(float) * (size_t)per_filter * 16 * blk_v[fb]);
             for (long c0 = r * per_range; c0 < r1; c0 += chunk) {
                 const long c1 = c0 + chunk < r1 ? c0 + chunk : r1;
-                for (int fb = fb_lo; fb < fb_hi; ++fb) {
-                    /* the block's sums in the range's buffer: taps (T, Mk, VW), then the
-                     * centre (M, VW) */
-                    float *out_t = part + r * whole + (size_t)blk_p0[fb] * per_filter;
-                    float *out_c = out_t + (size_t)T * Mk * 16 * blk_v[fb];
-                    nh_wgrad_chunk(&g, x, gy, fb, c0, c1, blk_n0, blk_v, blk_toff, out_t,
-                                   out_c, xr, gr);
-                }
+                nh_wgrad_chunk(&g, x, gy, fb_lo, fb_hi, c0, c1, blk_n0, blk_p0, blk_v,
+                               blk_toff, part + r * whole, per_filter, xr, gr);
             }
         }
         free(xr); free(gr);
