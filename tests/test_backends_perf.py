@@ -152,6 +152,29 @@ def test_bench_layer_candidates_agree():
             fn()
 
 
+def test_bench_training_step_backpropagates_a_full_gradient_in_the_outputs_layout():
+    """The per-layer training step hands the output a materialised gradient of ones in the
+    output's own layout (a network's next layer does), not a broadcast one to copy first."""
+    from hetconv.bench.layers import _runner
+
+    x = torch.randn(2, 3, 4, 5).contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    seen = []
+
+    def fn():
+        y = x * 2.0
+        y.register_hook(lambda g: seen.append((g.stride(), g.clone())))
+        return y
+
+    step = _runner(fn, True, (x,))
+    for _ in range(2):
+        step()
+        stride, g = seen.pop()
+        assert stride == x.stride() and 0 not in stride
+        assert torch.equal(g, torch.ones_like(g))
+        torch.testing.assert_close(x.grad, torch.full_like(x, 2.0))  # reset, not accumulated
+
+
 def test_bench_run_layers_and_report(tmp_path):
     shapes = bench.layer_shapes(["resnet56_cifar"], batch_scale=1 / 128, max_shapes=1)
     assert shapes[0].batch == 1 and shapes[0].in_ch == 16

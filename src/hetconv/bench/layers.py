@@ -104,17 +104,29 @@ def parts_for(in_ch: int, parts: Sequence[Union[int, str]] = ALL_PARTS) -> List[
 
 
 def _runner(fn: Callable[[], torch.Tensor], train: bool, leaves: Sequence[torch.Tensor]):
-    """A zero-argument call: forward under no_grad, or forward + backward."""
+    """A zero-argument call: forward under no_grad, or forward + backward.
+
+    The backward starts from a fixed output gradient (ones, in the layout of the first
+    call's output, made once), as a layer inside a network receives a materialised
+    gradient from the layer after it.  (Runs up to 36 used ``fn().sum().backward()``, whose
+    broadcast gradient every candidate first copied into a full tensor: 1.3 ms of a 10 ms
+    HetConv step at 128 channels 28x28 batch 16, a cost no network pays.)
+    """
     if not train:
         def infer():
             with torch.no_grad():
                 fn()
         return infer
 
+    grad: List[torch.Tensor] = []
+
     def step():
         for t in leaves:
             t.grad = None
-        fn().sum().backward()
+        y = fn()
+        if not grad or grad[0].shape != y.shape or grad[0].stride() != y.stride():
+            grad[:] = [torch.ones_like(y)]
+        y.backward(grad[0])
     return step
 
 
