@@ -107,6 +107,21 @@ typedef struct {
  * columns through the same taps). */
 #define NH_ORDER_RESIDUE 2
 
+/* a / up into *q when up divides a (C's / and %; a may be negative), else 0 (*q unset).
+ * up = 2, every strided layer's input gradient here, by a shift and a mask: the residue
+ * order's tile set-up (below) divided 30-odd times per tile before. */
+static inline int nh_exact_div(int a, int up, int *q) {
+    if (up == 2) { *q = a >> 1; return !(a & 1); }
+    if (a % up) return 0;
+    *q = a / up;
+    return 1;
+}
+
+/* Pixels of residue class c (columns c, c + up, ...) in an output row of Wo. */
+static inline int nh_residue_count(int Wo, int up, int c) {
+    return (up == 2 ? (Wo - 1 - c) >> 1 : (Wo - 1 - c) / up) + 1;
+}
+
 /* Output pixel q (in the layer's pixel order) -> image, row, column. */
 static inline void nh_pixel(const nh_geom *g, long q, int *b, int *oh, int *ow) {
     const int hw = g->Ho * g->Wo;
@@ -116,7 +131,7 @@ static inline void nh_pixel(const nh_geom *g, long q, int *b, int *oh, int *ow) 
     *oh = pos / g->Wo; *ow = pos % g->Wo;
     if (g->posmajor == NH_ORDER_RESIDUE) {  /* the j-th column of the row in residue order */
         int j = *ow, c = 0;
-        for (int cnt; j >= (cnt = (g->Wo - 1 - c) / g->up + 1); ++c) j -= cnt;
+        for (int cnt; j >= (cnt = nh_residue_count(g->Wo, g->up, c)); ++c) j -= cnt;
         *ow = c + j * g->up;
     }
 }
@@ -335,15 +350,28 @@ static void nh_residue_tile(const nh_geom *g, const float *x, float *y, const fl
         yo[r] = r < n ? y + o : NULL;
         ro[r] = (res && yo[r]) ? res + o : NULL;
     }
-    for (int t = 0; t < g->kh * g->kw; ++t) {
-        const int ih = oh - g->ph + t / g->kw, iw = ow - g->pw + t % g->kw;
-        const int ok = ih >= 0 && ih % up == 0 && ih / up < g->H && iw % up == 0;
-        const float *row = ok ? x + ((size_t)b * g->H + ih / up) * g->W * (size_t)g->M : NULL;
-        for (int r = 0; r < Rt; ++r) {
-            const int c = iw / up + (r < n ? r : n - 1);  /* exact: iw is a multiple of up */
-            const int in = ok && c >= 0 && c < g->W;
-            px[t * Rt + r] = in ? row + (size_t)c * g->M : zero;
-            if (in) live[t] = 1;
+    /* the row of kernel row u and the first column of kernel column v: per u and per v,
+     * not per tap (paired on the second Intel host: 0.95-0.98x the stride-2 input
+     * gradient's time, docs/performance.md, sixteenth session) */
+    const int kh = g->kh, kw = g->kw, M = g->M, W = g->W;
+    int col[NH_KKMAX], cok[NH_KKMAX];
+    for (int v = 0; v < kw; ++v) {
+        col[v] = 0;
+        cok[v] = nh_exact_div(ow - g->pw + v, up, &col[v]);
+    }
+    for (int u = 0, t = 0; u < kh; ++u) {
+        int ih = 0;
+        const int rok = nh_exact_div(oh - g->ph + u, up, &ih) && ih >= 0 && ih < g->H;
+        const float *row = rok ? x + ((size_t)b * g->H + ih) * W * (size_t)M : NULL;
+        for (int v = 0; v < kw; ++v, ++t) {
+            unsigned char any = 0;
+            for (int r = 0; r < Rt; ++r) {
+                const int c = col[v] + (r < n ? r : n - 1);  /* consecutive input columns */
+                const int in = rok && cok[v] && c >= 0 && c < W;
+                px[t * Rt + r] = in ? row + (size_t)c * M : zero;
+                any |= (unsigned char)in;
+            }
+            if (any) live[t] = 1;
         }
     }
 }
@@ -399,7 +427,7 @@ static void nh_fwd_run(const nh_geom *gp, const float *x, float *y, const float 
         int b, oh, ow;
         nh_pixel(&g, q0, &b, &oh, &ow);  /* then stepped in pixel order: no divisions */
         if (posmajor == NH_ORDER_RESIDUE) {
-            const long left = (g.Wo - 1 - ow) / g.up + 1;
+            const long left = nh_residue_count(g.Wo, g.up, ow);
             if (lim > q0 + left) lim = q0 + left;
         }
         const int Rt = nh_tile_rows(V, lim - q0);
