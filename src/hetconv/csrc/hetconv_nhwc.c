@@ -351,8 +351,9 @@ static void nh_residue_tile(const nh_geom *g, const float *x, float *y, const fl
         ro[r] = (res && yo[r]) ? res + o : NULL;
     }
     /* the row of kernel row u and the first column of kernel column v: per u and per v,
-     * not per tap (paired on the second Intel host: 0.95-0.98x the stride-2 input
-     * gradient's time, docs/performance.md, sixteenth session) */
+     * not per tap, and only the live taps' rows (a residue class has 1-4 of 9).  Paired on
+     * the second Intel host: 0.95-0.98x the stride-2 input gradient's time, the live taps
+     * only another 0.96-0.99x (docs/performance.md, sixteenth session) */
     const int kh = g->kh, kw = g->kw, M = g->M, W = g->W;
     int col[NH_KKMAX], cok[NH_KKMAX];
     for (int v = 0; v < kw; ++v) {
@@ -362,12 +363,17 @@ static void nh_residue_tile(const nh_geom *g, const float *x, float *y, const fl
     for (int u = 0, t = 0; u < kh; ++u) {
         int ih = 0;
         const int rok = nh_exact_div(oh - g->ph + u, up, &ih) && ih >= 0 && ih < g->H;
-        const float *row = rok ? x + ((size_t)b * g->H + ih) * W * (size_t)M : NULL;
+        if (!rok) {  /* a dead kernel row: its taps stay dead, their rows unset (unread) */
+            t += kw;
+            continue;
+        }
+        const float *row = x + ((size_t)b * g->H + ih) * W * (size_t)M;
         for (int v = 0; v < kw; ++v, ++t) {
+            if (!cok[v]) continue;  /* likewise a dead kernel column */
             unsigned char any = 0;
             for (int r = 0; r < Rt; ++r) {
                 const int c = col[v] + (r < n ? r : n - 1);  /* consecutive input columns */
-                const int in = rok && cok[v] && c >= 0 && c < W;
+                const int in = c >= 0 && c < W;
                 px[t * Rt + r] = in ? row + (size_t)c * M : zero;
                 any |= (unsigned char)in;
             }
