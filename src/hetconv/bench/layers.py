@@ -16,6 +16,9 @@ Candidates for a shape (M -> N, HxW input, stride) and part P:
   input) and ``het_auto_cl`` (channels_last input), and the fused and native
   backends with the other pattern (``het_fused_blocked``,
   ``het_native_blocked``, ``het_native_cl_blocked``).
+
+Inference calls run under ``no_grad``; a training call is forward + backward from a fixed
+output gradient (see ``_runner``), with the leaves' gradients reset each call.
 """
 
 from __future__ import annotations

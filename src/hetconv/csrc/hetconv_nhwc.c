@@ -108,8 +108,9 @@ typedef struct {
 #define NH_ORDER_RESIDUE 2
 
 /* a / up into *q when up divides a (C's / and %; a may be negative), else 0 (*q unset).
- * up = 2, every strided layer's input gradient here, by a shift and a mask: the residue
- * order's tile set-up (below) divided 30-odd times per tile before. */
+ * up = 2, every strided layer's input gradient here, by a shift and a mask (for negative a
+ * an arithmetic shift, as gcc and clang do: exact here, a being even): the residue order's
+ * tile set-up (below) divided 30-odd times per tile before. */
 static inline int nh_exact_div(int a, int up, int *q) {
     if (up == 2) { *q = a >> 1; return !(a & 1); }
     if (a % up) return 0;
