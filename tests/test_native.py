@@ -744,16 +744,21 @@ CHECK = """
     y2 = HF.het_conv2d(x, wk, w1, stride=2, backend="native")
     ref2 = F.conv2d(x, HF.dense_weight(wk, w1), None, 2, 1)
     assert (y2 - ref2).abs().max() < 1e-4, (y2 - ref2).abs().max()
-    # the channels-last kernel: forward and backward
+    # the channels-last kernel: forward and backward; 96 and 128 filters are two filter
+    # blocks (the second's filter offset is not zero; "blocked": nor its channel offset),
+    # stride 2 runs the input gradient in residue order
     xc = torch.randn(3, 32, 5, 6).contiguous(memory_format=torch.channels_last).requires_grad_()
-    wc, w1c = torch.randn(32, 8, 3, 3).requires_grad_(), torch.randn(32, 24).requires_grad_()
-    y3 = HF.het_conv2d(xc, wc, w1c, backend="native")
-    ref3 = F.conv2d(xc, HF.dense_weight(wc, w1c), None, 1, 1)
-    assert (y3 - ref3).abs().max() < 1e-3, (y3 - ref3).abs().max()
-    g3 = torch.randn_like(ref3)
-    for a, b in zip(torch.autograd.grad(y3, (xc, wc, w1c), g3),
-                    torch.autograd.grad(ref3, (xc, wc, w1c), g3)):
-        assert (a - b).abs().max() < 1e-2, (a - b).abs().max()
+    for n, s, pat in ((32, 1, "shifted"), (96, 1, "shifted"), (96, 2, "shifted"),
+                      (128, 1, "blocked")):
+        wc, w1c = torch.randn(n, 8, 3, 3).requires_grad_(), torch.randn(n, 24).requires_grad_()
+        y3 = HF.het_conv2d(xc, wc, w1c, stride=s, pattern=pat, backend="native")
+        assert y3.is_contiguous(memory_format=torch.channels_last) or not native.available()
+        ref3 = F.conv2d(xc, HF.dense_weight(wc, w1c, pat), None, s, 1)
+        assert (y3 - ref3).abs().max() < 1e-3, (n, s, pat, (y3 - ref3).abs().max())
+        g3 = torch.randn_like(ref3)
+        for a, b in zip(torch.autograd.grad(y3, (xc, wc, w1c), g3),
+                        torch.autograd.grad(ref3, (xc, wc, w1c), g3)):
+            assert (a - b).abs().max() < 1e-2, (n, s, pat, (a - b).abs().max())
     print(native.available(), native.vectorized(), native.build_error())
 """
 
