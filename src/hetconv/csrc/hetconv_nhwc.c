@@ -597,7 +597,10 @@ static inline __attribute__((always_inline)) void nh_wtile(
     ptrdiff_t off[NH_JRMAX];
     _Pragma("GCC unroll 8") for (int a = 0; a < J; ++a)
         off[a] = xoff + (ptrdiff_t)(j0 + a < Mk ? j0 + a : Mk - 1) * ts;
-    for (int i = 0; i < n; ++i) {
+    /* unrolled by 4 pixels: their loads issue ahead of the previous pixel's multiply-adds.
+     * Paired on the second Intel host: 0.92-0.97x the weight gradient's time (by 2: 0.95-0.98x,
+     * by 8: 1.00-1.03x against 4; docs/performance.md, sixteenth session) */
+    _Pragma("GCC unroll 4") for (int i = 0; i < n; ++i) {
         const float *xp = xr[i], *gp = gr[i] + goff;
         __m512 gv[4];
         _Pragma("GCC unroll 8") for (int v = 0; v < V; ++v) gv[v] = _mm512_loadu_ps(gp + vs * v);
