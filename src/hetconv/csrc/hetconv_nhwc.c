@@ -118,7 +118,8 @@ static inline int nh_exact_div(int a, int up, int *q) {
     return 1;
 }
 
-/* Pixels of residue class c (columns c, c + up, ...) in an output row of Wo. */
+/* Columns c, c + up, c + 2 up, ... of an output row of Wo (c = 0 .. up - 1: a whole residue
+ * class; any other c: what is left of its class from column c on). */
 static inline int nh_residue_count(int Wo, int up, int c) {
     return (up == 2 ? (Wo - 1 - c) >> 1 : (Wo - 1 - c) / up) + 1;
 }
@@ -160,10 +161,8 @@ static inline void nh_next(const nh_geom *g, int *b, int *oh, int *ow) {
 static inline const float *nh_tap(const nh_geom *g, const float *x, int b, int oh, int ow,
                                   int u, int v) {
     int ih = oh * g->s - g->ph + u, iw = ow * g->s - g->pw + v;
-    if (g->up > 1) {
-        if (ih < 0 || iw < 0 || ih % g->up || iw % g->up) return NULL;
-        ih /= g->up; iw /= g->up;
-    }
+    if (g->up > 1 && !(nh_exact_div(ih, g->up, &ih) && nh_exact_div(iw, g->up, &iw)))
+        return NULL;  /* negative quotients fail the bounds below */
     if (ih < 0 || ih >= g->H || iw < 0 || iw >= g->W) return NULL;
     return x + (((size_t)b * g->H + ih) * g->W + iw) * (size_t)g->M;
 }
@@ -357,12 +356,9 @@ static void nh_residue_tile(const nh_geom *g, const float *x, float *y, const fl
      * only another 0.96-0.99x (docs/performance.md, sixteenth session) */
     const int kh = g->kh, kw = g->kw, M = g->M, W = g->W;
     int col[NH_KKMAX], cok[NH_KKMAX];
-    for (int v = 0; v < kw; ++v) {
-        col[v] = 0;
-        cok[v] = nh_exact_div(ow - g->pw + v, up, &col[v]);
-    }
+    for (int v = 0; v < kw; ++v) cok[v] = nh_exact_div(ow - g->pw + v, up, &col[v]);
     for (int u = 0, t = 0; u < kh; ++u) {
-        int ih = 0;
+        int ih;
         const int rok = nh_exact_div(oh - g->ph + u, up, &ih) && ih >= 0 && ih < g->H;
         if (!rok) {  /* a dead kernel row: its taps stay dead, their rows unset (unread) */
             t += kw;
