@@ -553,6 +553,30 @@ def test_channels_last_kernel_refuses_blocks_outside_the_layer():
 
 
 @needs_kernel
+def test_channels_last_kernel_refuses_a_pixel_order_its_stride_does_not_take():
+    """The transposed strided layer (up > 1: a stride-2 input gradient) runs in residue order
+    only, and the residue order only with it: the C side refuses (code -1) any other pairing
+    or an order it does not know, and runs the pairings Python hands it."""
+    cl = torch.channels_last
+    torch.manual_seed(5)
+    wk, w1 = _weights(32, 32, 4)
+    pk = native._nhwc_packed(wk, w1, None, "shifted", 32, 32, 4, True)
+    gy = torch.randn(2, 32, 4, 4).contiguous(memory_format=cl)
+    shape, call = native._nhwc_call(tuple(gy.shape), pk, 32, False, 1, up=2, out_size=(8, 8))
+    y = torch.empty(shape).contiguous(memory_format=cl)
+    assert call.args.posmajor == 2 and call(gy, y, None) == 0
+    # the gradient of a stride-2 layer with these weights at its input (independent: autograd
+    # through the dense reference)
+    x = torch.randn(2, 32, 8, 8, requires_grad=True)
+    out = _reference(x, wk, w1, None, "shifted", stride=2)
+    want, = torch.autograd.grad(out, x, gy)
+    torch.testing.assert_close(y, want, rtol=1e-4, atol=1e-4)
+    for up, order in ((2, 0), (2, 1), (1, 2), (2, 3), (1, -1), (0, 0)):
+        call.args.up, call.args.posmajor = up, order
+        assert call(gy, y, None) == -1, (up, order)
+
+
+@needs_kernel
 @pytest.mark.parametrize("offset", [0, 1, 4])
 def test_channels_last_kernel_writes_any_output_alignment(offset):
     """The forward streams its output past the caches where a row is 64-byte aligned (a

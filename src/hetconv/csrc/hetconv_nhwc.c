@@ -96,7 +96,8 @@ static inline int nh_wsteps(int V, int rem) {
 
 typedef struct {
     int B, M, N, H, W, Ho, Wo, kh, kw, s, ph, pw, Mk, ts, lw, posmajor;
-    int up;  /* > 1: transposed strided convolution (see nh_tap) */
+    int up;  /* > 1: transposed strided convolution, always in residue order (see
+              * nh_residue_tile; hetconv_nhwc_forward refuses any other order with it) */
     int vs;  /* filters from one vector of a block to the next (16, or P: see the top) */
     int stream;  /* forward: write y with non-temporal stores (see "Output stores") */
 } nh_geom;
@@ -138,16 +139,10 @@ static inline void nh_pixel(const nh_geom *g, long q, int *b, int *oh, int *ow) 
     }
 }
 
-/* The pixel after (b, oh, ow) in the layer's pixel order (nh_pixel's inverse, stepped). */
+/* The pixel after (b, oh, ow) in the layer's pixel order (nh_pixel's inverse, stepped), for
+ * the image- and position-major orders (a residue-order tile steps its own columns). */
 static inline void nh_next(const nh_geom *g, int *b, int *oh, int *ow) {
-    if (g->posmajor == NH_ORDER_RESIDUE) {
-        *ow += g->up;
-        if (*ow >= g->Wo) {
-            const int c = *ow % g->up + 1;  /* the next residue of the row, or the next row */
-            if (c < g->up && c < g->Wo) *ow = c;
-            else { *ow = 0; if (++*oh == g->Ho) { *oh = 0; ++*b; } }
-        }
-    } else if (g->posmajor) {
+    if (g->posmajor) {
         if (++*b == g->B) { *b = 0; if (++*ow == g->Wo) { *ow = 0; ++*oh; } }
     } else if (++*ow == g->Wo) {
         *ow = 0;
@@ -155,14 +150,11 @@ static inline void nh_next(const nh_geom *g, int *b, int *oh, int *ow) {
     }
 }
 
-/* Row of channel values that tap (u, v) of output pixel (b, oh, ow) reads, or NULL (padding).
- * With up > 1 the layer is the transpose of a stride-`up` convolution (its input gradient,
- * kernel flipped): output pixel i reads input (i - ph + u) / up where that is a whole number. */
+/* Row of channel values that tap (u, v) of output pixel (b, oh, ow) reads, or NULL (padding;
+ * up = 1: a transposed strided layer's taps are set up by nh_residue_tile). */
 static inline const float *nh_tap(const nh_geom *g, const float *x, int b, int oh, int ow,
                                   int u, int v) {
-    int ih = oh * g->s - g->ph + u, iw = ow * g->s - g->pw + v;
-    if (g->up > 1 && !(nh_exact_div(ih, g->up, &ih) && nh_exact_div(iw, g->up, &iw)))
-        return NULL;  /* negative quotients fail the bounds below */
+    const int ih = oh * g->s - g->ph + u, iw = ow * g->s - g->pw + v;
     if (ih < 0 || ih >= g->H || iw < 0 || iw >= g->W) return NULL;
     return x + (((size_t)b * g->H + ih) * g->W + iw) * (size_t)g->M;
 }
@@ -176,7 +168,7 @@ static inline ptrdiff_t nh_toff(const nh_geom *g, int t) {
  * (tap t is then nh_toff(t) from it), else NULL (look the taps up with nh_tap). */
 static inline const float *nh_base(const nh_geom *g, const float *x, int b, int oh, int ow) {
     const int ih0 = oh * g->s - g->ph, iw0 = ow * g->s - g->pw;
-    if (g->up != 1 || ih0 < 0 || ih0 + g->kh > g->H || iw0 < 0 || iw0 + g->kw > g->W)
+    if (ih0 < 0 || ih0 + g->kh > g->H || iw0 < 0 || iw0 + g->kw > g->W)
         return NULL;
     return x + (((size_t)b * g->H + ih0) * g->W + iw0) * (size_t)g->M;
 }
@@ -515,6 +507,10 @@ int hetconv_nhwc_forward(const float *x, float *y, int B, int M, int N, int H, i
                          int posmajor, int up, int Ho, int Wo, int nthreads) {
     nh_geom g = {B, M, N, H, W, (H + 2 * ph - kh) / s + 1, (W + 2 * pw - kw) / s + 1,
                  kh, kw, s, ph, pw, Mk, ts, lw, posmajor, up, vs};
+    /* transposed strided (up > 1) in residue order only, and only that in residue order */
+    if (up < 1 || posmajor < 0 || posmajor > NH_ORDER_RESIDUE
+        || (up > 1) != (posmajor == NH_ORDER_RESIDUE))
+        return -1;
     if (up > 1) {  /* transposed strided: the output size is the caller's (s must be 1) */
         if (s != 1) return -1;
         g.Ho = Ho; g.Wo = Wo;
