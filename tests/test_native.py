@@ -663,12 +663,13 @@ def test_channels_last_strided_input_gradient_matches_dense_reference(batch, siz
 
 @needs_kernel
 @pytest.mark.parametrize("stride", [1, 2])
-@pytest.mark.parametrize("batch,size", [(4, 64), (3, 45)])
+@pytest.mark.parametrize("batch,size", [(4, 64), (3, 45), (5, 45)])
 def test_channels_last_weight_gradient_over_many_pixels(stride, batch, size):
     """Enough pixel ranges for the pixel-major split of the weight gradient (1 thread: each
     range runs every filter block) and a thread count where it is block-major (3): the same
     bits, and the dense reference's gradient. 3 x 45 x 45 pixels: ranges of 2025, which the
-    passes' chunks (256 pixels at stride 1, 64 at stride 2) do not divide."""
+    passes' chunks (256 pixels at stride 1, 64 at stride 2) do not divide; 5 x 45 x 45: 5
+    ranges rounded up to 8, of 1266 pixels (the last 1263)."""
     torch.manual_seed(9 + stride)
     m, n, p = 32, 80, 4  # N = 80: filter blocks of 4 and 1 vectors
     x = torch.randn(batch, m, size * stride, size * stride).contiguous(
