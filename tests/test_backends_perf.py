@@ -421,3 +421,61 @@ def test_bench_cli_prints_the_reports_notes(tmp_path, capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "- a target: MET" in out and "| a table |" not in out and "| cpu |" not in out
     assert "**Note.** The machine's FMA rate varied 2.50x" in out
+
+
+def _load_script(name):
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.skipif(not hetconv.native.available(), reason="native kernel unavailable")
+@pytest.mark.parametrize("stride", [1, 2])
+def test_kernel_split_script_times_each_checked_kernel(stride, monkeypatch):
+    """benchmarks/kernel_split.py: one row per kernel of a training step (forward, input
+    gradient, weight gradient), each checked against the dense reference before it is timed
+    (a wrong kernel stops the run), with the counted work of the layer and Eq. 5's speedup."""
+    ks = _load_script("kernel_split")
+    shape = bench.LayerShape("t", "32->48 10x10", 2, 32, 48, 10, stride)
+    rows = ks.split(shape, 4, repeats=1)
+    assert [r["kernel"] for r in rows] == ["forward", "input_grad", "weight_grad"]
+    b, out = 2, (10 - 1) // stride + 1
+    # per output value: M / P 3x3 kernels and M - M / P 1x1 ones (paper Eq. 5), dense 9 M
+    assert all(r["het_macs"] == b * out * out * 48 * (8 * 9 + 24) for r in rows)
+    assert all(r["dense_macs"] == b * out * out * 48 * 32 * 9 for r in rows)
+    assert all(r["theory"] == pytest.approx(9 * 4 / (4 + 8)) for r in rows)
+    assert all(r["het_ms"] > 0 and r["dense_ms"] > 0 for r in rows)
+    assert all(r["speedup"] == pytest.approx(r["dense_ms"] / r["het_ms"]) for r in rows)
+    assert {r["dense_layout"] for r in rows} <= {"nchw", "channels_last"}
+    table = ks.format_rows(rows, 100.0)
+    assert table.count("\n") == 2 + 3 and "| t | 32->48 10x10 | 2 | 4 | weight_grad |" in table
+    real = hetconv.native._weight_grad
+    monkeypatch.setattr(hetconv.native, "_weight_grad",
+                        lambda *a: tuple(torch.zeros_like(g) for g in real(*a)))
+    with pytest.raises(RuntimeError, match="weight_grad kernel disagrees"):
+        ks.split(shape, 4, repeats=1)
+
+
+@pytest.mark.skipif(not hetconv.native.available(), reason="native kernel unavailable")
+def test_kernel_split_script_command_line(tmp_path, capsys):
+    ks = _load_script("kernel_split")
+    out = tmp_path / "split.md"
+    args = ["--suites", "vgg16_cifar", "--min-channels", "512", "--batch-scale", "0.02",
+            "--parts", "8", "--repeats", "1", "--threads", "1", "--out", str(out)]
+    threads = torch.get_num_threads()
+    try:
+        assert ks.main(args) == 0
+    finally:
+        torch.set_num_threads(threads)
+    text = out.read_text()
+    assert text == capsys.readouterr().out
+    # VGG-16's 512->512 layers (4x4, 2x2) at batch 1: three kernels each
+    assert text.count("| vgg16_cifar | 512->512 ") == 2 * 3 and "FMA rate:" in text
+    for bad in (["--parts", "0"], ["--min-channels", "100000"], ["--batch-scale", "0"]):
+        with pytest.raises(SystemExit):
+            ks.main(bad)
