@@ -150,8 +150,8 @@ static inline void nh_next(const nh_geom *g, int *b, int *oh, int *ow) {
     }
 }
 
-/* Row of channel values that tap (u, v) of output pixel (b, oh, ow) reads, or NULL (padding;
- * up = 1: a transposed strided layer's taps are set up by nh_residue_tile). */
+/* Row of channel values that tap (u, v) of output pixel (b, oh, ow) reads, or NULL (padding).
+ * For up = 1 only: a transposed strided layer's taps are set up by nh_residue_tile. */
 static inline const float *nh_tap(const nh_geom *g, const float *x, int b, int oh, int ow,
                                   int u, int v) {
     const int ih = oh * g->s - g->ph + u, iw = ow * g->s - g->pw + v;
@@ -575,13 +575,14 @@ int hetconv_nhwc_forward(const float *x, float *y, int B, int M, int N, int H, i
  * x[centre pixel, c] (the same tile with lw = ts = 1 over all M, summed in w1p's layout).
  * nh_wtile: J steps x V vectors in J*V accumulators over n pixels, added into out.  Pixel i
  * reads the input at xr[i] + xoff and the output gradient at gr[i] + goff (the lists are the
- * chunk's, shared by its filter blocks: xoff and goff are the block's).
+ * chunk's, shared by its filter blocks: xoff and goff are the block's).  pf > 0: the input
+ * the pixel pf places ahead reads is prefetched into L1 (see NH_WPREFETCH_S2).
  */
 #if defined(__AVX512F__)
 static inline __attribute__((always_inline)) void nh_wtile(
         const int J, const int V, const int lw, int n, const float *const *xr,
         const float *const *gr, int ts, int vs, int j0, int Mk, float *out, ptrdiff_t xoff,
-        int goff) {
+        int goff, int pf) {
     const int VW = 16 * V;
     __m512 acc[NH_JRMAX][4];
     _Pragma("GCC unroll 8") for (int a = 0; a < J; ++a)
@@ -594,6 +595,11 @@ static inline __attribute__((always_inline)) void nh_wtile(
      * by 8: 1.00-1.03x against 4; docs/performance.md, sixteenth session) */
     _Pragma("GCC unroll 4") for (int i = 0; i < n; ++i) {
         const float *xp = xr[i], *gp = gr[i] + goff;
+        if (pf) {  /* both ends of the J floats (they may straddle two cache lines) */
+            const float *xa = xr[i + pf < n ? i + pf : n - 1];
+            _mm_prefetch((const char *)(xa + off[0]), _MM_HINT_T0);
+            _mm_prefetch((const char *)(xa + off[J - 1]), _MM_HINT_T0);
+        }
         __m512 gv[4];
         _Pragma("GCC unroll 8") for (int v = 0; v < V; ++v) gv[v] = _mm512_loadu_ps(gp + vs * v);
         _Pragma("GCC unroll 8") for (int a = 0; a < J; ++a) {
@@ -611,9 +617,9 @@ static inline __attribute__((always_inline)) void nh_wtile(
 /* nh_wtile with jt steps (the full tile FULL, or the last tiles' 4 and 2) and V vectors */
 #define NH_WTILE_J(FULL, V, LW)                                                     \
     do {                                                                            \
-        if (jt == 2) nh_wtile(2, V, LW, n, xr, gr, ts, vs, j0, Mk, out, xoff, goff);       \
-        else if (jt == 4) nh_wtile(4, V, LW, n, xr, gr, ts, vs, j0, Mk, out, xoff, goff);  \
-        else nh_wtile(FULL, V, LW, n, xr, gr, ts, vs, j0, Mk, out, xoff, goff);            \
+        if (jt == 2) nh_wtile(2, V, LW, n, xr, gr, ts, vs, j0, Mk, out, xoff, goff, pf);       \
+        else if (jt == 4) nh_wtile(4, V, LW, n, xr, gr, ts, vs, j0, Mk, out, xoff, goff, pf);  \
+        else nh_wtile(FULL, V, LW, n, xr, gr, ts, vs, j0, Mk, out, xoff, goff, pf);            \
     } while (0)
 #define NH_WTILE_CASES(LW)                                                         \
     switch (V) {                                                                   \
@@ -625,7 +631,7 @@ static inline __attribute__((always_inline)) void nh_wtile(
 
 static void nh_wtile_any(int V, int jt, int lw, int n, const float *const *xr,
                          const float *const *gr, int ts, int vs, int j0, int Mk, float *out,
-                         ptrdiff_t xoff, int goff) {
+                         ptrdiff_t xoff, int goff, int pf) {
     switch (lw) {
         case 1: NH_WTILE_CASES(1) break;
         case 2: NH_WTILE_CASES(2) break;
@@ -637,8 +643,9 @@ static void nh_wtile_any(int V, int jt, int lw, int n, const float *const *xr,
 #else
 static void nh_wtile_any(int V, int jt, int lw, int n, const float *const *xr,
                          const float *const *gr, int ts, int vs, int j0, int Mk, float *out,
-                         ptrdiff_t xoff, int goff) {
+                         ptrdiff_t xoff, int goff, int pf) {
     const int VW = 16 * V;
+    (void)pf;
     for (int a = 0; a < jt && j0 + a < Mk; ++a)
         for (int l = 0; l < VW; ++l) {
             float s = 0.f;
@@ -651,7 +658,14 @@ static void nh_wtile_any(int V, int jt, int lw, int n, const float *const *xr,
 
 #define NH_WCHUNK 256     /* pixels per pass at stride 1 (see nh_wchunk) */
 #define NH_WCHUNK_S2 64   /* ... and at stride 2 */
-#define NH_WRANGE 2048    /* pixels per work item (at least; fixed, not per thread) */
+/* Stride > 1: each pixel's input rows are s columns apart (4 KB at 512 channels), so the
+ * hardware prefetchers, which stay inside a 4 KB page, do not follow a tile's reads; the tile
+ * prefetches the input of the pixel this many places ahead in its list.  Paired on the Zen 4
+ * host: 0.90-0.99x the stride-2 weight gradient's time at batch 16 (128-512 channels),
+ * 0.98-1.02x at batch 1 (4 ahead: no gain; 16: about the same as 8).  Not at stride 1,
+ * where the rows are adjacent: 0.98-1.01x (docs/performance.md, seventeenth session) */
+#define NH_WPREFETCH_S2 8
+#define NH_WRANGE 2048    /* pixels per range at most (fixed, not per thread: see nranges) */
 #define NH_WPART_MAX (1L << 24)  /* floats of partial sums at most (64 MB) */
 
 /*
@@ -735,6 +749,7 @@ static void nh_wgrad_chunk(const nh_geom *g, const float *x, const float *gy, in
             n += in;
         }
         if (!n) continue;
+        const int pf = g->s > 1 ? NH_WPREFETCH_S2 : 0;
         for (int fb = fb_lo; fb < fb_hi; ++fb) {
             const int V = blk_v[fb], n0 = blk_n0[fb], VW = 16 * V;
             float *out_t = sums + (size_t)blk_p0[fb] * per_filter;
@@ -742,12 +757,12 @@ static void nh_wgrad_chunk(const nh_geom *g, const float *x, const float *gy, in
                 float *out_c = out_t + (size_t)T * Mk * VW;
                 for (int j0 = 0, jt; j0 < M; j0 += jt)
                     nh_wtile_any(V, jt = nh_wsteps(V, M - j0), 1, n, xr, gr, 1, vs, j0, M,
-                                 out_c, 0, n0);
+                                 out_c, 0, n0, pf);
             } else {
                 float *ot = out_t + (size_t)e * Mk * VW;
                 for (int j0 = 0, jt; j0 < Mk; j0 += jt)
                     nh_wtile_any(V, jt = nh_wsteps(V, Mk - j0), lw, n, xr, gr, ts, vs, j0, Mk,
-                                 ot, blk_toff[fb], n0);
+                                 ot, blk_toff[fb], n0, pf);
             }
         }
     }
