@@ -784,10 +784,10 @@ int hetconv_nhwc_wgrad(const float *x, const float *gy, float *gk, float *g1,
     const long whole = (long)N * per_filter;
     long nranges = (npix + NH_WRANGE - 1) / NH_WRANGE;
     /* more than 4 ranges: a multiple of 4, so the pixel-major split below (at least 4 ranges
-     * per thread) divides evenly over 1, 2 and 4 threads and takes 5-7 ranges too (7 ranges,
-     * 12544 pixels: ResNet-50's 128-channel layers at batch 16, were block-major, or 4 + 3
-     * items on 2 threads).  The ranges fix the order of the sums, so they do not depend on
-     * the thread count.  Paired on the Zen 4 host: 0.84-0.91x the weight gradient's time on
+     * per thread) divides evenly over 1, 2 and 4 threads.  ResNet-50's 128-channel layers at
+     * batch 16 had 7 ranges (12544 pixels): too few for that split on 2 threads, and 4 + 3
+     * items had they been allowed.  The ranges fix the order of the sums, so they do not
+     * depend on the thread count.  Paired on the Zen 4 host: 0.84-0.91x the weight gradient's time on
      * 128->128 56x56 stride 2 b16 (P4, P8), 0.93-0.99x on 128->128 28x28 b16, 0.98x on 64->64
      * 56x56 b16 (25 -> 28 ranges; docs/performance.md, seventeenth session) */
     if (nranges > 4) nranges = (nranges + 3) / 4 * 4;
