@@ -21,7 +21,8 @@ that part.  Each HetConv kernel's result is first checked against the dense refe
 Per row: both times, the speedup against the theoretical one (Eq. 5, from the counted
 multiply-adds of ``hetconv.profile``), and each side's rate in counted GFLOP/s and as a
 share of the machine's FMA rate (``hetconv.native.fma_rate``, measured at the start and the
-end; shares against the higher reading): on a shared host the absolute times move with the host, the shares much less.
+end; shares against the higher reading): on a shared host the absolute times move with the
+host, the shares much less.
 
 docs/performance.md quotes it, e.g.::
 
@@ -86,8 +87,7 @@ def split(shape, part: int, pattern: str = "shifted", repeats: int = 5,
     torch.manual_seed(0)
     b, m, n, size, s = shape.batch, shape.in_ch, shape.out_ch, shape.size, shape.stride
     layer = hetconv.HetConv2d(m, n, 3, stride=s, part=part, pattern=pattern)
-    if not native._use_nhwc(torch.empty(1, m, 1, 1).contiguous(
-            memory_format=torch.channels_last), n, m, part, pattern):
+    if native._nhwc_step(n, m, part, pattern) is None:
         raise ValueError(f"the channels-last kernel does not run {shape.name} at P = {part} "
                          f"({pattern})")
     wk, w1 = layer.weight_k.detach(), layer.weight_1.detach()
@@ -148,21 +148,14 @@ def format_rows(rows: Sequence[Dict[str, object]], fma_gflops: Optional[float]) 
     return "\n".join(out) + "\n"
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return value
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from hetconv import native
     from hetconv._timing import retain_freed_memory
     from hetconv.bench import LAYER_SUITES, layer_shapes
     from hetconv.bench.report import atomic_write, environment
+    from hetconv.cli import _number_arg
+
+    positive_int = _number_arg(int, 1)
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=(
         "Rates are counted multiply-adds (2 flops each) per second, and in brackets the "
@@ -170,26 +163,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "end)."))
     ap.add_argument("--suites", nargs="+", default=list(LAYER_SUITES),
                     choices=list(LAYER_SUITES), help="layer suites (default: all)")
-    ap.add_argument("--min-channels", type=_positive_int, default=128,
+    ap.add_argument("--min-channels", type=positive_int, default=128,
                     help="only layers with at least this many input and output channels "
                          "(default: 128, the issue's per-layer target)")
-    ap.add_argument("--parts", type=_positive_int, nargs="+", default=[4, 8],
+    ap.add_argument("--parts", type=positive_int, nargs="+", default=[4, 8],
                     help="HetConv parts P (default: 4 8)")
     ap.add_argument("--pattern", choices=("shifted", "blocked"), default="shifted",
                     help="HetConv pattern (default: shifted)")
-    ap.add_argument("--batch-scale", type=float, default=1.0,
+    ap.add_argument("--batch-scale", type=_number_arg(float, 0, inclusive=False), default=1.0,
                     help="scale the suites' batches (default: 1, the benchmark's)")
-    ap.add_argument("--repeats", type=_positive_int, default=5,
+    ap.add_argument("--repeats", type=positive_int, default=5,
                     help="timed repeats per call (default: 5)")
-    ap.add_argument("--threads", type=_positive_int, default=2,
+    ap.add_argument("--threads", type=positive_int, default=2,
                     help="torch intra-op threads (default: 2, the target machine)")
     ap.add_argument("--no-check", action="store_true",
                     help="skip checking each kernel against the dense reference first")
     ap.add_argument("--out", help="also write the table to this markdown file")
     argv = sys.argv[1:] if argv is None else list(argv)
     args = ap.parse_args(argv)
-    if not args.batch_scale > 0:
-        ap.error(f"--batch-scale must be > 0, got {args.batch_scale}")
     if not native.available():
         print(f"hetconv native kernel unavailable ({native.build_error()})", file=sys.stderr)
         return 1

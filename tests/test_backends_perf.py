@@ -309,18 +309,23 @@ def test_bench_blocked_twin_models():
     assert {(h.part, h.pattern) for h in hets(default)} == {(4, "shifted")}
 
 
+def _load_script(name):
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_model_time_split_script_accounts_for_every_native_layer():
     """benchmarks/model_time_split.py: one kernel launch per HetConv2d of ResNet-56
     (27 blocks x 2) per forward pass, and the kernels' time is inside the forward passes
     it was measured in (an accounting identity, not a speed claim: the total of separate
     calls is not compared, it varies with the load)."""
-    import importlib.util
-    import pathlib
-
-    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "model_time_split.py"
-    spec = importlib.util.spec_from_file_location("model_time_split", path)
-    mts = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mts)
+    mts = _load_script("model_time_split")
     out = mts.split("resnet56_cifar", 4, batch=2, width=0.25, repeats=2,
                     memory_format="contiguous", backend="native")
     if not hetconv.native.available():
@@ -421,17 +426,6 @@ def test_bench_cli_prints_the_reports_notes(tmp_path, capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "- a target: MET" in out and "| a table |" not in out and "| cpu |" not in out
     assert "**Note.** The machine's FMA rate varied 2.50x" in out
-
-
-def _load_script(name):
-    import importlib.util
-    import pathlib
-
-    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.skipif(not hetconv.native.available(), reason="native kernel unavailable")

@@ -724,6 +724,7 @@ static void nh_wgrad_chunk(const nh_geom *g, const float *x, const float *gy, in
     const int kh = g->kh, kw = g->kw, M = g->M, Mk = g->Mk, N = g->N, lw = g->lw, ts = g->ts;
     const int vs = g->vs, nq = (int)(c1 - c0);
     const int T = kh * kw - 1, centre = (kh / 2) * kw + kw / 2;
+    const int pf = g->s > 1 ? NH_WPREFETCH_S2 : 0;  /* input prefetch distance (see there) */
     ptrdiff_t o[NH_WCHUNK];   /* top-left tap's offset in x (row ih0, column iw0) */
     uint64_t live[NH_WCHUNK]; /* bit t: tap t inside the image (kh * kw <= NH_KKMAX < 64) */
     int b, oh, ow;
@@ -749,7 +750,6 @@ static void nh_wgrad_chunk(const nh_geom *g, const float *x, const float *gy, in
             n += in;
         }
         if (!n) continue;
-        const int pf = g->s > 1 ? NH_WPREFETCH_S2 : 0;
         for (int fb = fb_lo; fb < fb_hi; ++fb) {
             const int V = blk_v[fb], n0 = blk_n0[fb], VW = 16 * V;
             float *out_t = sums + (size_t)blk_p0[fb] * per_filter;
@@ -787,9 +787,10 @@ int hetconv_nhwc_wgrad(const float *x, const float *gy, float *gk, float *g1,
      * per thread) divides evenly over 1, 2 and 4 threads.  ResNet-50's 128-channel layers at
      * batch 16 had 7 ranges (12544 pixels): too few for that split on 2 threads, and 4 + 3
      * items had they been allowed.  The ranges fix the order of the sums, so they do not
-     * depend on the thread count.  Paired on the Zen 4 host: 0.84-0.91x the weight gradient's time on
-     * 128->128 56x56 stride 2 b16 (P4, P8), 0.93-0.99x on 128->128 28x28 b16, 0.98x on 64->64
-     * 56x56 b16 (25 -> 28 ranges; docs/performance.md, seventeenth session) */
+     * depend on the thread count.  Paired on the Zen 4 host: 0.84-0.91x the weight
+     * gradient's time on 128->128 56x56 stride 2 b16 (P4, P8), 0.93-0.99x on 128->128 28x28
+     * b16, 0.98x on 64->64 56x56 b16 (25 -> 28 ranges; docs/performance.md, seventeenth
+     * session) */
     if (nranges > 4) nranges = (nranges + 3) / 4 * 4;
     if (nranges * whole > NH_WPART_MAX) nranges = NH_WPART_MAX / whole;
     if (nranges < 1) nranges = 1;  /* also with no pixels (B = 0): the gradient is zero */
