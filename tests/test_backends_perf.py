@@ -15,6 +15,7 @@ import torch.nn.functional as F
 import hetconv
 from hetconv import bench
 from hetconv import functional as HF
+from hetconv import deploy
 
 
 def _ref(x, layer):
@@ -148,6 +149,10 @@ def test_bench_layer_candidates_agree():
         cands = bench.layer_candidates(shape, 2, train)
         assert {"dense_nchw", "dense_cl", "het_fused", "het_auto", "masked_dense", "branches",
                 "grouped_plus_pw", "gwc_pwc", "dwc_pwc"} <= set(cands)
+        # packed weights: inference only (a training call would run the plain convolution)
+        packed = {"dense_packed", "dense_cl_packed"} & set(cands)
+        assert packed == (set() if train or not deploy._packing_available()
+                          else {"dense_packed", "dense_cl_packed"})
         for fn in cands.values():
             fn()
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import io
 import os
 import warnings
 
@@ -99,7 +101,11 @@ def test_optimize_for_inference_matches_and_leaves_original(backend):
     assert plan["memory_format"] in ("contiguous", "channels_last")
     layers = [m for m in fast.modules() if isinstance(m, hetconv.HetConv2d)]
     # plus the dense stem, where the native kernel ran it faster (as P = 1)
-    assert len(plan["layers"]) == len(layers) == 3 + plan["native_dense"]
+    assert len(layers) == 3 + plan["native_dense"]
+    # and the dense convolutions that run faster with packed weights
+    packed = [m for m in fast.modules() if isinstance(m, deploy.PackedConv2d)]
+    assert len(plan["layers"]) == len(layers) + len(packed)
+    assert len(packed) == plan["packed_dense"] <= (1 if backend == "measure" else 0)
     expected = set(hetconv.BACKENDS) if backend == "measure" else {backend}
     assert {layer.backend for layer in layers} <= expected
     assert not fast.training
@@ -194,6 +200,14 @@ needs_native = pytest.mark.skipif(not hetconv.native.available(),
 
 def _fused(model: nn.Module):
     return [m for m in model.modules() if isinstance(m, deploy.NativeFused)]
+
+
+def _copy_and_reload(model: nn.Module):
+    """A deep copy of ``model`` and ``model`` saved and loaded again."""
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    return copy.deepcopy(model), torch.load(buf, weights_only=False)
 
 
 def _planners(model: nn.Module):
@@ -355,9 +369,6 @@ def test_native_fused_prepared_calls_follow_every_weight_change(layout, monkeypa
 def test_optimized_model_copies_and_saves_after_calls():
     """Prepared kernel calls (raw pointers) stay out of copies and pickles; the copies compute
     the same and prepare their own."""
-    import copy
-    import io
-
     torch.manual_seed(5)
     model = hetconv.create_model("resnet56_cifar", part=4, width=0.5).eval()
     x = torch.randn(2, 3, 16, 16)
@@ -365,12 +376,7 @@ def test_optimized_model_copies_and_saves_after_calls():
     with torch.no_grad():
         want = fast(x)
         assert any(f.__dict__.get("_plans") for f in _planners(fast))
-        twin = copy.deepcopy(fast)
-        buf = io.BytesIO()
-        torch.save(fast, buf)
-        buf.seek(0)
-        loaded = torch.load(buf, weights_only=False)
-        for other in (twin, loaded):
+        for other in _copy_and_reload(fast):
             assert not any(f.__dict__.get("_plans") for f in _planners(other))
             torch.testing.assert_close(other(x), want)
             assert any(f.__dict__.get("_plans") for f in _planners(other))
@@ -495,3 +501,141 @@ def test_auto_is_timed_where_it_changes_the_input_layout(monkeypatch):
         deploy._fastest_backend(layer, inp, 1)
         assert ("auto" in timed[-1]) == has_auto
         assert set(timed[-1]) >= set(hetconv.BACKENDS)
+
+
+# ---------------------------------------------------------------------------
+# Dense convolutions with packed weights
+# ---------------------------------------------------------------------------
+
+needs_packing = pytest.mark.skipif(not deploy._packing_available(),
+                                   reason="this torch has no oneDNN weight packing")
+
+
+def _packed_calls(monkeypatch):
+    """Count the calls that pack weights (the real op runs)."""
+    calls = []
+    real = deploy._pack_weight
+
+    def counting(*args):
+        calls.append(args)
+        return real(*args)
+
+    monkeypatch.setattr(deploy, "_pack_weight", counting)
+    return calls
+
+
+@needs_packing
+@pytest.mark.parametrize("kw", [
+    dict(in_channels=8, out_channels=16, kernel_size=3, padding=1),
+    dict(in_channels=8, out_channels=12, kernel_size=3, stride=2, padding=1, bias=False),
+    dict(in_channels=8, out_channels=8, kernel_size=3, padding=2, dilation=2),
+    dict(in_channels=8, out_channels=8, kernel_size=3, padding=1, groups=8),
+    dict(in_channels=8, out_channels=16, kernel_size=(1, 3), padding=(0, 1), groups=2),
+    dict(in_channels=8, out_channels=4, kernel_size=1),
+    dict(in_channels=3, out_channels=16, kernel_size=5, stride=2, padding=0),
+])
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+def test_packed_conv_matches_conv2d_and_keeps_the_memory_format(kw, fmt, monkeypatch):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(**kw).eval()
+    packed = deploy.PackedConv2d(conv)
+    calls = _packed_calls(monkeypatch)
+    for batch in (1, 3):
+        x = torch.randn(batch, kw["in_channels"], 11, 9).contiguous(memory_format=fmt)
+        with torch.no_grad():
+            want = conv(x)
+            for _ in range(2):
+                got = packed(x.clone())  # another tensor of the same shape
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+                assert got.is_contiguous(memory_format=fmt)
+    assert len(calls) == 2  # once per input shape, not per call
+
+
+@needs_packing
+def test_packed_conv_follows_weight_changes_and_falls_back_for_gradients(monkeypatch):
+    torch.manual_seed(1)
+    conv = nn.Conv2d(6, 10, 3, padding=1)
+    packed = deploy.PackedConv2d(conv)
+    x = torch.randn(2, 6, 7, 7)
+    with torch.no_grad():
+        packed(x)
+        packed.weight.mul_(-2)  # in place: the packed copy is stale
+        conv.weight.mul_(-2)
+        torch.testing.assert_close(packed(x), conv(x), rtol=1e-5, atol=1e-5)
+    calls = _packed_calls(monkeypatch)
+    xg = x.clone().requires_grad_()
+    y = packed(xg)  # autograd: the plain convolution, with its gradient
+    y.square().sum().backward()
+    xr = x.clone().requires_grad_()
+    conv(xr).square().sum().backward()
+    torch.testing.assert_close(xg.grad, xr.grad, rtol=1e-5, atol=1e-5)
+    assert not calls
+    monkeypatch.setattr(deploy, "_packing_available", lambda: False)
+    with torch.no_grad():
+        torch.testing.assert_close(packed(x), conv(x), rtol=1e-5, atol=1e-5)
+    assert not calls
+
+
+@needs_packing
+def test_packed_conv_copies_saves_and_exports_as_a_plain_conv():
+    torch.manual_seed(2)
+    model = nn.Sequential(deploy.PackedConv2d(nn.Conv2d(3, 8, 3, padding=1)), nn.ReLU()).eval()
+    x = torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        want = model(x)
+    assert model[0].__dict__.get("_plans")
+    assert set(model.state_dict()) == {"0.weight", "0.bias"}
+    for other in _copy_and_reload(model):
+        assert not other[0].__dict__.get("_plans")
+        with torch.no_grad():
+            torch.testing.assert_close(other(x), want)
+    exported = torch.export.export(model, (x,))  # traced calls: the plain convolution
+    ops = {str(n.target) for n in exported.graph.nodes if n.op == "call_function"}
+    assert any("conv" in op for op in ops) and not any("mkldnn" in op for op in ops)
+    torch.testing.assert_close(exported.module()(x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_packed_conv_refuses_what_it_cannot_pack():
+    with pytest.raises(TypeError, match="conv must be an nn.Conv2d"):
+        deploy.PackedConv2d(nn.Conv2d(3, 8, 3, padding="same"))
+    with pytest.raises(TypeError, match="conv must be an nn.Conv2d"):
+        deploy.PackedConv2d(nn.Conv2d(3, 8, 3, padding=1, padding_mode="reflect"))
+    with pytest.raises(TypeError, match="conv must be an nn.Conv2d"):
+        deploy.PackedConv2d(nn.Conv2d(3, 8, 3).double())
+    with pytest.raises(TypeError, match="conv must be an nn.Conv2d"):
+        deploy.PackedConv2d(nn.Conv1d(3, 8, 3))
+
+
+@needs_packing
+def test_optimize_packs_the_dense_convs_it_measures_faster(monkeypatch):
+    torch.manual_seed(3)
+    model = _randomise_bn(hetconv.create_model("vgg16_cifar", width=0.25))
+    x = torch.randn(1, 3, 32, 32)
+    dense = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+
+    def timed(fns, **kw):  # "packed" faster on every other layer; the measured model wins
+        if set(fns) == {"dense", "packed"}:
+            timed.n += 1
+            fast = "packed" if timed.n % 2 else "dense"
+        elif set(fns) == {"measured", "rule"}:
+            fast = "measured"
+        else:
+            return real(fns, **kw)
+        return {k: Timing.from_samples([1.0 if k == fast else 2.0]) for k in fns}
+
+    timed.n = 0
+    real = deploy.time_interleaved
+    monkeypatch.setattr(deploy, "time_interleaved", timed)
+    fast = hetconv.optimize_for_inference(model, x, repeats=1, memory_format="channels_last")
+    plan = fast.hetconv_plan
+    assert plan["kept"] == "measured"
+    packed = {n for n, m in fast.named_modules() if isinstance(m, deploy.PackedConv2d)}
+    assert packed == set(dense[0::2]) and plan["packed_dense"] == len(packed)
+    assert all(plan["layers"][n]["backend"] == "packed" for n in packed)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), model(x), rtol=1e-4, atol=1e-4)
+    none = hetconv.optimize_for_inference(model, x, repeats=1, pack=False)
+    assert none.hetconv_plan["packed_dense"] == 0
+    assert not any(isinstance(m, deploy.PackedConv2d) for m in none.modules())
+    with pytest.raises(TypeError, match="pack must be a bool"):
+        hetconv.optimize_for_inference(model, x, pack="yes")

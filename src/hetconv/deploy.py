@@ -36,7 +36,7 @@ from .native import PlanHolder
 from .permute import PermutationTracer, absorb_permutations, has_shifted_layers
 
 __all__ = ["fold_batchnorm", "optimize_for_inference", "export_onnx", "export_module",
-           "NativeFused", "NativeChain", "ChannelPadShortcut"]
+           "NativeFused", "NativeChain", "ChannelPadShortcut", "PackedConv2d"]
 
 log = logging.getLogger(__name__)
 
@@ -219,18 +219,28 @@ def _native_dense_convs(out: nn.Module, x: torch.Tensor, repeats: int,
         layer = _as_native_p1(conv)
         args = (layer.weight_k, layer.weight_1, layer.bias, layer.pattern, False, None,
                 layer.stride[0])
-        with torch.no_grad():  # the kernel itself (HetConv2d runs P = 1 densely; NativeFused not)
-            times = time_interleaved(
-                {"dense": lambda: conv(xin),
-                 "native": lambda: HF._native.native_conv2d(xin, *args)},
-                repeats=repeats, warmup=1, settle=1)
-        medians = {k: t.median for k, t in times.items()}
-        if medians["native"] < medians["dense"]:
-            _replace(out, name, layer)
-            plan["layers"][name] = {"backend": "native", "seconds": medians,
-                                    "from": "nn.Conv2d (as P = 1)"}
+        # the kernel itself (HetConv2d runs P = 1 densely; NativeFused does not)
+        if _swap_if_faster(out, plan, name, conv, xin, layer, "native",
+                           lambda: HF._native.native_conv2d(xin, *args),
+                           "nn.Conv2d (as P = 1)", repeats):
             replaced[name] = conv
     return replaced
+
+
+def _swap_if_faster(out: nn.Module, plan: dict, name: str, conv: nn.Module, xin: torch.Tensor,
+                    new: nn.Module, backend: str, call, origin: str, repeats: int) -> bool:
+    """Time ``conv`` against ``call`` (``new``'s computation) on ``xin``, interleaved; when
+    ``call`` is faster, put ``new`` in ``conv``'s place (``name`` in ``out``) and record both
+    medians in ``plan["layers"][name]`` under ``backend``.  Returns whether it did."""
+    with torch.no_grad():
+        times = time_interleaved({"dense": lambda: conv(xin), backend: call},
+                                 repeats=repeats, warmup=1, settle=1)
+    medians = {k: t.median for k, t in times.items()}
+    if medians[backend] >= medians["dense"]:
+        return False
+    _replace(out, name, new)
+    plan["layers"][name] = {"backend": backend, "seconds": medians, "from": origin}
+    return True
 
 
 def _absorbed(model: nn.Module, example_input: Optional[torch.Tensor]) -> Tuple[nn.Module, dict]:
@@ -245,6 +255,117 @@ def _absorbed(model: nn.Module, example_input: Optional[torch.Tensor]) -> Tuple[
     for p in out.parameters():
         p.requires_grad_(False)
     return out, dict(out.hetconv_permutations)
+
+
+# ---------------------------------------------------------------------------
+# Dense convolutions with their weights packed once (oneDNN)
+# ---------------------------------------------------------------------------
+
+def _packing_available() -> bool:
+    """Whether this torch has oneDNN's convolution with pre-packed weights."""
+    try:
+        return (torch.backends.mkldnn.is_available()
+                and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+                and hasattr(torch.ops.mkldnn, "_reorder_convolution_weight"))
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _pack_weight(weight: torch.Tensor, padding: list, stride: list, dilation: list,
+                 groups: int, input_size: list) -> torch.Tensor:
+    """``weight`` in the layout oneDNN's convolution wants for inputs of ``input_size``."""
+    return torch.ops.mkldnn._reorder_convolution_weight(weight, padding, stride, dilation,
+                                                        groups, input_size)
+
+
+def _packable(conv: nn.Module) -> bool:
+    """A dense 2-d convolution :class:`PackedConv2d` takes: ``nn.Conv2d`` itself (not a
+    subclass, whose forward may differ) with numeric zero padding, in float32 on the CPU."""
+    return (type(conv) is nn.Conv2d and conv.padding_mode == "zeros"
+            and not isinstance(conv.padding, str) and conv.weight.dtype == torch.float32
+            and conv.weight.device.type == "cpu")
+
+
+class PackedConv2d(PlanHolder, nn.Module):
+    """An ``nn.Conv2d`` for inference whose weights oneDNN reorders once per input shape,
+    not on every call.
+
+    ``nn.Conv2d`` hands oneDNN the weights in PyTorch's layout, and oneDNN reorders them
+    into its own blocked layout on every call; at batch 1 that reorder (the weights of a
+    512-channel 3x3 layer are 9 MB) costs more than the convolution, and for small inputs
+    PyTorch takes its slower im2col path instead.  This module packs the weights for an
+    input shape on its first call with that shape and keeps them (left out of copies and
+    pickles, rebuilt on the next call).  Outputs have the input's memory format, as
+    ``nn.Conv2d``'s do.
+
+    ``weight`` and ``bias`` stay the plain tensors (``state_dict``, ONNX export and
+    ``torch.compile`` see an ordinary convolution): calls that need gradients, traced or
+    compiled calls, and inputs that are not 4-d float32 CPU tensors run ``F.conv2d`` on
+    them.  :func:`optimize_for_inference` uses it where it measures it faster.
+    """
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        super().__init__()
+        if not _packable(conv):
+            raise TypeError("conv must be an nn.Conv2d with numeric zero padding, float32 "
+                            f"weights on the CPU, got {conv!r}")
+        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
+        self.kernel_size = tuple(conv.kernel_size)
+        self.stride, self.padding = tuple(conv.stride), tuple(conv.padding)
+        self.dilation, self.groups = tuple(conv.dilation), conv.groups
+        self.register_buffer("weight", conv.weight.detach().clone())
+        self.register_buffer("bias", None if conv.bias is None else conv.bias.detach().clone())
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
+                f"groups={self.groups}, bias={self.bias is not None}")
+
+    def _fast(self, x: torch.Tensor) -> bool:
+        if (torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling()
+                or torch.onnx.is_in_onnx_export()):
+            return False  # a graph of standard ops, not of this process's packed weights
+        return (x.dim() == 4 and x.dtype == torch.float32 and x.device.type == "cpu"
+                and self.weight.device.type == "cpu" and x.shape[1] == self.in_channels
+                and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
+                and _packing_available())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        args = (list(self.padding), list(self.stride), list(self.dilation), self.groups)
+        if not self._fast(x):
+            return F.conv2d(x, self.weight, self.bias, self.stride, self.padding,
+                            self.dilation, self.groups)
+        key = (tuple(x.shape), self.weight.data_ptr(), self.weight._version)
+        packed = self._plan_for(key)
+        if packed is False:
+            packed = _pack_weight(self.weight, *args, list(x.shape))
+            self._keep_plan(key, packed)
+        y = torch.ops.mkldnn._convolution_pointwise(x, packed, self.bias, *args, "none", [],
+                                                     "")
+        if x.is_contiguous() and not y.is_contiguous():  # NCHW in, NCHW out
+            y = y.contiguous()
+        return y
+
+
+def _packed_dense_convs(out: nn.Module, x: torch.Tensor, repeats: int, plan: dict) -> int:
+    """Replace each ``nn.Conv2d`` that a :class:`PackedConv2d` runs faster on its own input
+    (in execution order, on ``x``) by one; their timings go to ``plan["layers"]``.  Returns
+    how many were replaced."""
+    if not _packing_available():
+        return 0
+    names = {m: n for n, m in out.named_modules() if _packable(m)}
+    if not names:
+        return 0
+    inputs = _capture_inputs(out, x, (nn.Conv2d,))
+    replaced = 0
+    for conv, name in names.items():
+        xin = inputs.get(conv)
+        if xin is None or xin.dim() != 4:
+            continue
+        packed = PackedConv2d(conv)
+        replaced += _swap_if_faster(out, plan, name, conv, xin, packed, "packed",
+                                    lambda: packed(xin), "nn.Conv2d", repeats)
+    return replaced
 
 
 # ---------------------------------------------------------------------------
@@ -723,7 +844,7 @@ def _chain_native(gm: torch.fx.GraphModule) -> int:
 
 
 def _configure(out: nn.Module, plan: dict, example_input: Optional[torch.Tensor], backend: str,
-               memory_format: str, repeats: int, fuse: bool) -> nn.Module:
+               memory_format: str, repeats: int, fuse: bool, pack: bool = True) -> nn.Module:
     """Memory format, per-layer backends and fusion of one candidate model (fills ``plan``)."""
     names = {m: n for n, m in out.named_modules()}
     formats = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
@@ -810,6 +931,9 @@ def _configure(out: nn.Module, plan: dict, example_input: Optional[torch.Tensor]
             for m in chains:
                 m.enabled = timed[True] <= timed[False]
             plan["chain_seconds"] = {"chained": timed[True], "layer_by_layer": timed[False]}
+    plan["packed_dense"] = 0
+    if pack and backend == "measure" and x is not None:
+        plan["packed_dense"] = _packed_dense_convs(out, x, repeats, plan)
     if rule is not None:
         return _keep_faster(out, rule, plan, x, repeats)
     return out
@@ -836,6 +960,7 @@ def _keep_faster(measured: nn.Module, rule: nn.Module, plan: dict, x: torch.Tens
             if "seconds" in measured_layers.get(name, {}):
                 plan["layers"][name]["seconds"] = measured_layers[name]["seconds"]
     plan["fused_native"] = plan["chained_native"] = plan["native_dense"] = 0
+    plan["packed_dense"] = 0
     plan.pop("chain_seconds", None)
     return rule
 
@@ -849,7 +974,8 @@ def optimize_for_inference(model: nn.Module, example_input: Optional[torch.Tenso
                            fold_bn: bool = True, backend: str = "measure",
                            memory_format: str = "auto", repeats: int = 5, check: bool = True,
                            rtol: float = 1e-4, atol: float = 1e-4,
-                           absorb: bool = True, fuse: bool = True) -> nn.Module:
+                           absorb: bool = True, fuse: bool = True,
+                           pack: bool = True) -> nn.Module:
     """A faster copy of ``model`` for inference (``model`` itself is left untouched).
 
     Args:
@@ -886,6 +1012,12 @@ def optimize_for_inference(model: nn.Module, example_input: Optional[torch.Tenso
             activations between them kept in per-thread buffers in L2. With
             ``backend="measure"`` chained and layer-by-layer runs are both timed and the
             faster kept (``hetconv_plan["chain_seconds"]``).
+        pack: with ``backend="measure"``, each remaining ``nn.Conv2d`` (a stem, a shortcut,
+            every layer of a dense model) that :class:`PackedConv2d` runs faster on its
+            example input is replaced by one: its weights packed for oneDNN once, not
+            reordered on every call (at batch 1 that reorder can cost more than the
+            convolution).  ``hetconv_plan["packed_dense"]`` counts them; their timings
+            are in ``hetconv_plan["layers"]`` with backend ``"packed"``.
 
     The returned copy is in eval mode and carries ``hetconv_plan``: a dict with
     the chosen memory format, the number of folded BatchNorms, the absorbed
@@ -893,8 +1025,8 @@ def optimize_for_inference(model: nn.Module, example_input: Optional[torch.Tenso
     (``fused_native``), of chains (``chained_native``) and of dense convolutions run by the
     native kernel as P = 1 layers (``native_dense``; with ``backend`` "measure" or
     "native", NCHW, and ``fuse``: those the kernel ran faster on their example input and
-    fusion took), and the backend (with measured medians in seconds) of every
-    HetConv2d by module name.
+    fusion took), of dense convolutions with packed weights (``packed_dense``), and the
+    backend (with measured medians in seconds) of every HetConv2d by module name.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -909,6 +1041,8 @@ def optimize_for_inference(model: nn.Module, example_input: Optional[torch.Tenso
         raise TypeError(f"absorb must be a bool, got {absorb!r}")
     if not isinstance(fuse, bool):
         raise TypeError(f"fuse must be a bool, got {fuse!r}")
+    if not isinstance(pack, bool):
+        raise TypeError(f"pack must be a bool, got {pack!r}")
     if example_input is not None and not isinstance(example_input, torch.Tensor):
         raise TypeError(f"example_input must be a tensor or None, got {type(example_input).__name__}")
     if example_input is None and (backend == "measure" or memory_format == "auto"):
@@ -936,7 +1070,7 @@ def optimize_for_inference(model: nn.Module, example_input: Optional[torch.Tenso
         if absorb:
             plan["permutations"] = info
         candidate = _configure(candidate, plan, example_input, backend, memory_format,
-                               repeats, fuse)
+                               repeats, fuse, pack)
         if len(variants) > 1:
             fmt = torch.channels_last if plan["memory_format"] == "channels_last" \
                 else torch.contiguous_format

@@ -3,8 +3,10 @@
 Candidates for a shape (M -> N, HxW input, stride) and part P:
 
 * ``dense_nchw`` / ``dense_cl``: ``nn.Conv2d`` in NCHW and channels_last
-  (and ``*_compiled`` with ``torch.compile`` when asked); the fastest of them
-  is the baseline every ratio is taken against.
+  (and ``*_compiled`` with ``torch.compile`` when asked; for inference also
+  ``dense_packed`` / ``dense_cl_packed``: :class:`hetconv.deploy.PackedConv2d`, the
+  weights packed for oneDNN once instead of reordered on every call); the fastest of
+  them is the baseline every ratio is taken against.
 * public designs: ``masked_dense`` (a dense kernel multiplied by the 0/1 mask
   each call, what most public code does), ``grouped_plus_pw`` (grouped conv +
   unmasked full pointwise conv, two convs summed), ``branches`` (P per-class
@@ -33,6 +35,7 @@ import torch.nn.functional as F
 from .. import functional as HF
 from .. import pattern as _pattern
 from .._timing import SETTLE_MS, time_interleaved
+from ..deploy import PackedConv2d, _packing_available
 
 __all__ = ["LayerShape", "LAYER_SUITES", "layer_shapes", "parts_for", "layer_candidates",
            "run_layers"]
@@ -155,6 +158,13 @@ def layer_candidates(shape: LayerShape, part: int, train: bool = False,
         dense = lambda xx: F.conv2d(xx, w, None, s, 1)  # noqa: E731
         cands["dense_nchw"] = _runner(lambda: dense(x), train, (x, w))
         cands["dense_cl"] = _runner(lambda: dense(x_cl), train, (x_cl, w))
+        if not train and _packing_available():  # the weights in oneDNN's layout once
+            conv = torch.nn.Conv2d(m, n, k, s, 1, bias=False)
+            with torch.no_grad():
+                conv.weight.copy_(w)
+            packed = PackedConv2d(conv)
+            cands["dense_packed"] = _runner(lambda: packed(x), train, ())
+            cands["dense_cl_packed"] = _runner(lambda: packed(x_cl), train, ())
         if compile:
             cdense = torch.compile(dense, dynamic=False)
             cands["dense_nchw_compiled"] = _runner(lambda: cdense(x), train, (x, w))
