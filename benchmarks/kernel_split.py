@@ -14,8 +14,9 @@ process (``hetconv._timing.time_interleaved``, medians after warm-up):
 
 and the same three parts of the dense convolution (``F.conv2d`` and
 ``torch.ops.aten.convolution_backward`` with one output each, oneDNN on this CPU), NCHW and
-channels_last, reporting the faster layout per part: the best baseline PyTorch offers for
-that part.  Each HetConv kernel's result is first checked against the dense reference
+channels_last, and for the forward also ``hetconv.deploy.PackedConv2d`` in both layouts (the
+weights packed for oneDNN once, not reordered on every call), reporting the fastest per
+part: the best baseline PyTorch offers for that part.  Each HetConv kernel's result is first checked against the dense reference
 (autograd through ``F.conv2d`` with the assembled kernel); a mismatch stops the run.
 
 Per row: both times, the speedup against the theoretical one (Eq. 5, from the counted
@@ -78,6 +79,7 @@ def split(shape, part: int, pattern: str = "shifted", repeats: int = 5,
     ``part``: ``het_ms``, ``dense_ms`` (the faster layout, named in ``dense_layout``),
     ``speedup``, ``theory``, ``het_macs`` / ``dense_macs`` (counted, per call)."""
     import hetconv
+    from hetconv import deploy
     from hetconv import functional as HF
     from hetconv import native
     from hetconv._timing import time_interleaved
@@ -108,9 +110,16 @@ def split(shape, part: int, pattern: str = "shifted", repeats: int = 5,
         _check("weight_grad", het["weight_grad"](), (gwk, gw1))
     dense = {"nchw": _dense_parts(x.contiguous(), gy.contiguous(), wd, s),
              "channels_last": _dense_parts(x, gy, wd.contiguous(memory_format=cl), s)}
+    if deploy._packing_available():  # inference's baseline: the weights packed for oneDNN once
+        conv = torch.nn.Conv2d(m, n, 3, s, 1, bias=False)
+        with torch.no_grad():
+            conv.weight.copy_(wd)
+        packed = deploy.PackedConv2d(conv)
+        for layout, xx in (("nchw", x.contiguous()), ("channels_last", x)):
+            dense[f"{layout}_packed"] = {"forward": lambda xx=xx: packed(xx)}
     candidates = {f"het {k}": het[k] for k in KERNELS}
     for layout, parts in dense.items():
-        candidates.update({f"dense_{layout} {k}": parts[k] for k in KERNELS})
+        candidates.update({f"dense_{layout} {k}": fn for k, fn in parts.items()})
     times = time_interleaved(candidates, repeats=repeats, warmup=2, min_seconds=0.05,
                              settle=1, settle_seconds=0.01)
     het_macs = b * hetconv.profile(layer, (m, size, size)).macs
@@ -118,7 +127,8 @@ def split(shape, part: int, pattern: str = "shifted", repeats: int = 5,
                                      (m, size, size)).macs
     rows = []
     for k in KERNELS:
-        layout = min(dense, key=lambda lay: times[f"dense_{lay} {k}"].median)
+        layout = min((lay for lay in dense if k in dense[lay]),
+                     key=lambda lay: times[f"dense_{lay} {k}"].median)
         het_ms = times[f"het {k}"].median * 1e3
         dense_ms = times[f"dense_{layout} {k}"].median * 1e3
         rows.append({"suite": shape.suite, "layer": shape.name, "batch": b, "part": part,
