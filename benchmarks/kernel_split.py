@@ -16,8 +16,9 @@ and the same three parts of the dense convolution (``F.conv2d`` and
 ``torch.ops.aten.convolution_backward`` with one output each, oneDNN on this CPU), NCHW and
 channels_last, and for the forward also ``hetconv.deploy.PackedConv2d`` in both layouts (the
 weights packed for oneDNN once, not reordered on every call), reporting the fastest per
-part: the best baseline PyTorch offers for that part.  Each HetConv kernel's result is first checked against the dense reference
-(autograd through ``F.conv2d`` with the assembled kernel); a mismatch stops the run.
+part: the best baseline PyTorch offers for that part.  Each HetConv kernel's result is
+first checked against the dense reference (autograd through ``F.conv2d`` with the
+assembled kernel); a mismatch stops the run.
 
 Per row: both times, the speedup against the theoretical one (Eq. 5, from the counted
 multiply-adds of ``hetconv.profile``), and each side's rate in counted GFLOP/s and as a

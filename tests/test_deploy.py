@@ -549,6 +549,12 @@ def test_packed_conv_matches_conv2d_and_keeps_the_memory_format(kw, fmt, monkeyp
                 torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
                 assert got.is_contiguous(memory_format=fmt)
     assert len(calls) == 2  # once per input shape, not per call
+    # views dense in neither layout: the plain convolution, whose output layout they get
+    x = torch.randn(2, kw["in_channels"], 12, 10).contiguous(memory_format=fmt)[:, :, 1::2]
+    with torch.no_grad():
+        got, want = packed(x), conv(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert got.stride() == want.stride() and len(calls) == 2
 
 
 @needs_packing

@@ -197,6 +197,22 @@ def _as_native_p1(conv: nn.Conv2d) -> HetConv2d:
     return layer.eval()
 
 
+def _swap_if_faster(out: nn.Module, plan: dict, name: str, conv: nn.Module, xin: torch.Tensor,
+                    new: nn.Module, backend: str, call, origin: str, repeats: int) -> bool:
+    """Time ``conv`` against ``call`` (``new``'s computation) on ``xin``, interleaved; when
+    ``call`` is faster, put ``new`` in ``conv``'s place (``name`` in ``out``) and record both
+    medians in ``plan["layers"][name]`` under ``backend``.  Returns whether it did."""
+    with torch.no_grad():
+        times = time_interleaved({"dense": lambda: conv(xin), backend: call},
+                                 repeats=repeats, warmup=1, settle=1)
+    medians = {k: t.median for k, t in times.items()}
+    if medians[backend] >= medians["dense"]:
+        return False
+    _replace(out, name, new)
+    plan["layers"][name] = {"backend": backend, "seconds": medians, "from": origin}
+    return True
+
+
 def _native_dense_convs(out: nn.Module, x: torch.Tensor, repeats: int,
                         plan: dict) -> Dict[str, nn.Conv2d]:
     """Replace the dense convolutions (a stem, say) that the NCHW kernel runs faster than
@@ -225,22 +241,6 @@ def _native_dense_convs(out: nn.Module, x: torch.Tensor, repeats: int,
                            "nn.Conv2d (as P = 1)", repeats):
             replaced[name] = conv
     return replaced
-
-
-def _swap_if_faster(out: nn.Module, plan: dict, name: str, conv: nn.Module, xin: torch.Tensor,
-                    new: nn.Module, backend: str, call, origin: str, repeats: int) -> bool:
-    """Time ``conv`` against ``call`` (``new``'s computation) on ``xin``, interleaved; when
-    ``call`` is faster, put ``new`` in ``conv``'s place (``name`` in ``out``) and record both
-    medians in ``plan["layers"][name]`` under ``backend``.  Returns whether it did."""
-    with torch.no_grad():
-        times = time_interleaved({"dense": lambda: conv(xin), backend: call},
-                                 repeats=repeats, warmup=1, settle=1)
-    medians = {k: t.median for k, t in times.items()}
-    if medians[backend] >= medians["dense"]:
-        return False
-    _replace(out, name, new)
-    plan["layers"][name] = {"backend": backend, "seconds": medians, "from": origin}
-    return True
 
 
 def _absorbed(model: nn.Module, example_input: Optional[torch.Tensor]) -> Tuple[nn.Module, dict]:
@@ -300,8 +300,8 @@ class PackedConv2d(PlanHolder, nn.Module):
 
     ``weight`` and ``bias`` stay the plain tensors (``state_dict``, ONNX export and
     ``torch.compile`` see an ordinary convolution): calls that need gradients, traced or
-    compiled calls, and inputs that are not 4-d float32 CPU tensors run ``F.conv2d`` on
-    them.  :func:`optimize_for_inference` uses it where it measures it faster.
+    compiled calls, and inputs that are not 4-d float32 CPU tensors, dense in NCHW or
+    channels_last, run ``F.conv2d`` on them.  :func:`optimize_for_inference` uses it where it measures it faster.
     """
 
     def __init__(self, conv: nn.Conv2d) -> None:
@@ -327,6 +327,8 @@ class PackedConv2d(PlanHolder, nn.Module):
             return False  # a graph of standard ops, not of this process's packed weights
         return (x.dim() == 4 and x.dtype == torch.float32 and x.device.type == "cpu"
                 and self.weight.device.type == "cpu" and x.shape[1] == self.in_channels
+                # a dense NCHW or channels_last input (its output's layout is then plain)
+                and (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last))
                 and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
                 and _packing_available())
 
