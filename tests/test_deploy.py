@@ -601,6 +601,31 @@ def test_packed_conv_copies_saves_and_exports_as_a_plain_conv():
     torch.testing.assert_close(exported.module()(x), want, rtol=1e-5, atol=1e-5)
 
 
+@needs_packing
+def test_models_with_packed_convs_absorb_permutations_and_export(tmp_path):
+    """fx keeps a PackedConv2d as one node (its forward branches on the input), so a model
+    holding one still absorbs its permutations and exports to ONNX."""
+    torch.manual_seed(4)
+    model = nn.Sequential(deploy.PackedConv2d(nn.Conv2d(3, 8, 3, padding=1)), nn.ReLU(),
+                          hetconv.HetConv2d(8, 8, 3, part=2), nn.ReLU(),
+                          hetconv.HetConv2d(8, 4, 3, part=2)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        want = model(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        absorbed = hetconv.absorb_permutations(model)
+    assert absorbed.hetconv_permutations["rewritten_layers"] == 2
+    with torch.no_grad():
+        torch.testing.assert_close(absorbed(x), want, rtol=1e-5, atol=1e-5)
+    ort = pytest.importorskip("onnxruntime")
+    path = tmp_path / "packed.onnx"
+    hetconv.export_onnx(model, str(path), x)
+    sess = ort.InferenceSession(str(path))
+    got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    torch.testing.assert_close(torch.from_numpy(got), want, rtol=1e-4, atol=1e-4)
+
+
 def test_packed_conv_refuses_what_it_cannot_pack():
     with pytest.raises(TypeError, match="conv must be an nn.Conv2d"):
         deploy.PackedConv2d(nn.Conv2d(3, 8, 3, padding="same"))

@@ -301,8 +301,12 @@ class PackedConv2d(PlanHolder, nn.Module):
     ``weight`` and ``bias`` stay the plain tensors (``state_dict``, ONNX export and
     ``torch.compile`` see an ordinary convolution): calls that need gradients, traced or
     compiled calls, and inputs that are not 4-d float32 CPU tensors, dense in NCHW or
-    channels_last, run ``F.conv2d`` on them.  :func:`optimize_for_inference` uses it where it measures it faster.
+    channels_last, run ``F.conv2d`` on them.  In fx graphs it is one node (``fx_leaf``).
+    :func:`optimize_for_inference` uses it where it measures it faster.
     """
+
+    #: one node in the package's fx graphs (its forward branches on the input)
+    fx_leaf = True
 
     def __init__(self, conv: nn.Conv2d) -> None:
         super().__init__()

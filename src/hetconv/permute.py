@@ -76,10 +76,11 @@ _INPLACE = {operator.iadd, operator.imul, operator.isub}
 
 
 class PermutationTracer(fx.Tracer):
-    """fx tracer that keeps HetConv2d and the package's own layers as leaves."""
+    """fx tracer that keeps HetConv2d and the package's own layers as leaves (and modules
+    whose class sets ``fx_leaf = True``: their forward branches on the input)."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if type(m).__module__.startswith("hetconv.layers"):
+        if type(m).__module__.startswith("hetconv.layers") or getattr(type(m), "fx_leaf", False):
             return True
         return super().is_leaf_module(m, qualname)
 
