@@ -112,10 +112,7 @@ def split(shape, part: int, pattern: str = "shifted", repeats: int = 5,
     dense = {"nchw": _dense_parts(x.contiguous(), gy.contiguous(), wd, s),
              "channels_last": _dense_parts(x, gy, wd.contiguous(memory_format=cl), s)}
     if deploy._packing_available():  # inference's baseline: the weights packed for oneDNN once
-        conv = torch.nn.Conv2d(m, n, 3, s, 1, bias=False)
-        with torch.no_grad():
-            conv.weight.copy_(wd)
-        packed = deploy.PackedConv2d(conv)
+        packed = deploy.PackedConv2d.from_weight(wd, stride=s, padding=1)
         for layout, xx in (("nchw", x.contiguous()), ("channels_last", x)):
             dense[f"{layout}_packed"] = {"forward": lambda xx=xx: packed(xx)}
     candidates = {f"het {k}": het[k] for k in KERNELS}

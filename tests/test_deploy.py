@@ -539,6 +539,13 @@ def test_packed_conv_matches_conv2d_and_keeps_the_memory_format(kw, fmt, monkeyp
     torch.manual_seed(0)
     conv = nn.Conv2d(**kw).eval()
     packed = deploy.PackedConv2d(conv)
+    # the same convolution built from its kernel, as F.conv2d takes it
+    twin = deploy.PackedConv2d.from_weight(conv.weight.detach(), conv.bias, conv.stride,
+                                           conv.padding, conv.dilation, conv.groups)
+    assert repr(twin) == repr(packed)
+    with torch.no_grad():
+        x = torch.randn(2, kw["in_channels"], 11, 9).contiguous(memory_format=fmt)
+        torch.testing.assert_close(twin(x), conv(x), rtol=1e-5, atol=1e-5)
     calls = _packed_calls(monkeypatch)
     for batch in (1, 3):
         x = torch.randn(batch, kw["in_channels"], 11, 9).contiguous(memory_format=fmt)

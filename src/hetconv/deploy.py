@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import operator
 import os
@@ -32,7 +33,7 @@ from . import functional as HF
 from ._timing import time_interleaved
 from .convert import _replace
 from .layers import HetConv2d
-from .native import PlanHolder
+from .native import ForwardPlan, PlanHolder
 from .permute import PermutationTracer, absorb_permutations, has_shifted_layers
 
 __all__ = ["fold_batchnorm", "optimize_for_inference", "export_onnx", "export_module",
@@ -261,8 +262,10 @@ def _absorbed(model: nn.Module, example_input: Optional[torch.Tensor]) -> Tuple[
 # Dense convolutions with their weights packed once (oneDNN)
 # ---------------------------------------------------------------------------
 
+@functools.lru_cache(maxsize=None)
 def _packing_available() -> bool:
-    """Whether this torch has oneDNN's convolution with pre-packed weights."""
+    """Whether this torch has oneDNN's convolution with pre-packed weights (a property of
+    the build: asked once, not on every call)."""
     try:
         return (torch.backends.mkldnn.is_available()
                 and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
@@ -336,12 +339,27 @@ class PackedConv2d(PlanHolder, nn.Module):
                 and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
                 and _packing_available())
 
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                    stride=1, padding=0, dilation=1, groups: int = 1) -> "PackedConv2d":
+        """The packed convolution with kernel ``weight`` (out, in / groups, kh, kw), as
+        ``F.conv2d(x, weight, bias, stride, padding, dilation, groups)`` computes it."""
+        n, m_g, kh, kw = weight.shape
+        conv = nn.Conv2d(m_g * groups, n, (kh, kw), stride, padding, dilation, groups,
+                         bias=bias is not None, device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            conv.weight.copy_(weight)
+            if bias is not None:
+                conv.bias.copy_(bias)
+        return cls(conv)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        args = (list(self.padding), list(self.stride), list(self.dilation), self.groups)
         if not self._fast(x):
             return F.conv2d(x, self.weight, self.bias, self.stride, self.padding,
                             self.dilation, self.groups)
-        key = (tuple(x.shape), self.weight.data_ptr(), self.weight._version)
+        args = (list(self.padding), list(self.stride), list(self.dilation), self.groups)
+        # the weights' storage and version, as a prepared native call checks them
+        key = (tuple(x.shape),) + ForwardPlan._state((self.weight,))
         packed = self._plan_for(key)
         if packed is False:
             packed = _pack_weight(self.weight, *args, list(x.shape))

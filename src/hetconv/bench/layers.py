@@ -159,10 +159,7 @@ def layer_candidates(shape: LayerShape, part: int, train: bool = False,
         cands["dense_nchw"] = _runner(lambda: dense(x), train, (x, w))
         cands["dense_cl"] = _runner(lambda: dense(x_cl), train, (x_cl, w))
         if not train and _packing_available():  # the weights in oneDNN's layout once
-            conv = torch.nn.Conv2d(m, n, k, s, 1, bias=False)
-            with torch.no_grad():
-                conv.weight.copy_(w)
-            packed = PackedConv2d(conv)
+            packed = PackedConv2d.from_weight(w.detach(), stride=s, padding=1)
             cands["dense_packed"] = _runner(lambda: packed(x), train, ())
             cands["dense_cl_packed"] = _runner(lambda: packed(x_cl), train, ())
         if compile:
