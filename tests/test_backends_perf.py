@@ -202,6 +202,8 @@ def test_bench_bad_arguments():
         bench.run("quick", settle=-1)
     with pytest.raises(ValueError, match="settle_ms"):
         bench.run("quick", settle_ms=-5)
+    with pytest.raises(ValueError, match="idle_ms"):
+        bench.run("quick", idle_ms=-1)
     with pytest.raises(ValueError, match="family"):
         bench.run_models(["lenet"])
 
@@ -266,18 +268,20 @@ def test_bench_onnxruntime_sessions_share_one_thread_pool():
 def test_bench_latency_gets_more_samples(monkeypatch):
     from hetconv.bench import models as bm
 
-    seen = {}
+    seen, idle = {}, set()
     real = bm.time_interleaved
 
     def spy(cands, **kw):
         seen[len(seen)] = kw["repeats"]
+        idle.add(kw["idle_seconds"])
         return real(cands, **kw)
     monkeypatch.setattr(bm, "time_interleaved", spy)
     rows = bench.run_models(["vgg16_cifar"], ["throughput_b64", "latency_b1"],
                             parts={"vgg16_cifar": (1,)}, repeats=2, warmup=0, batch=2,
-                            width=0.125, onnx=False, settle_seconds=0.0)
+                            width=0.125, onnx=False, settle_seconds=0.0, idle_seconds=0.001)
     assert [r["metric"] for r in rows][-1] == "latency_b1"
     assert seen == {0: 2, 1: 2 * bm.LATENCY_SAMPLES} and bm.LATENCY_SAMPLES > 1
+    assert idle == {0.001}  # the pause before each candidate reaches every timing
 
 
 def test_bench_onnxruntime_session_options(monkeypatch):
@@ -400,6 +404,7 @@ def test_bench_machine_describes_the_machine_and_benchmarks_nothing(tmp_path, ca
     ("--settle", "-1", "an int >= 0", "0"),
     ("--settle-ms", "-5", "a number >= 0", "0"),
     ("--settle-ms", "nan", "a number >= 0", "2.5"),
+    ("--idle-ms", "-1", "a number >= 0", "0"),
     ("--max-minutes", "0", "a number > 0", "0.5"),
 ])
 def test_bench_cli_rejects_bad_numbers_before_running(option, bad, allowed, good, capsys,
@@ -417,6 +422,28 @@ def test_bench_cli_rejects_bad_numbers_before_running(option, bad, allowed, good
     value = getattr(build_parser().parse_args(["bench", option, good]), option[2:].replace("-", "_"))
     want = int(good) if "int" in allowed else float(good)
     assert value == want and type(value) is type(want)
+
+
+def test_bench_idle_ms_reaches_the_models_timings(tmp_path, monkeypatch):
+    import sys
+
+    from hetconv.cli import main
+
+    got = {}
+    report = tmp_path / "r.md"
+    report.write_text("## Targets\n\n- a target: MET\n")
+    monkeypatch.setattr("hetconv.bench.run", lambda *a, **k: got.update(k) or {"markdown": str(report)})
+    assert main(["bench", "--quick", "--idle-ms", "2.5"]) == 0
+    assert got["idle_ms"] == 2.5
+    monkeypatch.undo()
+    run_mod = sys.modules["hetconv.bench.run"]
+    seen = {}
+    monkeypatch.setattr(run_mod, "run_models", lambda *a, **k: seen.update(k) or [])
+    monkeypatch.setattr(run_mod, "write_report", lambda *a, **k: {"env": a[3]})
+    out = bench.run("quick", out_dir=str(tmp_path), what=("models",), idle_ms=3.0,
+                    progress=False)
+    assert seen["idle_seconds"] == pytest.approx(0.003)
+    assert "models: after 3 ms of sleep" in out["env"]["settle"]
 
 
 def test_bench_cli_prints_the_reports_notes(tmp_path, capsys, monkeypatch):

@@ -85,6 +85,27 @@ def test_settle_seconds_adds_untimed_calls_until_that_long(monkeypatch):
             time_interleaved({"x": five_ms}, settle_seconds=bad)
 
 
+def test_idle_seconds_sleeps_before_each_candidates_calls(monkeypatch):
+    import types
+
+    import hetconv._timing as timing
+    events = []
+    monkeypatch.setattr(timing, "time", types.SimpleNamespace(
+        perf_counter=lambda: 0.0, sleep=lambda s: events.append(("sleep", s))))
+    cands = {k: (lambda k=k: events.append(k)) for k in "ab"}
+    out = time_interleaved(cands, repeats=2, warmup=1, shuffle=False, settle=1,
+                           idle_seconds=0.004)
+    # warm-up calls without a pause; then per candidate: sleep, settle call, timed call
+    assert events == ["a", "b"] + [("sleep", 0.004), "a", "a", ("sleep", 0.004), "b", "b"] * 2
+    assert all(len(t.samples) == 2 for t in out.values())
+    events.clear()
+    time_interleaved(cands, repeats=1, warmup=0, shuffle=False)
+    assert events == ["a", "b"]  # no pause by default
+    for bad in (-0.001, float("nan"), "5"):
+        with pytest.raises(ValueError, match="idle_seconds"):
+            time_interleaved(cands, idle_seconds=bad)
+
+
 def test_settle_times_the_call_after_the_untimed_ones():
     import time
     state = {"cold": True}

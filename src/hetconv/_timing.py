@@ -18,6 +18,13 @@ calls, on the project's 2-core machine; at batch 1 (1-3 ms calls) one untimed ca
 was not enough (VGG-16 P4: 2.4 ms after one, 1.6 ms after 5 ms of them, 1.55 ms in a
 loop; onnxruntime 2.7 / 1.0 ms).
 
+Busy calls do not always get another runtime's threads out of the way: on the Zen 4 host
+(2 vCPUs), onnxruntime's workers kept spinning through 10 ms of the next candidate's calls,
+and VGG-16 P4's optimized model took 6.2-7.2 ms at batch 1 interleaved with its onnxruntime
+session against 2.1-2.5 ms alone (onnxruntime 1.9-2.1 ms either way).  A few milliseconds
+of sleep before a candidate's calls (``idle_seconds``; the benchmark's models: ``--idle-ms``,
+default 5) let them park: 2.4-3.5 ms.
+
 :func:`retain_freed_memory` removes one more cost of running many candidates in one
 process: glibc hands freed activations back to the operating system, so the next call
 of a torch model page-faults them in again (6,000-40,000 faults per ResNet-56 call here
@@ -57,6 +64,8 @@ class Timing:
 
 #: ``hetconv bench``'s default for how long untimed calls settle each timed one (``--settle-ms``)
 SETTLE_MS: float = 10.0
+#: ``hetconv bench``'s default sleep before each model candidate's calls (``--idle-ms``)
+IDLE_MS: float = 5.0
 
 
 def check_settle(settle: int, seconds: float, seconds_name: str = "settle_seconds") -> None:
@@ -72,7 +81,7 @@ def check_settle(settle: int, seconds: float, seconds_name: str = "settle_second
 def time_interleaved(candidates: Mapping[str, Callable[[], object]], repeats: int = 7,
                      warmup: int = 2, min_seconds: float = 0.0,
                      shuffle: bool = True, seed: int = 0, settle: int = 0,
-                     settle_seconds: float = 0.0) -> Dict[str, Timing]:
+                     settle_seconds: float = 0.0, idle_seconds: float = 0.0) -> Dict[str, Timing]:
     """Time each zero-argument callable ``repeats`` times, interleaved after ``warmup`` calls.
 
     ``min_seconds`` extends the repeats (up to 10x) until every candidate has
@@ -82,13 +91,16 @@ def time_interleaved(candidates: Mapping[str, Callable[[], object]], repeats: in
     untimed calls of a candidate precede each of its timed calls (steady state), and
     more of them until they took ``settle_seconds`` together: short calls need more than
     one to get out of the previous candidate's wake (another runtime's threads spin for
-    milliseconds after its call returns).
+    milliseconds after its call returns).  ``idle_seconds``: the process sleeps that long
+    before each candidate's settling and timed calls, so another runtime's threads that spin
+    after their call find idle cores and park (busy calls do not stop them: see the top).
     """
     if not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"repeats must be a positive int, got {repeats!r}")
     if not isinstance(warmup, int) or warmup < 0:
         raise ValueError(f"warmup must be an int >= 0, got {warmup!r}")
     check_settle(settle, settle_seconds)
+    check_settle(0, idle_seconds, "idle_seconds")
     if not candidates:
         raise ValueError("candidates must not be empty")
     for fn in candidates.values():
@@ -103,6 +115,8 @@ def time_interleaved(candidates: Mapping[str, Callable[[], object]], repeats: in
             rng.shuffle(order)
         for name in order:
             fn = candidates[name]
+            if idle_seconds:
+                time.sleep(idle_seconds)
             t0 = time.perf_counter()
             for _ in range(settle):
                 fn()

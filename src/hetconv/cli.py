@@ -298,7 +298,7 @@ def _run_compare(args) -> int:
 
 
 def _add_bench(sub) -> None:
-    from ._timing import SETTLE_MS
+    from ._timing import IDLE_MS, SETTLE_MS
     from .pattern import PATTERNS
 
     p = sub.add_parser(
@@ -327,6 +327,11 @@ def _add_bench(sub) -> None:
                    help="... and more untimed calls until they took this many milliseconds "
                         "(default: 10; batch-1 calls of 1-3 ms were still slowed after one "
                         "untimed call by what ran before, e.g. onnxruntime's spinning threads)")
+    p.add_argument("--idle-ms", type=_number_arg(float, 0), default=IDLE_MS,
+                   help="sleep this many milliseconds before each model candidate's calls "
+                        f"(default: {IDLE_MS:g}): onnxruntime's threads spin after its call and "
+                        "kept slowing the next torch model through 10 ms of its calls (VGG-16 "
+                        "P4 at batch 1: 7.1 ms against 2.4 ms); idle cores let them park")
     p.add_argument("--compile", action="store_true",
                    help="also time torch.compile'd dense baselines and models (slow to compile)")
     p.add_argument("--no-onnx", action="store_true", help="skip the onnxruntime model variant")
@@ -382,7 +387,7 @@ def _run_bench(args) -> int:
                 threads=args.threads, repeats=args.repeats, compile=args.compile,
                 onnx=not args.no_onnx, pattern=args.pattern, progress=sys.stderr.isatty(),
                 name=args.name, max_minutes=args.max_minutes, settle=args.settle,
-                settle_ms=args.settle_ms,
+                settle_ms=args.settle_ms, idle_ms=args.idle_ms,
                 retain_memory=not args.no_retain_memory, isolate=not args.no_isolate)
     with open(paths["markdown"]) as f:
         text = f.read()

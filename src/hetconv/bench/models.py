@@ -7,7 +7,10 @@ depthwise+pointwise MobileNet).  Each timed call follows an untimed call of the
 same variant, and more of them up to 10 ms (``settle=1, settle_seconds=0.01``, the
 defaults, of :func:`hetconv._timing.time_interleaved`): the numbers are steady-state, as in
 a loop of calls to one model, and no variant pays for the caches or threads another runtime
-(onnxruntime) left behind - at batch 1 one untimed call was not enough.
+(onnxruntime) left behind - at batch 1 one untimed call was not enough.  Each variant's
+calls follow 5 ms of sleep (``idle_seconds``, ``hetconv bench --idle-ms``): onnxruntime's
+threads spin after its call, and through another variant's busy calls too, until the cores
+go idle.
 
 * ``eager_nchw`` / ``eager_cl``: the model as built (``backend="auto"``), NCHW
   or channels_last model and input;
@@ -32,7 +35,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
-from .._timing import SETTLE_MS, time_interleaved
+from .._timing import IDLE_MS, SETTLE_MS, time_interleaved
 
 __all__ = ["MODEL_SUITES", "METRICS", "run_models"]
 
@@ -177,7 +180,7 @@ def _train_variants(model: nn.Module, x: torch.Tensor) -> Dict[str, Callable[[],
 
 def _measure(family: str, metric: str, fam_parts: Sequence, repeats: int, warmup: int,
              batch: int, width: float, compile: bool, onnx: bool, settle: int,
-             settle_seconds: float) -> List[dict]:
+             settle_seconds: float, idle_seconds: float = 0.0) -> List[dict]:
     """The rows of one (family, metric): every model of the family in every variant, timed
     interleaved."""
     from .. import pattern as _pattern
@@ -199,7 +202,7 @@ def _measure(family: str, metric: str, fam_parts: Sequence, repeats: int, warmup
         # most: LATENCY_SAMPLES times the samples, a few seconds per family
         reps = repeats * LATENCY_SAMPLES if metric == "latency_b1" else repeats
         times = time_interleaved(cands, repeats=reps, warmup=warmup, settle=settle,
-                                 settle_seconds=settle_seconds)
+                                 settle_seconds=settle_seconds, idle_seconds=idle_seconds)
     best: Dict[str, float] = {}
     for key, t in times.items():
         label = key.split("|")[0]
@@ -235,7 +238,8 @@ def run_models(families: Sequence[str] = tuple(MODEL_SUITES), metrics: Sequence[
                batch: int = 64, width: float = 1.0, compile: bool = False, onnx: bool = True,
                progress=None, deadline: Optional[float] = None, settle: int = 1,
                isolate: bool = False, retain_memory: bool = False,
-               settle_seconds: float = SETTLE_MS / 1000) -> List[dict]:
+               settle_seconds: float = SETTLE_MS / 1000,
+               idle_seconds: float = IDLE_MS / 1000) -> List[dict]:
     """One row per (family, model, metric, variant): median ms, images/s and ratio to the reference.
 
     Each variant is timed ``repeats`` times (``latency_b1``: :data:`LATENCY_SAMPLES` times
@@ -270,7 +274,7 @@ def run_models(families: Sequence[str] = tuple(MODEL_SUITES), metrics: Sequence[
                 if deadline is not None and time.perf_counter() > deadline:
                     return rows
                 args = (family, metric, fam_parts, repeats, warmup, batch, width, compile,
-                        onnx, settle, settle_seconds)
+                        onnx, settle, settle_seconds, idle_seconds)
                 if pool is None:
                     rows += _measure(*args)
                 else:

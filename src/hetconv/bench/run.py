@@ -9,7 +9,7 @@ import torch
 
 from .layers import LAYER_SUITES, layer_shapes, run_layers
 from .models import MODEL_SUITES, run_models
-from .._timing import SETTLE_MS, check_settle, retain_freed_memory
+from .._timing import IDLE_MS, SETTLE_MS, check_settle, retain_freed_memory
 from .report import environment, write_report
 from .. import native
 
@@ -72,14 +72,17 @@ def run(preset: str = "quick", out_dir: str = "docs", what: Sequence[str] = ("la
         onnx: bool = True, pattern: str = "shifted", progress: bool = True,
         name: Optional[str] = None, max_minutes: Optional[float] = None,
         settle: int = 1, retain_memory: bool = True, isolate: bool = True,
-        settle_ms: float = SETTLE_MS) -> Dict[str, str]:
+        settle_ms: float = SETTLE_MS, idle_ms: float = IDLE_MS) -> Dict[str, str]:
     """Run the benchmark ``preset`` and write its report to ``out_dir``; returns the written paths.
 
     Models are measured first (the headline targets), then layers.  With
     ``max_minutes`` no new item starts after that budget; the report then
     holds what was measured.  ``settle`` untimed calls of a candidate precede each timed
     one, and more of them until they took ``settle_ms`` milliseconds (defaults 1 and 10:
-    steady-state timings, no candidate pays for what ran before it, short calls too).
+    steady-state timings, no candidate pays for what ran before it, short calls too).  The
+    models' candidates are each preceded by ``idle_ms`` milliseconds of sleep (default 5): the
+    threads another runtime (onnxruntime) leaves spinning after its call park then, instead
+    of sharing the cores with the next candidate's calls (see :mod:`hetconv._timing`).
     ``retain_memory`` keeps freed memory in the process
     (:func:`hetconv._timing.retain_freed_memory`, glibc), so no torch candidate pays for
     page-faulting in the activations another candidate's calls gave back to the system;
@@ -98,6 +101,7 @@ def run(preset: str = "quick", out_dir: str = "docs", what: Sequence[str] = ("la
             raise ValueError(f"threads must be a positive int, got {threads!r}")
         torch.set_num_threads(threads)
     check_settle(settle, settle_ms, "settle_ms")
+    check_settle(0, idle_ms, "idle_ms")
     malloc = ((retain_freed_memory() if retain_memory else None)
               or "default (glibc may return freed memory to the system)")
     cfg = PRESETS[preset]
@@ -113,7 +117,7 @@ def run(preset: str = "quick", out_dir: str = "docs", what: Sequence[str] = ("la
                                     repeats=reps, batch=cfg["model_batch"], compile=compile,
                                     onnx=onnx, progress=step, deadline=deadline, settle=settle,
                                     settle_seconds=settle_ms / 1000,
-                                    isolate=isolate, retain_memory=retain_memory)
+                                    idle_seconds=idle_ms / 1000, isolate=isolate, retain_memory=retain_memory)
         if "layers" in what:
             if "models" in what:
                 rates.append(("after the models", native.fma_rate()))
@@ -130,6 +134,8 @@ def run(preset: str = "quick", out_dir: str = "docs", what: Sequence[str] = ("la
         env["fma_rate"] = fma
     env["malloc"] = malloc
     env["settle"] = f"{settle} untimed call(s), at least {settle_ms:g} ms, before each timed one"
+    if "models" in what:
+        env["settle"] += f"; models: after {idle_ms:g} ms of sleep"
     if "models" in what:
         env["model_processes"] = ("a fresh process per family and metric" if isolate
                                   else "the benchmark's own process")
