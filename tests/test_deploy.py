@@ -21,7 +21,7 @@ def _randomise_bn(model: nn.Module) -> nn.Module:
     """Non-trivial running statistics and affine parameters, so folding is really exercised."""
     with torch.no_grad():
         for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
+            if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
                 m.running_mean.uniform_(-1, 1)
                 m.running_var.uniform_(0.5, 2)
                 m.weight.uniform_(0.5, 1.5)
@@ -76,6 +76,34 @@ def test_fold_batchnorm_named_pairs():
     assert isinstance(model.bn1, nn.Identity) and isinstance(model.bn2, nn.Identity)
     with torch.no_grad():
         torch.testing.assert_close(model(x), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_fold_batchnorm_folds_a_heads_linear_and_batchnorm1d():
+    torch.manual_seed(0)
+    head = _randomise_bn(nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5), nn.ReLU(),
+                                       nn.Linear(5, 4, bias=False), nn.BatchNorm1d(4)))
+    x = torch.randn(7, 6)
+    with torch.no_grad():
+        ref = head(x)
+    assert deploy.fold_batchnorm(head) == 2
+    assert isinstance(head[1], nn.Identity) and isinstance(head[4], nn.Identity)
+    assert head[3].bias is not None  # gained one
+    with torch.no_grad():
+        torch.testing.assert_close(head(x), ref, rtol=1e-4, atol=1e-5)
+    # a BatchNorm1d after a conv, a BatchNorm2d after a linear layer, other widths: left
+    odd = nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm1d(3), nn.Linear(3, 3),
+                        nn.BatchNorm2d(3), nn.Linear(3, 2), nn.BatchNorm1d(3))
+    assert deploy.fold_batchnorm(odd) == 0
+
+
+def test_optimize_for_inference_folds_the_classifiers_batchnorm():
+    model = hetconv.create_model("vgg16_cifar", part=4, width=0.125).eval()
+    _randomise_bn(model)
+    x = torch.randn(2, 3, 32, 32)
+    fast = deploy.optimize_for_inference(model, x, backend="auto", memory_format="contiguous",
+                                         absorb=False)  # check=True: outputs compared
+    assert fast.hetconv_plan["folded_batchnorms"] == 14  # 13 after convs, 1 in the head
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in fast.modules())
 
 
 def test_fold_batchnorm_skips_bn_without_stats_and_mismatched():

@@ -62,13 +62,19 @@ def _bn_scale_shift(bn: nn.BatchNorm2d) -> Tuple[torch.Tensor, torch.Tensor]:
 
 
 def _foldable(conv: nn.Module, bn: nn.Module) -> bool:
-    return (isinstance(conv, _CONVS) and isinstance(bn, nn.BatchNorm2d)
-            and bn.running_mean is not None and bn.num_features == conv.out_channels)
+    if isinstance(conv, _CONVS) and isinstance(bn, nn.BatchNorm2d):
+        width = conv.out_channels
+    elif isinstance(conv, nn.Linear) and isinstance(bn, nn.BatchNorm1d):
+        width = conv.out_features
+    else:
+        return False
+    return bn.running_mean is not None and bn.num_features == width
 
 
 @torch.no_grad()
-def _fold_pair(conv: nn.Module, bn: nn.BatchNorm2d) -> None:
-    """Scale ``conv``'s weights per filter and set its bias so ``conv`` alone equals ``bn(conv)``."""
+def _fold_pair(conv: nn.Module, bn: nn.Module) -> None:
+    """Scale ``conv``'s weights per filter (output feature) and set its bias so ``conv``
+    alone equals ``bn(conv)``."""
     s, t = _bn_scale_shift(bn)
     weights = [conv.weight_k, conv.weight_1] if isinstance(conv, HetConv2d) else [conv.weight]
     for w in weights:
@@ -80,15 +86,20 @@ def _fold_pair(conv: nn.Module, bn: nn.BatchNorm2d) -> None:
 
 
 def fold_batchnorm(model: nn.Module) -> int:
-    """Fold, in place, each eval-mode BatchNorm2d that directly follows a conv. Returns the count.
+    """Fold, in place, each eval-mode BatchNorm that directly follows a conv (or a linear
+    layer). Returns the count.
 
     A pair is recognised (a) inside an ``nn.Sequential`` (a conv immediately
-    followed by a BatchNorm2d, as in ``conv -> BN -> ReLU`` units), and
+    followed by a BatchNorm2d, as in ``conv -> BN -> ReLU`` units, or an ``nn.Linear``
+    immediately followed by a BatchNorm1d, as in classifier heads), and
     (b) as sibling attributes ``convK`` / ``bnK`` (torchvision's ResNet
     convention, whose forward applies them back to back).  Convs are
-    ``nn.Conv2d`` and :class:`HetConv2d`; the conv gains a bias, the
+    ``nn.Conv2d`` and :class:`HetConv2d`; the conv (or linear layer) gains a bias, the
     BatchNorm becomes ``nn.Identity``.  BatchNorms without running statistics
-    are left alone.  Call on a model in eval mode (training-mode BN uses batch
+    are left alone.  A linear layer and its BatchNorm1d are folded as a head's are: on
+    2-d activations (batch, features), where BatchNorm1d normalises the linear layer's
+    outputs (on a 3-d one it would normalise dimension 1 instead; ``optimize_for_inference``
+    checks its outputs).  Call on a model in eval mode (training-mode BN uses batch
     statistics and cannot be folded).
     """
     if not isinstance(model, nn.Module):
