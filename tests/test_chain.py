@@ -340,6 +340,41 @@ def test_chain_arguments_are_checked():
         native.ShortcutPlan((1, 4, 6, 6), 2, 0, 4, torch.arange(7))
 
 
+@pytest.mark.parametrize("n_stem, native_stem", [(16, True), (24, False)])
+def test_channels_last_dense_stem_runs_the_channels_last_kernel(n_stem, native_stem,
+                                                                 monkeypatch):
+    """In a channels_last model a dense convolution the kernel runs faster (timing faked:
+    the kernel wins) becomes a P = 1 layer on the channels-last kernel, fused with its ReLU:
+    its output stays channels_last for the next layer. A stem of filters the channels-last
+    kernel does not take (16 does not divide 24) stays nn.Conv2d: the NCHW kernel would hand
+    NCHW activations to a channels_last model."""
+    monkeypatch.setattr(deploy, "time_interleaved", lambda fns, **kw: {
+        k: Timing.from_samples([1.0 if k in ("dense", "rule") else 0.0]) for k in fns})
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Conv2d(3, n_stem, 3, padding=1), nn.ReLU(),
+                          hetconv.HetConv2d(n_stem, 32, 3, part=4), nn.ReLU()).eval()
+    x = torch.randn(2, 3, 12, 12)
+    fast = hetconv.optimize_for_inference(model, x, backend="measure",
+                                          memory_format="channels_last", absorb=False,
+                                          pack=False)
+    assert fast.hetconv_plan["native_dense"] == int(native_stem)
+    assert any(type(m) is nn.Conv2d for m in fast.modules()) != native_stem
+    launches = []
+    real = native._launch
+    monkeypatch.setattr(native, "_launch", lambda x_, shape, fmt, *a: launches.append(
+        (x_.shape[1], fmt)) or real(x_, shape, fmt, *a))
+    xc = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        got = fast(xc)
+        torch.testing.assert_close(got, model(x), rtol=1e-4, atol=1e-4)
+    # the first kernel launch (input channels, output memory format): the stem's, or the
+    # HetConv layer's after nn.Conv2d
+    if native_stem:
+        assert launches[0] == (3, torch.channels_last)
+    else:
+        assert launches[0][0] == n_stem
+
+
 def test_dense_convolution_left_alone_where_nothing_fuses_it(monkeypatch):
     """A dense convolution converted for the kernel runs it only inside a fused layer: with
     nothing after it to fuse (no ReLU, no sum) it goes back to nn.Conv2d, although the

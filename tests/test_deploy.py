@@ -683,6 +683,8 @@ def test_optimize_packs_the_dense_convs_it_measures_faster(monkeypatch):
         if set(fns) == {"dense", "packed"}:
             timed.n += 1
             fast = "packed" if timed.n % 2 else "dense"
+        elif set(fns) == {"dense", "native"}:  # the native kernel as P = 1: slower here
+            fast = "dense"
         elif set(fns) == {"measured", "rule"}:
             fast = "measured"
         else:

@@ -335,7 +335,7 @@ def test_auto_picks_the_nchw_kernel_from_p_32(cl):
 
 @needs_kernel
 @settings(max_examples=60, deadline=None)
-@given(p=st.sampled_from([2, 4, 8, 16, 32, 64]), m_k=st.integers(1, 5),
+@given(p=st.sampled_from([1, 2, 4, 8, 16, 32, 64]), m_k=st.integers(1, 5),
        vectors=st.integers(1, 6),
        h=st.integers(1, 11), w=st.integers(1, 13), batch=st.integers(0, 10),
        k=st.sampled_from([(3, 3), (5, 5), (1, 3), (3, 1), (5, 3)]),
@@ -343,11 +343,14 @@ def test_auto_picks_the_nchw_kernel_from_p_32(cl):
        epilogue=st.sampled_from(["none", "relu", "residual", "both"]))
 def test_channels_last_kernel_matches_dense_reference(p, m_k, vectors, h, w, batch, k, pattern,
                                                       bias, stride, epilogue):
-    # "blocked" needs 16 | N/P; vectors > 4 gives blocks of unequal width (4 + rest);
+    # "blocked" needs 16 | N/P; vectors > 4 gives blocks of unequal width (4 + rest); P = 1
+    # is a dense layer (optimize_for_inference's dense convolutions of channels_last models);
     # "shifted" with P = 32, 64: blocks of vectors P filters apart (16 classes each), so
     # 2 * vectors vectors give blocks of 1-4 (and of unequal width)
     if pattern == "blocked":
         p = min(p, 16)
+    if p == 1:  # a dense layer; one input channel would be NCHW and channels_last at once
+        m_k += 1
     m, n = m_k * p, 16 * vectors * (p if pattern == "blocked" and vectors <= 2 else 1)
     if pattern == "shifted" and p > 16:
         n *= 2
@@ -375,6 +378,32 @@ def test_channels_last_kernel_matches_dense_reference(p, m_k, vectors, h, w, bat
     leaves = [t for t in (x, wk, w1, b, res) if t is not None]
     g = torch.randn_like(y)
     for got, want in zip(torch.autograd.grad(y, leaves, g), torch.autograd.grad(ref, leaves, g)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@needs_kernel
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("m,n,stride,size,batch", [(3, 64, 1, 32, 1), (3, 16, 2, 17, 3),
+                                                   (24, 32, 1, 9, 5), (3, 32, 1, 32, 2)])
+def test_channels_last_kernel_computes_dense_layers(m, n, stride, size, batch, pattern):
+    """P = 1 (a dense convolution: a stem's 3 input channels, say) on the channels-last
+    kernel, as optimize_for_inference runs dense convolutions of channels_last models:
+    forward with its ReLU, and both gradients, equal to the dense convolution's."""
+    assert native.nhwc_supported(n, m, 1, pattern)
+    assert not native.nhwc_supported(n + 8, m, 1, pattern)  # 16 | N still
+    torch.manual_seed(m + n + size)
+    cl = torch.channels_last
+    wk = torch.randn(n, m, 3, 3, requires_grad=True)
+    w1 = torch.zeros(n, 0, requires_grad=True)  # P = 1: no 1x1 part
+    b = torch.randn(n, requires_grad=True)
+    x = torch.randn(batch, m, size, size).contiguous(memory_format=cl).requires_grad_()
+    y = native.native_conv2d(x, wk, w1, b, pattern, relu=True, stride=stride)
+    ref = F.relu(F.conv2d(x, wk, b, stride, 1))
+    assert y.is_contiguous(memory_format=cl) and y.shape == ref.shape
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
+    g = torch.randn_like(y)
+    for got, want in zip(torch.autograd.grad(y, (x, wk, b), g),
+                         torch.autograd.grad(ref, (x, wk, b), g)):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 

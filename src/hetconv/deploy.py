@@ -227,11 +227,13 @@ def _swap_if_faster(out: nn.Module, plan: dict, name: str, conv: nn.Module, xin:
 
 def _native_dense_convs(out: nn.Module, x: torch.Tensor, repeats: int,
                         plan: dict) -> Dict[str, nn.Conv2d]:
-    """Replace the dense convolutions (a stem, say) that the NCHW kernel runs faster than
-    ``nn.Conv2d`` on their own NCHW input by P = 1 HetConv2d layers on it (their timings go
-    to ``plan["layers"]``); returns the replaced convolutions by name. The kernel runs them
-    only inside a :class:`NativeFused` (a HetConv2d with P = 1 runs the dense convolution):
-    :func:`_configure` puts back those that fusion did not take."""
+    """Replace the dense convolutions (a stem, say) that the native kernel runs faster than
+    ``nn.Conv2d`` on their own input by P = 1 HetConv2d layers on it (their timings go
+    to ``plan["layers"]``); returns the replaced convolutions by name. NCHW input runs the
+    NCHW kernel; channels_last input the channels-last kernel, on the layers it computes
+    (16 | N: the output stays channels_last, as the model's next layer expects). The kernel
+    runs them only inside a :class:`NativeFused` (a HetConv2d with P = 1 runs the dense
+    convolution): :func:`_configure` puts back those that fusion did not take."""
     if not HF._native.vectorized():
         return {}
     names = {m: n for n, m in out.named_modules() if _native_dense_ok(m)}
@@ -241,8 +243,11 @@ def _native_dense_convs(out: nn.Module, x: torch.Tensor, repeats: int,
     replaced = {}
     for conv, name in names.items():
         xin = inputs.get(conv)
-        if xin is None or xin.dim() != 4 or not xin.is_contiguous() \
-                or xin.dtype != torch.float32:
+        if xin is None or xin.dim() != 4 or xin.dtype != torch.float32:
+            continue
+        if not (xin.is_contiguous() or (HF._native.nhwc_supported(
+                conv.out_channels, conv.in_channels, 1, "blocked") and xin.is_contiguous(
+                memory_format=torch.channels_last))):
             continue
         layer = _as_native_p1(conv)
         args = (layer.weight_k, layer.weight_1, layer.bias, layer.pattern, False, None,
@@ -933,9 +938,8 @@ def _configure(out: nn.Module, plan: dict, example_input: Optional[torch.Tensor]
             layer.backend = backend
             plan["layers"][names[layer]] = {"backend": backend}
     converted = {}
-    if fuse and example_input is not None and memory_format == "contiguous" and backend in (
-            "measure", "native"):
-        converted = _native_dense_convs(out, x, repeats, plan)  # x: NCHW here
+    if fuse and example_input is not None and backend in ("measure", "native"):
+        converted = _native_dense_convs(out, x, repeats, plan)
     plan["fused_native"] = plan["chained_native"] = 0
     if fuse:
         out, plan["fused_native"] = _fuse_native(out)
@@ -1059,8 +1063,8 @@ def optimize_for_inference(model: nn.Module, example_input: Optional[torch.Tenso
     permutations, the number of native layers with a fused sum/ReLU
     (``fused_native``), of chains (``chained_native``) and of dense convolutions run by the
     native kernel as P = 1 layers (``native_dense``; with ``backend`` "measure" or
-    "native", NCHW, and ``fuse``: those the kernel ran faster on their example input and
-    fusion took), of dense convolutions with packed weights (``packed_dense``), and the
+    "native" and ``fuse``: those the kernel ran faster on their example input and fusion
+    took; channels_last ones on the channels-last kernel when 16 divides their filters), of dense convolutions with packed weights (``packed_dense``), and the
     backend (with measured medians in seconds) of every HetConv2d by module name.
     """
     if not isinstance(model, nn.Module):

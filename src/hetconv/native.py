@@ -456,8 +456,10 @@ def _nhwc_step(n_out: int, n_in: int, p: int, pattern: str) -> Optional[Tuple[in
     inputs, or None when the layer is not one of its two cases (see csrc/hetconv_nhwc.c):
     "shifted" with P in {2, 4, 8, 16} or a multiple of 16 (then one 16-float load of
     consecutive classes per step), or "blocked" with 16 | N / P; 16 | N_out, P | N_in."""
-    if n_out % 16 or n_in % p or p < 2:
+    if n_out % 16 or n_in % p or p < 1:
         return None
+    if p == 1:  # one class, every channel: the "blocked" case (either pattern is that layer)
+        return 1, 1
     if pattern == "shifted":
         if p in (2, 4, 8, 16):
             return p, p

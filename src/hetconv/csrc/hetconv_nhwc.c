@@ -775,8 +775,9 @@ int hetconv_nhwc_wgrad(const float *x, const float *gy, float *gk, float *g1,
                        const int *blk_v, const int *blk_toff, int nthreads) {
     nh_geom g = {B, M, N, H, W, (H + 2 * ph - kh) / s + 1, (W + 2 * pw - kw) / s + 1,
                  kh, kw, s, ph, pw, Mk, ts, lw, 0, 1, vs};
+    /* g1 (weight_1's gradient) may be NULL only without a 1x1 part (P = 1: Mk = M) */
     if (nh_check(&g) || nh_check_blocks(&g, nfb, blk_n0, blk_p0, blk_v) || g.Ho < 1
-        || g.Wo < 1 || !gk || !g1 || !tap_dst || !centre_dst)
+        || g.Wo < 1 || !gk || (!g1 && Mk < M) || !tap_dst || !centre_dst)
         return -1;
     const int T = kh * kw - 1;
     const long npix = (long)B * g.Ho * g.Wo;
