@@ -673,6 +673,41 @@ def test_packed_conv_refuses_what_it_cannot_pack():
 
 
 @needs_packing
+@pytest.mark.parametrize("faster", ["contiguous", "channels_last"])
+def test_auto_memory_format_keeps_the_faster_configured_model(faster, monkeypatch):
+    """memory_format="auto" configures the model in both formats (backends measured, fusion)
+    and keeps the one whose configured model ran faster (timing faked), not the format the
+    unconfigured model ran faster in."""
+    seen = []
+    real_configure, real_timing = deploy._configure, deploy.time_interleaved
+
+    def configure(out, plan, x, backend, fmt, *args):
+        seen.append(fmt)
+        return real_configure(out, plan, x, backend, fmt, *args)
+
+    def timed(fns, **kw):
+        if set(fns) == {"0", "1"}:  # the two configured models, in the formats' order
+            wins = str(("contiguous", "channels_last").index(faster))
+            return {k: Timing.from_samples([1.0 if k == wins else 2.0]) for k in fns}
+        return real_timing(fns, **kw)
+
+    monkeypatch.setattr(deploy, "_configure", configure)
+    monkeypatch.setattr(deploy, "time_interleaved", timed)
+    model = _handmade()
+    x = torch.randn(2, 3, 12, 12)
+    # absorb=False: one variant, two formats; check=True: outputs compared
+    fast = hetconv.optimize_for_inference(model, x, repeats=1, absorb=False)
+    plan = fast.hetconv_plan
+    assert seen == ["contiguous", "channels_last"]
+    assert plan["memory_format"] == faster and plan["seconds"] == 1.0
+    assert plan["memory_format_seconds"] == {faster: 1.0, ({"contiguous", "channels_last"} - {
+        faster}).pop(): 2.0}
+    seen.clear()
+    one = hetconv.optimize_for_inference(model, x, repeats=1, memory_format="contiguous",
+                                         absorb=False)
+    assert seen == ["contiguous"] and "memory_format_seconds" not in one.hetconv_plan
+
+
 def test_optimize_packs_the_dense_convs_it_measures_faster(monkeypatch):
     torch.manual_seed(3)
     model = _randomise_bn(hetconv.create_model("vgg16_cifar", width=0.25))
