@@ -106,6 +106,55 @@ def test_optimize_for_inference_folds_the_classifiers_batchnorm():
     assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in fast.modules())
 
 
+class _TracedPairs(nn.Module):
+    """BatchNorms fx finds after a conv: inside a depthwise + pointwise block (its own BN
+    after the depthwise conv) and after the block (a Sequential neighbour that is no conv);
+    and three that must stay: the conv's output also used elsewhere, a conv called twice,
+    an op between conv and BN."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = nn.Sequential(hetconv.DepthwisePointwiseConv2d(4, 8), nn.BatchNorm2d(8))
+        self.used_twice, self.bn_a = nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8)
+        self.called_twice, self.bn_b = nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8)
+        self.op_between, self.bn_c = nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        x = self.block(x)
+        y = self.used_twice(x)
+        x = self.bn_a(y) + y
+        x = self.called_twice(self.bn_b(self.called_twice(x)))
+        return self.bn_c(self.op_between(x) * 2)
+
+
+def test_fold_batchnorm_folds_the_pairs_the_traced_forward_applies_back_to_back():
+    torch.manual_seed(1)
+    model = _randomise_bn(_TracedPairs())
+    x = torch.randn(2, 4, 6, 6)
+    with torch.no_grad():
+        ref = model(x)
+    assert deploy.fold_batchnorm(model) == 2
+    assert isinstance(model.block[0].bn, nn.Identity) and isinstance(model.block[1], nn.Identity)
+    assert all(isinstance(getattr(model, n), nn.BatchNorm2d) for n in ("bn_a", "bn_b", "bn_c"))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_fold_batchnorm_of_a_model_fx_cannot_trace_keeps_the_structural_rules():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.seq = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+            self.conv, self.bn = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            x = self.seq(x)
+            return self.bn(self.conv(x)) if x.sum() > 0 else x  # data-dependent: fx fails
+
+    model = _randomise_bn(Branchy())
+    assert deploy.fold_batchnorm(model) == 1 and isinstance(model.bn, nn.BatchNorm2d)
+
+
 def test_fold_batchnorm_skips_bn_without_stats_and_mismatched():
     model = nn.Sequential(hetconv.HetConv2d(4, 4, part=2), nn.BatchNorm2d(4, track_running_stats=False))
     assert deploy.fold_batchnorm(model) == 0

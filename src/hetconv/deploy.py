@@ -91,9 +91,13 @@ def fold_batchnorm(model: nn.Module) -> int:
 
     A pair is recognised (a) inside an ``nn.Sequential`` (a conv immediately
     followed by a BatchNorm2d, as in ``conv -> BN -> ReLU`` units, or an ``nn.Linear``
-    immediately followed by a BatchNorm1d, as in classifier heads), and
+    immediately followed by a BatchNorm1d, as in classifier heads),
     (b) as sibling attributes ``convK`` / ``bnK`` (torchvision's ResNet
-    convention, whose forward applies them back to back).  Convs are
+    convention, whose forward applies them back to back), and (c) where the model's
+    forward, traced by ``torch.fx``, applies the BatchNorm to the conv's output and to
+    nothing else, the conv's output going nowhere else, each called once (a depthwise
+    conv and its BatchNorm inside a block, a block's last conv and the BatchNorm after the
+    block; models fx cannot trace keep (a) and (b)).  Convs are
     ``nn.Conv2d`` and :class:`HetConv2d`; the conv (or linear layer) gains a bias, the
     BatchNorm becomes ``nn.Identity``.  BatchNorms without running statistics
     are left alone.  A linear layer and its BatchNorm1d are folded as a head's are: on
@@ -119,7 +123,47 @@ def fold_batchnorm(model: nn.Module) -> int:
                 _fold_pair(conv, bn)
                 parent._modules[bn_name] = nn.Identity()
                 folded += 1
+    for conv_name, bn_name in _traced_pairs(model):
+        _fold_pair(model.get_submodule(conv_name), model.get_submodule(bn_name))
+        _replace(model, bn_name, nn.Identity())
+        folded += 1
     return folded
+
+
+class _FoldTracer(torch.fx.Tracer):
+    """Traces into every module but torch's own layers, HetConv2d and ``fx_leaf`` classes:
+    the package's two-layer baselines (a depthwise conv and its BatchNorm inside one module)
+    show their convolutions and BatchNorms."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, HetConv2d) or getattr(type(m), "fx_leaf", False) or \
+            super().is_leaf_module(m, qualname)
+
+
+def _traced_pairs(model: nn.Module) -> List[Tuple[str, str]]:
+    """(conv, BatchNorm) module names that ``model``'s forward applies back to back: the
+    BatchNorm's only input is the conv's output, its only use; each module called once.
+    Empty when fx cannot trace the model (``fold_batchnorm``'s structural rules still
+    apply)."""
+    try:
+        graph = _FoldTracer().trace(model)
+    except Exception:  # data-dependent control flow, unsupported ops: no graph
+        return []
+    calls: Dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    pairs = []
+    for node in graph.nodes:
+        if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
+            continue
+        src = node.args[0]
+        if not isinstance(src, torch.fx.Node) or src.op != "call_module" or len(src.users) != 1:
+            continue
+        if calls[node.target] == 1 and calls[src.target] == 1 and _foldable(
+                model.get_submodule(src.target), model.get_submodule(node.target)):
+            pairs.append((src.target, node.target))
+    return pairs
 
 
 # ---------------------------------------------------------------------------
