@@ -786,6 +786,18 @@ def test_optimize_packs_the_dense_convs_it_measures_faster(monkeypatch):
     assert all(plan["layers"][n]["backend"] == "packed" for n in packed)
     with torch.no_grad():
         torch.testing.assert_close(fast(x), model(x), rtol=1e-4, atol=1e-4)
+    # the rule's configuration, when it is the faster model, is packed the same way
+    timed.n, rule_wins = 0, {"dense": 2.0, "packed": 1.0, "native": 2.0, "rule": 1.0,
+                             "measured": 2.0}
+    monkeypatch.setattr(deploy, "time_interleaved", lambda fns, **kw: {
+        k: Timing.from_samples([rule_wins[k]]) for k in fns} if set(fns) <= set(rule_wins)
+        else real(fns, **kw))
+    ruled = hetconv.optimize_for_inference(model, x, repeats=1, memory_format="channels_last")
+    assert ruled.hetconv_plan["kept"] == "rule"
+    packed = {n for n, m in ruled.named_modules() if isinstance(m, deploy.PackedConv2d)}
+    assert packed == set(dense) and ruled.hetconv_plan["packed_dense"] == len(dense)
+    with torch.no_grad():
+        torch.testing.assert_close(ruled(x), model(x), rtol=1e-4, atol=1e-4)
     none = hetconv.optimize_for_inference(model, x, repeats=1, pack=False)
     assert none.hetconv_plan["packed_dense"] == 0
     assert not any(isinstance(m, deploy.PackedConv2d) for m in none.modules())

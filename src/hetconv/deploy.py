@@ -1014,7 +1014,10 @@ def _configure(out: nn.Module, plan: dict, example_input: Optional[torch.Tensor]
     if pack and backend == "measure" and x is not None:
         plan["packed_dense"] = _packed_dense_convs(out, x, repeats, plan)
     if rule is not None:
-        return _keep_faster(out, rule, plan, x, repeats)
+        kept = _keep_faster(out, rule, plan, x, repeats)
+        if kept is rule and pack:  # the rule's configuration gets its packed convolutions too
+            plan["packed_dense"] = _packed_dense_convs(rule, x, repeats, plan)
+        return kept
     return out
 
 
@@ -1070,7 +1073,8 @@ def optimize_for_inference(model: nn.Module, example_input: Optional[torch.Tenso
             finally timed against the same model on the ``"auto"`` rule, nothing fused,
             and the faster is returned (``hetconv_plan["model_seconds"]`` and
             ``hetconv_plan["kept"]``: ``"measured"`` or ``"rule"``): the fastest
-            backend of each layer alone does not always make the fastest model.
+            backend of each layer alone does not always make the fastest model (the
+            rule's configuration, when kept, then gets its packed convolutions: ``pack``).
         memory_format: ``"auto"`` (the model configured in both, backends, fusion and
             all, and the faster kept: ``hetconv_plan["memory_format_seconds"]``),
             ``"contiguous"`` or ``"channels_last"``.
