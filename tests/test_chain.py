@@ -231,6 +231,29 @@ def test_measured_optimization_keeps_the_faster_way():
         torch.testing.assert_close(fast(x), model(x), rtol=1e-4, atol=1e-4)
 
 
+def test_whole_model_choices_are_timed_interleaved_for_the_minimum_time(monkeypatch):
+    """The whole-model choices (chained or layer by layer, the measured configuration or the
+    rule's, the memory format) time their candidates interleaved and for at least
+    MODEL_DECISION_SECONDS each; the per-layer choices keep their plain repeats."""
+    calls = []
+    real = deploy.time_interleaved
+
+    def timed(fns, **kw):
+        calls.append((frozenset(fns), kw.get("min_seconds", 0.0)))
+        return real(fns, **{**kw, "min_seconds": 0.0})  # the test does not wait for it
+
+    monkeypatch.setattr(deploy, "time_interleaved", timed)
+    model, x = _resnet()
+    fast = hetconv.optimize_for_inference(model, x, repeats=1, absorb=False)
+    assert fast.hetconv_plan["chained_native"]
+    whole = {frozenset({"chained", "layer_by_layer"}), frozenset({"measured", "rule"}),
+             frozenset({"0", "1"})}
+    assert whole <= {keys for keys, _ in calls}
+    for keys, seconds in calls:
+        want = deploy.MODEL_DECISION_SECONDS if keys in whole else 0.0
+        assert seconds == want, (sorted(keys), seconds)
+
+
 def test_inconsistent_chains_are_refused():
     """run_chain checks the inputs against the chain; the C side checks the program: reading
     a buffer nothing wrote, the output written before the end, a second input nobody gave,

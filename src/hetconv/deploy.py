@@ -44,6 +44,11 @@ log = logging.getLogger(__name__)
 _CONVS = (nn.Conv2d, HetConv2d)
 MEMORY_FORMATS = ("auto", "contiguous", "channels_last")
 EXPORT_FORMS = ("grouped", "dense")
+#: optimize_for_inference's whole-model choices (chained or layer by layer, the measured or
+#: the rule's configuration, the memory format) time each candidate for at least this many
+#: seconds in all (up to 10x ``repeats`` calls): with 5 calls, a batch-1 model of 2 ms was
+#: judged on 10 ms of its calls, less than one of the host's speed swings lasts.
+MODEL_DECISION_SECONDS = 0.25
 
 
 # ---------------------------------------------------------------------------
@@ -1002,14 +1007,20 @@ def _configure(out: nn.Module, plan: dict, example_input: Optional[torch.Tensor]
         chains = [m for m in out.modules() if isinstance(m, NativeChain)]
         if chains and backend == "measure" and example_input is not None:
             # depth-first or layer by layer: whichever runs this input faster
-            timed = {}
-            for enabled in (True, False):
-                for m in chains:
-                    m.enabled = enabled
-                timed[enabled] = _time_model(out, x, repeats)
+            def run(enabled):
+                def call():
+                    for m in chains:
+                        m.enabled = enabled
+                    return out(x)
+                return call
+            with torch.no_grad():
+                times = time_interleaved({"chained": run(True), "layer_by_layer": run(False)},
+                                         repeats=repeats, warmup=1, settle=1,
+                                         min_seconds=MODEL_DECISION_SECONDS)
+            timed = {k: t.median for k, t in times.items()}
             for m in chains:
-                m.enabled = timed[True] <= timed[False]
-            plan["chain_seconds"] = {"chained": timed[True], "layer_by_layer": timed[False]}
+                m.enabled = timed["chained"] <= timed["layer_by_layer"]
+            plan["chain_seconds"] = timed
     plan["packed_dense"] = 0
     if pack and backend == "measure" and x is not None:
         plan["packed_dense"] = _packed_dense_convs(out, x, repeats, plan)
@@ -1028,7 +1039,8 @@ def _keep_faster(measured: nn.Module, rule: nn.Module, plan: dict, x: torch.Tens
     (``model_seconds``, ``kept``, and for the rule its layers and counts)."""
     with torch.no_grad():
         times = time_interleaved({"measured": lambda: measured(x), "rule": lambda: rule(x)},
-                                 repeats=repeats, warmup=1, settle=1)
+                                 repeats=repeats, warmup=1, settle=1,
+                                 min_seconds=MODEL_DECISION_SECONDS)
     plan["model_seconds"] = {k: t.median for k, t in times.items()}
     if plan["model_seconds"]["measured"] <= plan["model_seconds"]["rule"]:
         plan["kept"] = "measured"
@@ -1045,11 +1057,6 @@ def _keep_faster(measured: nn.Module, rule: nn.Module, plan: dict, x: torch.Tens
     plan["packed_dense"] = 0
     plan.pop("chain_seconds", None)
     return rule
-
-
-def _time_model(model: nn.Module, x: torch.Tensor, repeats: int) -> float:
-    with torch.no_grad():
-        return time_interleaved({"m": lambda: model(x)}, repeats=repeats, warmup=1)["m"].median
 
 
 def optimize_for_inference(model: nn.Module, example_input: Optional[torch.Tensor] = None, *,
@@ -1078,7 +1085,9 @@ def optimize_for_inference(model: nn.Module, example_input: Optional[torch.Tenso
         memory_format: ``"auto"`` (the model configured in both, backends, fusion and
             all, and the faster kept: ``hetconv_plan["memory_format_seconds"]``),
             ``"contiguous"`` or ``"channels_last"``.
-        repeats: timed repeats per candidate (medians are compared).
+        repeats: timed repeats per candidate (medians are compared); the whole-model
+            choices take more, up to 10x, until each candidate ran
+            :data:`MODEL_DECISION_SECONDS` in all.
         check: compare outputs with ``model``'s on ``example_input``; raise
             ``RuntimeError`` when they differ beyond ``rtol``/``atol``.
         absorb: run ``pattern="shifted"`` layers as blocked ones on class-sorted
@@ -1170,7 +1179,8 @@ def optimize_for_inference(model: nn.Module, example_input: Optional[torch.Tenso
         with torch.no_grad():
             times = time_interleaved({str(k): (lambda m=m, x=x: m(x))
                                       for k, ((m, _, _), x) in enumerate(zip(built, xs))},
-                                     repeats=repeats, warmup=1, settle=1)
+                                     repeats=repeats, warmup=1, settle=1,
+                                     min_seconds=MODEL_DECISION_SECONDS)
         for k, (_, p, _) in enumerate(built):
             p["seconds"] = times[str(k)].median
     out, plan, info = min(built, key=lambda b: b[1].get("seconds", 0.0))
