@@ -23,7 +23,7 @@ import operator
 import os
 import tempfile
 import warnings
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -1013,11 +1013,8 @@ def _configure(out: nn.Module, plan: dict, example_input: Optional[torch.Tensor]
                         m.enabled = enabled
                     return out(x)
                 return call
-            with torch.no_grad():
-                times = time_interleaved({"chained": run(True), "layer_by_layer": run(False)},
-                                         repeats=repeats, warmup=1, settle=1,
-                                         min_seconds=MODEL_DECISION_SECONDS)
-            timed = {k: t.median for k, t in times.items()}
+            timed = _model_medians({"chained": run(True), "layer_by_layer": run(False)},
+                                   repeats)
             for m in chains:
                 m.enabled = timed["chained"] <= timed["layer_by_layer"]
             plan["chain_seconds"] = timed
@@ -1037,11 +1034,8 @@ def _keep_faster(measured: nn.Module, rule: nn.Module, plan: dict, x: torch.Tens
     """``measured`` (the per-layer measurements' configuration) or ``rule`` (every HetConv2d
     on ``backend="auto"``, nothing fused), whichever runs ``x`` faster; fills ``plan``
     (``model_seconds``, ``kept``, and for the rule its layers and counts)."""
-    with torch.no_grad():
-        times = time_interleaved({"measured": lambda: measured(x), "rule": lambda: rule(x)},
-                                 repeats=repeats, warmup=1, settle=1,
-                                 min_seconds=MODEL_DECISION_SECONDS)
-    plan["model_seconds"] = {k: t.median for k, t in times.items()}
+    plan["model_seconds"] = _model_medians(
+        {"measured": lambda: measured(x), "rule": lambda: rule(x)}, repeats)
     if plan["model_seconds"]["measured"] <= plan["model_seconds"]["rule"]:
         plan["kept"] = "measured"
         return measured
@@ -1057,6 +1051,15 @@ def _keep_faster(measured: nn.Module, rule: nn.Module, plan: dict, x: torch.Tens
     plan["packed_dense"] = 0
     plan.pop("chain_seconds", None)
     return rule
+
+
+def _model_medians(candidates: Dict[str, Callable[[], object]], repeats: int) -> Dict[str, float]:
+    """A whole-model choice: each candidate's median call time, interleaved in steady state
+    for at least :data:`MODEL_DECISION_SECONDS` in all (up to 10x ``repeats`` calls)."""
+    with torch.no_grad():
+        times = time_interleaved(candidates, repeats=repeats, warmup=1, settle=1,
+                                 min_seconds=MODEL_DECISION_SECONDS)
+    return {k: t.median for k, t in times.items()}
 
 
 def optimize_for_inference(model: nn.Module, example_input: Optional[torch.Tensor] = None, *,
@@ -1176,13 +1179,10 @@ def optimize_for_inference(model: nn.Module, example_input: Optional[torch.Tenso
     if len(built) > 1:
         xs = [example_input.contiguous(memory_format=_FORMATS[p["memory_format"]])
               for _, p, _ in built]
-        with torch.no_grad():
-            times = time_interleaved({str(k): (lambda m=m, x=x: m(x))
-                                      for k, ((m, _, _), x) in enumerate(zip(built, xs))},
-                                     repeats=repeats, warmup=1, settle=1,
-                                     min_seconds=MODEL_DECISION_SECONDS)
+        times = _model_medians({str(k): (lambda m=m, x=x: m(x))
+                                for k, ((m, _, _), x) in enumerate(zip(built, xs))}, repeats)
         for k, (_, p, _) in enumerate(built):
-            p["seconds"] = times[str(k)].median
+            p["seconds"] = times[str(k)]
     out, plan, info = min(built, key=lambda b: b[1].get("seconds", 0.0))
     if len(formats) > 1:  # what the format gave, the permutations as chosen
         plan["memory_format_seconds"] = {p["memory_format"]: p["seconds"]
