@@ -459,6 +459,74 @@ def test_optimized_model_copies_and_saves_after_calls():
             assert any(f.__dict__.get("_plans") for f in _planners(other))
 
 
+def _pooled_model() -> nn.Sequential:
+    """Native HetConv layers followed by 2x2 max-pools (with and without ceil_mode; one
+    through an nn.Identity), and by a 3x3 one the kernel does not take."""
+    return _randomise_bn(nn.Sequential(
+        hetconv.HetConv2d(16, 32, 3, part=4), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
+        hetconv.HetConv2d(32, 32, 3, part=4, bias=True), nn.ReLU(), nn.Identity(),
+        nn.MaxPool2d(2, 2, ceil_mode=True),
+        hetconv.HetConv2d(32, 32, 3, part=2), nn.ReLU(), nn.MaxPool2d(3, 2),
+        nn.Flatten()))
+
+
+@needs_native
+def test_optimize_fuses_2x2_max_pools_into_channels_last_layers(monkeypatch):
+    torch.manual_seed(11)
+    model = _pooled_model()
+    cl = torch.channels_last
+    x = torch.randn(3, 16, 16, 16)
+    # (absorb=False: "shifted" stays, which the channels-last kernel runs at 32 filters, P 4)
+    fast = hetconv.optimize_for_inference(model, x, backend="native", absorb=False,
+                                          memory_format="channels_last")
+    assert fast.hetconv_plan["fused_pools"] == 2
+    pooled = [f for f in _fused(fast) if f.pool is not None]
+    assert len(pooled) == 2 and all(f.relu for f in pooled)
+    assert sum(isinstance(m, nn.MaxPool2d) and m.kernel_size == 3 for m in fast.modules()) == 1
+    shapes = []
+    real = hetconv.native._launch
+    monkeypatch.setattr(hetconv.native, "_launch",
+                        lambda x, shape, *a: shapes.append(shape) or real(x, shape, *a))
+    with torch.no_grad():
+        for inp in (x.contiguous(memory_format=cl), x):
+            want = model(inp)
+            shapes.clear()
+            torch.testing.assert_close(fast(inp), want, rtol=1e-4, atol=1e-4)
+            # channels_last: the kernel writes the pooled activations only; NCHW input runs
+            # the NCHW kernel (unpooled), then the pool
+            assert shapes[:2] == ([(3, 32, 8, 8), (3, 32, 4, 4)] if inp is not x
+                                  else [(3, 32, 16, 16), (3, 32, 8, 8)]), shapes
+        # odd sizes: the first pool's output, 7x7, is pooled after the second layer
+        odd = torch.randn(2, 16, 14, 14).contiguous(memory_format=cl)
+        want = model(odd)
+        shapes.clear()
+        torch.testing.assert_close(fast(odd), want, rtol=1e-4, atol=1e-4)
+        assert shapes[:2] == [(2, 32, 7, 7), (2, 32, 7, 7)], shapes
+    # autograd: the layer, then the pool, as in the model
+    xs = [x.clone().contiguous(memory_format=cl).requires_grad_() for _ in range(2)]
+    g = torch.randn_like(model(xs[1]))
+    got = torch.autograd.grad(fast(xs[0]), [xs[0]], g)
+    want = torch.autograd.grad(model(xs[1]), [xs[1]], g)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        for other in _copy_and_reload(fast):
+            torch.testing.assert_close(other(x.contiguous(memory_format=cl)), model(x),
+                                       rtol=1e-4, atol=1e-4)
+    # NCHW models keep their pools: the NCHW kernel (and its chains) does not pool
+    nchw = hetconv.optimize_for_inference(model, x, backend="native", memory_format="contiguous")
+    assert nchw.hetconv_plan["fused_pools"] == 0
+    assert not any(f.pool is not None for f in _fused(nchw))
+
+
+def test_native_fused_refuses_a_pool_it_cannot_fuse():
+    layer = hetconv.HetConv2d(16, 16, 3, part=4, backend="native")
+    for pool in (nn.MaxPool2d(3, 2), nn.MaxPool2d(2, 1), nn.MaxPool2d(2, padding=1),
+                 nn.MaxPool2d(2, return_indices=True), nn.AvgPool2d(2)):
+        with pytest.raises(ValueError, match="pool must be an nn.MaxPool2d of kernel 2"):
+            deploy.NativeFused(layer, True, False, pool)
+    assert deploy.poolable(nn.MaxPool2d((2, 2), ceil_mode=True))
+
+
 def test_forward_plan_refuses_what_it_cannot_keep():
     layer = hetconv.HetConv2d(8, 16, 3, part=2, bias=True)
     args = (layer.weight_k, layer.weight_1, layer.bias, layer.pattern, False, None, 1)

@@ -333,20 +333,12 @@ def test_auto_picks_the_nchw_kernel_from_p_32(cl):
         torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-3)
 
 
-@needs_kernel
-@settings(max_examples=60, deadline=None)
-@given(p=st.sampled_from([1, 2, 4, 8, 16, 32, 64]), m_k=st.integers(1, 5),
-       vectors=st.integers(1, 6),
-       h=st.integers(1, 11), w=st.integers(1, 13), batch=st.integers(0, 10),
-       k=st.sampled_from([(3, 3), (5, 5), (1, 3), (3, 1), (5, 3)]),
-       pattern=st.sampled_from(PATTERNS), bias=st.booleans(), stride=st.sampled_from([1, 2]),
-       epilogue=st.sampled_from(["none", "relu", "residual", "both"]))
-def test_channels_last_kernel_matches_dense_reference(p, m_k, vectors, h, w, batch, k, pattern,
-                                                      bias, stride, epilogue):
-    # "blocked" needs 16 | N/P; vectors > 4 gives blocks of unequal width (4 + rest); P = 1
-    # is a dense layer (optimize_for_inference's dense convolutions of channels_last models);
-    # "shifted" with P = 32, 64: blocks of vectors P filters apart (16 classes each), so
-    # 2 * vectors vectors give blocks of 1-4 (and of unequal width)
+def _nhwc_sizes(p: int, m_k: int, vectors: int, pattern: str) -> tuple:
+    """(P, M/P, M, N) of a layer the channels-last kernel runs, from drawn P, M/P and filter
+    vectors: "blocked" needs 16 | N/P; vectors > 4 gives blocks of unequal width (4 + rest);
+    P = 1 is a dense layer (optimize_for_inference's dense convolutions of channels_last
+    models); "shifted" with P = 32, 64: blocks of vectors P filters apart (16 classes each),
+    so 2 * vectors vectors give blocks of 1-4 (and of unequal width)."""
     if pattern == "blocked":
         p = min(p, 16)
     if p == 1:  # a dense layer; one input channel would be NCHW and channels_last at once
@@ -357,6 +349,20 @@ def test_channels_last_kernel_matches_dense_reference(p, m_k, vectors, h, w, bat
     if pattern == "blocked" and n % (16 * p):
         n = 16 * p
     assert native.nhwc_supported(n, m, p, pattern)
+    return p, m_k, m, n
+
+
+@needs_kernel
+@settings(max_examples=60, deadline=None)
+@given(p=st.sampled_from([1, 2, 4, 8, 16, 32, 64]), m_k=st.integers(1, 5),
+       vectors=st.integers(1, 6),
+       h=st.integers(1, 11), w=st.integers(1, 13), batch=st.integers(0, 10),
+       k=st.sampled_from([(3, 3), (5, 5), (1, 3), (3, 1), (5, 3)]),
+       pattern=st.sampled_from(PATTERNS), bias=st.booleans(), stride=st.sampled_from([1, 2]),
+       epilogue=st.sampled_from(["none", "relu", "residual", "both"]))
+def test_channels_last_kernel_matches_dense_reference(p, m_k, vectors, h, w, batch, k, pattern,
+                                                      bias, stride, epilogue):
+    p, m_k, m, n = _nhwc_sizes(p, m_k, vectors, pattern)
     torch.manual_seed(m * 1000 + n * 10 + h)
     cl = torch.channels_last
     wk, w1 = _weights(m, n, p, k=k[0], requires_grad=True)
@@ -371,8 +377,10 @@ def test_channels_last_kernel_matches_dense_reference(p, m_k, vectors, h, w, bat
     ref = _reference(x, wk, w1, b, pattern, stride=stride)
     if res is not None:
         ref = ref + res
-    if relu:
-        ref = F.relu(ref)
+    if relu:  # the kernel's own zeros: a sum within rounding of 0 (-6e-8 here, 2e-7 in the
+        on = y.detach() > 0  # reference) may fall either side, and with it the gradient
+        assert not ((on != (ref > 0)) & (ref.abs() > 1e-4)).any()  # only there
+        ref = ref * on
     assert y.shape == ref.shape and y.is_contiguous(memory_format=cl)
     torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
     leaves = [t for t in (x, wk, w1, b, res) if t is not None]
@@ -559,6 +567,70 @@ def test_channels_last_kernel_tail_tiles_match_dense_reference(batch, size, stri
     leaves = (x, wk, w1, b)
     for got, want in zip(torch.autograd.grad(y, leaves, g), torch.autograd.grad(ref, leaves, g)):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@needs_kernel
+@settings(max_examples=50, deadline=None)
+@given(p=st.sampled_from([1, 2, 4, 32]), m_k=st.integers(1, 4), vectors=st.integers(1, 6),
+       half_h=st.integers(1, 7), half_w=st.integers(1, 9), batch=st.integers(1, 20),
+       pattern=st.sampled_from(PATTERNS), bias=st.booleans(), stride=st.sampled_from([1, 2]),
+       epilogue=st.sampled_from(["none", "relu", "residual", "both"]),
+       threads=st.sampled_from([1, 2, 3]))
+def test_channels_last_kernel_fused_max_pool_matches_conv_then_pool(
+        p, m_k, vectors, half_h, half_w, batch, pattern, bias, stride, epilogue, threads):
+    """pool = 2: the kernel writes F.max_pool2d(relu(conv + residual), 2) only. Planes of
+    every size (position-major up to 64 pixels with several images, image-major tiles that
+    cross output rows), filter blocks of 1-4 vectors, 1-3 threads (a window's four pixels
+    must be one thread's: the first stores, the others take the maximum)."""
+    p, _, m, n = _nhwc_sizes(p, m_k, vectors, pattern)
+    torch.manual_seed(batch * 1000 + half_h * 10 + half_w)
+    cl = torch.channels_last
+    wk = torch.randn(n, m // p, 3, 3)
+    w1 = torch.randn(n, m - m // p)
+    b = torch.randn(n) if bias else None
+    h, w = 2 * half_h * stride, 2 * half_w * stride  # even outputs: 2 half_h x 2 half_w
+    x = torch.randn(batch, m, h, w).contiguous(memory_format=cl)
+    res = (torch.randn(batch, n, 2 * half_h, 2 * half_w).contiguous(memory_format=cl)
+           if epilogue in ("residual", "both") else None)
+    relu = epilogue in ("relu", "both")
+    pk = native._nhwc_packed(wk, w1, b, pattern, n, m, p)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        y = native._run_nhwc(x, pk, n, relu=relu, residual=res, stride=stride, pool=2)
+    finally:
+        torch.set_num_threads(before)
+    ref = _reference(x, wk, w1, b, pattern, stride=stride)
+    if res is not None:
+        ref = ref + res
+    ref = F.max_pool2d(F.relu(ref) if relu else ref, 2)
+    assert y.shape == ref.shape and y.is_contiguous(memory_format=cl)
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
+
+
+@needs_kernel
+def test_channels_last_kernel_refuses_a_pool_it_cannot_fuse():
+    cl = torch.channels_last
+    wk, w1 = _weights(16, 16, 4)
+    pk = native._nhwc_packed(wk, w1, None, "shifted", 16, 16, 4)
+    x = torch.randn(2, 16, 5, 6).contiguous(memory_format=cl)  # a 5x6 output: odd height
+    x4 = torch.randn(2, 16, 4, 6).contiguous(memory_format=cl)
+    with pytest.raises(ValueError, match="pool must be 0 or 2.*5x6"):
+        native._run_nhwc(x, pk, 16, pool=2)
+    with pytest.raises(ValueError, match="pool must be 0 or 2"):
+        native._run_nhwc(x4, pk, 16, pool=3)
+    # the residual is the unpooled output's shape
+    with pytest.raises(ValueError, match=r"residual must be .*\(2, 16, 4, 6\)"):
+        native._run_nhwc(x4, pk, 16, pool=2, residual=torch.randn(2, 16, 2, 3))
+    # the plans: none for a pool on the NCHW kernel or on an odd output
+    assert native.ForwardPlan.build(x4.contiguous(), wk, w1, None, "shifted", True,
+                                    None, 1, pool=2) is None
+    assert native.ForwardPlan.build(x, wk, w1, None, "shifted", True, None, 1, pool=2) is None
+    plan = native.ForwardPlan.build(x4, wk, w1, None, "shifted", True, None, 1, pool=2)
+    assert plan.shape == (2, 16, 2, 3)
+    with torch.no_grad():
+        torch.testing.assert_close(plan.run(x4, None, wk, w1, None), F.max_pool2d(
+            F.relu(_reference(x4, wk, w1, None, "shifted")), 2), rtol=1e-4, atol=1e-4)
 
 
 @needs_kernel
@@ -813,6 +885,16 @@ CHECK = """
         for a, b in zip(torch.autograd.grad(y3, (xc, wc, w1c), g3),
                         torch.autograd.grad(ref3, (xc, wc, w1c), g3)):
             assert (a - b).abs().max() < 1e-2, (n, s, pat, (a - b).abs().max())
+    # ... with a 2x2 max-pool in its epilogue (residual and ReLU before it)
+    if native.available():
+        with torch.no_grad():
+            wc, w1c, bc = torch.randn(96, 8, 3, 3), torch.randn(96, 24), torch.randn(96)
+            xp = xc.detach()[:, :, :4]
+            r = torch.randn(3, 96, 4, 6).contiguous(memory_format=torch.channels_last)
+            pk = native._nhwc_packed(wc, w1c, bc, "shifted", 96, 32, 4)
+            y4 = native._run_nhwc(xp, pk, 96, relu=True, residual=r, pool=2)
+            ref4 = F.max_pool2d(F.relu(F.conv2d(xp, HF.dense_weight(wc, w1c), bc, 1, 1) + r), 2)
+            assert (y4 - ref4).abs().max() < 1e-3, (y4 - ref4).abs().max()
     print(native.available(), native.vectorized(), native.build_error())
 """
 

@@ -462,19 +462,29 @@ def _packed_dense_convs(out: nn.Module, x: torch.Tensor, repeats: int, plan: dic
 # ---------------------------------------------------------------------------
 
 class NativeFused(PlanHolder, nn.Module):
-    """A :class:`HetConv2d` with the residual sum and/or ReLU after it run in its kernel.
+    """A :class:`HetConv2d` with the residual sum and/or ReLU after it run in its kernel,
+    and a 2x2 max-pool after those.
 
-    ``forward(x[, residual])`` equals ``relu(layer(x) + residual)`` (each part
-    optional).  When the ``"native"`` kernel applies to the call (the layer's
+    ``forward(x[, residual])`` equals ``pool(relu(layer(x) + residual))`` (each part
+    optional; ``pool`` an ``nn.MaxPool2d`` of kernel 2 and stride 2, see
+    :func:`poolable`).  When the ``"native"`` kernel applies to the call (the layer's
     backend is ``"native"``, float32 input, stride 1 or 2, ...) the sum and the
     ReLU happen as the kernel stores each output value: no extra passes over
-    the activations.  Otherwise the layer runs as usual and the sum and ReLU
-    follow as separate ops.  Built by :func:`optimize_for_inference`.
+    the activations.  The pool does too, outside autograd, where the channels-last kernel
+    runs and the layer's output has even height and width: each output value is compared
+    with its window's so far as it is stored, and only the pooled activations are written.
+    Otherwise the layer runs as usual and the sum, ReLU and pool follow as separate ops.
+    Built by :func:`optimize_for_inference`.
     """
 
-    def __init__(self, layer: HetConv2d, relu: bool, residual: bool) -> None:
+    def __init__(self, layer: HetConv2d, relu: bool, residual: bool,
+                 pool: Optional[nn.MaxPool2d] = None) -> None:
         super().__init__()
         self.layer, self.relu, self.residual = layer, bool(relu), bool(residual)
+        if pool is not None and not poolable(pool):
+            raise ValueError(f"pool must be an nn.MaxPool2d of kernel 2, stride 2, no padding "
+                             f"or dilation, without indices; got {pool!r}")
+        self.pool = pool
         self._verdicts: dict = {}  # call signature -> whether the kernel applies
 
     def _signature(self, x: torch.Tensor, residual: Optional[torch.Tensor]) -> tuple:
@@ -511,6 +521,38 @@ class NativeFused(PlanHolder, nn.Module):
                                     and residual.dtype == torch.float32)
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        pool = self._modules.get("pool")  # (None in modules saved before pools were fused)
+        if pool is None:
+            return self._conv(x, residual)
+        y = self._pooled(x, residual)
+        return y if y is not None else pool(self._conv(x, residual))
+
+    def _pooled(self, x: torch.Tensor, residual: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """The forward with the pool in the channels-last kernel, or None where it does not
+        apply (no kernel call made)."""
+        if torch.compiler.is_compiling() or torch.jit.is_tracing():
+            return None
+        key = self._signature(x, residual)
+        plan = self._plan_for(("pool",) + key)
+        if plan is not False:
+            y = None if plan is None else plan.run(x, residual, self.layer.weight_k,
+                                                   self.layer.weight_1, self.layer.bias)
+            if y is not None or plan is None:
+                return y
+        if not self._native(key, x, residual):
+            self._keep_plan(("pool",) + key, None)  # never for this signature
+            return None
+        layer = self.layer
+        plan = HF._native.ForwardPlan.build(x, layer.weight_k, layer.weight_1, layer.bias,
+                                            layer.pattern, self.relu, residual,
+                                            layer.stride[0], pool=2)
+        if plan is None:  # autograd, the NCHW kernel, an odd output size, ...
+            return None
+        self._keep_plan(("pool",) + key, plan)
+        return plan.run(x, residual, layer.weight_k, layer.weight_1, layer.bias)
+
+    def _conv(self, x: torch.Tensor, residual: Optional[torch.Tensor]) -> torch.Tensor:
+        """The forward without the pool."""
         layer = self.layer
         if torch.compiler.is_compiling() or torch.jit.is_tracing():  # traced: no Python plans
             if self._check(x, residual):
@@ -544,6 +586,49 @@ class NativeFused(PlanHolder, nn.Module):
 
     def extra_repr(self) -> str:
         return f"relu={self.relu}, residual={self.residual}"
+
+
+def poolable(pool: nn.Module) -> bool:
+    """Whether :class:`NativeFused` can take ``pool`` into its kernel: an ``nn.MaxPool2d``
+    of kernel 2 and stride 2, no padding or dilation, not returning indices (``ceil_mode``
+    does not matter: the kernel takes the pool only on outputs of even size)."""
+    def pair(v):
+        return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+    return (type(pool) is nn.MaxPool2d and pair(pool.kernel_size) == (2, 2)
+            and pair(pool.stride) == (2, 2) and pair(pool.padding) == (0, 0)
+            and pair(pool.dilation) == (1, 1) and not pool.return_indices)
+
+
+def _fuse_pools(gm: torch.fx.GraphModule) -> int:
+    """Move each :func:`poolable` ``nn.MaxPool2d`` that is the only user of a
+    :class:`NativeFused` (looking through ``nn.Identity``) into it; returns how many."""
+    fused = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or not isinstance(gm.get_submodule(node.target),
+                                                      NativeFused):
+            continue
+        module = gm.get_submodule(node.target)
+        if module._modules.get("pool") is not None:
+            continue
+        chain, cur = [], node
+        nxt = _only_user(cur)
+        while nxt is not None and nxt.op == "call_module" and isinstance(
+                gm.get_submodule(nxt.target), nn.Identity):
+            chain.append(nxt)
+            cur, nxt = nxt, _only_user(nxt)
+        if (nxt is None or nxt.op != "call_module" or len(nxt.args) != 1 or nxt.kwargs
+                or not poolable(gm.get_submodule(nxt.target))):
+            continue
+        module.pool = gm.get_submodule(nxt.target)
+        nxt.replace_all_uses_with(node)
+        for n in [nxt] + chain[::-1]:
+            gm.graph.erase_node(n)
+        fused += 1
+    if fused:
+        gm.graph.lint()
+        gm.delete_all_unused_submodules()
+        gm.recompile()
+    return fused
 
 
 _RELU_FUNCTIONS = {F.relu, torch.relu, torch.relu_, F.relu_}
@@ -853,6 +938,8 @@ def _chain_native(gm: torch.fx.GraphModule) -> int:
                                                                            torch.fx.Node)
         if not of(node, NativeFused) or node.kwargs or not 1 <= len(node.args) <= 2:
             return False
+        if gm.get_submodule(node.target)._modules.get("pool") is not None:
+            return False  # the NCHW kernel's chains do not pool
         layer = gm.get_submodule(node.target).layer
         return layer.backend == "native" and all(isinstance(a, torch.fx.Node) for a in node.args)
 
@@ -985,9 +1072,12 @@ def _configure(out: nn.Module, plan: dict, example_input: Optional[torch.Tensor]
     converted = {}
     if fuse and example_input is not None and backend in ("measure", "native"):
         converted = _native_dense_convs(out, x, repeats, plan)
-    plan["fused_native"] = plan["chained_native"] = 0
+    plan["fused_native"] = plan["chained_native"] = plan["fused_pools"] = 0
     if fuse:
         out, plan["fused_native"] = _fuse_native(out)
+        if memory_format == "channels_last" and isinstance(out, torch.fx.GraphModule):
+            # the channels-last kernel pools in its epilogue (the NCHW one does not)
+            plan["fused_pools"] = _fuse_pools(out)
     fused_layers = {m.layer for m in out.modules() if isinstance(m, NativeFused)}
     for name, conv in converted.items():  # not fused: the dense convolution as it was
         try:
@@ -1048,7 +1138,7 @@ def _keep_faster(measured: nn.Module, rule: nn.Module, plan: dict, x: torch.Tens
             if "seconds" in measured_layers.get(name, {}):
                 plan["layers"][name]["seconds"] = measured_layers[name]["seconds"]
     plan["fused_native"] = plan["chained_native"] = plan["native_dense"] = 0
-    plan["packed_dense"] = 0
+    plan["packed_dense"] = plan["fused_pools"] = 0
     plan.pop("chain_seconds", None)
     return rule
 
@@ -1108,7 +1198,10 @@ def optimize_for_inference(model: nn.Module, example_input: Optional[torch.Tenso
             runs them image by image on batches of at least two images per thread, the
             activations between them kept in per-thread buffers in L2. With
             ``backend="measure"`` chained and layer-by-layer runs are both timed and the
-            faster kept (``hetconv_plan["chain_seconds"]``).
+            faster kept (``hetconv_plan["chain_seconds"]``). In a channels_last
+            model, an ``nn.MaxPool2d`` of kernel 2 and stride 2 right after such a layer
+            is taken into it too (``hetconv_plan["fused_pools"]``): the channels-last kernel
+            writes only the pooled activations.
         pack: with ``backend="measure"``, each remaining ``nn.Conv2d`` (a stem, a shortcut,
             every layer of a dense model) that :class:`PackedConv2d` runs faster on its
             example input is replaced by one: its weights packed for oneDNN once, not
@@ -1122,7 +1215,9 @@ def optimize_for_inference(model: nn.Module, example_input: Optional[torch.Tenso
     (``fused_native``), of chains (``chained_native``) and of dense convolutions run by the
     native kernel as P = 1 layers (``native_dense``; with ``backend`` "measure" or
     "native" and ``fuse``: those the kernel ran faster on their example input and fusion
-    took; channels_last ones on the channels-last kernel when 16 divides their filters), of dense convolutions with packed weights (``packed_dense``), and the
+    took; channels_last ones on the channels-last kernel when 16 divides their filters), of
+    max-pools fused into native layers (``fused_pools``), of dense convolutions with packed
+    weights (``packed_dense``), and the
     backend (with measured medians in seconds) of every HetConv2d by module name.
     """
     if not isinstance(model, nn.Module):

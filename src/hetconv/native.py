@@ -667,7 +667,8 @@ NHWC_POSITION_MAJOR_MAX_AREA: int = 64
 
 
 def _nhwc_call(x_shape: tuple, pk: dict, n: int, relu: bool, stride: int, up: int = 1,
-               out_size: Optional[Tuple[int, int]] = None) -> Tuple[tuple, Callable]:
+               out_size: Optional[Tuple[int, int]] = None,
+               pool: int = 0) -> Tuple[tuple, Callable]:
     """The output shape of the channels-last kernel on an input of ``x_shape`` and a function
     ``call(x, y, residual) -> rc`` that runs it (see :func:`_run_nhwc`)."""
     lib = _load()
@@ -684,17 +685,24 @@ def _nhwc_call(x_shape: tuple, pk: dict, n: int, relu: bool, stride: int, up: in
         order = 2
     else:
         order = int(ho * wo <= NHWC_POSITION_MAJOR_MAX_AREA and b > 1)
+    if pool not in (0, 2) or (pool and (up > 1 or ho % 2 or wo % 2)):
+        raise ValueError(f"pool must be 0 or 2 (a 2x2 max-pool of stride 2 on an output of "
+                         f"even height and width), got pool={pool!r} for a {ho}x{wo} output")
     args = _NhwcArgs(b, m, n, h, w, kh, kw, stride, kh // 2, kw // 2, *pk["args"], int(relu),
-                     order, up, ho, wo)
-    return (b, n, ho, wo), _packed_call(lib.hetconv_nhwc_forward_packed, args)
+                     order, up, ho, wo, pool)
+    call = _packed_call(lib.hetconv_nhwc_forward_packed, args)
+    call.res_shape = (b, n, ho, wo)  # pooled: the residual is added before the pool
+    return (b, n, ho // 2, wo // 2) if pool else (b, n, ho, wo), call
 
 
 def _run_nhwc(x: torch.Tensor, pk: dict, n: int, relu: bool = False,
               residual: Optional[torch.Tensor] = None, stride: int = 1, up: int = 1,
-              out_size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+              out_size: Optional[Tuple[int, int]] = None, pool: int = 0) -> torch.Tensor:
     """The channels-last kernel on ``x``; ``up`` > 1 with ``out_size``: the transpose of a
-    stride-``up`` convolution (``pk`` packed transposed), whose output size is ``out_size``."""
-    shape, call = _nhwc_call(tuple(x.shape), pk, n, relu, stride, up, out_size)
+    stride-``up`` convolution (``pk`` packed transposed), whose output size is ``out_size``;
+    ``pool`` = 2: ``F.max_pool2d(y, 2)`` of the result ``y`` (even height and width), in the
+    kernel's epilogue (``residual`` and ReLU apply before it)."""
+    shape, call = _nhwc_call(tuple(x.shape), pk, n, relu, stride, up, out_size, pool)
     return _launch(x, shape, torch.channels_last, call, residual, "channels-last kernel")
 
 
@@ -705,8 +713,9 @@ def _launch(x: torch.Tensor, shape: tuple, fmt: torch.memory_format, call: Calla
     x = x.contiguous(memory_format=fmt)
     y = torch.empty(shape, dtype=x.dtype, memory_format=fmt)
     if residual is not None:
-        if tuple(residual.shape) != shape or residual.dtype != torch.float32:
-            raise ValueError(f"residual must be a float32 tensor of shape {shape}, got "
+        want = getattr(call, "res_shape", shape)  # a pooled call's: its unpooled output's
+        if tuple(residual.shape) != want or residual.dtype != torch.float32:
+            raise ValueError(f"residual must be a float32 tensor of shape {want}, got "
                              f"{residual.dtype} {tuple(residual.shape)}")
         residual = residual.contiguous(memory_format=fmt)
     if shape[0] == 0:
@@ -766,14 +775,17 @@ def _use_nhwc(x: torch.Tensor, n: int, m: int, p: int, pattern: str) -> bool:
     return _is_channels_last(x) and _nhwc_step(n, m, p, pattern) is not None
 
 
-def _prepare(x, weight_k, weight_1, bias, pattern, relu, stride) -> tuple:
+def _prepare(x, weight_k, weight_1, bias, pattern, relu, stride, pool: int = 0) -> tuple:
     """What a forward call on ``x`` runs: ``(packed weights, output shape, memory format,
-    call(x, y, residual), kernel name)`` of the channels-last or the NCHW kernel."""
+    call(x, y, residual), kernel name)`` of the channels-last or the NCHW kernel (``pool``:
+    the channels-last kernel's fused max-pool, see :func:`_run_nhwc`)."""
     n, m, p = _shapes(weight_k, weight_1)
     if _use_nhwc(x, n, m, p, pattern):
         pk = _nhwc_packed(weight_k, weight_1, bias, pattern, n, m, p)
-        return (pk, *_nhwc_call(tuple(x.shape), pk, n, relu, stride), torch.channels_last,
-                "channels-last kernel")
+        return (pk, *_nhwc_call(tuple(x.shape), pk, n, relu, stride, pool=pool),
+                torch.channels_last, "channels-last kernel")
+    if pool:
+        raise ValueError("pool: only the channels-last kernel fuses a max-pool")
     pk = _packed(weight_k, weight_1, bias, pattern, n, m, p)
     return (pk, *_nchw_call(tuple(x.shape), pk, n, relu, stride), torch.contiguous_format,
             "native kernel")
@@ -805,10 +817,13 @@ class ForwardPlan:
     @classmethod
     def build(cls, x: torch.Tensor, weight_k: torch.Tensor, weight_1: torch.Tensor,
               bias: Optional[torch.Tensor], pattern: str, relu: bool,
-              residual: Optional[torch.Tensor], stride: int) -> Optional["ForwardPlan"]:
+              residual: Optional[torch.Tensor], stride: int,
+              pool: int = 0) -> Optional["ForwardPlan"]:
         """The plan of ``native_conv2d(x, ...)`` (same arguments), or None where none can be
         kept: autograd recording, compiling, inference-mode weights (never cached), input
-        that is not 4-d float32 on the CPU, or a stride the kernel does not take."""
+        that is not 4-d float32 on the CPU, or a stride the kernel does not take.  ``pool``
+        = 2: the plan of ``F.max_pool2d(native_conv2d(x, ...), 2)`` on the channels-last
+        kernel (None where that kernel does not run or the output is of odd size)."""
         tensors = (weight_k, weight_1, bias)
         if (torch.compiler.is_compiling() or torch.jit.is_tracing() or stride not in (1, 2)
                 or x.dim() != 4
@@ -816,10 +831,16 @@ class ForwardPlan:
                 or _recording(x, tensors, residual)
                 or any(t is not None and t.is_inference() for t in tensors)):
             return None
+        if pool:
+            n, m, p = _shapes(weight_k, weight_1)
+            kh, kw = weight_k.shape[2:]
+            if pool != 2 or not _use_nhwc(x, n, m, p, pattern) or any(
+                    _out_size(size, k, stride) % 2 for size, k in zip(x.shape[2:], (kh, kw))):
+                return None
         plan = cls()
         plan.tensors, plan.key, plan.in_shape = tensors, cls._state(tensors), tuple(x.shape)
         plan.pk, plan.shape, plan.call, plan.fmt, plan.what = _prepare(
-            x, weight_k, weight_1, bias, pattern, relu, stride)
+            x, weight_k, weight_1, bias, pattern, relu, stride, pool)
         return plan
 
     def run(self, x: torch.Tensor, residual: Optional[torch.Tensor], weight_k: torch.Tensor,
@@ -893,7 +914,7 @@ class _NhwcArgs(ctypes.Structure):
                                              "pw", "Mk", "ts", "lw", "vs", "nfb")]
                 + [(f, ctypes.c_void_p) for f in ("blk_n0", "blk_p0", "blk_v", "blk_toff",
                                                   "w1p", "wkp", "bias")]
-                + [(f, ctypes.c_int) for f in ("relu", "posmajor", "up", "Ho", "Wo")])
+                + [(f, ctypes.c_int) for f in ("relu", "posmajor", "up", "Ho", "Wo", "pool")])
 
 
 def _packed_call(fn: Callable, args: ctypes.Structure) -> Callable:

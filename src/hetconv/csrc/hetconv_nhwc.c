@@ -100,6 +100,7 @@ typedef struct {
               * nh_residue_tile; hetconv_nhwc_forward refuses any other order with it) */
     int vs;  /* filters from one vector of a block to the next (16, or P: see the top) */
     int stream;  /* forward: write y with non-temporal stores (see "Output stores") */
+    int pool;    /* forward: 2 = a 2x2 max-pool of stride 2 fused (see nh_pooled), else 0 */
 } nh_geom;
 
 /* Pixel orders (posmajor): 0 image-major (b, oh, ow); 1 position-major (oh, ow, b); 2
@@ -194,7 +195,8 @@ static inline __attribute__((always_inline)) __m512 nh_load(const float *p, cons
 static inline __attribute__((always_inline)) void nh_tile(
         const int R, const int V, const int lw, const nh_geom *g, const float *const *px,
         const unsigned char *live, const float *w1, const float *wk, int toff,
-        const float *bias, float *const *yo, const float *const *ro, int relu) {
+        const float *bias, float *const *yo, const float *const *ro, int relu,
+        const unsigned char *first) {
     const int KK = g->kh * g->kw, centre = (g->kh / 2) * g->kw + g->kw / 2;
     const int M = g->M, Mk = g->Mk, ts = g->ts, VW = 16 * V, vs = g->vs;
     __m512 acc[NH_RMAX][4];  /* fixed sizes (not VLAs), so they become registers */
@@ -243,6 +245,8 @@ static inline __attribute__((always_inline)) void nh_tile(
             __m512 a = acc[r][v];
             if (ro[r]) a = _mm512_add_ps(a, _mm512_loadu_ps(ro[r] + vs * v));
             if (relu) a = _mm512_max_ps(a, zero);
+            /* pooled: the window's first pixel stores, the others keep the maximum */
+            if (g->pool && !first[r]) a = _mm512_max_ps(a, _mm512_loadu_ps(yo[r] + vs * v));
             if (stream_r) _mm512_stream_ps(yo[r] + vs * v, a);
             else _mm512_storeu_ps(yo[r] + vs * v, a);
         }
@@ -252,9 +256,10 @@ static inline __attribute__((always_inline)) void nh_tile(
 /* nh_tile with R pixels (the full tile FULL, or the tails' 4 and 2) and V vectors */
 #define NH_TILE_R(FULL, V, LW)                                                              \
     do {                                                                                    \
-        if (R == 2) nh_tile(2, V, LW, g, px, live, w1, wk, toff, bias, yo, ro, relu);       \
-        else if (R == 4) nh_tile(4, V, LW, g, px, live, w1, wk, toff, bias, yo, ro, relu);  \
-        else nh_tile(FULL, V, LW, g, px, live, w1, wk, toff, bias, yo, ro, relu);           \
+        if (R == 2) nh_tile(2, V, LW, g, px, live, w1, wk, toff, bias, yo, ro, relu, first); \
+        else if (R == 4)                                                                    \
+            nh_tile(4, V, LW, g, px, live, w1, wk, toff, bias, yo, ro, relu, first);        \
+        else nh_tile(FULL, V, LW, g, px, live, w1, wk, toff, bias, yo, ro, relu, first);    \
     } while (0)
 #define NH_TILE_CASES(LW)                                                                   \
     switch (V) {                                                                            \
@@ -267,7 +272,8 @@ static inline __attribute__((always_inline)) void nh_tile(
 static void nh_tile_any(int V, int R, const nh_geom *g, const float *const *px,
                         const unsigned char *live,
                         const float *w1, const float *wk, int toff, const float *bias,
-                        float *const *yo, const float *const *ro, int relu) {
+                        float *const *yo, const float *const *ro, int relu,
+                        const unsigned char *first) {
     switch (g->lw) {
         case 1: NH_TILE_CASES(1) break;
         case 2: NH_TILE_CASES(2) break;
@@ -281,7 +287,8 @@ static void nh_tile_any(int V, int R, const nh_geom *g, const float *const *px,
 static void nh_tile_any(int V, int R, const nh_geom *g, const float *const *px,
                         const unsigned char *live,
                         const float *w1, const float *wk, int toff, const float *bias,
-                        float *const *yo, const float *const *ro, int relu) {
+                        float *const *yo, const float *const *ro, int relu,
+                        const unsigned char *first) {
     const int KK = g->kh * g->kw, centre = (g->kh / 2) * g->kw + g->kw / 2;
     const int VW = 16 * V;
     _Pragma("GCC unroll 8") for (int r = 0; r < R; ++r) {
@@ -300,7 +307,9 @@ static void nh_tile_any(int V, int R, const nh_geom *g, const float *const *px,
                     a += px[t * R + r][toff + j * g->ts + i % g->lw] * wt[(size_t)j * VW + i];
             }
             if (ro[r]) a += ro[r][f];
-            yo[r][f] = (relu && a < 0.f) ? 0.f : a;
+            if (relu && a < 0.f) a = 0.f;
+            if (g->pool && !first[r] && yo[r][f] > a) a = yo[r][f];
+            yo[r][f] = a;
         }
     }
 }
@@ -395,6 +404,18 @@ static inline void nh_prefetch_next_row(const nh_geom *g, const float *x, int b,
 #endif
 }
 
+/* With a 2x2 max-pool of stride 2 fused (g->pool; Ho and Wo even): where output pixel
+ * (b, oh, ow)'s filters from n0 go, its window's row of the pooled y (B, Ho/2, Wo/2, N), and
+ * in *first whether it is the window's first pixel in the pixel order (image- or
+ * position-major: the top-left one), which stores; the window's other pixels take the
+ * maximum with what is there.  A window's four pixels are in one run (see per_run), so one
+ * thread computes them, in pixel order. */
+static inline float *nh_pooled(const nh_geom *g, float *y, int b, int oh, int ow, int n0,
+                               unsigned char *first) {
+    *first = !(oh & 1) && !(ow & 1);
+    return y + (((size_t)b * (g->Ho / 2) + oh / 2) * (g->Wo / 2) + ow / 2) * (size_t)g->N + n0;
+}
+
 /* Filter block fb of the forward over output pixels [q_begin, q_end), tile by tile. */
 static void nh_fwd_run(const nh_geom *gp, const float *x, float *y, const float *zero,
                        const ptrdiff_t *toffs, int fb, long q_begin, long q_end,
@@ -411,7 +432,7 @@ static void nh_fwd_run(const nh_geom *gp, const float *x, float *y, const float 
     const float *px[NH_KKMAX * NH_RMAX];
     float *yo[NH_RMAX];
     const float *ro[NH_RMAX];
-    unsigned char live[NH_KKMAX];
+    unsigned char live[NH_KKMAX], first[NH_RMAX] = {0};
     for (long q0 = q_begin, lim; q0 < q_end; q0 = lim) {
         /* a tile: up to Rmax pixels, cut at the range's end, (position-major) at the end of
          * a position, so its pixels share which taps fall in the padding, and (residue
@@ -429,7 +450,7 @@ static void nh_fwd_run(const nh_geom *gp, const float *x, float *y, const float 
         if (lim > q0 + Rt) lim = q0 + Rt;  /* 5 or 6 pixels of an 8-pixel tile: 4, then 2 */
         if (posmajor == NH_ORDER_RESIDUE) {
             nh_residue_tile(&g, x, y, res, zero, n0, b, oh, ow, Rt, q0, lim, px, live, yo, ro);
-            nh_tile_any(V, Rt, &g, px, live, w1, wk, blk_toff[fb], bb, yo, ro, relu);
+            nh_tile_any(V, Rt, &g, px, live, w1, wk, blk_toff[fb], bb, yo, ro, relu, first);
             continue;
         }
         /* position-major: the tile is one position in consecutive images, so the first
@@ -445,7 +466,8 @@ static void nh_fwd_run(const nh_geom *gp, const float *x, float *y, const float 
             const size_t o = (((size_t)b * g.Ho + oh) * g.Wo + ow) * (size_t)N + n0;
             const ptrdiff_t step = (ptrdiff_t)g.s * M;
             for (int r = 0; r < Rt; ++r) {
-                yo[r] = y + o + (size_t)r * N;
+                yo[r] = g.pool ? nh_pooled(&g, y, b, oh, ow + r, n0, &first[r])
+                               : y + o + (size_t)r * N;
                 ro[r] = res ? res + o + (size_t)r * N : NULL;
                 if (prefetch) nh_prefetch_next_row(&g, x, b, oh, ow + r);
             }
@@ -458,7 +480,8 @@ static void nh_fwd_run(const nh_geom *gp, const float *x, float *y, const float 
             for (int r = 0; r < rows; ++r) {
                 /* tail: the tile's last pixel again, not stored */
                 const size_t o = (((size_t)b * g.Ho + oh) * g.Wo + ow) * (size_t)N + n0;
-                yo[r] = q0 + r < lim ? y + o : NULL;
+                yo[r] = q0 + r >= lim ? NULL
+                        : g.pool ? nh_pooled(&g, y, b, oh, ow, n0, &first[r]) : y + o;
                 ro[r] = (res && yo[r]) ? res + o : NULL;
                 const float *base = nh_base(&g, x, b, oh, ow);
                 if (base) {  /* every tap inside the image: fixed offsets from one base */
@@ -474,17 +497,20 @@ static void nh_fwd_run(const nh_geom *gp, const float *x, float *y, const float 
                 if (q0 + r + 1 < lim) nh_next(&g, &b, &oh, &ow);  /* else: the tail repeats it */
             }
             if (posmajor) {
-                const size_t xs = (size_t)H * W * M, ys = (size_t)g.Ho * g.Wo * N;
+                /* an image's input, output (pooled: its pooled output) and residual */
+                const size_t xs = (size_t)H * W * M, rs = (size_t)g.Ho * g.Wo * N;
+                const size_t ys = g.pool ? rs / 4 : rs;
                 for (int r = 1; r < Rt; ++r) {
                     const int rr = q0 + r < lim ? r : (int)(lim - 1 - q0);  /* tail: the last again */
                     yo[r] = q0 + r < lim ? yo[0] + r * ys : NULL;
-                    ro[r] = (res && yo[r]) ? ro[0] + r * ys : NULL;
+                    ro[r] = (res && yo[r]) ? ro[0] + r * rs : NULL;
+                    first[r] = first[0];
                     for (int t = 0; t < KK; ++t)
                         px[t * Rt + r] = live[t] ? px[t * Rt] + rr * xs : zero;
                 }
             }
         }
-        nh_tile_any(V, Rt, &g, px, live, w1, wk, blk_toff[fb], bb, yo, ro, relu);
+        nh_tile_any(V, Rt, &g, px, live, w1, wk, blk_toff[fb], bb, yo, ro, relu, first);
     }
 #if defined(__AVX512F__)
     if (g.stream) _mm_sfence();  /* the run's non-temporal stores, ordered before it ends */
@@ -497,14 +523,15 @@ static void nh_fwd_run(const nh_geom *gp, const float *x, float *y, const float 
  * weights start, in filters), blk_v (vectors, 1..4; vector v holds filters n0 + v * vs ..
  * n0 + v * vs + 15), blk_toff (offset of the block's class channels: 0 "shifted" with P | 16,
  * the first lane's class with 16 | P, class * Mk "blocked").  res (B, Ho, Wo, N) or NULL
- * is added before the ReLU (relu != 0).  Returns 0 or a negative code.
+ * is added before the ReLU (relu != 0).  pool = 2: a 2x2 max-pool of stride 2 follows (Ho and
+ * Wo even, up = 1), y is the pooled (B, Ho/2, Wo/2, N).  Returns 0 or a negative code.
  */
 int hetconv_nhwc_forward(const float *x, float *y, int B, int M, int N, int H, int W,
                          int kh, int kw, int s, int ph, int pw, int Mk, int ts, int lw,
                          int vs, int nfb, const int *blk_n0, const int *blk_p0,
                          const int *blk_v, const int *blk_toff, const float *w1p,
                          const float *wkp, const float *bias, const float *res, int relu,
-                         int posmajor, int up, int Ho, int Wo, int nthreads) {
+                         int posmajor, int up, int Ho, int Wo, int pool, int nthreads) {
     nh_geom g = {B, M, N, H, W, (H + 2 * ph - kh) / s + 1, (W + 2 * pw - kw) / s + 1,
                  kh, kw, s, ph, pw, Mk, ts, lw, posmajor, up, vs};
     /* transposed strided (up > 1) in residue order only, and only that in residue order */
@@ -518,7 +545,9 @@ int hetconv_nhwc_forward(const float *x, float *y, int B, int M, int N, int H, i
     if (nh_check(&g) || nh_check_blocks(&g, nfb, blk_n0, blk_p0, blk_v) || g.Ho < 1
         || g.Wo < 1 || g.Ho != Ho || g.Wo != Wo)
         return -1;
-    g.stream = 1;
+    if (pool != 0 && (pool != 2 || up != 1 || Ho % 2 || Wo % 2)) return -1;
+    g.pool = pool;
+    g.stream = !pool;  /* pooled: the windows' pixels read what the first one stored */
     const int T = kh * kw - 1, KK = kh * kw;
     const long npix = (long)B * g.Ho * g.Wo;
     float *zero = (float *)calloc((size_t)M + 64, sizeof(float));
@@ -533,15 +562,29 @@ int hetconv_nhwc_forward(const float *x, float *y, int B, int M, int N, int H, i
     const int R = NH_RMAX;  /* the largest tile; runs are in units of it */
     const long ntiles = (npix + R - 1) / R;
     if (nthreads < 1) nthreads = 1;
+    /* pixels per run: a multiple of both tile sizes (6 and 8), so only a run's last tile
+     * can be partial, and pooled, of the pixels of a row of pooling windows (2 output rows),
+     * so each window is one run's; position-major, 2 rows of positions of all B images (its
+     * tiles end with each position anyway) */
+    long unit = 24;
+    if (pool && posmajor) unit = 2L * g.Wo * B;
+    else if (pool) {
+        const long span = 2L * g.Wo;
+        long a = unit, b = span;  /* lcm(24, span) */
+        while (b) { const long t = a % b; a = b; b = t; }
+        unit = unit / a * span;
+    }
+    const long units = (npix + unit - 1) / unit;
+    /* pooled runs of few units: one block per item, or one thread may get all the work */
     const int pixmajor = nfb > 1 && npix >= NH_PIXMAJOR_MIN_RUN * 4L * nthreads &&
-        (size_t)N * ((size_t)M + (size_t)T * Mk) * sizeof(float) <= NH_PIXMAJOR_MAX_WBYTES;
+        (size_t)N * ((size_t)M + (size_t)T * Mk) * sizeof(float) <= NH_PIXMAJOR_MAX_WBYTES &&
+        units >= 2L * nthreads;
     const int groups = pixmajor ? 1 : nfb;  /* item groups: all blocks at once, or one each */
     long runs = (4L * nthreads + groups - 1) / groups;
     if (runs > ntiles) runs = ntiles;
+    if (runs > units) runs = units;
     if (runs < 1) runs = 1;
-    /* pixels per run: a multiple of both tile sizes (6 and 8), so only a run's last tile
-     * can be partial */
-    const long per_run = ((ntiles * R / runs + 23) / 24) * 24;
+    const long per_run = (units + runs - 1) / runs * unit;
     const long items = (long)groups * runs;
     /* inputs larger than L2 (image-major order): prefetch the next output row's new input */
     const int prefetch = posmajor == 0 && up == 1 &&
@@ -884,7 +927,7 @@ typedef struct {
     int B, M, N, H, W, kh, kw, s, ph, pw, Mk, ts, lw, vs, nfb;
     const int *blk_n0, *blk_p0, *blk_v, *blk_toff;
     const float *w1p, *wkp, *bias;
-    int relu, posmajor, up, Ho, Wo;
+    int relu, posmajor, up, Ho, Wo, pool;
 } hetconv_nhwc_args;
 
 int hetconv_nhwc_forward_packed(const hetconv_nhwc_args *a, const float *x, float *y,
@@ -892,5 +935,5 @@ int hetconv_nhwc_forward_packed(const hetconv_nhwc_args *a, const float *x, floa
     return hetconv_nhwc_forward(x, y, a->B, a->M, a->N, a->H, a->W, a->kh, a->kw, a->s, a->ph,
                                 a->pw, a->Mk, a->ts, a->lw, a->vs, a->nfb, a->blk_n0,
                                 a->blk_p0, a->blk_v, a->blk_toff, a->w1p, a->wkp, a->bias, res,
-                                a->relu, a->posmajor, a->up, a->Ho, a->Wo, nthreads);
+                                a->relu, a->posmajor, a->up, a->Ho, a->Wo, a->pool, nthreads);
 }
