@@ -670,6 +670,41 @@ def _packed_calls(monkeypatch):
 
 
 @needs_packing
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+def test_packed_conv_with_relu_runs_it_in_the_convolution(fmt, monkeypatch):
+    torch.manual_seed(4)
+    conv = nn.Conv2d(8, 16, 3, padding=1).eval()
+    packed = deploy.PackedConv2d(conv)
+    packed.relu = True
+    assert repr(packed).endswith("relu=True)")
+    attrs = []
+    real = torch.ops.mkldnn._convolution_pointwise
+
+    class Ops:  # the namespace the module calls through, recording the fused op's attr
+        @staticmethod
+        def _convolution_pointwise(*args):
+            attrs.append(args[7])
+            return real(*args)
+    monkeypatch.setattr(torch.ops, "mkldnn", type("mkldnn", (), {
+        "_convolution_pointwise": Ops._convolution_pointwise,
+        "_reorder_convolution_weight": torch.ops.mkldnn._reorder_convolution_weight}))
+    x = torch.randn(2, 8, 9, 7).contiguous(memory_format=fmt)
+    with torch.no_grad():
+        got = packed(x)
+        want = torch.relu(conv(x))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert got.is_contiguous(memory_format=fmt) and (got == 0).any() and attrs == ["relu"]
+    # gradients: the plain convolution, then F.relu
+    xg = x.clone().requires_grad_()
+    y = packed(xg)
+    (gx,) = torch.autograd.grad(y, xg, torch.ones_like(y))
+    xr = x.clone().requires_grad_()
+    (rx,) = torch.autograd.grad(torch.relu(conv(xr)), xr, torch.ones_like(y))
+    torch.testing.assert_close(gx, rx, rtol=1e-5, atol=1e-5)
+    assert attrs == ["relu"]
+
+
+@needs_packing
 @pytest.mark.parametrize("kw", [
     dict(in_channels=8, out_channels=16, kernel_size=3, padding=1),
     dict(in_channels=8, out_channels=12, kernel_size=3, stride=2, padding=1, bias=False),
@@ -852,6 +887,11 @@ def test_optimize_packs_the_dense_convs_it_measures_faster(monkeypatch):
     packed = {n for n, m in fast.named_modules() if isinstance(m, deploy.PackedConv2d)}
     assert packed == set(dense[0::2]) and plan["packed_dense"] == len(packed)
     assert all(plan["layers"][n]["backend"] == "packed" for n in packed)
+    # each is followed by its (folded) BatchNorm and a ReLU: the ReLU runs inside it
+    assert plan["packed_relus"] == len(packed)
+    assert all(m.relu for m in fast.modules() if isinstance(m, deploy.PackedConv2d))
+    assert sum(isinstance(m, nn.ReLU) for m in fast.modules()) == sum(
+        isinstance(m, nn.ReLU) for m in model.modules()) - len(packed)
     with torch.no_grad():
         torch.testing.assert_close(fast(x), model(x), rtol=1e-4, atol=1e-4)
     # the rule's configuration, when it is the faster model, is packed the same way

@@ -370,7 +370,10 @@ class PackedConv2d(PlanHolder, nn.Module):
     ``torch.compile`` see an ordinary convolution): calls that need gradients, traced or
     compiled calls, and inputs that are not 4-d float32 CPU tensors, dense in NCHW or
     channels_last, run ``F.conv2d`` on them.  In fx graphs it is one node (``fx_leaf``).
-    :func:`optimize_for_inference` uses it where it measures it faster.
+    With ``relu`` set, the ReLU after the convolution runs in oneDNN's convolution as it
+    writes its output (no second pass over it; ``F.relu`` after ``F.conv2d`` elsewhere).
+    :func:`optimize_for_inference` uses it where it measures it faster, and fuses the ReLU
+    that follows it in the model's graph.
     """
 
     #: one node in the package's fx graphs (its forward branches on the input)
@@ -387,11 +390,13 @@ class PackedConv2d(PlanHolder, nn.Module):
         self.dilation, self.groups = tuple(conv.dilation), conv.groups
         self.register_buffer("weight", conv.weight.detach().clone())
         self.register_buffer("bias", None if conv.bias is None else conv.bias.detach().clone())
+        self.relu = False
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
                 f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
-                f"groups={self.groups}, bias={self.bias is not None}")
+                f"groups={self.groups}, bias={self.bias is not None}"
+                + (", relu=True" if self.__dict__.get("relu") else ""))
 
     def _fast(self, x: torch.Tensor) -> bool:
         if (torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling()
@@ -419,9 +424,11 @@ class PackedConv2d(PlanHolder, nn.Module):
         return cls(conv)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        relu = self.__dict__.get("relu", False)  # (modules saved before it existed: False)
         if not self._fast(x):
-            return F.conv2d(x, self.weight, self.bias, self.stride, self.padding,
-                            self.dilation, self.groups)
+            y = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation,
+                         self.groups)
+            return F.relu(y) if relu else y
         args = (list(self.padding), list(self.stride), list(self.dilation), self.groups)
         # the weights' storage and version, as a prepared native call checks them
         key = (tuple(x.shape),) + ForwardPlan._state((self.weight,))
@@ -429,8 +436,8 @@ class PackedConv2d(PlanHolder, nn.Module):
         if packed is False:
             packed = _pack_weight(self.weight, *args, list(x.shape))
             self._keep_plan(key, packed)
-        y = torch.ops.mkldnn._convolution_pointwise(x, packed, self.bias, *args, "none", [],
-                                                     "")
+        y = torch.ops.mkldnn._convolution_pointwise(x, packed, self.bias, *args,
+                                                     "relu" if relu else "none", [], "")
         if x.is_contiguous() and not y.is_contiguous():  # NCHW in, NCHW out
             y = y.contiguous()
         return y
@@ -602,32 +609,22 @@ def poolable(pool: nn.Module) -> bool:
 def _fuse_pools(gm: torch.fx.GraphModule) -> int:
     """Move each :func:`poolable` ``nn.MaxPool2d`` that is the only user of a
     :class:`NativeFused` (looking through ``nn.Identity``) into it; returns how many."""
-    fused = 0
+    fused, modules = 0, dict(gm.named_modules())
     for node in list(gm.graph.nodes):
-        if node.op != "call_module" or not isinstance(gm.get_submodule(node.target),
-                                                      NativeFused):
+        module = modules.get(node.target) if node.op == "call_module" else None
+        if not isinstance(module, NativeFused):
             continue
-        module = gm.get_submodule(node.target)
         if module._modules.get("pool") is not None:
             continue
-        chain, cur = [], node
-        nxt = _only_user(cur)
-        while nxt is not None and nxt.op == "call_module" and isinstance(
-                gm.get_submodule(nxt.target), nn.Identity):
-            chain.append(nxt)
-            cur, nxt = nxt, _only_user(nxt)
+        chain, nxt = _after_identities(node, modules)
         if (nxt is None or nxt.op != "call_module" or len(nxt.args) != 1 or nxt.kwargs
-                or not poolable(gm.get_submodule(nxt.target))):
+                or not poolable(modules[nxt.target])):
             continue
-        module.pool = gm.get_submodule(nxt.target)
-        nxt.replace_all_uses_with(node)
-        for n in [nxt] + chain[::-1]:
-            gm.graph.erase_node(n)
+        module.pool = modules[nxt.target]
+        _take_over(gm, node, chain + [nxt])
         fused += 1
     if fused:
-        gm.graph.lint()
-        gm.delete_all_unused_submodules()
-        gm.recompile()
+        _tidy(gm)
     return fused
 
 
@@ -639,6 +636,84 @@ def _only_user(node):
     return next(iter(node.users)) if len(node.users) == 1 else None
 
 
+def _after_identities(node, modules: dict) -> Tuple[list, Optional[torch.fx.Node]]:
+    """The ``nn.Identity`` nodes that follow ``node``, each the only user of the one before,
+    and the only user after them (None: none, or several)."""
+    chain, nxt = [], _only_user(node)
+    while nxt is not None and nxt.op == "call_module" and isinstance(modules.get(nxt.target),
+                                                                     nn.Identity):
+        chain.append(nxt)
+        nxt = _only_user(nxt)
+    return chain, nxt
+
+
+def _take_over(gm: torch.fx.GraphModule, node, after: list) -> None:
+    """``node`` now computes what the last of ``after`` (the nodes following it, each the
+    only user of the one before) did: their uses go to it, and they go."""
+    after[-1].replace_all_uses_with(node)
+    for n in reversed(after):
+        gm.graph.erase_node(n)
+
+
+def _traced(model: nn.Module) -> Optional[torch.fx.GraphModule]:
+    """``model`` traced into an fx graph module (its ``hetconv_permutations`` kept), or None
+    where fx cannot trace it (data-dependent control flow, ...)."""
+    try:
+        graph = PermutationTracer().trace(model)
+    except Exception:
+        return None
+    gm = torch.fx.GraphModule(model, graph, model.__class__.__name__)
+    for attr in ("hetconv_permutations",):
+        if hasattr(model, attr):
+            setattr(gm, attr, getattr(model, attr))
+    return gm
+
+
+def _tidy(gm: torch.fx.GraphModule) -> None:
+    """After a rewrite: check the graph, drop the modules it no longer calls, regenerate."""
+    gm.graph.lint()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+
+
+def _is_relu(node, modules: dict) -> bool:
+    """Whether fx ``node`` applies a ReLU (``nn.ReLU``, ``F.relu``, ``x.relu()``, ...) to its
+    one argument; ``modules``: the graph module's ``named_modules()``."""
+    if node is None:
+        return False
+    if node.op == "call_function":
+        return node.target in _RELU_FUNCTIONS and len(node.args) == 1
+    if node.op == "call_method":
+        return node.target in ("relu", "relu_") and len(node.args) == 1
+    return node.op == "call_module" and isinstance(modules.get(node.target), nn.ReLU)
+
+
+def _fuse_packed_relus(model: nn.Module) -> Tuple[nn.Module, int]:
+    """Move the ReLU that is the only user of a :class:`PackedConv2d` (looking through
+    ``nn.Identity``) into it.  Returns the model (traced, unless it was a graph module
+    already or nothing was fused) and how many."""
+    if not any(isinstance(m, PackedConv2d) for m in model.modules()):
+        return model, 0
+    gm = model if isinstance(model, torch.fx.GraphModule) else _traced(model)
+    if gm is None:
+        return model, 0
+    modules = dict(gm.named_modules())
+    fused = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or not isinstance(modules.get(node.target), PackedConv2d) \
+                or modules[node.target].relu:
+            continue
+        chain, nxt = _after_identities(node, modules)
+        if not _is_relu(nxt, modules) or nxt.kwargs:
+            continue
+        modules[node.target].relu = True
+        _take_over(gm, node, chain + [nxt])
+        fused += 1
+    if fused:
+        _tidy(gm)
+    return (gm, fused) if fused else (model, 0)
+
+
 def _fuse_native(model: nn.Module) -> Tuple[nn.Module, int]:
     """Fuse ``[Identity] -> [+ residual] -> [ReLU]`` after each native HetConv2d into it.
 
@@ -647,11 +722,9 @@ def _fuse_native(model: nn.Module) -> Tuple[nn.Module, int]:
     """
     if not any(isinstance(m, HetConv2d) and m.backend == "native" for m in model.modules()):
         return model, 0
-    try:
-        graph = PermutationTracer().trace(model)
-    except Exception:  # data-dependent control flow: leave the model alone
+    gm = _traced(model)
+    if gm is None:  # data-dependent control flow: leave the model alone
         return model, 0
-    gm = torch.fx.GraphModule(model, graph, model.__class__.__name__)
     modules = dict(gm.named_modules())
 
     def module(node, kind):
@@ -659,13 +732,7 @@ def _fuse_native(model: nn.Module) -> Tuple[nn.Module, int]:
             modules.get(node.target), kind)
 
     def is_relu(node):
-        if node is None:
-            return False
-        if node.op == "call_function":
-            return node.target in _RELU_FUNCTIONS and len(node.args) == 1
-        if node.op == "call_method":
-            return node.target in ("relu", "relu_") and len(node.args) == 1
-        return module(node, nn.ReLU)
+        return _is_relu(node, modules)
 
     fused = 0
     for node in list(gm.graph.nodes):
@@ -702,12 +769,7 @@ def _fuse_native(model: nn.Module) -> Tuple[nn.Module, int]:
         fused += 1
     if not fused:
         return model, 0
-    gm.graph.lint()
-    gm.delete_all_unused_submodules()
-    gm.recompile()
-    for attr in ("hetconv_permutations",):
-        if hasattr(model, attr):
-            setattr(gm, attr, getattr(model, attr))
+    _tidy(gm)
     return gm, fused
 
 
@@ -1091,9 +1153,7 @@ def _configure(out: nn.Module, plan: dict, example_input: Optional[torch.Tensor]
     if plan["fused_native"] and isinstance(out, torch.fx.GraphModule):
         _fuse_shortcuts(out)
         plan["chained_native"] = _chain_native(out)
-        out.graph.lint()
-        out.delete_all_unused_submodules()
-        out.recompile()
+        _tidy(out)
         chains = [m for m in out.modules() if isinstance(m, NativeChain)]
         if chains and backend == "measure" and example_input is not None:
             # depth-first or layer by layer: whichever runs this input faster
@@ -1108,9 +1168,11 @@ def _configure(out: nn.Module, plan: dict, example_input: Optional[torch.Tensor]
             for m in chains:
                 m.enabled = timed["chained"] <= timed["layer_by_layer"]
             plan["chain_seconds"] = timed
-    plan["packed_dense"] = 0
+    plan["packed_dense"] = plan["packed_relus"] = 0
     if pack and backend == "measure" and x is not None:
         plan["packed_dense"] = _packed_dense_convs(out, x, repeats, plan)
+        if fuse:
+            out, plan["packed_relus"] = _fuse_packed_relus(out)
     if rule is not None:
         kept = _keep_faster(out, rule, plan, x, repeats)
         if kept is rule and pack:  # the rule's configuration gets its packed convolutions too
@@ -1138,7 +1200,7 @@ def _keep_faster(measured: nn.Module, rule: nn.Module, plan: dict, x: torch.Tens
             if "seconds" in measured_layers.get(name, {}):
                 plan["layers"][name]["seconds"] = measured_layers[name]["seconds"]
     plan["fused_native"] = plan["chained_native"] = plan["native_dense"] = 0
-    plan["packed_dense"] = plan["fused_pools"] = 0
+    plan["packed_dense"] = plan["fused_pools"] = plan["packed_relus"] = 0
     plan.pop("chain_seconds", None)
     return rule
 
@@ -1207,7 +1269,9 @@ def optimize_for_inference(model: nn.Module, example_input: Optional[torch.Tenso
             example input is replaced by one: its weights packed for oneDNN once, not
             reordered on every call (at batch 1 that reorder can cost more than the
             convolution).  ``hetconv_plan["packed_dense"]`` counts them; their timings
-            are in ``hetconv_plan["layers"]`` with backend ``"packed"``.
+            are in ``hetconv_plan["layers"]`` with backend ``"packed"``. With ``fuse``, in
+            an fx-traceable model, the ReLU right after one runs inside it
+            (``hetconv_plan["packed_relus"]``).
 
     The returned copy is in eval mode and carries ``hetconv_plan``: a dict with
     the chosen memory format, the number of folded BatchNorms, the absorbed
