@@ -518,6 +518,29 @@ def test_optimize_fuses_2x2_max_pools_into_channels_last_layers(monkeypatch):
     assert not any(f.pool is not None for f in _fused(nchw))
 
 
+def test_relu_after_finds_the_convs_only_a_relu_uses():
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c, self.d = (nn.Conv2d(4, 4, 3, padding=1) for _ in range(4))
+            self.fold, self.relu = nn.Identity(), nn.ReLU()
+
+        def forward(self, x):
+            x = self.relu(self.fold(self.a(x)))  # a: through an Identity (a folded BN)
+            x = F.relu(self.b(x))                 # b: the functional ReLU
+            y = self.c(x)                         # c: its output used twice
+            x = torch.relu(y) + y
+            return torch.sigmoid(self.d(x))       # d: not a ReLU
+
+    model = Model()
+    assert deploy._relu_after(model) == {model.a, model.b}
+
+    class Untraceable(Model):
+        def forward(self, x):
+            return self.relu(self.a(x)) if x.sum() > 0 else x
+    assert deploy._relu_after(Untraceable()) == set()
+
+
 def test_native_fused_refuses_a_pool_it_cannot_fuse():
     layer = hetconv.HetConv2d(16, 16, 3, part=4, backend="native")
     for pool in (nn.MaxPool2d(3, 2), nn.MaxPool2d(2, 1), nn.MaxPool2d(2, padding=1),
@@ -870,6 +893,8 @@ def test_optimize_packs_the_dense_convs_it_measures_faster(monkeypatch):
         if set(fns) == {"dense", "packed"}:
             timed.n += 1
             fast = "packed" if timed.n % 2 else "dense"
+            with torch.no_grad():  # both candidates as timed: with the ReLU after them
+                timed.outs.append((fns["dense"](), fns["packed"]()))
         elif set(fns) == {"dense", "native"}:  # the native kernel as P = 1: slower here
             fast = "dense"
         elif set(fns) == {"measured", "rule"}:
@@ -878,7 +903,7 @@ def test_optimize_packs_the_dense_convs_it_measures_faster(monkeypatch):
             return real(fns, **kw)
         return {k: Timing.from_samples([1.0 if k == fast else 2.0]) for k in fns}
 
-    timed.n = 0
+    timed.n, timed.outs = 0, []
     real = deploy.time_interleaved
     monkeypatch.setattr(deploy, "time_interleaved", timed)
     fast = hetconv.optimize_for_inference(model, x, repeats=1, memory_format="channels_last")
@@ -887,8 +912,13 @@ def test_optimize_packs_the_dense_convs_it_measures_faster(monkeypatch):
     packed = {n for n, m in fast.named_modules() if isinstance(m, deploy.PackedConv2d)}
     assert packed == set(dense[0::2]) and plan["packed_dense"] == len(packed)
     assert all(plan["layers"][n]["backend"] == "packed" for n in packed)
-    # each is followed by its (folded) BatchNorm and a ReLU: the ReLU runs inside it
+    # each is followed by its (folded) BatchNorm and a ReLU: the ReLU runs inside it, and
+    # both candidates were timed with it
     assert plan["packed_relus"] == len(packed)
+    assert all(plan["layers"][n]["relu"] for n in packed) and len(timed.outs) == len(dense)
+    for dense_out, packed_out in timed.outs:
+        assert dense_out.min() == 0 and packed_out.min() == 0
+        torch.testing.assert_close(packed_out, dense_out, rtol=1e-4, atol=1e-4)
     assert all(m.relu for m in fast.modules() if isinstance(m, deploy.PackedConv2d))
     assert sum(isinstance(m, nn.ReLU) for m in fast.modules()) == sum(
         isinstance(m, nn.ReLU) for m in model.modules()) - len(packed)

@@ -259,19 +259,39 @@ def _as_native_p1(conv: nn.Conv2d) -> HetConv2d:
 
 
 def _swap_if_faster(out: nn.Module, plan: dict, name: str, conv: nn.Module, xin: torch.Tensor,
-                    new: nn.Module, backend: str, call, origin: str, repeats: int) -> bool:
+                    new: nn.Module, backend: str, call, origin: str, repeats: int,
+                    relu: bool = False) -> bool:
     """Time ``conv`` against ``call`` (``new``'s computation) on ``xin``, interleaved; when
     ``call`` is faster, put ``new`` in ``conv``'s place (``name`` in ``out``) and record both
-    medians in ``plan["layers"][name]`` under ``backend``.  Returns whether it did."""
+    medians in ``plan["layers"][name]`` under ``backend``.  Returns whether it did.
+    ``relu``: the ReLU that follows ``conv`` (which ``call`` runs fused) is timed after it."""
+    dense = (lambda: torch.relu_(conv(xin))) if relu else (lambda: conv(xin))
     with torch.no_grad():
-        times = time_interleaved({"dense": lambda: conv(xin), backend: call},
+        times = time_interleaved({"dense": dense, backend: call},
                                  repeats=repeats, warmup=1, settle=1)
     medians = {k: t.median for k, t in times.items()}
     if medians[backend] >= medians["dense"]:
         return False
     _replace(out, name, new)
-    plan["layers"][name] = {"backend": backend, "seconds": medians, "from": origin}
+    plan["layers"][name] = {"backend": backend, "seconds": medians, "from": origin,
+                            "relu": relu}
     return True
+
+
+def _relu_after(model: nn.Module) -> set:
+    """The ``nn.Conv2d`` modules of ``model`` whose output only a ReLU uses (through
+    ``nn.Identity``: a folded BatchNorm), from its fx graph; none where fx cannot trace it."""
+    gm = model if isinstance(model, torch.fx.GraphModule) else _traced(model)
+    if gm is None:
+        return set()
+    modules = dict(gm.named_modules())
+    found = set()
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and type(modules.get(node.target)) is nn.Conv2d:
+            _, nxt = _after_identities(node, modules)
+            if _is_relu(nxt, modules):
+                found.add(modules[node.target])
+    return found
 
 
 def _native_dense_convs(out: nn.Module, x: torch.Tensor, repeats: int,
@@ -289,6 +309,7 @@ def _native_dense_convs(out: nn.Module, x: torch.Tensor, repeats: int,
     if not names:
         return {}
     inputs = _capture_inputs(out, x, (nn.Conv2d,))
+    relu_after = _relu_after(out)  # fused with it later (NativeFused): timed with it
     replaced = {}
     for conv, name in names.items():
         xin = inputs.get(conv)
@@ -299,12 +320,13 @@ def _native_dense_convs(out: nn.Module, x: torch.Tensor, repeats: int,
                 memory_format=torch.channels_last))):
             continue
         layer = _as_native_p1(conv)
-        args = (layer.weight_k, layer.weight_1, layer.bias, layer.pattern, False, None,
+        relu = conv in relu_after
+        args = (layer.weight_k, layer.weight_1, layer.bias, layer.pattern, relu, None,
                 layer.stride[0])
         # the kernel itself (HetConv2d runs P = 1 densely; NativeFused does not)
         if _swap_if_faster(out, plan, name, conv, xin, layer, "native",
                            lambda: HF._native.native_conv2d(xin, *args),
-                           "nn.Conv2d (as P = 1)", repeats):
+                           "nn.Conv2d (as P = 1)", repeats, relu):
             replaced[name] = conv
     return replaced
 
@@ -443,24 +465,29 @@ class PackedConv2d(PlanHolder, nn.Module):
         return y
 
 
-def _packed_dense_convs(out: nn.Module, x: torch.Tensor, repeats: int, plan: dict) -> int:
+def _packed_dense_convs(out: nn.Module, x: torch.Tensor, repeats: int, plan: dict,
+                        fuse: bool = False) -> int:
     """Replace each ``nn.Conv2d`` that a :class:`PackedConv2d` runs faster on its own input
     (in execution order, on ``x``) by one; their timings go to ``plan["layers"]``.  Returns
-    how many were replaced."""
+    how many were replaced.  ``fuse``: a ReLU that follows a convolution will run inside
+    the packed one (:func:`_fuse_packed_relus`), so both are timed with it."""
     if not _packing_available():
         return 0
     names = {m: n for n, m in out.named_modules() if _packable(m)}
     if not names:
         return 0
     inputs = _capture_inputs(out, x, (nn.Conv2d,))
+    relu_after = _relu_after(out) if fuse else set()
     replaced = 0
     for conv, name in names.items():
         xin = inputs.get(conv)
         if xin is None or xin.dim() != 4:
             continue
         packed = PackedConv2d(conv)
+        packed.relu = relu = conv in relu_after
         replaced += _swap_if_faster(out, plan, name, conv, xin, packed, "packed",
-                                    lambda: packed(xin), "nn.Conv2d", repeats)
+                                    lambda: packed(xin), "nn.Conv2d", repeats, relu)
+        packed.relu = False  # set again where the graph's ReLU moves into it
     return replaced
 
 
@@ -677,8 +704,9 @@ def _tidy(gm: torch.fx.GraphModule) -> None:
 
 
 def _is_relu(node, modules: dict) -> bool:
-    """Whether fx ``node`` applies a ReLU (``nn.ReLU``, ``F.relu``, ``x.relu()``, ...) to its
-    one argument; ``modules``: the graph module's ``named_modules()``."""
+    """Whether fx ``node`` applies a ReLU (``nn.ReLU``, ``F.relu`` (in place or not),
+    ``x.relu()``, ...) to its one argument; ``modules``: the graph module's
+    ``named_modules()``."""
     if node is None:
         return False
     if node.op == "call_function":
@@ -704,7 +732,7 @@ def _fuse_packed_relus(model: nn.Module) -> Tuple[nn.Module, int]:
                 or modules[node.target].relu:
             continue
         chain, nxt = _after_identities(node, modules)
-        if not _is_relu(nxt, modules) or nxt.kwargs:
+        if not _is_relu(nxt, modules):
             continue
         modules[node.target].relu = True
         _take_over(gm, node, chain + [nxt])
@@ -1170,7 +1198,7 @@ def _configure(out: nn.Module, plan: dict, example_input: Optional[torch.Tensor]
             plan["chain_seconds"] = timed
     plan["packed_dense"] = plan["packed_relus"] = 0
     if pack and backend == "measure" and x is not None:
-        plan["packed_dense"] = _packed_dense_convs(out, x, repeats, plan)
+        plan["packed_dense"] = _packed_dense_convs(out, x, repeats, plan, fuse)
         if fuse:
             out, plan["packed_relus"] = _fuse_packed_relus(out)
     if rule is not None:
