@@ -398,6 +398,34 @@ def test_channels_last_dense_stem_runs_the_channels_last_kernel(n_stem, native_s
         assert launches[0][0] == n_stem
 
 
+@pytest.mark.skipif(not deploy._packing_available(), reason="no oneDNN packed convolution")
+def test_dense_convolution_the_packed_one_runs_faster_is_left_to_it(monkeypatch):
+    """The native kernel is timed against nn.Conv2d and the packed convolution together,
+    each with the ReLU that follows (faked: native beats nn.Conv2d, packed beats both): the
+    stem is not converted, the packing pass takes it, with the ReLU inside."""
+    seen = []
+    fake = {"dense": 3.0, "native": 2.0, "packed": 1.0, "rule": 2.0, "measured": 1.0}
+
+    def timed(fns, **kw):
+        seen.append(set(fns))
+        return {k: Timing.from_samples([fake.get(k, 5.0)]) for k in fns}
+    monkeypatch.setattr(deploy, "time_interleaved", timed)
+    torch.manual_seed(8)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(),
+                          hetconv.HetConv2d(16, 32, 3, part=4), nn.ReLU()).eval()
+    x = torch.randn(2, 3, 12, 12)
+    fast = hetconv.optimize_for_inference(model, x, backend="measure",
+                                          memory_format="channels_last", absorb=False)
+    plan = fast.hetconv_plan
+    assert {"dense", "native", "packed"} in seen
+    assert plan["native_dense"] == 0 and plan["packed_dense"] == plan["packed_relus"] == 1
+    (stem,) = [m for m in fast.modules() if isinstance(m, deploy.PackedConv2d)]
+    assert stem.relu and plan["layers"]["0"]["backend"] == "packed"
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x.contiguous(memory_format=torch.channels_last)),
+                                   model(x), rtol=1e-4, atol=1e-4)
+
+
 def test_dense_convolution_left_alone_where_nothing_fuses_it(monkeypatch):
     """A dense convolution converted for the kernel runs it only inside a fused layer: with
     nothing after it to fuse (no ReLU, no sum) it goes back to nn.Conv2d, although the

@@ -895,7 +895,7 @@ def test_optimize_packs_the_dense_convs_it_measures_faster(monkeypatch):
             fast = "packed" if timed.n % 2 else "dense"
             with torch.no_grad():  # both candidates as timed: with the ReLU after them
                 timed.outs.append((fns["dense"](), fns["packed"]()))
-        elif set(fns) == {"dense", "native"}:  # the native kernel as P = 1: slower here
+        elif "native" in fns and "dense" in fns:  # the native kernel as P = 1: slower here
             fast = "dense"
         elif set(fns) == {"measured", "rule"}:
             fast = "measured"

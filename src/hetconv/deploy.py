@@ -260,17 +260,19 @@ def _as_native_p1(conv: nn.Conv2d) -> HetConv2d:
 
 def _swap_if_faster(out: nn.Module, plan: dict, name: str, conv: nn.Module, xin: torch.Tensor,
                     new: nn.Module, backend: str, call, origin: str, repeats: int,
-                    relu: bool = False) -> bool:
+                    relu: bool = False, rivals: Optional[dict] = None) -> bool:
     """Time ``conv`` against ``call`` (``new``'s computation) on ``xin``, interleaved; when
     ``call`` is faster, put ``new`` in ``conv``'s place (``name`` in ``out``) and record both
     medians in ``plan["layers"][name]`` under ``backend``.  Returns whether it did.
-    ``relu``: the ReLU that follows ``conv`` (which ``call`` runs fused) is timed after it."""
+    ``relu``: the ReLU that follows ``conv`` (which ``call`` runs fused) is timed after it.
+    ``rivals``: more candidates (name: call) timed with them, which ``call`` must beat too
+    (another pass can take them)."""
     dense = (lambda: torch.relu_(conv(xin))) if relu else (lambda: conv(xin))
     with torch.no_grad():
-        times = time_interleaved({"dense": dense, backend: call},
+        times = time_interleaved({"dense": dense, backend: call, **(rivals or {})},
                                  repeats=repeats, warmup=1, settle=1)
     medians = {k: t.median for k, t in times.items()}
-    if medians[backend] >= medians["dense"]:
+    if medians[backend] >= min(m for k, m in medians.items() if k != backend):
         return False
     _replace(out, name, new)
     plan["layers"][name] = {"backend": backend, "seconds": medians, "from": origin,
@@ -295,14 +297,16 @@ def _relu_after(model: nn.Module) -> set:
 
 
 def _native_dense_convs(out: nn.Module, x: torch.Tensor, repeats: int,
-                        plan: dict) -> Dict[str, nn.Conv2d]:
+                        plan: dict, pack: bool = False) -> Dict[str, nn.Conv2d]:
     """Replace the dense convolutions (a stem, say) that the native kernel runs faster than
     ``nn.Conv2d`` on their own input by P = 1 HetConv2d layers on it (their timings go
     to ``plan["layers"]``); returns the replaced convolutions by name. NCHW input runs the
     NCHW kernel; channels_last input the channels-last kernel, on the layers it computes
     (16 | N: the output stays channels_last, as the model's next layer expects). The kernel
     runs them only inside a :class:`NativeFused` (a HetConv2d with P = 1 runs the dense
-    convolution): :func:`_configure` puts back those that fusion did not take."""
+    convolution): :func:`_configure` puts back those that fusion did not take.  ``pack``:
+    the packed convolution (:func:`_packed_dense_convs` runs later) is timed with them, and
+    a convolution it runs faster than the kernel is left to it."""
     if not HF._native.vectorized():
         return {}
     names = {m: n for n, m in out.named_modules() if _native_dense_ok(m)}
@@ -323,10 +327,15 @@ def _native_dense_convs(out: nn.Module, x: torch.Tensor, repeats: int,
         relu = conv in relu_after
         args = (layer.weight_k, layer.weight_1, layer.bias, layer.pattern, relu, None,
                 layer.stride[0])
+        rivals = {}
+        if pack and _packing_available() and _packable(conv):
+            packed = PackedConv2d(conv)
+            packed.relu = relu
+            rivals["packed"] = lambda: packed(xin)
         # the kernel itself (HetConv2d runs P = 1 densely; NativeFused does not)
         if _swap_if_faster(out, plan, name, conv, xin, layer, "native",
                            lambda: HF._native.native_conv2d(xin, *args),
-                           "nn.Conv2d (as P = 1)", repeats, relu):
+                           "nn.Conv2d (as P = 1)", repeats, relu, rivals):
             replaced[name] = conv
     return replaced
 
@@ -1161,7 +1170,8 @@ def _configure(out: nn.Module, plan: dict, example_input: Optional[torch.Tensor]
             plan["layers"][names[layer]] = {"backend": backend}
     converted = {}
     if fuse and example_input is not None and backend in ("measure", "native"):
-        converted = _native_dense_convs(out, x, repeats, plan)
+        converted = _native_dense_convs(out, x, repeats, plan,
+                                        pack and backend == "measure")
     plan["fused_native"] = plan["chained_native"] = plan["fused_pools"] = 0
     if fuse:
         out, plan["fused_native"] = _fuse_native(out)
