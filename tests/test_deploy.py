@@ -541,6 +541,42 @@ def test_relu_after_finds_the_convs_only_a_relu_uses():
     assert deploy._relu_after(Untraceable()) == set()
 
 
+@needs_native
+def test_optimize_fuses_functional_max_pools_too():
+    class Functional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = hetconv.HetConv2d(16, 32, 3, part=4)
+            self.b = hetconv.HetConv2d(32, 32, 3, part=4)
+            self.c = hetconv.HetConv2d(32, 32, 3, part=2)
+
+        def forward(self, x):
+            x = F.max_pool2d(F.relu(self.a(x)), 2)                    # fused
+            x = torch.max_pool2d(torch.relu(self.b(x)), 2, 2)         # fused
+            return F.max_pool2d(torch.relu(self.c(x)), 3, 2, ceil_mode=True)  # not: 3x3
+
+    torch.manual_seed(12)
+    model = Functional().eval()
+    x = torch.randn(2, 16, 16, 16)
+    fast = hetconv.optimize_for_inference(model, x, backend="native", absorb=False,
+                                          memory_format="channels_last")
+    assert fast.hetconv_plan["fused_pools"] == 2
+    pools = [f.pool for f in _fused(fast) if f.pool is not None]
+    assert all(deploy.poolable(p) for p in pools) and len(pools) == 2
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x.contiguous(memory_format=torch.channels_last)),
+                                   model(x), rtol=1e-4, atol=1e-4)
+    # what does not describe a 2x2 pool of stride 2 is left alone
+    graph = torch.fx.symbolic_trace(nn.Sequential(nn.MaxPool2d(2)))
+    node = [n for n in graph.graph.nodes if n.op == "call_module"][0]
+    assert deploy._pool_of(node, dict(graph.named_modules())) is not None
+    gm = deploy._traced(Functional())
+    calls = [n for n in gm.graph.nodes
+             if n.op == "call_function" and n.target in (F.max_pool2d, torch.max_pool2d)]
+    got = [deploy._pool_of(n, {}) for n in calls]
+    assert [g is not None for g in got] == [True, True, False]
+
+
 def test_native_fused_refuses_a_pool_it_cannot_fuse():
     layer = hetconv.HetConv2d(16, 16, 3, part=4, backend="native")
     for pool in (nn.MaxPool2d(3, 2), nn.MaxPool2d(2, 1), nn.MaxPool2d(2, padding=1),

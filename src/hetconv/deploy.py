@@ -642,9 +642,41 @@ def poolable(pool: nn.Module) -> bool:
             and pair(pool.dilation) == (1, 1) and not pool.return_indices)
 
 
+_POOL_ARGS = ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
+
+
+def _pool_of(node, modules: dict) -> Optional[nn.MaxPool2d]:
+    """The :func:`poolable` max-pool fx ``node`` applies to its one input: its
+    ``nn.MaxPool2d``, or one equal to its ``F.max_pool2d`` / ``torch.max_pool2d`` call (constant
+    arguments); else None."""
+    if node is None:
+        return None
+    if node.op == "call_module":
+        pool = modules.get(node.target)
+        return pool if (len(node.args) == 1 and not node.kwargs and isinstance(pool, nn.Module)
+                        and poolable(pool)) else None
+    if node.op != "call_function" or node.target not in (F.max_pool2d, torch.max_pool2d) \
+            or not 2 <= len(node.args) <= 1 + len(_POOL_ARGS):
+        return None
+    kw = dict(zip(_POOL_ARGS, node.args[1:]))
+    if set(kw) & set(node.kwargs) or set(node.kwargs) - set(_POOL_ARGS):
+        return None
+    kw.update(node.kwargs)
+    if any(isinstance(v, torch.fx.Node) for v in kw.values()):
+        return None
+    if kw.get("stride") in ([], ()):  # torch.max_pool2d's default: the kernel size
+        kw["stride"] = None
+    try:
+        pool = nn.MaxPool2d(**kw)
+    except (TypeError, ValueError):
+        return None
+    return pool if poolable(pool) else None
+
+
 def _fuse_pools(gm: torch.fx.GraphModule) -> int:
-    """Move each :func:`poolable` ``nn.MaxPool2d`` that is the only user of a
-    :class:`NativeFused` (looking through ``nn.Identity``) into it; returns how many."""
+    """Move each :func:`poolable` max-pool (``nn.MaxPool2d``, ``F.max_pool2d``,
+    ``torch.max_pool2d``) that is the only user of a :class:`NativeFused` (looking through
+    ``nn.Identity``) into it; returns how many."""
     fused, modules = 0, dict(gm.named_modules())
     for node in list(gm.graph.nodes):
         module = modules.get(node.target) if node.op == "call_module" else None
@@ -653,10 +685,10 @@ def _fuse_pools(gm: torch.fx.GraphModule) -> int:
         if module._modules.get("pool") is not None:
             continue
         chain, nxt = _after_identities(node, modules)
-        if (nxt is None or nxt.op != "call_module" or len(nxt.args) != 1 or nxt.kwargs
-                or not poolable(modules[nxt.target])):
+        pool = _pool_of(nxt, modules)
+        if pool is None:
             continue
-        module.pool = modules[nxt.target]
+        module.pool = pool
         _take_over(gm, node, chain + [nxt])
         fused += 1
     if fused:
@@ -1299,8 +1331,8 @@ def optimize_for_inference(model: nn.Module, example_input: Optional[torch.Tenso
             activations between them kept in per-thread buffers in L2. With
             ``backend="measure"`` chained and layer-by-layer runs are both timed and the
             faster kept (``hetconv_plan["chain_seconds"]``). In a channels_last
-            model, an ``nn.MaxPool2d`` of kernel 2 and stride 2 right after such a layer
-            is taken into it too (``hetconv_plan["fused_pools"]``): the channels-last kernel
+            model, a max-pool of kernel 2 and stride 2 right after such a layer
+            (``nn.MaxPool2d``, ``F.max_pool2d``) is taken into it too (``hetconv_plan["fused_pools"]``): the channels-last kernel
             writes only the pooled activations.
         pack: with ``backend="measure"``, each remaining ``nn.Conv2d`` (a stem, a shortcut,
             every layer of a dense model) that :class:`PackedConv2d` runs faster on its
