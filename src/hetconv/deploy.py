@@ -287,13 +287,18 @@ def _relu_after(model: nn.Module) -> set:
     if gm is None:
         return set()
     modules = dict(gm.named_modules())
-    found = set()
-    for node in gm.graph.nodes:
-        if node.op == "call_module" and type(modules.get(node.target)) is nn.Conv2d:
-            _, nxt = _after_identities(node, modules)
+    return {modules[node.target] for node, _ in _relu_users(
+        gm, modules, lambda m: type(m) is nn.Conv2d)}
+
+
+def _relu_users(gm: torch.fx.GraphModule, modules: dict, kind: Callable[[nn.Module], bool]):
+    """``(node, after)`` for each call of a module ``kind`` accepts whose output only a ReLU
+    uses: ``after``, the ``nn.Identity`` nodes between them and the ReLU node, in order."""
+    for node in list(gm.graph.nodes):
+        if node.op == "call_module" and kind(modules.get(node.target)):
+            idents, nxt = _after_identities(node, modules)
             if _is_relu(nxt, modules):
-                found.add(modules[node.target])
-    return found
+                yield node, idents + [nxt]
 
 
 def _native_dense_convs(out: nn.Module, x: torch.Tensor, repeats: int,
@@ -768,15 +773,10 @@ def _fuse_packed_relus(model: nn.Module) -> Tuple[nn.Module, int]:
         return model, 0
     modules = dict(gm.named_modules())
     fused = 0
-    for node in list(gm.graph.nodes):
-        if node.op != "call_module" or not isinstance(modules.get(node.target), PackedConv2d) \
-                or modules[node.target].relu:
-            continue
-        chain, nxt = _after_identities(node, modules)
-        if not _is_relu(nxt, modules):
-            continue
+    for node, after in _relu_users(gm, modules,
+                                   lambda m: isinstance(m, PackedConv2d) and not m.relu):
         modules[node.target].relu = True
-        _take_over(gm, node, chain + [nxt])
+        _take_over(gm, node, after)
         fused += 1
     if fused:
         _tidy(gm)
@@ -796,23 +796,15 @@ def _fuse_native(model: nn.Module) -> Tuple[nn.Module, int]:
         return model, 0
     modules = dict(gm.named_modules())
 
-    def module(node, kind):
-        return node is not None and node.op == "call_module" and isinstance(
-            modules.get(node.target), kind)
-
-    def is_relu(node):
-        return _is_relu(node, modules)
-
     fused = 0
     for node in list(gm.graph.nodes):
-        if not module(node, HetConv2d) or modules[node.target].backend != "native" \
-                or len(node.args) != 1 or node.kwargs:
+        if node.op != "call_module" or not isinstance(modules.get(node.target), HetConv2d) \
+                or modules[node.target].backend != "native" or len(node.args) != 1 \
+                or node.kwargs:
             continue
-        chain, cur = [node], node
-        nxt = _only_user(cur)
-        while module(nxt, nn.Identity):
-            chain.append(nxt)
-            cur, nxt = nxt, _only_user(nxt)
+        idents, nxt = _after_identities(node, modules)
+        chain = [node] + idents
+        cur = chain[-1]
         residual = None
         if nxt is not None and nxt.op == "call_function" and nxt.target in _ADD_FUNCTIONS \
                 and len(nxt.args) == 2 and not nxt.kwargs:
@@ -821,7 +813,7 @@ def _fuse_native(model: nn.Module) -> Tuple[nn.Module, int]:
                 residual = other[0]
                 chain.append(nxt)
                 cur, nxt = nxt, _only_user(nxt)
-        relu = is_relu(nxt)
+        relu = _is_relu(nxt, modules)
         if relu:
             chain.append(nxt)
         if residual is None and not relu:
