@@ -1237,7 +1237,8 @@ int hetconv_native_chain(const hetconv_chain_op *ops, int nops, int nbuf, const 
 #pragma omp barrier
                 }
         }
-#pragma omp for schedule(static)
+        /* whole images, one at a time to whichever thread is free (see hetconv_nhwc_forward) */
+#pragma omp for schedule(dynamic, 1)
         for (int b = 0; b < (team ? 0 : B); ++b) {
             if (!mem) continue;
             for (int i = 0; i < nops; ++i) {

@@ -71,9 +71,10 @@
 #define NH_PIXMAJOR_MAX_WBYTES (512 * 1024) /* pixel-major forward items up to this much weight */
 #define NH_PREFETCH_MIN_BYTES (2L << 20) /* inputs above this prefetch ahead (forward) */
 #define NH_WPREFETCH 4 /* forward: weights prefetched this many steps ahead (see nh_tile) */
+#define NH_ITEMS_PER_THREAD 8 /* forward work items per thread, taken dynamically */
 #define NH_PIXCHUNK 96 /* pixels per block in a pixel-major item (a multiple of 24) */
-#define NH_PIXMAJOR_MIN_RUN 384 /* ... and items of at least this many pixels (else each
-                                 * item's pass over all blocks' weights costs more) */
+#define NH_PIXMAJOR_MIN_RUN 384 /* ... and 4 x this many pixels per thread at least (else
+                                 * each item's pass over all blocks' weights costs more) */
 
 static inline int nh_rows(int V) { return V >= 4 ? NH_R4 : NH_RMAX; }
 
@@ -552,7 +553,12 @@ int hetconv_nhwc_forward(const float *x, float *y, int B, int M, int N, int H, i
     const long npix = (long)B * g.Ho * g.Wo;
     float *zero = (float *)calloc((size_t)M + 64, sizeof(float));
     if (!zero) return -2;
-    /* Work items: runs of pixel tiles, sized so there are at least 4 items per thread.
+    /* Work items: runs of pixel tiles, sized so there are NH_ITEMS_PER_THREAD items per thread,
+     * taken one at a time by whichever thread is free (dynamic schedule): on a shared host one
+     * core often runs 10-20% slower than the other for a while, and a static split then waits
+     * for its half.  Paired against 4 items per thread, static, on the third Intel host:
+     * 0.90-1.05x per layer, VGG-16 P4 0.91-0.99x (docs/performance.md, twenty-second session);
+     * every output is computed the same way whichever thread takes it.
      * Filter-block-major (an item is one block's run): a thread's consecutive items share the
      * block's weights in L2.  Pixel-major when all blocks' weights fit in L2 together
      * (NH_PIXMAJOR_MAX_WBYTES) and the runs are long (NH_PIXMAJOR_MIN_RUN): an item is a run
@@ -580,7 +586,7 @@ int hetconv_nhwc_forward(const float *x, float *y, int B, int M, int N, int H, i
         (size_t)N * ((size_t)M + (size_t)T * Mk) * sizeof(float) <= NH_PIXMAJOR_MAX_WBYTES &&
         units >= 2L * nthreads;
     const int groups = pixmajor ? 1 : nfb;  /* item groups: all blocks at once, or one each */
-    long runs = (4L * nthreads + groups - 1) / groups;
+    long runs = ((long)NH_ITEMS_PER_THREAD * nthreads + groups - 1) / groups;
     if (runs > ntiles) runs = ntiles;
     if (runs > units) runs = units;
     if (runs < 1) runs = 1;
@@ -591,7 +597,7 @@ int hetconv_nhwc_forward(const float *x, float *y, int B, int M, int N, int H, i
         (size_t)B * H * W * M * sizeof(float) > NH_PREFETCH_MIN_BYTES;
     ptrdiff_t toffs[NH_KKMAX];  /* offset of each tap from the top-left tap, inside the image */
     for (int t = 0; t < KK; ++t) toffs[t] = nh_toff(&g, t);
-#pragma omp parallel for schedule(static) num_threads(nthreads) if (items > 1)
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads) if (items > 1)
     for (long it = 0; it < items; ++it) {
         const long q_begin = (it % runs) * per_run;
         const long q_end = q_begin + per_run < npix ? q_begin + per_run : npix;
@@ -862,7 +868,9 @@ int hetconv_nhwc_wgrad(const float *x, const float *gy, float *gk, float *g1,
 #pragma omp atomic write
             status = -2;
         }
-#pragma omp for schedule(static)
+        /* dynamic: each item sums into its own range's slots, so the sums do not depend on
+         * which thread took it */
+#pragma omp for schedule(dynamic, 1)
         for (long it = 0; it < items; ++it) {
             if (!xr || !gr) continue;
             const long r = it % nranges;
