@@ -725,22 +725,26 @@ def test_channels_last_forward_interior_tiles(stride, n_out, part):
 
 
 @needs_kernel
-def test_channels_last_kernel_does_not_depend_on_thread_count():
+@pytest.mark.parametrize("batch,size", [(5, 9), (1, 7), (2, 3)])
+def test_channels_last_kernel_does_not_depend_on_thread_count(batch, size):
+    """1 thread and 2-3: the same bits. 5 x 9 x 9 pixels: the forward's items taken
+    dynamically; 1 x 7 x 7 and 2 x 3 x 3 (fewer than 64 pixels): split statically."""
     torch.manual_seed(8)
-    x = torch.randn(5, 64, 9, 9).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(batch, 64, size, size).contiguous(memory_format=torch.channels_last)
     wk, w1 = _weights(64, 80, 4)
-    gy = torch.randn(5, 80, 9, 9).contiguous(memory_format=torch.channels_last)
+    gy = torch.randn(batch, 80, size, size).contiguous(memory_format=torch.channels_last)
     threads = torch.get_num_threads()
     out = []
     try:
-        for t in (1, max(2, threads)):
+        for t in (1, max(2, threads), 3):
             torch.set_num_threads(t)
             out.append((native.native_conv2d(x, wk, w1),
                         *native._weight_grad(x, gy, wk, w1, "shifted", 1)))
     finally:
         torch.set_num_threads(threads)
-    for a, b in zip(*out):
-        assert torch.equal(a, b)
+    for other in out[1:]:
+        for a, b in zip(out[0], other):
+            assert torch.equal(a, b)
 
 
 @needs_kernel

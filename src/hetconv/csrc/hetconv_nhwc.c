@@ -72,6 +72,7 @@
 #define NH_PREFETCH_MIN_BYTES (2L << 20) /* inputs above this prefetch ahead (forward) */
 #define NH_WPREFETCH 4 /* forward: weights prefetched this many steps ahead (see nh_tile) */
 #define NH_ITEMS_PER_THREAD 8 /* forward work items per thread, taken dynamically */
+#define NH_DYNAMIC_MIN_PIXELS 64 /* ... for calls of at least this many output pixels */
 #define NH_PIXCHUNK 96 /* pixels per block in a pixel-major item (a multiple of 24) */
 #define NH_PIXMAJOR_MIN_RUN 384 /* ... and 4 x this many pixels per thread at least (else
                                  * each item's pass over all blocks' weights costs more) */
@@ -518,6 +519,37 @@ static void nh_fwd_run(const nh_geom *gp, const float *x, float *y, const float 
 #endif
 }
 
+/* A forward call's work items (see hetconv_nhwc_forward) */
+typedef struct {
+    const nh_geom *g;
+    const float *x, *zero, *w1p, *wkp, *bias, *res;
+    float *y;
+    const ptrdiff_t *toffs;
+    const int *blk_n0, *blk_p0, *blk_v, *blk_toff;
+    long npix, runs, per_run;
+    int nfb, pixmajor, relu, prefetch;
+} nh_fwd_job;
+
+/* Work item it: filter block it / runs over run it % runs, or (pixel-major) that run for
+ * every block, NH_PIXCHUNK pixels at a time */
+static void nh_fwd_item(const nh_fwd_job *j, long it) {
+    const long q_begin = (it % j->runs) * j->per_run;
+    const long q_end = q_begin + j->per_run < j->npix ? q_begin + j->per_run : j->npix;
+    if (!j->pixmajor) {
+        nh_fwd_run(j->g, j->x, j->y, j->zero, j->toffs, (int)(it / j->runs), q_begin, q_end,
+                   j->blk_n0, j->blk_p0, j->blk_v, j->blk_toff, j->w1p, j->wkp, j->bias, j->res,
+                   j->relu, j->prefetch);
+        return;
+    }
+    for (long c0 = q_begin; c0 < q_end; c0 += NH_PIXCHUNK) {
+        const long c1 = c0 + NH_PIXCHUNK < q_end ? c0 + NH_PIXCHUNK : q_end;
+        for (int fb = 0; fb < j->nfb; ++fb)
+            nh_fwd_run(j->g, j->x, j->y, j->zero, j->toffs, fb, c0, c1, j->blk_n0, j->blk_p0,
+                       j->blk_v, j->blk_toff, j->w1p, j->wkp, j->bias, j->res, j->relu,
+                       j->prefetch && fb == 0);
+    }
+}
+
 /*
  * y (B, Ho, Wo, N) = HetConv(x (B, H, W, M)), padding (ph, pw), stride s.
  * nfb filter blocks: blk_n0 (first filter), blk_p0 (first packed lane / 1: where the block's
@@ -554,7 +586,8 @@ int hetconv_nhwc_forward(const float *x, float *y, int B, int M, int N, int H, i
     float *zero = (float *)calloc((size_t)M + 64, sizeof(float));
     if (!zero) return -2;
     /* Work items: runs of pixel tiles, sized so there are NH_ITEMS_PER_THREAD items per thread,
-     * taken one at a time by whichever thread is free (dynamic schedule): on a shared host one
+     * taken one at a time by whichever thread is free (dynamic schedule; with fewer than
+     * NH_DYNAMIC_MIN_PIXELS pixels 4 per thread, static: see below): on a shared host one
      * core often runs 10-20% slower than the other for a while, and a static split then waits
      * for its half.  Paired against 4 items per thread, static, on the third Intel host:
      * 0.90-1.05x per layer, VGG-16 P4 0.91-0.99x (docs/performance.md, twenty-second session);
@@ -586,7 +619,12 @@ int hetconv_nhwc_forward(const float *x, float *y, int B, int M, int N, int H, i
         (size_t)N * ((size_t)M + (size_t)T * Mk) * sizeof(float) <= NH_PIXMAJOR_MAX_WBYTES &&
         units >= 2L * nthreads;
     const int groups = pixmajor ? 1 : nfb;  /* item groups: all blocks at once, or one each */
-    long runs = ((long)NH_ITEMS_PER_THREAD * nthreads + groups - 1) / groups;
+    /* few pixels (a small plane at batch 1): a fixed split, so each thread computes the same
+     * filter blocks call after call and finds their weights in its L2 (512->512 7x7 b1: a
+     * dynamic split of 8 runs per thread took 1.06-1.10x the time of 4 static ones, paired;
+     * a whole VGG-16 at batch 1: 1.00-1.01x, its layers evict each other's weights anyway) */
+    const int dynamic = npix >= NH_DYNAMIC_MIN_PIXELS;
+    long runs = ((long)(dynamic ? NH_ITEMS_PER_THREAD : 4) * nthreads + groups - 1) / groups;
     if (runs > ntiles) runs = ntiles;
     if (runs > units) runs = units;
     if (runs < 1) runs = 1;
@@ -597,21 +635,14 @@ int hetconv_nhwc_forward(const float *x, float *y, int B, int M, int N, int H, i
         (size_t)B * H * W * M * sizeof(float) > NH_PREFETCH_MIN_BYTES;
     ptrdiff_t toffs[NH_KKMAX];  /* offset of each tap from the top-left tap, inside the image */
     for (int t = 0; t < KK; ++t) toffs[t] = nh_toff(&g, t);
+    const nh_fwd_job job = {&g, x, zero, w1p, wkp, bias, res, y, toffs, blk_n0, blk_p0, blk_v,
+                            blk_toff, npix, runs, per_run, nfb, pixmajor, relu, prefetch};
+    if (dynamic) {
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads) if (items > 1)
-    for (long it = 0; it < items; ++it) {
-        const long q_begin = (it % runs) * per_run;
-        const long q_end = q_begin + per_run < npix ? q_begin + per_run : npix;
-        if (!pixmajor) {
-            nh_fwd_run(&g, x, y, zero, toffs, (int)(it / runs), q_begin, q_end, blk_n0, blk_p0,
-                       blk_v, blk_toff, w1p, wkp, bias, res, relu, prefetch);
-            continue;
-        }
-        for (long c0 = q_begin; c0 < q_end; c0 += NH_PIXCHUNK) {
-            const long c1 = c0 + NH_PIXCHUNK < q_end ? c0 + NH_PIXCHUNK : q_end;
-            for (int fb = 0; fb < nfb; ++fb)
-                nh_fwd_run(&g, x, y, zero, toffs, fb, c0, c1, blk_n0, blk_p0, blk_v, blk_toff,
-                           w1p, wkp, bias, res, relu, prefetch && fb == 0);
-        }
+        for (long it = 0; it < items; ++it) nh_fwd_item(&job, it);
+    } else {
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (items > 1)
+        for (long it = 0; it < items; ++it) nh_fwd_item(&job, it);
     }
     free(zero);
     return 0;
