@@ -590,7 +590,7 @@ int hetconv_nhwc_forward(const float *x, float *y, int B, int M, int N, int H, i
      * NH_DYNAMIC_MIN_PIXELS pixels 4 per thread, static: see below): on a shared host one
      * core often runs 10-20% slower than the other for a while, and a static split then waits
      * for its half.  Paired against 4 items per thread, static, on the third Intel host:
-     * 0.90-1.05x per layer, VGG-16 P4 0.91-0.99x (docs/performance.md, twenty-second session);
+     * 0.87-1.05x per layer, VGG-16 P4 0.91-0.99x (docs/performance.md, twenty-second session);
      * every output is computed the same way whichever thread takes it.
      * Filter-block-major (an item is one block's run): a thread's consecutive items share the
      * block's weights in L2.  Pixel-major when all blocks' weights fit in L2 together
