@@ -289,7 +289,8 @@ def _copy_and_reload(model: nn.Module):
 
 def _planners(model: nn.Module):
     """The modules of an optimized model that keep prepared kernel calls."""
-    return [m for m in model.modules() if isinstance(m, (deploy.NativeFused, deploy.NativeChain))]
+    return [m for m in model.modules()
+            if isinstance(m, (deploy.NativeFused, deploy.NativeChain, deploy.NativeSequence))]
 
 
 @needs_native
@@ -516,6 +517,73 @@ def test_optimize_fuses_2x2_max_pools_into_channels_last_layers(monkeypatch):
     nchw = hetconv.optimize_for_inference(model, x, backend="native", memory_format="contiguous")
     assert nchw.hetconv_plan["fused_pools"] == 0
     assert not any(f.pool is not None for f in _fused(nchw))
+
+
+@needs_native
+def test_channels_last_layers_in_a_row_run_as_one_sequence(monkeypatch):
+    """Native layers each reading the one before (pools fused) become one NativeSequence:
+    its first call prepares by running the layers' plans, later calls run the plans alone,
+    not the modules; the results are the modules' bit for bit and follow weight updates;
+    NCHW input, odd sizes, autograd and copies run correctly."""
+    torch.manual_seed(12)
+    model = _pooled_model()
+    cl = torch.channels_last
+    x = torch.randn(3, 16, 16, 16).contiguous(memory_format=cl)
+    fast = hetconv.optimize_for_inference(model, x, backend="native", absorb=False,
+                                          memory_format="channels_last")
+    seqs = [m for m in fast.modules() if isinstance(m, deploy.NativeSequence)]
+    assert fast.hetconv_plan["sequenced_native"] == 3 and len(seqs) == 1
+    assert len(seqs[0].layers) == 3
+    assert not any(isinstance(m, deploy.NativeChain) for m in fast.modules())
+    calls = []
+    real = deploy.NativeFused.forward
+    monkeypatch.setattr(deploy.NativeFused, "forward",
+                        lambda self, *a: calls.append(self) or real(self, *a))
+    sequenced = deploy.NativeSequence._sequenced
+
+    def by_modules(inp):
+        monkeypatch.setattr(deploy.NativeSequence, "_sequenced", lambda self, x: None)
+        try:
+            return fast(inp)
+        finally:
+            monkeypatch.setattr(deploy.NativeSequence, "_sequenced", sequenced)
+
+    weight = seqs[0].layers[1].layer.weight_k
+    with torch.no_grad():
+        first, second = fast(x), fast(x)
+        assert calls == []
+        want = by_modules(x)
+        assert len(calls) == 3 and torch.equal(first, want) and torch.equal(second, want)
+        torch.testing.assert_close(second, model(x), rtol=1e-4, atol=1e-4)
+        weight.mul_(0.5)  # updated in place: prepared again, and followed
+        calls.clear()
+        updated = fast(x)
+        assert calls == [] and not torch.equal(updated, want)
+        assert torch.equal(updated, by_modules(x))
+        weight.mul_(2.0)
+        # NCHW input (the NCHW kernel does not pool) and odd sizes (a 7x7 output the kernel
+        # cannot pool): the modules
+        for inp in (x.contiguous(), torch.randn(2, 16, 14, 14).contiguous(memory_format=cl)):
+            calls.clear()
+            torch.testing.assert_close(fast(inp), model(inp), rtol=1e-4, atol=1e-4)
+            assert calls
+    # autograd: the modules, with the model's gradients
+    xs = [x.clone().requires_grad_() for _ in range(2)]
+    got, = torch.autograd.grad(fast(xs[0]).sum(), [xs[0]])
+    want, = torch.autograd.grad(model(xs[1]).sum(), [xs[1]])
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        for other in _copy_and_reload(fast):
+            torch.testing.assert_close(other(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_native_sequence_refuses_layers_it_cannot_run():
+    layer = hetconv.HetConv2d(8, 8, 3, part=2)
+    with pytest.raises(ValueError, match="at least two NativeFused layers without residual"):
+        deploy.NativeSequence([deploy.NativeFused(layer, True, False)])
+    with pytest.raises(ValueError, match="without residual"):
+        deploy.NativeSequence([deploy.NativeFused(layer, True, False),
+                               deploy.NativeFused(layer, True, True)])
 
 
 def test_relu_after_finds_the_convs_only_a_relu_uses():

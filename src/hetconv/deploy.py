@@ -37,7 +37,8 @@ from .native import ForwardPlan, PlanHolder
 from .permute import PermutationTracer, absorb_permutations, has_shifted_layers
 
 __all__ = ["fold_batchnorm", "optimize_for_inference", "export_onnx", "export_module",
-           "NativeFused", "NativeChain", "ChannelPadShortcut", "PackedConv2d"]
+           "NativeFused", "NativeChain", "NativeSequence", "ChannelPadShortcut",
+           "PackedConv2d"]
 
 log = logging.getLogger(__name__)
 
@@ -1139,6 +1140,120 @@ def _chain_native(gm: torch.fx.GraphModule) -> int:
     return made
 
 
+class NativeSequence(PlanHolder, nn.Module):
+    """Consecutive :class:`NativeFused` layers of a channels_last model, each reading the one
+    before (no residual sums): a VGG's feature extractor, pools included.
+
+    ``forward(x)`` equals running ``layers`` in turn.  Outside autograd, on float32 CPU
+    input, the layers' prepared kernel calls run back to back: the weights checked, an output
+    allocated and the C call made per layer, with the input checked once for all of them
+    (called as modules, each layer costs ~25 us of Python more at batch 1).  Where a layer's
+    prepared call does not apply (autograd, the NCHW kernel with a pool, odd sizes, other
+    backends) the layers run one after another as modules.  Built by
+    :func:`optimize_for_inference` for channels_last models.
+    """
+
+    def __init__(self, layers: List[nn.Module]) -> None:
+        super().__init__()
+        if len(layers) < 2 or not all(isinstance(m, NativeFused) and not m.residual
+                                      for m in layers):
+            raise ValueError("layers must be at least two NativeFused layers without residual")
+        self.layers = nn.ModuleList(layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (torch.compiler.is_compiling() or torch.jit.is_tracing()):
+            y = self._sequenced(x)
+            if y is not None:
+                return y
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+    def _sequenced(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """The layers' prepared calls back to back, or None where they do not apply."""
+        if (x.dim() != 4 or x.dtype != torch.float32 or x.device.type != "cpu"
+                or torch.is_autocast_enabled("cpu") or torch.is_grad_enabled()):
+            return None
+        key = (tuple(x.shape), x.stride())
+        steps = self._plan_for(key)
+        if steps is None:  # the layers' prepared calls do not apply to this input
+            return None
+        if steps is not False and all(
+                plan.holds(layer.layer.weight_k, layer.layer.weight_1, layer.layer.bias)
+                for layer, plan in steps):
+            y = x
+            for _, plan in steps:
+                y = HF._native._launch(y, plan.shape, plan.fmt, plan.call, None, plan.what)
+            return y
+        # first call of this input, or weights replaced or updated: prepare by running the
+        # layers' own prepared calls
+        steps, y = self._prepare(x)
+        self._keep_plan(key, steps)
+        return y
+
+    def _prepare(self, x: torch.Tensor) -> Tuple[Optional[list], Optional[torch.Tensor]]:
+        """Each layer's prepared call, made by running it: ``([(layer, plan)], output)``, or
+        ``(None, None)`` where one of them has none (nothing kept for this input; the caller
+        runs the layers as modules)."""
+        steps, y = [], x
+        for layer in self.layers:
+            pool = 2 if layer._modules.get("pool") is not None else 0
+            key = layer._signature(y, None)
+            y = layer._planned(key, y, None, pool=pool)
+            plan = layer._plan_for(("pool",) + key if pool else key)
+            if y is None or not isinstance(plan, ForwardPlan):
+                return None, None
+            steps.append((layer, plan))
+        return steps, y
+
+    def extra_repr(self) -> str:
+        return f"{len(self.layers)} layers"
+
+
+def _sequence_native(gm: torch.fx.GraphModule) -> int:
+    """Replace runs of :class:`NativeFused` nodes without residual, each the only user of the
+    one before (looking through ``nn.Identity``), by :class:`NativeSequence` modules.  Returns
+    how many layers went into sequences."""
+    modules = dict(gm.named_modules())
+
+    def member(node) -> bool:
+        return (node.op == "call_module" and not node.kwargs and len(node.args) == 1
+                and isinstance(node.args[0], torch.fx.Node)
+                and isinstance(modules.get(node.target), NativeFused)
+                and not modules[node.target].residual)
+
+    runs, run = [], []
+    for node in gm.graph.nodes:
+        if not member(node):
+            continue
+        if run:
+            idents, nxt = _after_identities(run[-1], modules)
+            if nxt is node:
+                run.append(node)
+                continue
+            runs.append(run)
+        run = [node]
+    runs.append(run)
+    sequenced = 0
+    for k, run in enumerate(r for r in runs if len(r) >= 2):
+        name = f"native_sequence_{k}"
+        while hasattr(gm, name):
+            name += "_"
+        gm.add_submodule(name, NativeSequence([modules[n.target] for n in run]))
+        with gm.graph.inserting_after(run[-1]):
+            seq = gm.graph.call_module(name, (run[0].args[0],))
+        run[-1].replace_all_uses_with(seq)
+        for node in reversed(run):  # each member, then the identities feeding the next
+            idents, _ = _after_identities(node, modules) if node is not run[-1] else ([], None)
+            for ident in reversed(idents):
+                gm.graph.erase_node(ident)
+            gm.graph.erase_node(node)
+        sequenced += len(run)
+    if sequenced:
+        _tidy(gm)
+    return sequenced
+
+
 _FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 
 
@@ -1194,11 +1309,13 @@ def _configure(out: nn.Module, plan: dict, example_input: Optional[torch.Tensor]
         converted = _native_dense_convs(out, x, repeats, plan,
                                         pack and backend == "measure")
     plan["fused_native"] = plan["chained_native"] = plan["fused_pools"] = 0
+    plan["sequenced_native"] = 0
     if fuse:
         out, plan["fused_native"] = _fuse_native(out)
         if memory_format == "channels_last" and isinstance(out, torch.fx.GraphModule):
             # the channels-last kernel pools in its epilogue (the NCHW one does not)
             plan["fused_pools"] = _fuse_pools(out)
+            plan["sequenced_native"] = _sequence_native(out)
     fused_layers = {m.layer for m in out.modules() if isinstance(m, NativeFused)}
     for name, conv in converted.items():  # not fused: the dense convolution as it was
         try:
@@ -1260,6 +1377,7 @@ def _keep_faster(measured: nn.Module, rule: nn.Module, plan: dict, x: torch.Tens
                 plan["layers"][name]["seconds"] = measured_layers[name]["seconds"]
     plan["fused_native"] = plan["chained_native"] = plan["native_dense"] = 0
     plan["packed_dense"] = plan["fused_pools"] = plan["packed_relus"] = 0
+    plan["sequenced_native"] = 0
     plan.pop("chain_seconds", None)
     return rule
 
@@ -1322,7 +1440,10 @@ def optimize_for_inference(model: nn.Module, example_input: Optional[torch.Tenso
             faster kept (``hetconv_plan["chain_seconds"]``). In a channels_last
             model, a max-pool of kernel 2 and stride 2 right after such a layer
             (``nn.MaxPool2d``, ``F.max_pool2d``) is taken into it too (``hetconv_plan["fused_pools"]``): the channels-last kernel
-            writes only the pooled activations.
+            writes only the pooled activations, and runs of such layers without residual
+            sums, each reading the one before (a VGG's feature extractor), become one
+            :class:`NativeSequence`: their prepared kernel calls made back to back, the
+            input checked once (``hetconv_plan["sequenced_native"]``: layers in sequences).
         pack: with ``backend="measure"``, each remaining ``nn.Conv2d`` (a stem, a shortcut,
             every layer of a dense model) that :class:`PackedConv2d` runs faster on its
             example input is replaced by one: its weights packed for oneDNN once, not
