@@ -561,6 +561,14 @@ def test_channels_last_layers_in_a_row_run_as_one_sequence(monkeypatch):
         assert calls == [] and not torch.equal(updated, want)
         assert torch.equal(updated, by_modules(x))
         weight.mul_(2.0)
+        # a layer moved to another backend: the modules (which run that backend)
+        seqs[0].layers[2].layer.backend = "fused"
+        calls.clear()
+        torch.testing.assert_close(fast(x), model(x), rtol=1e-4, atol=1e-4)
+        assert len(calls) == 3
+        seqs[0].layers[2].layer.backend = "native"
+        calls.clear()
+        assert torch.equal(fast(x), want) and calls == []
         # NCHW input (the NCHW kernel does not pool) and odd sizes (a 7x7 output the kernel
         # cannot pool): the modules
         for inp in (x.contiguous(), torch.randn(2, 16, 14, 14).contiguous(memory_format=cl)):

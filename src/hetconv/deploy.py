@@ -1174,7 +1174,8 @@ class NativeSequence(PlanHolder, nn.Module):
         if (x.dim() != 4 or x.dtype != torch.float32 or x.device.type != "cpu"
                 or torch.is_autocast_enabled("cpu") or torch.is_grad_enabled()):
             return None
-        key = (tuple(x.shape), x.stride())
+        key = (tuple(x.shape), x.stride(),
+               tuple(layer.layer.__dict__.get("backend") for layer in self.layers))
         steps = self._plan_for(key)
         if steps is None:  # the layers' prepared calls do not apply to this input
             return None
@@ -1227,7 +1228,7 @@ def _sequence_native(gm: torch.fx.GraphModule) -> int:
         if not member(node):
             continue
         if run:
-            idents, nxt = _after_identities(run[-1], modules)
+            _, nxt = _after_identities(run[-1], modules)
             if nxt is node:
                 run.append(node)
                 continue
