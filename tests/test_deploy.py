@@ -585,6 +585,40 @@ def test_channels_last_layers_in_a_row_run_as_one_sequence(monkeypatch):
             torch.testing.assert_close(other(x), model(x), rtol=1e-4, atol=1e-4)
 
 
+@needs_native
+def test_sequence_pass_takes_identities_between_layers():
+    """nn.Identity nodes between two layers go with them into the sequence; a layer whose
+    output is also used elsewhere ends its run."""
+    torch.manual_seed(13)
+    layers = [deploy.NativeFused(hetconv.HetConv2d(16, 16, 3, part=4, backend="native"),
+                                 True, False) for _ in range(3)]
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = layers
+            self.keep = nn.Identity()
+
+        def forward(self, x):
+            y = self.b(self.keep(self.a(x)))
+            return self.c(y) + y  # b's output used twice: the run ends at b
+
+    class Leaves(torch.fx.Tracer):  # the layers as one node each, as fusion leaves them
+        def is_leaf_module(self, m, qualname):
+            return isinstance(m, deploy.NativeFused) or super().is_leaf_module(m, qualname)
+
+    model = Model().eval()
+    gm = torch.fx.GraphModule(model, Leaves().trace(model))
+    assert deploy._sequence_native(gm) == 2
+    seqs = [m for m in gm.modules() if isinstance(m, deploy.NativeSequence)]
+    assert len(seqs) == 1 and list(seqs[0].layers) == layers[:2]
+    assert not any(n.op == "call_module" and n.target == "keep" for n in gm.graph.nodes)
+    x = torch.randn(2, 16, 8, 8).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        assert torch.equal(gm(x), gm(x))
+        torch.testing.assert_close(gm(x), model(x), rtol=0, atol=0)
+
+
 def test_native_sequence_refuses_layers_it_cannot_run():
     layer = hetconv.HetConv2d(8, 8, 3, part=2)
     with pytest.raises(ValueError, match="at least two NativeFused layers without residual"):

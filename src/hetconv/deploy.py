@@ -585,19 +585,37 @@ class NativeFused(PlanHolder, nn.Module):
 
     def _conv(self, x: torch.Tensor, residual: Optional[torch.Tensor]) -> torch.Tensor:
         """The forward without the pool."""
-        layer = self.layer
-        args = (x, layer.weight_k, layer.weight_1, layer.bias, layer.pattern, self.relu,
-                residual, layer.stride[0])
         if torch.compiler.is_compiling() or torch.jit.is_tracing():  # traced: no Python plans
-            return HF._native.native_conv2d(*args) if self._check(x, residual) else \
+            return self._kernel(x, residual) if self._check(x, residual) else \
                 self._unfused(x, residual)
         key = self._signature(x, residual)
         y = self._planned(key, x, residual, pool=0)
         if y is not None:
             return y
         # autograd, inference-mode weights, ...: the kernel without a plan, or the layer
-        return HF._native.native_conv2d(*args) if self._native(key, x, residual) else \
+        return self._kernel(x, residual) if self._native(key, x, residual) else \
             self._unfused(x, residual)
+
+    def _kernel(self, x: torch.Tensor, residual: Optional[torch.Tensor]) -> torch.Tensor:
+        """The forward without the pool by the kernel, without a prepared call."""
+        layer = self.layer
+        return HF._native.native_conv2d(x, layer.weight_k, layer.weight_1, layer.bias,
+                                        layer.pattern, self.relu, residual, layer.stride[0])
+
+    @staticmethod
+    def _plan_key(key: tuple, pool: int) -> tuple:
+        """Where the prepared call of signature ``key`` is kept (pooled calls apart)."""
+        return ("pool",) + key if pool else key
+
+    def _prepared(self, x: torch.Tensor) -> Tuple[Optional[torch.Tensor], Optional[ForwardPlan]]:
+        """The forward of ``x`` (no residual; the pool in the kernel, if any) through its
+        prepared kernel call, and that call: ``(output, plan)``, or ``(None, None)`` where no
+        prepared call applies (nothing run)."""
+        pool = 2 if self._modules.get("pool") is not None else 0
+        key = self._signature(x, None)
+        y = self._planned(key, x, None, pool=pool)
+        plan = self._plan_for(self._plan_key(key, pool))
+        return (y, plan) if y is not None and isinstance(plan, ForwardPlan) else (None, None)
 
     def _planned(self, key: tuple, x: torch.Tensor, residual: Optional[torch.Tensor],
                  pool: int) -> Optional[torch.Tensor]:
@@ -608,7 +626,7 @@ class NativeFused(PlanHolder, nn.Module):
         for this call (autograd, ...)."""
         layer = self.layer
         params = (layer.weight_k, layer.weight_1, layer.bias)
-        pkey = ("pool",) + key if pool else key
+        pkey = self._plan_key(key, pool)
         plan = self._plan_for(pkey)
         if plan is not False:
             y = None if plan is None else plan.run(x, residual, *params)
@@ -1198,11 +1216,8 @@ class NativeSequence(PlanHolder, nn.Module):
         runs the layers as modules)."""
         steps, y = [], x
         for layer in self.layers:
-            pool = 2 if layer._modules.get("pool") is not None else 0
-            key = layer._signature(y, None)
-            y = layer._planned(key, y, None, pool=pool)
-            plan = layer._plan_for(("pool",) + key if pool else key)
-            if y is None or not isinstance(plan, ForwardPlan):
+            y, plan = layer._prepared(y)
+            if plan is None:
                 return None, None
             steps.append((layer, plan))
         return steps, y
@@ -1223,29 +1238,31 @@ def _sequence_native(gm: torch.fx.GraphModule) -> int:
                 and isinstance(modules.get(node.target), NativeFused)
                 and not modules[node.target].residual)
 
+    # runs of members; a member's entry: (node, the identities between it and the next)
     runs, run = [], []
     for node in gm.graph.nodes:
         if not member(node):
             continue
         if run:
-            _, nxt = _after_identities(run[-1], modules)
+            idents, nxt = _after_identities(run[-1][0], modules)
             if nxt is node:
-                run.append(node)
+                run[-1] = (run[-1][0], idents)
+                run.append((node, []))
                 continue
             runs.append(run)
-        run = [node]
+        run = [(node, [])]
     runs.append(run)
     sequenced = 0
     for k, run in enumerate(r for r in runs if len(r) >= 2):
         name = f"native_sequence_{k}"
         while hasattr(gm, name):
             name += "_"
-        gm.add_submodule(name, NativeSequence([modules[n.target] for n in run]))
-        with gm.graph.inserting_after(run[-1]):
-            seq = gm.graph.call_module(name, (run[0].args[0],))
-        run[-1].replace_all_uses_with(seq)
-        for node in reversed(run):  # each member, then the identities feeding the next
-            idents, _ = _after_identities(node, modules) if node is not run[-1] else ([], None)
+        gm.add_submodule(name, NativeSequence([modules[n.target] for n, _ in run]))
+        first, last = run[0][0], run[-1][0]
+        with gm.graph.inserting_after(last):
+            seq = gm.graph.call_module(name, (first.args[0],))
+        last.replace_all_uses_with(seq)
+        for node, idents in reversed(run):  # each member after the identities it feeds
             for ident in reversed(idents):
                 gm.graph.erase_node(ident)
             gm.graph.erase_node(node)
