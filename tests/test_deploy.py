@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import ctypes
 import io
 import os
 import warnings
@@ -519,19 +520,25 @@ def test_optimize_fuses_2x2_max_pools_into_channels_last_layers(monkeypatch):
     assert not any(f.pool is not None for f in _fused(nchw))
 
 
+def _sequenced_model(seed: int, batch: int):
+    """The pooled model, a channels-last input and the model optimized for it on the native
+    backend, with its NativeSequence modules: ``(model, x, fast, sequences)``."""
+    torch.manual_seed(seed)
+    model = _pooled_model()
+    x = torch.randn(batch, 16, 16, 16).contiguous(memory_format=torch.channels_last)
+    fast = hetconv.optimize_for_inference(model, x, backend="native", absorb=False,
+                                          memory_format="channels_last")
+    return model, x, fast, [m for m in fast.modules() if isinstance(m, deploy.NativeSequence)]
+
+
 @needs_native
 def test_channels_last_layers_in_a_row_run_as_one_sequence(monkeypatch):
     """Native layers each reading the one before (pools fused) become one NativeSequence:
     its first call prepares by running the layers' plans, later calls run the plans alone,
     not the modules; the results are the modules' bit for bit and follow weight updates;
     NCHW input, odd sizes, autograd and copies run correctly."""
-    torch.manual_seed(12)
-    model = _pooled_model()
+    model, x, fast, seqs = _sequenced_model(12, batch=3)
     cl = torch.channels_last
-    x = torch.randn(3, 16, 16, 16).contiguous(memory_format=cl)
-    fast = hetconv.optimize_for_inference(model, x, backend="native", absorb=False,
-                                          memory_format="channels_last")
-    seqs = [m for m in fast.modules() if isinstance(m, deploy.NativeSequence)]
     assert fast.hetconv_plan["sequenced_native"] == 3 and len(seqs) == 1
     assert len(seqs[0].layers) == 3
     assert not any(isinstance(m, deploy.NativeChain) for m in fast.modules())
@@ -583,6 +590,61 @@ def test_channels_last_layers_in_a_row_run_as_one_sequence(monkeypatch):
     with torch.no_grad():
         for other in _copy_and_reload(fast):
             torch.testing.assert_close(other(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+@needs_native
+def test_sequence_runs_its_layers_in_one_kernel_call(monkeypatch):
+    """After its first call a sequence of channels-last kernel calls runs them in one C call
+    (no per-layer launch), bit-equal to the modules; it follows a layer's HetConv2d being
+    replaced; it runs in grad mode where nothing requires a gradient, and steps aside where
+    the input does; empty batches; the C entry refuses layers whose shapes do not chain."""
+    model, x, fast, (seq,) = _sequenced_model(14, batch=2)
+    calls, lib = [], hetconv.native._load()
+
+    class Counting:  # the library, counting the sequence entry's calls
+        def __getattr__(self, name):
+            fn = getattr(lib, name)
+            return (lambda *a: calls.append(name) or fn(*a)) if name.endswith("sequence") else fn
+
+    with torch.no_grad():
+        want, empty = fast(x), fast(x[:0])  # each prepares
+        entry = seq._plans[(tuple(x.shape), x.stride())]
+        assert isinstance(entry.seq, hetconv.native.SequencePlan)
+        monkeypatch.setattr(hetconv.native, "_load", lambda: Counting())
+        monkeypatch.setattr(hetconv.native, "_launch", None)  # any per-layer launch fails
+        got = fast(x)
+        assert calls == ["hetconv_nhwc_sequence"] and torch.equal(got, want)
+        assert empty.shape == fast(x[:0]).shape == (0,) + want.shape[1:]
+        assert calls == ["hetconv_nhwc_sequence"]  # an empty batch: no kernel call
+        monkeypatch.undo()
+    modules_calls = []
+    real = deploy.NativeFused.forward
+    monkeypatch.setattr(deploy.NativeFused, "forward",
+                        lambda self, *a: modules_calls.append(self) or real(self, *a))
+    # grad mode, nothing requiring a gradient (the optimized model's weights do not): the
+    # sequence; an input requiring one: the modules, with the model's gradient
+    assert torch.is_grad_enabled() and torch.equal(fast(x), want) and modules_calls == []
+    xg = x.clone().requires_grad_()
+    got, = torch.autograd.grad(fast(xg).sum(), [xg])
+    assert modules_calls
+    xm = x.clone().requires_grad_()
+    ref, = torch.autograd.grad(model(xm).sum(), [xm])
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    # a layer's HetConv2d replaced: prepared again for the new one
+    with torch.no_grad():
+        old = seq.layers[1].layer
+        new = copy.deepcopy(old)
+        new.weight_k.mul_(-1.0)
+        seq.layers[1].layer = new
+        changed = fast(x)
+        assert not torch.equal(changed, want)
+        seq.layers[1].layer = old
+        assert torch.equal(fast(x), want)
+    # the C entry checks that each layer reads the previous one's output
+    plans = entry.plans
+    assert hetconv.native.SequencePlan.build(plans[::-1]) is None
+    ptrs = (ctypes.c_void_p * len(plans))(*(ctypes.addressof(p.call.args) for p in plans[::-1]))
+    assert lib.hetconv_nhwc_sequence(ptrs, len(plans), 0, 0, 0, 0, 1) == -1
 
 
 @needs_native

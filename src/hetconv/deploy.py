@@ -1162,13 +1162,15 @@ class NativeSequence(PlanHolder, nn.Module):
     """Consecutive :class:`NativeFused` layers of a channels_last model, each reading the one
     before (no residual sums): a VGG's feature extractor, pools included.
 
-    ``forward(x)`` equals running ``layers`` in turn.  Outside autograd, on float32 CPU
-    input, the layers' prepared kernel calls run back to back: the weights checked, an output
-    allocated and the C call made per layer, with the input checked once for all of them
-    (called as modules, each layer costs ~25 us of Python more at batch 1).  Where a layer's
-    prepared call does not apply (autograd, the NCHW kernel with a pool, odd sizes, other
-    backends) the layers run one after another as modules.  Built by
-    :func:`optimize_for_inference` for channels_last models.
+    ``forward(x)`` equals running ``layers`` in turn.  Where nothing records autograd (no
+    grad mode, or neither the input nor a weight requiring a gradient), on float32 CPU
+    input, the layers' prepared kernel calls run as one C call
+    (:class:`hetconv.native.SequencePlan`: the layers between write two scratch buffers in
+    turn), after the input and each layer's weights are checked; called as modules, each
+    layer costs ~25 us of Python more at batch 1.  Where a layer's prepared call does not
+    apply (autograd, the NCHW kernel with a pool, odd sizes, other backends) the layers run
+    one after another as modules.  Built by :func:`optimize_for_inference` for
+    channels_last models.
     """
 
     def __init__(self, layers: List[nn.Module]) -> None:
@@ -1190,28 +1192,30 @@ class NativeSequence(PlanHolder, nn.Module):
     def _sequenced(self, x: torch.Tensor) -> Optional[torch.Tensor]:
         """The layers' prepared calls back to back, or None where they do not apply."""
         if (x.dim() != 4 or x.dtype != torch.float32 or x.device.type != "cpu"
-                or torch.is_autocast_enabled("cpu") or torch.is_grad_enabled()):
+                or torch.is_autocast_enabled("cpu")):
             return None
-        key = (tuple(x.shape), x.stride(),
-               tuple(layer.layer.__dict__.get("backend") for layer in self.layers))
+        if torch.is_grad_enabled() and (x.requires_grad or any(
+                p.requires_grad for p in self.parameters())):
+            return None  # autograd records: the layers run as modules
+        key = (tuple(x.shape), x.stride())
         steps = self._plan_for(key)
-        if steps is None:  # the layers' prepared calls do not apply to this input
-            return None
-        if steps is not False and all(
-                plan.holds(layer.layer.weight_k, layer.layer.weight_1, layer.layer.bias)
-                for layer, plan in steps):
-            y = x
-            for _, plan in steps:
-                y = HF._native._launch(y, plan.shape, plan.fmt, plan.call, None, plan.what)
-            return y
-        # first call of this input, or weights replaced or updated: prepare by running the
-        # layers' own prepared calls
+        if isinstance(steps, _SequenceSteps):
+            if steps.holds():
+                return steps.run(x)
+        elif steps is not False and steps == self._backends():
+            return None  # the layers' prepared calls do not apply to this input
+        # first call of this input, or weights replaced or updated, or a layer's backend
+        # changed: prepare by running the layers' own prepared calls
         steps, y = self._prepare(x)
-        self._keep_plan(key, steps)
+        self._keep_plan(key, self._backends() if steps is None else steps)
         return y
 
-    def _prepare(self, x: torch.Tensor) -> Tuple[Optional[list], Optional[torch.Tensor]]:
-        """Each layer's prepared call, made by running it: ``([(layer, plan)], output)``, or
+    def _backends(self) -> tuple:
+        return tuple(layer.layer.__dict__.get("backend") for layer in self.layers)
+
+    def _prepare(self, x: torch.Tensor) -> Tuple[Optional["_SequenceSteps"],
+                                                  Optional[torch.Tensor]]:
+        """Each layer's prepared call, made by running it: ``(steps, output)``, or
         ``(None, None)`` where one of them has none (nothing kept for this input; the caller
         runs the layers as modules)."""
         steps, y = [], x
@@ -1220,10 +1224,51 @@ class NativeSequence(PlanHolder, nn.Module):
             if plan is None:
                 return None, None
             steps.append((layer, plan))
-        return steps, y
+        return _SequenceSteps(steps), y
 
     def extra_repr(self) -> str:
         return f"{len(self.layers)} layers"
+
+
+class _SequenceSteps:
+    """What :class:`NativeSequence` keeps per input signature: its layers' prepared calls,
+    run as one C call (:class:`hetconv.native.SequencePlan`) where all are channels-last
+    kernel calls, else one after another."""
+
+    __slots__ = ("plans", "checks", "tensors", "state", "seq")
+
+    def __init__(self, steps: List[Tuple["NativeFused", ForwardPlan]]) -> None:
+        self.plans = [plan for _, plan in steps]
+        # per layer: its submodules (the HetConv2d it runs), that layer's attribute and
+        # parameter dicts, read directly (nn.Module attribute lookups cost ~0.6 us each
+        # here, as much as the rest of a batch-1 layer's Python), its backend and the
+        # weights the plan was made for
+        self.checks = [(layer._modules, layer.layer, layer.layer.__dict__,
+                        layer.layer._parameters, layer.layer.__dict__.get("backend"),
+                        plan.tensors) for layer, plan in steps]
+        self.tensors = [t for plan in self.plans for t in plan.tensors if t is not None]
+        self.state = self._state()
+        self.seq = HF._native.SequencePlan.build(self.plans)
+
+    def _state(self) -> tuple:
+        return tuple((t.data_ptr(), t._version) for t in self.tensors)
+
+    def holds(self) -> bool:
+        """Whether every plan still stands: each layer running the HetConv2d it ran, on the
+        backend it had, its weights the tensors the plan was made for, not replaced (``.data``) or updated in place."""
+        for mods, inner, attrs, params, backend, (wk, w1, b) in self.checks:
+            if (mods.get("layer") is not inner or attrs.get("backend") != backend
+                    or params.get("weight_k") is not wk
+                    or params.get("weight_1") is not w1 or params.get("bias") is not b):
+                return False
+        return self._state() == self.state
+
+    def run(self, x: torch.Tensor) -> torch.Tensor:
+        if self.seq is not None:
+            return self.seq.run(x)
+        for plan in self.plans:
+            x = HF._native._launch(x, plan.shape, plan.fmt, plan.call, None, plan.what)
+        return x
 
 
 def _sequence_native(gm: torch.fx.GraphModule) -> int:

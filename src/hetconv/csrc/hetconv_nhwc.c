@@ -976,3 +976,28 @@ int hetconv_nhwc_forward_packed(const hetconv_nhwc_args *a, const float *x, floa
                                 a->blk_p0, a->blk_v, a->blk_toff, a->w1p, a->wkp, a->bias, res,
                                 a->relu, a->posmajor, a->up, a->Ho, a->Wo, a->pool, nthreads);
 }
+
+/* A sequence of count channels-last forwards, each reading the one before (no residual):
+ * layer 0 reads x, the last writes y, the ones between write buf[i % 2] (each buffer holds
+ * the largest of those outputs), so one call runs a VGG's feature extractor.  Returns 0, -1
+ * where a layer's input is not the previous output (the shapes disagree), or the first
+ * layer's nonzero code. */
+int hetconv_nhwc_sequence(const hetconv_nhwc_args *const *args, int count, const float *x,
+                          float *buf0, float *buf1, float *y, int nthreads) {
+    if (count < 1) return -1;
+    for (int i = 1; i < count; ++i) {
+        const hetconv_nhwc_args *p = args[i - 1], *a = args[i];
+        const int sh = p->pool ? 2 : 1;
+        if (a->up != 1 || p->up != 1 || a->B != p->B || a->M != p->N || a->H != p->Ho / sh
+                || a->W != p->Wo / sh)
+            return -1;
+    }
+    const float *in = x;
+    for (int i = 0; i < count; ++i) {
+        float *out = i == count - 1 ? y : (i % 2 ? buf1 : buf0);
+        int rc = hetconv_nhwc_forward_packed(args[i], in, out, NULL, nthreads);
+        if (rc != 0) return rc;
+        in = out;
+    }
+    return 0;
+}
