@@ -1081,10 +1081,11 @@ def test_layer_inference_calls_reuse_a_prepared_kernel_call(m, n, p, stride, lay
     for _ in range(3):
         check()
     native_run = first == "native"
-    # native: the backend chosen once per signature, then the prepared call; otherwise the
-    # full path each time (plus one choice to learn that); and check()'s reference calls
-    assert len(picks) == 3 + 1 + (0 if native_run else 3)
-    assert len(builds) == int(native_run)
+    # native: the backend chosen once per signature, then the prepared call, by the layer
+    # and by het_conv2d (check()'s reference calls); otherwise the full path each time, by
+    # both (plus the layer's one choice to learn that)
+    assert len(picks) == (2 if native_run else 3 + 1 + 3)
+    assert len(builds) == 2 * int(native_run)
     with torch.no_grad():
         layer.weight_k.mul_(-2.0)
     check()
@@ -1258,3 +1259,76 @@ def test_fma_rate_rejects_bad_arguments():
                          ({"seconds": float("nan")}, "seconds")):
         with pytest.raises(ValueError, match=name):
             native.fma_rate(**kwargs)
+
+
+@needs_kernel
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_functional_calls_keep_their_prepared_native_call(layout, monkeypatch):
+    """het_conv2d keeps an inference call's prepared native call per weight_k and call
+    signature: a repeated call runs it (no backend choice, no packing lookup), bit-equal to
+    the first; weights updated in place, replaced or another bias are followed; calls that
+    do not run the kernel are remembered as such; autograd, lists as arguments and
+    unbatched input take the full path; the kept calls do not keep the weights alive."""
+    import gc
+    import weakref
+
+    torch.manual_seed(21)
+    wk, w1, b = torch.randn(32, 8, 3, 3), torch.randn(32, 24), torch.randn(32)
+    x = torch.randn(2, 32, 9, 9).contiguous(memory_format=layout)
+
+    def ref(bias=b):
+        return F.conv2d(x, HF.dense_weight(wk, w1, "shifted"), bias, 1, 1)
+
+    with torch.no_grad():
+        first = HF.het_conv2d(x, wk, w1, b, backend="native")
+        entry = HF._CALL_PLANS[id(wk)]
+        plan, = entry[1].values()
+        assert isinstance(plan, HF._CallPlan)
+        # the repeat runs the kept call alone
+        monkeypatch.setattr(HF, "_resolve", None)
+        monkeypatch.setattr(native, "_nhwc_packed", None)
+        monkeypatch.setattr(native, "_packed", None)
+        assert torch.equal(HF.het_conv2d(x, wk, w1, b, backend="native"), first)
+        monkeypatch.undo()
+        torch.testing.assert_close(first, ref(), rtol=1e-4, atol=1e-4)
+        w1.mul_(-1.0)  # in place: prepared again
+        torch.testing.assert_close(HF.het_conv2d(x, wk, w1, b, backend="native"), ref(),
+                                   rtol=1e-4, atol=1e-4)
+        # views of the same storage (same pointer and version): the tensors' identity
+        bz = b.as_strided((32,), (0,))
+        torch.testing.assert_close(HF.het_conv2d(x, wk, w1, bz, backend="native"), ref(bz),
+                                   rtol=1e-4, atol=1e-4)
+        b2 = torch.randn(32)  # another bias tensor, the same signature
+        torch.testing.assert_close(HF.het_conv2d(x, wk, w1, b2, backend="native"), ref(b2),
+                                   rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(HF.het_conv2d(x, wk, w1, None, backend="native"), ref(None),
+                                   rtol=1e-4, atol=1e-4)
+        wks, w1s = torch.randn(24, 8, 3, 3), torch.randn(24, 24)  # a square weight_1
+        for w in (w1s, w1s.t()):
+            torch.testing.assert_close(
+                HF.het_conv2d(x, wks, w, None, backend="native"),
+                F.conv2d(x, HF.dense_weight(wks, w, "shifted"), None, 1, 1), rtol=1e-4, atol=1e-4)
+        w1.data = torch.randn(32, 24)  # storage replaced
+        torch.testing.assert_close(HF.het_conv2d(x, wk, w1, b, backend="native"), ref(),
+                                   rtol=1e-4, atol=1e-4)
+        # a call that does not run the kernel: remembered (None), computed by its backend
+        dense = HF.het_conv2d(x, wk, w1, b, backend="dense")
+        assert None in HF._CALL_PLANS[id(wk)][1].values()
+        torch.testing.assert_close(HF.het_conv2d(x, wk, w1, b, backend="dense"), dense)
+        torch.testing.assert_close(dense, ref(), rtol=1e-4, atol=1e-4)
+        # lists as arguments, unbatched input: the full path, correct
+        torch.testing.assert_close(HF.het_conv2d(x, wk, w1, b, [1, 1], [1, 1],
+                                                 backend="native"), ref(), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(HF.het_conv2d(x[0], wk, w1, b, backend="native"), ref()[0],
+                                   rtol=1e-4, atol=1e-4)
+    # autograd: nothing kept, gradients flow
+    wg = wk.clone().requires_grad_()
+    count = len(HF._CALL_PLANS)
+    HF.het_conv2d(x, wg, w1, b, backend="native").sum().backward()
+    assert wg.grad is not None and id(wg) not in HF._CALL_PLANS and len(HF._CALL_PLANS) == count
+    # the kept calls hold the weights weakly: freed with them
+    gone = [weakref.ref(t) for t in (wk, w1, b)]
+    key = id(wk)
+    del wk, w1, b, b2, bz, wg, ref  # (ref: b as its default; bz: a view of b)
+    gc.collect()
+    assert all(r() is None for r in gone) and key not in HF._CALL_PLANS
