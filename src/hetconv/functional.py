@@ -774,6 +774,12 @@ def het_conv2d(x: torch.Tensor, weight_k: torch.Tensor, weight_1: torch.Tensor,
     their shapes.  ``padding=None`` keeps the spatial size at stride 1.
     Equal, whatever ``backend``, to
     ``F.conv2d(x, dense_weight(weight_k, weight_1, pattern), bias, stride, padding, dilation)``.
+
+    Batched inference calls (nothing recording autograd) that run the native kernel keep
+    the prepared kernel call per ``weight_k`` and call signature (the weights held weakly);
+    a repeated call runs it after checking that the weights are the same tensors,
+    unchanged (storage and version counter), skipping the backend choice and the packing
+    lookups.
     """
     key = _call_key(x, weight_k, weight_1, bias, stride, padding, dilation, pattern, backend)
     if key is not None:
