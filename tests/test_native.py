@@ -1332,3 +1332,35 @@ def test_functional_calls_keep_their_prepared_native_call(layout, monkeypatch):
     del wk, w1, b, b2, bz, wg, ref  # (ref: b as its default; bz: a view of b)
     gc.collect()
     assert all(r() is None for r in gone) and key not in HF._CALL_PLANS
+
+
+def test_unknown_intel_cpu_gets_a_server_tuning(tmp_path, monkeypatch):
+    """-march=native tunes for "generic" where the compiler does not know the CPU: an AVX-512
+    Intel CPU then gets -mtune=icelake-server; a known CPU, another vendor, no AVX-512 or an
+    explicit HETCONV_NATIVE_MARCH keep the flags as they were.  The tuning is read from the
+    compiler's own report (a fake compiler here)."""
+    def fake_cc(tune):
+        path = tmp_path / f"cc-{tune}"
+        path.write_text("#!/bin/sh\nprintf '  -march=   \\t\\ticelake-client\\n"
+                        f"  -mtune=   \\t\\t{tune}\\n'\n")
+        path.chmod(0o755)
+        return str(path)
+
+    assert native._native_tune(fake_cc("generic")) == "generic"
+    assert native._native_tune(fake_cc("sapphirerapids")) == "sapphirerapids"
+    assert native._native_tune(str(tmp_path / "missing")) is None
+    monkeypatch.delenv("HETCONV_NATIVE_MARCH", raising=False)
+    monkeypatch.setattr(native, "_cpu_flags", lambda: "flags\t\t: fpu sse2 avx2 avx512f avx512bw\n")
+    monkeypatch.setattr(native, "_cpu_info", lambda f: "GenuineIntel" if f == "vendor_id" else None)
+    tune = f"-mtune={native.UNKNOWN_INTEL_TUNE}"
+    assert native._flags(fake_cc("generic"))[-1] == tune
+    assert tune not in native._flags(fake_cc("sapphirerapids"))
+    assert tune not in native._flags(None)
+    monkeypatch.setenv("HETCONV_NATIVE_MARCH", "x86-64-v4")
+    assert tune not in native._flags(fake_cc("generic"))
+    monkeypatch.delenv("HETCONV_NATIVE_MARCH")
+    monkeypatch.setattr(native, "_cpu_flags", lambda: "flags\t\t: fpu sse2 avx2\n")
+    assert tune not in native._flags(fake_cc("generic"))
+    monkeypatch.setattr(native, "_cpu_flags", lambda: "flags\t\t: avx512f\n")
+    monkeypatch.setattr(native, "_cpu_info", lambda f: "AuthenticAMD")
+    assert tune not in native._flags(fake_cc("generic"))
