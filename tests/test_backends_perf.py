@@ -227,6 +227,13 @@ def test_bench_run_models_smoke():
             assert r["theory_layer"] == pytest.approx(hetconv.pattern.speedup(4))
     lines = target_checks([], rows)
     assert any("blocked', vgg16_cifar P4 throughput_b64" in line for line in lines)
+    # the optimized rows record their model's plan (memory format, per-layer backends)
+    for r in rows:
+        assert ("plan" in r) == (r["variant"] == "optimized")
+        if "plan" in r:
+            assert r["plan"]["memory_format"] in ("contiguous", "channels_last")
+            assert r["plan"]["backends"] and set(r["plan"]["backends"]) <= {
+                "native", "packed", "dense", "fused", "grouped"}
 
 
 def test_bench_models_isolated_in_fresh_processes(monkeypatch):

@@ -93,6 +93,7 @@ def _inference_variants(model: nn.Module, x: torch.Tensor, compile: bool,
     x_opt = x.contiguous(memory_format=cl if opt.hetconv_plan["memory_format"] == "channels_last"
                          else torch.contiguous_format)
     out["optimized"] = _no_grad(opt, x_opt)
+    out["optimized"].plan = plan_summary(opt.hetconv_plan)
     if compile:
         compiled = torch.compile(m_cl)
         out["compiled"] = _no_grad(compiled, x_cl)
@@ -178,6 +179,25 @@ def _train_variants(model: nn.Module, x: torch.Tensor) -> Dict[str, Callable[[],
     return out
 
 
+#: The counts of :func:`hetconv.optimize_for_inference`'s plan kept in a row's ``plan``.
+PLAN_KEYS = ("memory_format", "kept", "fused_native", "chained_native", "sequenced_native",
+             "native_dense", "packed_dense", "fused_pools")
+
+
+def plan_summary(plan: dict) -> dict:
+    """What an optimized model's row records of its ``hetconv_plan``: the memory format,
+    which configuration was kept, the fusion counts and how many layers took each backend
+    (two processes' optimizations of one model can differ: their measured choices)."""
+    out = {k: plan[k] for k in PLAN_KEYS if k in plan}
+    backends: Dict[str, int] = {}
+    for info in plan.get("layers", {}).values():
+        name = info.get("backend") if isinstance(info, dict) else None
+        if name is not None:
+            backends[name] = backends.get(name, 0) + 1
+    out["backends"] = dict(sorted(backends.items()))
+    return out
+
+
 def _measure(family: str, metric: str, fam_parts: Sequence, repeats: int, warmup: int,
              batch: int, width: float, compile: bool, onnx: bool, settle: int,
              settle_seconds: float, idle_seconds: float = 0.0) -> List[dict]:
@@ -216,6 +236,9 @@ def _measure(family: str, metric: str, fam_parts: Sequence, repeats: int, warmup
             "batch": b, "ms": t.median * 1e3, "images_per_s": b / t.median,
             "best": t.median == best[label], "ratio": ref / best[label],
             "theory_layer": None if part in (None, "C") else _pattern.speedup(int(part))})
+        plan = getattr(cands[key], "plan", None)
+        if plan is not None:
+            rows[-1]["plan"] = plan
         if variant == "onnxruntime":
             rows[-1]["ort_threads"] = (f"one global pool of {_ORT_POOL} threads" if _ORT_POOL
                                        else "a pool per session")
