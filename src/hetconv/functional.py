@@ -753,9 +753,11 @@ def _keep_call_plan(weight_k: torch.Tensor, key: tuple, plan: Optional[_CallPlan
     if entry is None or entry[0]() is not weight_k:
         wid = id(weight_k)
 
-        def drop(ref, wid=wid):  # weight_k freed: its plans go (the id may be reused)
-            if _CALL_PLANS.get(wid, (None,))[0] is ref:
-                del _CALL_PLANS[wid]
+        def drop(ref, wid=wid, plans=_CALL_PLANS):
+            # weight_k freed: its plans go (the id may be reused; the dict is bound here, so
+            # a tensor freed while the interpreter shuts down finds it still)
+            if plans.get(wid, (None,))[0] is ref:
+                del plans[wid]
 
         entry = _CALL_PLANS[wid] = (weakref.ref(weight_k, drop), {})
     if len(entry[1]) >= CALL_PLANS_MAX:
