@@ -1246,22 +1246,21 @@ class _SequenceSteps:
         self.checks = [(layer._modules, layer.layer, layer.layer.__dict__,
                         layer.layer._parameters, layer.layer.__dict__.get("backend"),
                         plan.tensors) for layer, plan in steps]
-        self.tensors = [t for plan in self.plans for t in plan.tensors if t is not None]
-        self.state = self._state()
+        # every plan's weights, and their state when each plan was made (its key)
+        self.tensors = tuple(t for plan in self.plans for t in plan.tensors)
+        self.state = tuple(s for plan in self.plans for s in plan.key)
         self.seq = HF._native.SequencePlan.build(self.plans)
-
-    def _state(self) -> tuple:
-        return tuple((t.data_ptr(), t._version) for t in self.tensors)
 
     def holds(self) -> bool:
         """Whether every plan still stands: each layer running the HetConv2d it ran, on the
-        backend it had, its weights the tensors the plan was made for, not replaced (``.data``) or updated in place."""
+        backend it had, its weights the tensors the plan was made for, not replaced
+        (``.data``) or updated in place."""
         for mods, inner, attrs, params, backend, (wk, w1, b) in self.checks:
             if (mods.get("layer") is not inner or attrs.get("backend") != backend
                     or params.get("weight_k") is not wk
                     or params.get("weight_1") is not w1 or params.get("bias") is not b):
                 return False
-        return self._state() == self.state
+        return ForwardPlan._state(self.tensors) == self.state
 
     def run(self, x: torch.Tensor) -> torch.Tensor:
         if self.seq is not None:

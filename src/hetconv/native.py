@@ -114,28 +114,26 @@ def _cache_dir() -> str:
     return root
 
 
-def _cpu_flags() -> str:
+def _cpuinfo_line(field: str) -> Optional[str]:
+    """The first line of /proc/cpuinfo naming ``field``, as it stands, or None."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("flags"):
+                if line.partition(":")[0].strip() == field:
                     return line
     except OSError:
         pass
-    return ""
+    return None
+
+
+def _cpu_flags() -> str:
+    return _cpuinfo_line("flags") or ""
 
 
 def _cpu_info(field: str) -> Optional[str]:
     """A field of the first CPU in /proc/cpuinfo (e.g. ``vendor_id``), or None."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                name, _, value = line.partition(":")
-                if name.strip() == field:
-                    return value.strip()
-    except OSError:
-        pass
-    return None
+    line = _cpuinfo_line(field)
+    return None if line is None else line.partition(":")[2].strip()
 
 
 def _build(cc: str) -> str:
@@ -911,8 +909,8 @@ class SequencePlan:
     """Channels-last :class:`ForwardPlan` s, each reading the one before (no residual), run
     by one C call: the layers between write two scratch buffers in turn, so one call costs
     a single trip through Python whatever the number of layers (a VGG's 13 layers at batch
-    1: ~17 us of Python each as separate calls).  The caller checks the plans' weights
-    (:meth:`ForwardPlan.holds`) before :meth:`run`."""
+    1: ~17 us of Python each as separate calls).  The caller checks that the plans still
+    hold for the layers' weights before :meth:`run`."""
 
     __slots__ = ("plans", "in_shape", "shape", "scratch", "ptrs")
 
