@@ -7,6 +7,7 @@ here are the cases that only the "fused" path has.  No timing is asserted.
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
@@ -515,3 +516,20 @@ def test_kernel_split_script_command_line(tmp_path, capsys):
     for bad in (["--parts", "0"], ["--min-channels", "100000"], ["--batch-scale", "0"]):
         with pytest.raises(SystemExit):
             ks.main(bad)
+
+
+def test_full_bench_times_each_model_candidate_more_often_than_each_layer(tmp_path, monkeypatch):
+    """The full preset takes 9 samples per model candidate and 5 per layer candidate (the
+    models' samples cost little next to their optimization); ``repeats`` given sets both."""
+    run_mod = sys.modules["hetconv.bench.run"]
+    seen = {}
+    monkeypatch.setattr(run_mod, "run_models", lambda *a, **k: seen.update(models=k["repeats"]) or [])
+    monkeypatch.setattr(run_mod, "run_layers", lambda *a, **k: seen.update(layers=k["repeats"]) or [])
+    monkeypatch.setattr(run_mod, "write_report", lambda *a, **k: {})
+    monkeypatch.setattr(run_mod.native, "fma_rate", lambda *a, **k: None)
+    bench.run("full", out_dir=str(tmp_path), progress=False)
+    assert seen == {"models": 9, "layers": 5}
+    bench.run("full", out_dir=str(tmp_path), progress=False, repeats=2)
+    assert seen == {"models": 2, "layers": 2}
+    bench.run("quick", out_dir=str(tmp_path), progress=False)
+    assert seen == {"models": 3, "layers": 3}

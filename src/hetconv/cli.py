@@ -318,7 +318,8 @@ def _add_bench(sub) -> None:
     p.add_argument("--threads", type=_positive_int, default=2,
                    help="torch intra-op threads (default: 2, the target machine)")
     p.add_argument("--repeats", type=_positive_int, default=None,
-                   help="timed repeats per candidate (default: 3 quick, 5 full)")
+                   help="timed repeats per candidate (default: 3 quick; full: 5 per layer, 9 per "
+                        "model - the models' samples are cheap next to their optimization)")
     p.add_argument("--settle", type=_number_arg(int, 0), default=1,
                    help="untimed calls of a candidate right before each of its timed calls "
                         "(default: 1, steady state: no candidate is timed cold after another "

@@ -38,14 +38,16 @@ def machine_rates(rates: Sequence[tuple]) -> tuple:
     return entry + f" (GFLOP/s, {torch.get_num_threads()} threads)", notes
 
 
-#: ``quick``: about a minute; ``full``: the issue's complete set (about 21 min on a quiet 2-core machine).
+#: ``quick``: about a minute; ``full``: the issue's complete set (about 30-35 min on the
+#: project's 2-core machine).  ``repeats``: timed samples per layer candidate,
+#: ``model_repeats``: per model candidate.
 PRESETS: Dict[str, dict] = {
     "quick": {"layer_suites": ("vgg16_cifar",), "max_shapes": 3, "batch_scale": 0.25,
-              "parts": (1, 4), "repeats": 3, "families": ("vgg16_cifar",),
+              "parts": (1, 4), "repeats": 3, "model_repeats": 3, "families": ("vgg16_cifar",),
               "model_parts": {"vgg16_cifar": (1, 4)}, "model_batch": 16,
               "metrics": ("throughput_b64",)},
     "full": {"layer_suites": tuple(LAYER_SUITES), "max_shapes": None, "batch_scale": 1.0,
-             "parts": (1, 2, 4, 8, 16, 32, 64, "C"), "repeats": 5,
+             "parts": (1, 2, 4, 8, 16, 32, 64, "C"), "repeats": 5, "model_repeats": 9,
              "families": tuple(MODEL_SUITES), "model_parts": None, "model_batch": 64,
              "metrics": ("latency_b1", "throughput_b64", "train_step_b64")},
 }
@@ -106,6 +108,9 @@ def run(preset: str = "quick", out_dir: str = "docs", what: Sequence[str] = ("la
               or "default (glibc may return freed memory to the system)")
     cfg = PRESETS[preset]
     reps = repeats or cfg["repeats"]
+    # the models' samples cost about a third of their part of the run (the optimizations
+    # and processes the rest): more of them there, where single verdicts moved most
+    model_reps = repeats or cfg["model_repeats"]
     step, close = _progress(progress)
     t0 = time.perf_counter()
     deadline = None if max_minutes is None else t0 + 60 * max_minutes
@@ -114,7 +119,7 @@ def run(preset: str = "quick", out_dir: str = "docs", what: Sequence[str] = ("la
     try:
         if "models" in what:
             model_rows = run_models(cfg["families"], cfg["metrics"], cfg["model_parts"],
-                                    repeats=reps, batch=cfg["model_batch"], compile=compile,
+                                    repeats=model_reps, batch=cfg["model_batch"], compile=compile,
                                     onnx=onnx, progress=step, deadline=deadline, settle=settle,
                                     settle_seconds=settle_ms / 1000,
                                     idle_seconds=idle_ms / 1000, isolate=isolate, retain_memory=retain_memory)
