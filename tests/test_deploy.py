@@ -630,6 +630,20 @@ def test_sequence_runs_its_layers_in_one_kernel_call(monkeypatch):
     xm = x.clone().requires_grad_()
     ref, = torch.autograd.grad(model(xm).sum(), [xm])
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    # a kept layer's weight made to require a gradient (the same tensor: the kept calls
+    # still hold): the modules, with that weight's gradient; then the sequence again
+    w = seq.layers[0].layer.weight_k
+    modules_calls.clear()
+    w.requires_grad_(True)
+    try:
+        out = fast(x)
+        assert modules_calls and out.requires_grad
+        gw, = torch.autograd.grad(out.sum(), [w])
+        assert gw.abs().sum() > 0
+    finally:
+        w.requires_grad_(False)
+    modules_calls.clear()
+    assert torch.equal(fast(x), want) and modules_calls == []
     # a layer's HetConv2d replaced: prepared again for the new one
     with torch.no_grad():
         old = seq.layers[1].layer
