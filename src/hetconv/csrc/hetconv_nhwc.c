@@ -71,6 +71,10 @@
 #define NH_PIXMAJOR_MAX_WBYTES (512 * 1024) /* pixel-major forward items up to this much weight */
 #define NH_PREFETCH_MIN_BYTES (2L << 20) /* inputs above this prefetch ahead (forward) */
 #define NH_WPREFETCH 4 /* forward: weights prefetched this many steps ahead (see nh_tile) */
+#define NH_WFAR 24 /* ... and this many into L2, in calls of at most: */
+#ifndef NH_WFAR_MAX_PIXELS
+#define NH_WFAR_MAX_PIXELS 24 /* output pixels (see nh_tile) */
+#endif
 #define NH_ITEMS_PER_THREAD 8 /* forward work items per thread, taken dynamically */
 #define NH_DYNAMIC_MIN_PIXELS 64 /* ... for calls of at least this many output pixels */
 #define NH_PIXCHUNK 96 /* pixels per block in a pixel-major item (a multiple of 24) */
@@ -103,6 +107,7 @@ typedef struct {
     int vs;  /* filters from one vector of a block to the next (16, or P: see the top) */
     int stream;  /* forward: write y with non-temporal stores (see "Output stores") */
     int pool;    /* forward: 2 = a 2x2 max-pool of stride 2 fused (see nh_pooled), else 0 */
+    int wfar;    /* forward: also prefetch the weights NH_WFAR steps ahead into L2 (see nh_tile) */
 } nh_geom;
 
 /* Pixel orders (posmajor): 0 image-major (b, oh, ow); 1 position-major (oh, ow, b); 2
@@ -193,9 +198,17 @@ static inline __attribute__((always_inline)) __m512 nh_load(const float *p, cons
  * of the step NH_WPREFETCH ahead (past the end of a tap's or the centre's steps: the next
  * ones, or harmless addresses: a prefetch never faults).  Paired in one process on the second
  * Intel host: 0.95-0.99x the time on 128-512-channel layers, inference and training
- * (docs/performance.md, fifteenth session; not measured on the AMD host). */
+ * (docs/performance.md, fifteenth session; not measured on the AMD host).
+ * far (calls of at most NH_WFAR_MAX_PIXELS output pixels, blocks of 4 vectors): each step
+ * also prefetches into L2 the weights NH_WFAR steps ahead.  So few pixels reuse a block's
+ * weights a tile or two, so they stream from L3 or memory once per call (VGG-16's 4x4 and
+ * 2x2 layers at batch 1: 3 MB each at P = 4), and 4 steps' warning does not cover that
+ * latency.  Paired in one process (twenty-fourth session): VGG-16 at batch 1 P4 0.92-0.93x,
+ * P1 0.89x; in every call (no gate) batch 16-64 took 1.02-1.10x, the prefetches then
+ * competing with the loads for weights already in L2; gated at 64 pixels instead of 24,
+ * batch 4 took 1.03x. */
 static inline __attribute__((always_inline)) void nh_tile(
-        const int R, const int V, const int lw, const nh_geom *g, const float *const *px,
+        const int R, const int V, const int lw, const int far, const nh_geom *g, const float *const *px,
         const unsigned char *live, const float *w1, const float *wk, int toff,
         const float *bias, float *const *yo, const float *const *ro, int relu,
         const unsigned char *first) {
@@ -213,6 +226,9 @@ static inline __attribute__((always_inline)) void nh_tile(
             __m512 w[4];
             _Pragma("GCC unroll 8") for (int v = 0; v < V; ++v)
                 _mm_prefetch((const char *)(w1 + (size_t)(c + NH_WPREFETCH) * VW + 16 * v), _MM_HINT_T0);
+            if (far)
+                _Pragma("GCC unroll 8") for (int v = 0; v < V; ++v)
+                    _mm_prefetch((const char *)(w1 + (size_t)(c + NH_WFAR) * VW + 16 * v), _MM_HINT_T1);
             _Pragma("GCC unroll 8") for (int v = 0; v < V; ++v) w[v] = _mm512_loadu_ps(w1 + (size_t)c * VW + 16 * v);
             _Pragma("GCC unroll 8") for (int r = 0; r < R; ++r) {
                 const __m512 xv = _mm512_set1_ps(p[r][c]);
@@ -231,6 +247,9 @@ static inline __attribute__((always_inline)) void nh_tile(
             __m512 w[4];
             _Pragma("GCC unroll 8") for (int v = 0; v < V; ++v)
                 _mm_prefetch((const char *)(wt + (size_t)(j + NH_WPREFETCH) * VW + 16 * v), _MM_HINT_T0);
+            if (far)
+                _Pragma("GCC unroll 8") for (int v = 0; v < V; ++v)
+                    _mm_prefetch((const char *)(wt + (size_t)(j + NH_WFAR) * VW + 16 * v), _MM_HINT_T1);
             _Pragma("GCC unroll 8") for (int v = 0; v < V; ++v) w[v] = _mm512_loadu_ps(wt + (size_t)j * VW + 16 * v);
             _Pragma("GCC unroll 8") for (int r = 0; r < R; ++r) {
                 const __m512 xv = nh_load(p[r] + (size_t)j * ts, lw);
@@ -255,20 +274,24 @@ static inline __attribute__((always_inline)) void nh_tile(
     }
 }
 
-/* nh_tile with R pixels (the full tile FULL, or the tails' 4 and 2) and V vectors */
-#define NH_TILE_R(FULL, V, LW)                                                              \
+/* nh_tile with R pixels (the full tile FULL, or the tails' 4 and 2), V vectors and the far
+ * weight prefetch FAR (blocks of 4 vectors only: the other widths are rare in calls this small) */
+#define NH_TILE_R(FULL, V, LW, FAR)                                                         \
     do {                                                                                    \
-        if (R == 2) nh_tile(2, V, LW, g, px, live, w1, wk, toff, bias, yo, ro, relu, first); \
+        if (R == 2) nh_tile(2, V, LW, FAR, g, px, live, w1, wk, toff, bias, yo, ro, relu, first); \
         else if (R == 4)                                                                    \
-            nh_tile(4, V, LW, g, px, live, w1, wk, toff, bias, yo, ro, relu, first);        \
-        else nh_tile(FULL, V, LW, g, px, live, w1, wk, toff, bias, yo, ro, relu, first);    \
+            nh_tile(4, V, LW, FAR, g, px, live, w1, wk, toff, bias, yo, ro, relu, first);   \
+        else nh_tile(FULL, V, LW, FAR, g, px, live, w1, wk, toff, bias, yo, ro, relu, first); \
     } while (0)
 #define NH_TILE_CASES(LW)                                                                   \
     switch (V) {                                                                            \
-        case 4: NH_TILE_R(NH_R4, 4, LW); break;                                             \
-        case 3: NH_TILE_R(NH_RMAX, 3, LW); break;                                           \
-        case 2: NH_TILE_R(NH_RMAX, 2, LW); break;                                           \
-        default: NH_TILE_R(NH_RMAX, 1, LW); break;                                          \
+        case 4:                                                                             \
+            if (g->wfar) NH_TILE_R(NH_R4, 4, LW, 1);                                        \
+            else NH_TILE_R(NH_R4, 4, LW, 0);                                                \
+            break;                                                                          \
+        case 3: NH_TILE_R(NH_RMAX, 3, LW, 0); break;                                        \
+        case 2: NH_TILE_R(NH_RMAX, 2, LW, 0); break;                                        \
+        default: NH_TILE_R(NH_RMAX, 1, LW, 0); break;                                       \
     }
 
 static void nh_tile_any(int V, int R, const nh_geom *g, const float *const *px,
@@ -583,6 +606,7 @@ int hetconv_nhwc_forward(const float *x, float *y, int B, int M, int N, int H, i
     g.stream = !pool;  /* pooled: the windows' pixels read what the first one stored */
     const int T = kh * kw - 1, KK = kh * kw;
     const long npix = (long)B * g.Ho * g.Wo;
+    g.wfar = npix <= NH_WFAR_MAX_PIXELS;
     float *zero = (float *)calloc((size_t)M + 64, sizeof(float));
     if (!zero) return -2;
     /* Work items: runs of pixel tiles, sized so there are NH_ITEMS_PER_THREAD items per thread,
