@@ -72,9 +72,7 @@
 #define NH_PREFETCH_MIN_BYTES (2L << 20) /* inputs above this prefetch ahead (forward) */
 #define NH_WPREFETCH 4 /* forward: weights prefetched this many steps ahead (see nh_tile) */
 #define NH_WFAR 24 /* ... and this many into L2, in calls of at most: */
-#ifndef NH_WFAR_MAX_PIXELS
 #define NH_WFAR_MAX_PIXELS 24 /* output pixels (see nh_tile) */
-#endif
 #define NH_ITEMS_PER_THREAD 8 /* forward work items per thread, taken dynamically */
 #define NH_DYNAMIC_MIN_PIXELS 64 /* ... for calls of at least this many output pixels */
 #define NH_PIXCHUNK 96 /* pixels per block in a pixel-major item (a multiple of 24) */
@@ -208,10 +206,10 @@ static inline __attribute__((always_inline)) __m512 nh_load(const float *p, cons
  * competing with the loads for weights already in L2; gated at 64 pixels instead of 24,
  * batch 4 took 1.03x. */
 static inline __attribute__((always_inline)) void nh_tile(
-        const int R, const int V, const int lw, const int far, const nh_geom *g, const float *const *px,
-        const unsigned char *live, const float *w1, const float *wk, int toff,
-        const float *bias, float *const *yo, const float *const *ro, int relu,
-        const unsigned char *first) {
+        const int R, const int V, const int lw, const int far, const nh_geom *g,
+        const float *const *px, const unsigned char *live, const float *w1,
+        const float *wk, int toff, const float *bias, float *const *yo,
+        const float *const *ro, int relu, const unsigned char *first) {
     const int KK = g->kh * g->kw, centre = (g->kh / 2) * g->kw + g->kw / 2;
     const int M = g->M, Mk = g->Mk, ts = g->ts, VW = 16 * V, vs = g->vs;
     __m512 acc[NH_RMAX][4];  /* fixed sizes (not VLAs), so they become registers */
