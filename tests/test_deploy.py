@@ -6,6 +6,7 @@ import copy
 import ctypes
 import io
 import os
+import pickle
 import warnings
 
 import pytest
@@ -659,6 +660,57 @@ def test_sequence_runs_its_layers_in_one_kernel_call(monkeypatch):
     assert hetconv.native.SequencePlan.build(plans[::-1]) is None
     ptrs = (ctypes.c_void_p * len(plans))(*(ctypes.addressof(p.call.args) for p in plans[::-1]))
     assert lib.hetconv_nhwc_sequence(ptrs, len(plans), 0, 0, 0, 0, 1) == -1
+
+
+@needs_native
+def test_sequence_keeps_its_scratch_between_calls():
+    """The layers' intermediate outputs go to one buffer kept between calls: the largest
+    intermediate output twice, grown for a larger input, not shrunk; a call that finds it
+    taken (another thread's) leaves it alone and uses its own; copies and pickles leave it
+    out."""
+    model, x, fast, (seq,) = _sequenced_model(15, batch=2)
+    x4 = torch.randn(4, *x.shape[1:]).contiguous(memory_format=torch.channels_last)
+
+    def expected_bytes(inp):  # from the layers run as modules: all outputs but the last
+        sizes = []
+        for layer in seq.layers:
+            inp = layer(inp)
+            sizes.append(inp.numel())
+        return max(sizes[:-1]) * (2 if len(sizes) > 2 else 1) * 4
+
+    with torch.no_grad():
+        want, want4 = model(x), model(x4)
+        first = fast(x)  # prepares
+        assert seq.scratch_bytes == 0 or seq.scratch_bytes == expected_bytes(x)
+        torch.testing.assert_close(fast(x), first, rtol=0, atol=0)
+        assert seq.scratch_bytes == expected_bytes(x) > 0
+        ptr = seq._scratch._buf.data_ptr()
+        assert torch.equal(fast(x), first) and seq._scratch._buf.data_ptr() == ptr
+        torch.testing.assert_close(first, want, rtol=1e-4, atol=1e-4)
+        fast(x4)
+        got4 = fast(x4)
+        assert seq.scratch_bytes == expected_bytes(x4) > expected_bytes(x)
+        torch.testing.assert_close(got4, want4, rtol=1e-4, atol=1e-4)
+        big = seq._scratch._buf.data_ptr()
+        assert torch.equal(fast(x), first) and seq._scratch._buf.data_ptr() == big
+        # taken by another call: this one computes the same without touching it
+        scratch = seq._scratch
+        assert scratch._lock.acquire(blocking=False)
+        try:
+            scratch._buf.fill_(float("nan"))
+            assert torch.equal(fast(x), first)
+            assert scratch._buf.isnan().all()
+        finally:
+            scratch._lock.release()
+        assert torch.equal(fast(x), first)
+    clone = copy.deepcopy(fast)
+    (cseq,) = [m for m in clone.modules() if isinstance(m, deploy.NativeSequence)]
+    assert cseq.scratch_bytes == 0 and "_scratch" in seq.__dict__
+    restored = pickle.loads(pickle.dumps(seq))
+    assert restored.scratch_bytes == 0
+    with torch.no_grad():
+        assert torch.equal(clone(x), first) and torch.equal(clone(x), first)
+        assert cseq.scratch_bytes == expected_bytes(x)
 
 
 @needs_native

@@ -1166,7 +1166,8 @@ class NativeSequence(PlanHolder, nn.Module):
     grad mode, or neither the input nor a weight requiring a gradient), on float32 CPU
     input, the layers' prepared kernel calls run as one C call
     (:class:`hetconv.native.SequencePlan`: the layers between write two scratch buffers in
-    turn), after the input and each layer's weights are checked; called as modules, each
+    turn, kept between calls: :attr:`scratch_bytes`), after the input and each layer's
+    weights are checked; called as modules, each
     layer costs ~25 us of Python more at batch 1.  Where a layer's prepared call does not
     apply (autograd, the NCHW kernel with a pool, odd sizes, other backends) the layers run
     one after another as modules.  Built by :func:`optimize_for_inference` for
@@ -1179,6 +1180,16 @@ class NativeSequence(PlanHolder, nn.Module):
                                       for m in layers):
             raise ValueError("layers must be at least two NativeFused layers without residual")
         self.layers = nn.ModuleList(layers)
+
+    TRANSIENT = PlanHolder.TRANSIENT + ("_scratch",)
+
+    @property
+    def scratch_bytes(self) -> int:
+        """Memory this sequence keeps between calls for its layers' intermediate outputs (the
+        largest one, twice, of the inputs it ran on; shared by its input shapes, one call at
+        a time): 0 before its first sequenced call."""
+        scratch = self.__dict__.get("_scratch")
+        return 0 if scratch is None else scratch.nbytes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (torch.compiler.is_compiling() or torch.jit.is_tracing()):
@@ -1204,7 +1215,10 @@ class NativeSequence(PlanHolder, nn.Module):
             # is read from them (~3 us; a walk of self.parameters() took ~50 us per call)
             if grad and steps.requires_grad():
                 return None
-            return steps.run(x)
+            scratch = self.__dict__.get("_scratch")
+            if scratch is None:
+                scratch = self.__dict__["_scratch"] = HF._native.Scratch()
+            return steps.run(x, scratch)
         if grad and any(p.requires_grad for p in self.parameters()):
             return None
         if (not isinstance(steps, _SequenceSteps) and steps is not False
@@ -1273,9 +1287,10 @@ class _SequenceSteps:
         parameters while :meth:`holds`)."""
         return any(t is not None and t.requires_grad for t in self.tensors)
 
-    def run(self, x: torch.Tensor) -> torch.Tensor:
+    def run(self, x: torch.Tensor, scratch: Optional["HF._native.Scratch"] = None
+            ) -> torch.Tensor:
         if self.seq is not None:
-            return self.seq.run(x)
+            return self.seq.run(x, scratch)
         for plan in self.plans:
             x = HF._native._launch(x, plan.shape, plan.fmt, plan.call, None, plan.what)
         return x
