@@ -1334,6 +1334,37 @@ def test_functional_calls_keep_their_prepared_native_call(layout, monkeypatch):
     assert all(r() is None for r in gone) and key not in HF._CALL_PLANS
 
 
+def test_compiler_tuning_is_asked_once_per_compiler_and_cpu(tmp_path, monkeypatch):
+    """The compiler's tuning report is kept in the cache directory: the next process (here:
+    call) reads it without running the compiler; a changed compiler file or CPU asks
+    again; an unwritable cache still answers (asking each time)."""
+    runs = []
+    real_run = subprocess.run
+    monkeypatch.setattr(native.subprocess, "run",
+                        lambda cmd, **kw: runs.append(cmd[0]) or real_run(cmd, **kw))
+    monkeypatch.setenv("HETCONV_CACHE_DIR", str(tmp_path / "cache"))
+    cc = tmp_path / "cc"
+
+    def write_cc(tune):
+        cc.write_text(f"#!/bin/sh\nprintf '  -mtune=   \\t\\t{tune}\\n'\n")
+        cc.chmod(0o755)
+
+    write_cc("skylake")
+    assert native._native_tune(str(cc)) == "skylake" and len(runs) == 1
+    assert native._native_tune(str(cc)) == "skylake" and len(runs) == 1  # kept
+    kept = list((tmp_path / "cache").glob("tune_*.txt"))
+    assert len(kept) == 1 and kept[0].read_text().strip() == "skylake"
+    write_cc("znver4")  # the compiler changed (size, time): asked again
+    os.utime(cc, ns=(1, 10 ** 18))
+    assert native._native_tune(str(cc)) == "znver4" and len(runs) == 2
+    assert native._native_tune(str(cc)) == "znver4" and len(runs) == 2
+    monkeypatch.setattr(native, "_cpu_flags", lambda: "flags\t\t: another cpu\n")
+    assert native._native_tune(str(cc)) == "znver4" and len(runs) == 3
+    monkeypatch.setattr(native, "_writable_cache_dir", lambda: None)
+    assert native._native_tune(str(cc)) == "znver4" and len(runs) == 4
+    assert native._native_tune(str(cc)) == "znver4" and len(runs) == 5
+
+
 def test_unknown_intel_cpu_gets_a_server_tuning(tmp_path, monkeypatch):
     """-march=native tunes for "generic" where the compiler does not know the CPU: an AVX-512
     Intel CPU then gets -mtune=icelake-server; a known CPU, another vendor, no AVX-512 or an
@@ -1346,6 +1377,7 @@ def test_unknown_intel_cpu_gets_a_server_tuning(tmp_path, monkeypatch):
         path.chmod(0o755)
         return str(path)
 
+    monkeypatch.setenv("HETCONV_CACHE_DIR", str(tmp_path / "cache"))
     assert native._native_tune(fake_cc("generic")) == "generic"
     assert native._native_tune(fake_cc("sapphirerapids")) == "sapphirerapids"
     assert native._native_tune(str(tmp_path / "missing")) is None

@@ -89,7 +89,31 @@ def _flags(cc: Optional[str] = None) -> list:
 
 
 def _native_tune(cc: str) -> Optional[str]:
-    """The tuning ``cc -march=native`` picks (GCC's report), or None where it does not say."""
+    """The tuning ``cc -march=native`` picks (GCC's report), or None where it does not say.
+
+    Asking the compiler takes ~11 ms (a process) and the build's cache key needs the answer,
+    so every process paid it at its first native call; the answer is kept in the cache
+    directory under the compiler file's identity (resolved path, size, modification time)
+    and this CPU's model and flags, so a process whose compiler and CPU are unchanged reads
+    it (a file of one word) instead."""
+    try:
+        real = os.path.realpath(shutil.which(cc) or cc)
+        st = os.stat(real)
+    except OSError:
+        return None
+    ident = "\n".join([real, str(st.st_size), str(st.st_mtime_ns),
+                       _cpu_info("model name") or "", _cpu_flags()])
+    name = f"tune_{hashlib.sha256(ident.encode()).hexdigest()[:16]}.txt"
+    out_dir = _writable_cache_dir()
+    path = None if out_dir is None else os.path.join(out_dir, name)
+    if path is not None:
+        try:
+            with open(path) as f:
+                kept = f.read().strip()
+            if kept:
+                return kept
+        except OSError:
+            pass
     try:
         out = subprocess.run([cc, "-march=native", "-Q", "--help=target"], capture_output=True,
                              text=True, timeout=30).stdout
@@ -98,8 +122,28 @@ def _native_tune(cc: str) -> Optional[str]:
     for line in out.splitlines():
         parts = line.split()
         if len(parts) == 2 and parts[0] == "-mtune=":
+            if path is not None:
+                _write_atomically(path, parts[1] + "\n")
             return parts[1]
     return None
+
+
+def _write_atomically(path: str, text: str) -> None:
+    """``text`` into ``path`` through a temporary file renamed over it (a reader sees the old
+    file or the whole new one); nothing where the directory refuses."""
+    try:
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+    except OSError:
+        return
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except OSError:
+        pass
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 _LOCK = threading.Lock()
 _LIB: Optional[ctypes.CDLL] = None
 _ERROR: Optional[str] = None
@@ -136,13 +180,9 @@ def _cpu_info(field: str) -> Optional[str]:
     return None if line is None else line.partition(":")[2].strip()
 
 
-def _build(cc: str) -> str:
-    src = b""
-    for source in _SOURCES:
-        with open(source, "rb") as f:
-            src += f.read()
-    flags = _flags(cc)
-    key = hashlib.sha256(src + " ".join([cc] + flags).encode() + _cpu_flags().encode())
+def _writable_cache_dir() -> Optional[str]:
+    """:func:`_cache_dir`, made if missing; where it cannot be written (a read-only home), a
+    private directory under the system temp dir; None where neither can be made."""
     out_dir = _cache_dir()
     try:
         os.makedirs(out_dir, exist_ok=True)
@@ -150,7 +190,24 @@ def _build(cc: str) -> str:
             raise PermissionError(out_dir)
     except OSError:  # read-only home: a private directory under the system temp dir
         out_dir = os.path.join(tempfile.gettempdir(), f"hetconv-{os.getuid()}")
-        os.makedirs(out_dir, mode=0o700, exist_ok=True)
+        try:
+            os.makedirs(out_dir, mode=0o700, exist_ok=True)
+        except OSError:
+            return None
+    return out_dir
+
+
+def _build(cc: str) -> str:
+    src = b""
+    for source in _SOURCES:
+        with open(source, "rb") as f:
+            src += f.read()
+    flags = _flags(cc)
+    key = hashlib.sha256(src + " ".join([cc] + flags).encode() + _cpu_flags().encode())
+    out_dir = _writable_cache_dir()
+    if out_dir is None:
+        raise RuntimeError(f"no writable directory for the compiled kernel ({_cache_dir()} "
+                           f"nor {tempfile.gettempdir()})")
     path = os.path.join(out_dir, f"hetconv_cpu_{key.hexdigest()[:16]}.so")
     if os.path.exists(path):
         return path
