@@ -1292,7 +1292,7 @@ class _SequenceSteps:
         if self.seq is not None:
             return self.seq.run(x, scratch)
         for plan in self.plans:
-            x = HF._native._launch(x, plan.shape, plan.fmt, plan.call, None, plan.what)
+            x = plan.launch(x)
         return x
 
 

@@ -715,9 +715,9 @@ class _CallPlan:
         are not the ones it was made for, or were replaced or updated in place since."""
         plan, (r1, rb) = self.plan, self.refs
         if (r1() is not weight_1 or (None if rb is None else rb()) is not bias
-                or plan._state((weight_k, weight_1, bias)) != plan.key):
+                or not plan.unchanged((weight_k, weight_1, bias))):
             return None
-        return _native._launch(x, plan.shape, plan.fmt, plan.call, None, plan.what)
+        return plan.launch(x)
 
 
 def _call_key(x: torch.Tensor, weight_k: torch.Tensor, weight_1: torch.Tensor,
@@ -815,7 +815,7 @@ def het_conv2d(x: torch.Tensor, weight_k: torch.Tensor, weight_1: torch.Tensor,
             x, weight_k, weight_1, bias, pattern, False, None, stride_[0])
         if plan is not None:
             _keep_call_plan(weight_k, key, _CallPlan(plan))
-            return _native._launch(x, plan.shape, plan.fmt, plan.call, None, plan.what)
+            return plan.launch(x)
         if backend != "native":
             _keep_call_plan(weight_k, key, None)
     if backend == "native":

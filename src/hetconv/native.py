@@ -951,6 +951,11 @@ class ForwardPlan:
                 or torch.jit.is_tracing() or _recording(x, self.tensors, residual)
                 or not self.holds(weight_k, weight_1, bias)):
             return None
+        return self.launch(x, residual)
+
+    def launch(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The prepared call on ``x`` (and ``residual``), unchecked: the caller has checked
+        that the plan holds (:meth:`run` does)."""
         return _launch(x, self.shape, self.fmt, self.call, residual, self.what)
 
     def holds(self, weight_k: torch.Tensor, weight_1: torch.Tensor,
@@ -958,8 +963,12 @@ class ForwardPlan:
         """Whether the plan still stands for these weights: the same tensors, not replaced
         or updated in place since it was made."""
         wk, w1, b = self.tensors
-        return (weight_k is wk and weight_1 is w1 and bias is b
-                and self._state(self.tensors) == self.key)
+        return weight_k is wk and weight_1 is w1 and bias is b and self.unchanged(self.tensors)
+
+    def unchanged(self, tensors: tuple) -> bool:
+        """Whether ``tensors`` (the plan's weights) are as they were when it was made: same
+        storage, not updated in place."""
+        return self._state(tensors) == self.key
 
 
 class Scratch:
