@@ -703,6 +703,12 @@ def test_sequence_keeps_its_scratch_between_calls():
         finally:
             scratch._lock.release()
         assert torch.equal(fast(x), first)
+    # a failed allocation (out of memory) leaves the buffer free for the next call
+    fresh = hetconv.native.Scratch()
+    with pytest.raises(RuntimeError):
+        fresh.take(-1)
+    assert fresh.take(8) is not None and fresh.nbytes == 32
+    fresh.give_back()
     clone = copy.deepcopy(fast)
     (cseq,) = [m for m in clone.modules() if isinstance(m, deploy.NativeSequence)]
     assert cseq.scratch_bytes == 0 and "_scratch" in seq.__dict__

@@ -144,6 +144,8 @@ def _write_atomically(path: str, text: str) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
 _LOCK = threading.Lock()
 _LIB: Optional[ctypes.CDLL] = None
 _ERROR: Optional[str] = None
@@ -993,7 +995,11 @@ class Scratch:
             return None
         if self._buf is None or self._buf.numel() < numel:
             self._buf = None  # the old one freed before the larger one is made
-            self._buf = torch.empty(numel, dtype=torch.float32)
+            try:
+                self._buf = torch.empty(numel, dtype=torch.float32)
+            except BaseException:  # out of memory: not left taken
+                self._lock.release()
+                raise
         return self._buf
 
     def give_back(self) -> None:
