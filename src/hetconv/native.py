@@ -57,6 +57,7 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from . import pattern as _pattern
+from ._files import atomic_write_text
 
 __all__ = ["available", "vectorized", "unsupported_reason", "native_conv2d", "build_error",
            "nhwc_supported"]
@@ -123,27 +124,12 @@ def _native_tune(cc: str) -> Optional[str]:
         parts = line.split()
         if len(parts) == 2 and parts[0] == "-mtune=":
             if path is not None:
-                _write_atomically(path, parts[1] + "\n")
+                try:
+                    atomic_write_text(path, parts[1] + "\n")
+                except OSError:
+                    pass  # a cache that refuses: the compiler is asked again next time
             return parts[1]
     return None
-
-
-def _write_atomically(path: str, text: str) -> None:
-    """``text`` into ``path`` through a temporary file renamed over it (a reader sees the old
-    file or the whole new one); nothing where the directory refuses."""
-    try:
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
-    except OSError:
-        return
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except OSError:
-        pass
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 _LOCK = threading.Lock()

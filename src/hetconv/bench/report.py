@@ -13,6 +13,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from .. import pattern as _pattern
+from .._files import atomic_write_text
 
 __all__ = ["environment", "layer_table", "model_table", "target_checks", "plot_speedup",
            "write_report", "atomic_write"]
@@ -46,19 +47,8 @@ def environment() -> Dict[str, str]:
     return env
 
 
-def atomic_write(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file and a rename (never half-written)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+#: Write ``text`` to ``path`` via a temporary file and a rename (never half-written).
+atomic_write = atomic_write_text
 
 
 def _group(rows: Sequence[dict], keys: Sequence[str]) -> Dict[tuple, List[dict]]:
