@@ -8,7 +8,9 @@ benchmark's memory setting applied, as ``hetconv bench`` does):
 
 1. the whole forward pass (median of ``--repeats`` calls);
 2. every kernel launch inside it (``hetconv.native._launch`` timed in place), summed per
-   layer signature: input shape, output channels, with or without a fused residual;
+   layer signature: input shape, output channels, with or without a fused residual (the
+   model's native chains and sequences run layer by layer; with ``--chains`` they stay,
+   one row each);
 3. the forward pass with the kernels skipped (the launches allocate their outputs but do
    not call C): the stem, gathers, pooling, classifier and Python;
 4. the machine's FMA rate right after (``hetconv.native.fma_rate``), and the model's rate
@@ -47,9 +49,10 @@ def split(model_name: str, part, batch: int, width: float = 1.0, repeats: int = 
     """``{"total_ms", "kernels_ms", "pass_ms", "outside_ms", "layers": [(signature, calls,
     ms), ...]}`` per forward pass of the optimized model (``layers``: kernel time per
     signature; ``pass_ms``: the mean forward pass of the same calls the kernel times come
-    from, so it contains them). ``chains``: keep the model's native chains (one entry per
-    chain, signature ``("native chain", input shape, output channels, False)``); by default
-    they run layer by layer, so every layer's kernel call is seen."""
+    from, so it contains them). ``chains``: keep the model's native chains and sequences
+    (one entry per chain or sequence, signature ``("native chain" or "native sequence",
+    input shape, output channels, False)``); by default they run layer by layer, so every
+    layer's kernel call is seen."""
     import hetconv
     from hetconv import deploy, native
     from hetconv._timing import retain_freed_memory
@@ -66,6 +69,8 @@ def split(model_name: str, part, batch: int, width: float = 1.0, repeats: int = 
     for module in opt.modules():
         if isinstance(module, deploy.NativeChain):
             module.enabled = chains
+        elif isinstance(module, deploy.NativeSequence) and not chains:
+            module._sequenced = lambda x_: None  # its layers run as modules, one launch each
 
     def forward():
         with torch.no_grad():
@@ -74,7 +79,7 @@ def split(model_name: str, part, batch: int, width: float = 1.0, repeats: int = 
     total = _median_ms(forward, repeats)
     spent: Dict[tuple, float] = collections.defaultdict(float)
     calls: Dict[tuple, int] = collections.Counter()
-    real, real_chain = native._launch, native.run_chain
+    real, real_chain, real_seq = native._launch, native.run_chain, native.SequencePlan.run
 
     def timed(x_, shape, fmt, call, residual, what):
         t0 = time.perf_counter()
@@ -84,13 +89,19 @@ def split(model_name: str, part, batch: int, width: float = 1.0, repeats: int = 
         calls[key] += 1
         return y
 
-    def timed_chain(chain, x_, x2=None):
-        t0 = time.perf_counter()
-        y = real_chain(chain, x_, x2)
-        key = ("native chain", tuple(x_.shape[1:]), y.shape[1], False)
-        spent[key] += time.perf_counter() - t0
-        calls[key] += 1
-        return y
+    def timed_whole(what, run):
+        """``run(unit, x, extra)`` (a chain's or a sequence's) timed as one row"""
+        def timed_run(unit, x_, extra=None):
+            t0 = time.perf_counter()
+            y = run(unit, x_, extra)
+            key = (what, tuple(x_.shape[1:]), y.shape[1], False)
+            spent[key] += time.perf_counter() - t0
+            calls[key] += 1
+            return y
+        return timed_run
+
+    timed_chain = timed_whole("native chain", real_chain)
+    timed_seq = timed_whole("native sequence", real_seq)
 
     def skipped(x_, shape, fmt, call, residual, what):
         return real(x_, shape, fmt, lambda *args: 0, residual, what)
@@ -98,8 +109,12 @@ def split(model_name: str, part, batch: int, width: float = 1.0, repeats: int = 
     def skipped_chain(chain, x_, x2=None):
         return torch.empty((x_.shape[0],) + chain.out_shape)
 
+    def skipped_seq(seq, x_, scratch=None):
+        return torch.empty(seq.shape, memory_format=torch.channels_last)
+
     try:
         native._launch, native.run_chain = timed, timed_chain
+        native.SequencePlan.run = timed_seq
         forward()  # warm
         spent.clear()
         calls.clear()
@@ -108,9 +123,11 @@ def split(model_name: str, part, batch: int, width: float = 1.0, repeats: int = 
             forward()
         pass_ms = (time.perf_counter() - t0) / repeats * 1e3
         native._launch, native.run_chain = skipped, skipped_chain
+        native.SequencePlan.run = skipped_seq
         outside = _median_ms(forward, repeats)
     finally:
         native._launch, native.run_chain = real, real_chain
+        native.SequencePlan.run = real_seq
     layers = [(key, calls[key] // repeats, spent[key] / repeats * 1e3) for key in sorted(spent)]
     macs = hetconv.profile(model, tuple(x.shape[1:])).macs
     return {"total_ms": total, "kernels_ms": sum(ms for _, _, ms in layers), "pass_ms": pass_ms,
@@ -140,8 +157,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                     help="optimize_for_inference's backend: measure (default), auto or one of "
                          "hetconv.BACKENDS")
     ap.add_argument("--chains", action="store_true",
-                    help="keep the model's native chains (one row per chain); by default they "
-                         "run layer by layer, one row per layer signature")
+                    help="keep the model's native chains and sequences (one row per chain or "
+                         "sequence); by default they run layer by layer, one row per layer "
+                         "signature")
     args = ap.parse_args(argv)
     for name in ("batch", "repeats", "threads"):
         if getattr(args, name) < 1:

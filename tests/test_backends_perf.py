@@ -367,6 +367,28 @@ def test_model_time_split_script_accounts_for_every_native_layer():
         mts.main(["--batch", "0"])
 
 
+def test_model_time_split_script_sees_the_layers_of_a_native_sequence():
+    """benchmarks/model_time_split.py on a channels-last VGG-16, whose feature extractor
+    runs as one sequenced C call (``NativeSequence``; full width: the narrow layers of a
+    thinner one run the NCHW kernel, which is not sequenced): by default one kernel launch per
+    layer (13 convolutions), with ``chains`` one row for the whole sequence; the
+    sequence's run is put back afterwards."""
+    if not hetconv.native.available():
+        pytest.skip("no native kernel")
+    mts = _load_script("model_time_split")
+    real = hetconv.native.SequencePlan.run
+    kw = dict(batch=2, width=1.0, repeats=2, memory_format="channels_last", backend="native")
+    out = mts.split("vgg16_cifar", 4, **kw)
+    assert sum(calls for _, calls, _ in out["layers"]) == 13
+    assert {key[0] for key, _, _ in out["layers"]} <= {"channels-last kernel", "native kernel"}
+    assert 0 < out["kernels_ms"] < out["pass_ms"]
+    whole = mts.split("vgg16_cifar", 4, chains=True, **kw)
+    assert [(key[0], key[1], calls) for key, calls, _ in whole["layers"]] == [
+        ("native sequence", (3, 32, 32), 1)]
+    assert 0 < whole["kernels_ms"] < whole["pass_ms"]
+    assert hetconv.native.SequencePlan.run is real
+
+
 def test_bench_reports_the_machine_rate_and_its_drift(tmp_path):
     from hetconv.bench.run import RATE_DRIFT, machine_rates
 
