@@ -206,10 +206,20 @@ def test_auto_picks_native_for_narrow_nchw_layers_only():
     big = torch.randn(2, 16, 32, 32)
     assert HF.select_backend(big, wk, w1, padding=(1, 1)) == (
         "native" if native.vectorized() else "dense")
-    # channels_last input under autograd (16 channels), stride 3, small outputs, P = 1: not
-    # native
+    # channels_last input under autograd (16 channels): the channels-last kernel's 16-channel
+    # tiles from P = 4 on rows of at least 26 pixels (3x3, "shifted"), else not native;
+    # stride 3, small outputs, P = 1: not native
     big_cl = big.contiguous(memory_format=torch.channels_last)
-    assert HF.select_backend(big_cl, wk.detach().requires_grad_(), w1) != "native"
+    assert HF.select_backend(big_cl, wk.detach().requires_grad_(), w1) == (
+        "native" if native.vectorized() else "dense")
+    narrow_cl = torch.randn(2, 16, 32, 25).contiguous(memory_format=torch.channels_last)
+    assert HF.select_backend(narrow_cl, wk.detach().requires_grad_(), w1) != "native"
+    assert HF.select_backend(big_cl, wk.detach().requires_grad_(), w1, pattern="blocked") \
+        != "native"
+    k2, w12 = _weights(16, 16, 2)
+    assert HF.select_backend(big_cl, k2.requires_grad_(), w12) != "native"
+    k5, w15 = _weights(16, 16, 4, k=5)
+    assert HF.select_backend(big_cl, k5.requires_grad_(), w15) != "native"
     assert HF.select_backend(big, wk, w1, stride=(3, 3)) != "native"
     assert HF.select_backend(torch.randn(2, 16, 4, 4), wk, w1) != "native"
     assert HF.select_backend(big, torch.randn(16, 16, 3, 3), torch.randn(16, 0)) == "dense"
@@ -722,6 +732,50 @@ def test_channels_last_forward_interior_tiles(stride, n_out, part):
     assert y.is_contiguous(memory_format=cl)
     torch.testing.assert_close(y, want, rtol=1e-4, atol=1e-4)
     _assert_same_grads(y, want, (x, wk, w1), 1e-3)
+
+
+@needs_kernel
+@pytest.mark.parametrize("part", [1, 2, 4, 8, 16])
+@pytest.mark.parametrize("batch,h,w", [(2, 32, 32), (1, 9, 26), (3, 5, 50), (1, 30, 25)])
+def test_channels_last_16_channel_tiles_match_dense_reference(part, batch, h, w, nhwc_runs):
+    """16 -> 16 channels at stride 1 ("shifted"): the forward and the input gradient take
+    the rows' interior stretches in tiles of 24 pixels (one base for all their rows), the
+    weight gradient the interior pixels' taps and centre in passes of up to 24 sums; the
+    border pixels, the row ends and 25-column rows (23 interior pixels: no such tile) the
+    general tiles (P = 1: the weight gradient's general passes, its 16 steps per tap). With
+    bias, residual and ReLU: the dense reference, forward and backward, and the same bits on
+    1 and 3 threads."""
+    cl = torch.channels_last
+    torch.manual_seed(part * 100 + w)
+    wk, w1 = _weights(16, 16, part, requires_grad=True)
+    bias = torch.randn(16, requires_grad=True)
+    x = torch.randn(batch, 16, h, w).contiguous(memory_format=cl).requires_grad_(True)
+    res = torch.randn(batch, 16, h, w).contiguous(memory_format=cl)
+    threads = torch.get_num_threads()
+    outs = []
+    try:
+        for t in (1, 3):
+            torch.set_num_threads(t)
+            y = native.native_conv2d(x, wk, w1, bias, "shifted", True, res)
+            want = F.relu(_reference(x, wk, w1, bias, "shifted") + res)
+            torch.testing.assert_close(y, want, rtol=1e-4, atol=1e-4)
+            outs.append((y, *_assert_same_grads(y, want, (x, wk, w1, bias), 1e-3)))
+    finally:
+        torch.set_num_threads(threads)
+    assert len(nhwc_runs) >= 4  # each forward and input gradient in the channels-last kernel
+    torch.manual_seed(0)
+    gy = torch.randn(batch, 16, h, w).contiguous(memory_format=cl)
+    grads = []
+    try:
+        for t in (1, 3):
+            torch.set_num_threads(t)
+            grads.append(native._weight_grad(x.detach(), gy, wk.detach(), w1.detach(),
+                                             "shifted", 1))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+    assert torch.equal(outs[0][0], outs[1][0])
 
 
 @needs_kernel

@@ -90,6 +90,11 @@ NATIVE_NHWC_MIN_CHANNELS_NCHW: int = 128
 #: ... and on channels_last input from this many channels on at stride 2, and outside
 #: autograd when P >= NATIVE_MIN_PART_NARROW_TRAINING (ResNet-56's 16-channel layers).
 NATIVE_NHWC_MIN_CHANNELS_INFERENCE: int = 16
+#: ... and under autograd too on 16 -> 16 "shifted" 3x3 layers at stride 1 (padding 1) with
+#: P >= NATIVE_MIN_PART_NARROW_TRAINING and outputs at least this wide: the kernel's
+#: 16-channel tiles (24 pixels of a row in the forward and the input gradient, a pixel's
+#: taps in few passes in the weight gradient) need rows with 24 interior pixels.
+NATIVE_NHWC_NARROW_MIN_WIDTH: int = 26
 
 #: From this P on (below depthwise), ``"auto"`` picks the NCHW native kernel at stride 1
 #: when the output has at least NATIVE_MIN_AREA_HIGH_PART pixels
@@ -302,7 +307,9 @@ def select_backend(x: torch.Tensor, weight_k: torch.Tensor, weight_1: torch.Tens
       "shifted" with P in {2, 4, 8, 16} or a multiple of 16, "blocked" with
       16 | N/P) when M and N are >= :data:`NATIVE_NHWC_MIN_CHANNELS` (32) on
       channels_last input (>= :data:`NATIVE_NHWC_MIN_CHANNELS_INFERENCE` (16)
-      at stride 2, or outside autograd at P >= 4)
+      at stride 2, or at P >= 4 outside autograd, or under autograd on 16 -> 16
+      "shifted" 3x3 layers at stride 1 with outputs at least
+      :data:`NATIVE_NHWC_NARROW_MIN_WIDTH` (26) wide: ResNet-56's first stage)
       or >= :data:`NATIVE_NHWC_MIN_CHANNELS_NCHW`
       (128) on NCHW input (made channels_last for it), under the kernel's
       own conditions below (stride 1 or 2 included: its input gradient is a
@@ -433,7 +440,8 @@ def _native_nhwc_pick(x, weight_k, n, m, p, stride, dilation, padding,
     cl, training, strided = _is_cl(x), _training(x, weight_k), tuple(stride) != (1, 1)
     if cl:
         least = NATIVE_NHWC_MIN_CHANNELS
-        if strided or (not training and p >= NATIVE_MIN_PART_NARROW_TRAINING):
+        if strided or (p >= NATIVE_MIN_PART_NARROW_TRAINING and (
+                not training or _narrow_tiles(x, weight_k, n, m, pattern, padding, dilation))):
             least = NATIVE_NHWC_MIN_CHANNELS_INFERENCE
     elif x.is_contiguous():
         least = NATIVE_NHWC_MIN_CHANNELS_NCHW
@@ -454,6 +462,14 @@ def _native_nhwc_pick(x, weight_k, n, m, p, stride, dilation, padding,
                                               training):
             return None
     return "channels_last" if _native_runs(x, weight_k, stride, dilation, padding) else None
+
+
+def _narrow_tiles(x, weight_k, n, m, pattern, padding, dilation) -> bool:
+    """A stride-1 layer the channels-last kernel's 16-channel tiles run (see
+    :data:`NATIVE_NHWC_NARROW_MIN_WIDTH`)."""
+    return (m == n == 16 and pattern == "shifted" and tuple(weight_k.shape[2:]) == (3, 3)
+            and tuple(padding) == (1, 1) and tuple(dilation) == (1, 1)
+            and x.shape[3] >= NATIVE_NHWC_NARROW_MIN_WIDTH)
 
 
 def _high_part_cl_pays(x, weight_k, m, stride, padding, dilation, training) -> bool:
