@@ -60,6 +60,8 @@ def split(model_name: str, part, batch: int, width: float = 1.0, repeats: int = 
     retain_freed_memory()
     torch.manual_seed(0)
     kwargs = {"width": width} if part in (None, 1) else {"width": width, "part": part}
+    if "part" in hetconv.models.parse_model_name(model_name)[1]:
+        kwargs.pop("part", None)  # the name's own _p<P> suffix
     model = hetconv.create_model(model_name, **kwargs).eval()
     x = torch.randn(batch, 3, 32, 32)
     opt = hetconv.optimize_for_inference(model, x, memory_format=memory_format,
@@ -138,7 +140,16 @@ def split(model_name: str, part, batch: int, width: float = 1.0, repeats: int = 
 
 
 def _part(text: str):
-    return text if text == "C" else int(text)
+    """``--part``: an int >= 1 or C."""
+    if text in ("C", "c"):
+        return "C"
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an int >= 1 or C, got {text!r}")
+    return value
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -146,7 +157,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="resnet56_cifar",
                     help="a hetconv.create_model name (default: resnet56_cifar)")
-    ap.add_argument("--part", type=_part, default=4, help="P, or C (default: 4)")
+    ap.add_argument("--part", type=_part, default=None,
+                    help="P, or C (default: 4, or the model name's own _p<P> suffix)")
     ap.add_argument("--batch", type=int, default=64, help="images per call (default: 64)")
     ap.add_argument("--width", type=float, default=1.0, help="width multiplier (default: 1)")
     ap.add_argument("--repeats", type=int, default=25, help="timed calls (default: 25)")
@@ -166,6 +178,18 @@ def main(argv: Optional[List[str]] = None) -> int:
             ap.error(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.width <= 0:
         ap.error(f"--width must be > 0, got {args.width}")
+    import hetconv
+
+    if not hetconv.models.is_model(args.model):
+        ap.error(f"--model: unknown model {args.model!r} (see hetconv.list_models())")
+    if args.backend not in ("measure", "auto") + tuple(hetconv.BACKENDS):
+        ap.error(f"--backend must be measure, auto or one of {', '.join(hetconv.BACKENDS)}, "
+                 f"got {args.backend!r}")
+    named = hetconv.models.parse_model_name(args.model)[1].get("part")
+    if named is not None and args.part is not None:
+        ap.error(f"--part: the model name {args.model!r} sets P already")
+    if args.part is None:
+        args.part = named if named is not None else 4
     torch.set_num_threads(args.threads)
     out = split(args.model, args.part, args.batch, args.width, args.repeats,
                 args.memory_format, args.backend, args.chains)

@@ -365,6 +365,22 @@ def test_model_time_split_script_accounts_for_every_native_layer():
     assert hetconv.native._launch.__name__ == "_launch"  # put back
     with pytest.raises(SystemExit):
         mts.main(["--batch", "0"])
+    # a model name with its own P: that P (not the default 4 on top of it)
+    named = mts.split("resnet56_cifar_p4", None, batch=2, width=0.25, repeats=1,
+                      memory_format="contiguous", backend="native")
+    assert named["macs_per_image"] == macs
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--model", "nosuch"], "--model"), (["--part", "0"], "--part"),
+    (["--part", "x"], "--part"), (["--backend", "nope"], "--backend"),
+    (["--model", "vgg16_cifar_p4", "--part", "8"], "--part")])
+def test_model_time_split_script_refuses_bad_arguments(argv, says, capsys):
+    """Bad arguments: an argparse error naming the option, not a traceback."""
+    mts = _load_script("model_time_split")
+    with pytest.raises(SystemExit):
+        mts.main(argv)
+    assert says in capsys.readouterr().err
 
 
 def test_model_time_split_script_sees_the_layers_of_a_native_sequence():
