@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -141,13 +142,31 @@ def main(argv=None):
                     help="measure nothing: print the per-branch table of these --json files")
     args = ap.parse_args(argv)
     if args.summary:
+        missing = [p for p in args.summary if not os.path.isfile(p)]
+        if missing:
+            ap.error(f"--summary: no such file: {', '.join(missing)}")
         summary(args.summary)
         return 0
+    for name in ("repeats", "threads"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.warmup < 0:
+        ap.error(f"--warmup must be >= 0, got {args.warmup}")
+    bad = [p for p in args.parts if p != "C" and not (p.isdigit() and int(p) >= 1)]
+    if bad:
+        ap.error(f"--parts: each must be an int >= 1 or C, got {', '.join(bad)}")
     torch.set_num_threads(args.threads)
     parts = [p if p == "C" else int(p) for p in args.parts]
-    shapes = [s for i, s in enumerate(layer_shapes(args.suites))
+    every = layer_shapes(args.suites)
+    if args.shapes and not all(0 <= i < len(every) for i in args.shapes):
+        ap.error(f"--shapes: indices must be 0..{len(every) - 1} for these suites, "
+                 f"got {args.shapes}")
+    shapes = [s for i, s in enumerate(every)
               if (args.shapes is None or i in args.shapes)
               and (not args.batches or s.batch in args.batches)]
+    if not shapes:
+        ap.error(f"no layer of {', '.join(args.suites)} has batch {args.batches} "
+                 f"(batches there: {sorted({s.batch for s in every})})")
     deadline = time.perf_counter() + args.max_seconds
     print("| suite | layer | B | mode | P | dense ms | best dense | het_dense | het_fused | het_auto "
           "| het_native | het_auto (NCHW) | fastest | rule (NCHW) |")

@@ -571,3 +571,16 @@ def test_full_bench_times_each_model_candidate_more_often_than_each_layer(tmp_pa
     assert seen == {"models": 2, "layers": 2}
     bench.run("quick", out_dir=str(tmp_path), progress=False)
     assert seen == {"models": 3, "layers": 3}
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--parts", "0"], "--parts"), (["--parts", "x"], "--parts"),
+    (["--summary", "/nonexistent/s.jsonl"], "--summary"), (["--shapes", "999"], "--shapes"),
+    (["--suites", "resnet56_cifar", "--batches", "1"], "batch"), (["--repeats", "0"], "--repeats")])
+def test_auto_rule_sweep_script_refuses_bad_arguments(argv, says, capsys):
+    """Bad arguments, or a selection with no layer: an argparse error saying why (was a
+    ZeroDivisionError, a traceback, or an empty table)."""
+    ars = _load_script("auto_rule_sweep")
+    with pytest.raises(SystemExit):
+        ars.main(argv)
+    assert says in capsys.readouterr().err
