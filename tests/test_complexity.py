@@ -1,6 +1,8 @@
 """profile(): MACs and parameters per module, checked against hand formulas and
 torch's own operator-level counter."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -8,7 +10,8 @@ import torchvision.models as tvm
 from torch.utils.flop_counter import FlopCounterMode
 
 from hetconv import (DepthwisePointwiseConv2d, GroupPointwiseConv2d, HetConv2d, SqueezeExcite,
-                     convert, profile)
+                     convert, create_model, deploy, fold_batchnorm, native,
+                     optimize_for_inference, profile)
 from hetconv.complexity import register_rule, RULES
 
 
@@ -143,3 +146,81 @@ def test_bad_model_and_row():
         profile("resnet", (3, 8, 8))
     with pytest.raises(KeyError, match="no module named"):
         profile(nn.Conv2d(3, 3, 3), (3, 8, 8)).row("nope")
+
+
+def _folded(model: nn.Module) -> nn.Module:
+    """``model`` with its BatchNorms folded (the parameters an optimized model keeps)."""
+    folded = copy.deepcopy(model)
+    fold_batchnorm(folded)
+    return folded
+
+
+def _deployed(model: nn.Module) -> set:
+    return {type(m).__name__ for m in model.modules() if type(m).__module__ == deploy.__name__}
+
+
+@pytest.mark.skipif(not native.available(), reason="native kernel unavailable")
+@pytest.mark.parametrize("arch,kwargs,memory_format,expect", [
+    ("vgg16_cifar", {"part": 4, "width": 0.25}, "channels_last", {"NativeSequence"}),
+    ("vgg16_cifar", {"part": 4, "width": 0.25}, "contiguous", {"NativeChain"}),
+    ("resnet56_cifar", {"part": 4, "width": 0.5}, "channels_last", {"NativeChain"}),
+    ("resnet56_cifar", {"part": 4, "width": 0.5}, "contiguous", {"NativeChain"}),
+    ("vgg16_cifar", {"width": 0.25}, "contiguous", {"NativeChain"}),  # dense: part 1
+])
+def test_optimized_models_count_as_the_models_they_came_from(arch, kwargs, memory_format,
+                                                              expect, monkeypatch):
+    """optimize_for_inference's modules run their layers in C calls, where the layers'
+    hooks do not fire: each counts what its layers would (was 68K MACs for VGG-16 P4
+    instead of 26.9M); with the chains and sequences run layer by layer too (no double
+    count); parameters as the model's with its BatchNorms folded."""
+    torch.manual_seed(0)
+    model = create_model(arch, **kwargs).eval()
+    x = torch.randn(2, 3, 32, 32)
+    fast = optimize_for_inference(model, x, backend="native", memory_format=memory_format,
+                                  repeats=1)
+    assert expect <= _deployed(fast) and "NativeFused" in _deployed(fast)
+    original, folded = profile(model, (3, 32, 32)), profile(_folded(model), (3, 32, 32))
+    assert folded.macs == original.macs
+    fmt = torch.channels_last if memory_format == "channels_last" else torch.contiguous_format
+    for inp in ((3, 32, 32), x.contiguous(memory_format=fmt)):
+        counted = profile(fast, inp)
+        assert (counted.macs, counted.params) == (original.macs, folded.params)
+    for chain in (m for m in fast.modules() if isinstance(m, deploy.NativeChain)):
+        chain.enabled = False
+    monkeypatch.setattr(deploy.NativeSequence, "_sequenced", lambda self, x: None)
+    stepwise = profile(fast, x)
+    assert (stepwise.macs, stepwise.params) == (original.macs, folded.params)
+
+
+def test_packed_and_fused_layers_count_as_their_convolutions():
+    """PackedConv2d keeps its weights as buffers: they count as parameters; NativeFused
+    counts its HetConv2d before the pool; the rows of each."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False),
+                          HetConv2d(16, 16, 3, part=4, padding=1)).eval()
+    packed = copy.deepcopy(model)
+    for i in (0, 2):
+        packed[i] = deploy.PackedConv2d(model[i])
+    packed[3] = deploy.NativeFused(model[3], relu=True, residual=False, pool=nn.MaxPool2d(2))
+    for inp in ((3, 9, 9), torch.randn(3, 3, 9, 9)):
+        want, got = profile(model, inp), profile(packed, inp)
+        assert (got.macs, got.params) == (want.macs, want.params) == (
+            81 * 8 * 27 + 25 * 16 * 72 + 25 * 16 * (4 * 9 + 12), 8 * 27 + 8 + 16 * 72 + 16 * 48)
+        assert [(r.macs, r.params) for r in got.rows] == [(r.macs, r.params) for r in want.rows]
+        assert got.row("3").output_shape[1:] == (16, 2, 2)  # pooled
+
+
+def test_unbatched_and_empty_inputs():
+    """A (C, H, W) tensor is one example (its C is no batch size); (B, C, L) for a Conv1d
+    model is a batch; an empty batch is refused (was ZeroDivisionError)."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), HetConv2d(8, 8, 3, part=2))
+    per_example = profile(model, (3, 6, 6)).macs
+    assert per_example == 16 * 8 * 27 + 16 * 8 * (4 * 9 + 4)  # HetConv2d pads: 4x4 out
+    assert profile(model, torch.zeros(3, 6, 6)).macs == per_example
+    assert profile(model, torch.zeros(5, 3, 6, 6)).macs == per_example
+    conv1d = nn.Conv1d(4, 6, 3)
+    assert profile(conv1d, torch.zeros(5, 4, 10)).macs == profile(conv1d, (4, 10)).macs
+    assert profile(conv1d, (4, 10)).macs == 8 * 6 * 12
+    assert profile(conv1d, torch.zeros(4, 10)).macs == 8 * 6 * 12  # unbatched Conv1d
+    with pytest.raises(ValueError, match="empty batch"):
+        profile(model, torch.zeros(0, 3, 6, 6))

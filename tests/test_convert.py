@@ -234,3 +234,78 @@ def test_bad_arguments(kwargs, exc, match):
 def test_not_a_module():
     with pytest.raises(TypeError, match="model must be an nn.Module"):
         convert(lambda x: x, 2)
+
+
+@pytest.mark.parametrize("init", ["from_dense", "reinit"])
+def test_frozen_weights_stay_frozen(init):
+    """requires_grad=False on a conv's weight or bias carries over to the layer replacing it
+    (a frozen backbone must not become trainable), through re-parting and part 1 too."""
+    model = user_model()
+    model[2].weight.requires_grad_(False)           # weight frozen, bias trainable
+    model[7].requires_grad_(False)                  # whole layer frozen (no bias)
+    model[10].bias.requires_grad_(False)            # bias frozen only
+    het, _ = convert(model, 4, init=init)
+    flags = {n: p.requires_grad for n, p in het.named_parameters()}
+    assert flags["2.weight_k"] is flags["2.weight_1"] is False and flags["2.bias"]
+    assert flags["7.weight_k"] is flags["7.weight_1"] is False
+    assert flags["10.weight_k"] and flags["10.weight_1"] and flags["10.bias"] is False
+    assert flags["0.weight"] and flags["3.weight"]  # untouched layers as they were
+    # re-parting keeps each HetConv weight's flag; back to part 1 the dense weight is
+    # frozen where its HetConv weights were
+    het[10].weight_1.requires_grad_(False)
+    re2, _ = convert(het, 2)
+    assert not re2[2].weight_k.requires_grad and re2[2].bias.requires_grad
+    assert re2[10].weight_k.requires_grad and not re2[10].weight_1.requires_grad
+    dense, _ = convert(het, 1)
+    assert type(dense[2]) is nn.Conv2d
+    assert not dense[2].weight.requires_grad and dense[2].bias.requires_grad
+    assert not dense[7].weight.requires_grad and not dense[10].weight.requires_grad
+    assert not dense[10].bias.requires_grad
+    with torch.device("meta"):
+        meta = user_model()
+    meta[2].requires_grad_(False)
+    het, _ = convert(meta, 4)
+    assert not any(p.requires_grad for p in het[2].parameters())
+
+
+class Shared(nn.Module):
+    """One conv registered under two names (weight tying), and a shared block."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.a = self.b = nn.Conv2d(8, 8, 3, padding=1)
+        self.block = self.again = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1))
+
+    def forward(self, x):
+        return self.again(self.block(self.b(self.a(self.stem(x)))))
+
+
+def test_a_module_under_two_names_is_replaced_under_both():
+    model = Shared().eval()
+    het, report = convert(model, 4)
+    assert isinstance(het.a, HetConv2d) and het.b is het.a
+    assert isinstance(het.block[0], HetConv2d) and het.again is het.block
+    assert len(report) == 2 and [e.name for e in report.entries] == ["stem", "a", "block.0"]
+    assert report.entries[1].aliases == ("b",) and report.entries[2].aliases == ("again.0",)
+    assert "also registered as b" in str(report) and "also registered as again.0" in str(report)
+    # still one set of weights: the state dict (which has every name) and the outputs
+    state = het.state_dict()
+    assert state["a.weight_k"].data_ptr() == state["b.weight_k"].data_ptr()
+    reference = Shared()
+    reference.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        reference.a.weight.copy_(masked_copy(model.a, 4))
+        reference.block[0].weight.copy_(masked_copy(model.block[0], 4))
+    x = torch.randn(2, 3, 9, 9)
+    torch.testing.assert_close(het(x), reference.eval()(x), rtol=1e-4, atol=1e-5)
+    # one module, one decision: excluded (or included) by any of its names
+    _, report = convert(model, 4, exclude="b")
+    assert [e.name for e in report.converted] == ["block.0"]
+    het, report = convert(model, 4, include="again.*")
+    assert [e.name for e in report.converted] == ["block.0"] and type(het.b) is nn.Conv2d
+    # a module shared by a Sequential's two slots
+    conv = nn.Conv2d(8, 8, 3, padding=1)
+    het, report = convert(nn.Sequential(nn.Conv2d(3, 8, 3), conv, conv), 2)
+    assert isinstance(het[1], HetConv2d) and het[2] is het[1]
+    assert report.entries[1].aliases == ("2",) and len(report.entries) == 2

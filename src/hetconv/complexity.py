@@ -12,10 +12,22 @@ Convention (the paper's "FLOPs" column)
     block's two fully connected layers are counted: they are ``nn.Linear``).
   - :class:`~hetconv.HetConv2d`: ``FL_K + FL_1 = Ho*Wo*N*(M/P*Kh*Kw + M - M/P)``
     (paper Eq. 2-4), exactly, whatever backend executes the layer.
+  - The modules of :func:`hetconv.optimize_for_inference` count what the layers they
+    run would: :class:`~hetconv.deploy.PackedConv2d` as ``nn.Conv2d``,
+    :class:`~hetconv.deploy.NativeFused` as its HetConv2d (the fused sum, ReLU and
+    pool are not counted), :class:`~hetconv.deploy.NativeSequence` and
+    :class:`~hetconv.deploy.NativeChain` as their layers (which one C call runs, so
+    their own hooks do not fire), each counted from the shapes they pass on.  So an
+    optimized model counts as the model it came from (with its BatchNorms folded).
 * Not counted: BatchNorm, activations, pooling, additions, the element-wise
   products of SE gating, padding and the index shuffles of HetConv backends.
 * Parameters: every parameter of the model once (shared ones once); the rows
-  show each module's own parameters.
+  show each module's own parameters.  A ``PackedConv2d``'s weight and bias, which
+  are buffers (an inference module's), count as parameters.
+* The input: ``(C, H, W)`` is made a batch of one; a tensor is taken batch first,
+  except that an input with which the 2-d convolutions run unbatched (a ``(C, H, W)``
+  tensor) is one example.  An empty batch cannot be counted per example
+  (``ValueError``).
 
 Why a counter by module and not by traced operator
 --------------------------------------------------
@@ -41,7 +53,9 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 
+from . import native as _native
 from . import pattern as _pattern
+from .deploy import ChannelPadShortcut, NativeChain, NativeFused, NativeSequence, PackedConv2d
 from .layers.hetconv import HetConv2d
 
 __all__ = ["profile", "Profile", "ProfileRow", "register_rule", "RULES", "format_count"]
@@ -82,13 +96,98 @@ def _hetconv_macs(m: HetConv2d, inputs: Tuple, out: torch.Tensor) -> int:
     return per_map * maps
 
 
+# --- the modules of optimize_for_inference: counted from the shapes they pass on, as
+# their layers would be (NativeSequence and NativeChain run theirs in one C call)
+
+def _hetconv_step(layer: HetConv2d, shape: Tuple[int, ...]) -> Tuple[int, Tuple[int, ...]]:
+    """MACs of ``layer`` on an input of ``shape`` (batched or not), and its output shape."""
+    out_hw = tuple(layer.output_size(*shape[-2:]))
+    macs = _pattern.hetconv_macs(layer.in_channels, layer.out_channels, layer.kernel_size,
+                                 out_hw, layer.part)
+    return macs * math.prod(shape[:-3]), (*shape[:-3], layer.out_channels, *out_hw)
+
+
+def _fused_step(m: NativeFused, shape: Tuple[int, ...]) -> Tuple[int, Tuple[int, ...]]:
+    macs, out = _hetconv_step(m.layer, shape)
+    pool = m._modules.get("pool")
+    if pool is not None:  # (the shape only: a max-pool on the meta device)
+        out = tuple(pool(torch.empty(out, device="meta")).shape)
+    return macs, out
+
+
+def _step(m: nn.Module, shape: Tuple[int, ...]) -> Tuple[int, Tuple[int, ...]]:
+    """One layer of a NativeSequence / NativeChain: (MACs, output shape)."""
+    if isinstance(m, NativeFused):
+        return _fused_step(m, shape)
+    if isinstance(m, ChannelPadShortcut):  # x[:, :, ::s, ::s], channels padded: no MACs
+        s = m.stride
+        return 0, (*shape[:-3], shape[-3] + m.front + m.back, -(-shape[-2] // s),
+                   -(-shape[-1] // s))
+    raise TypeError(f"profile cannot count a {type(m).__name__} inside a native chain or "
+                    f"sequence (register_rule for the chain or sequence itself)")
+
+
+def _native_fused_macs(m: NativeFused, inputs: Tuple, out: torch.Tensor) -> int:
+    return _fused_step(m, tuple(_first_tensor(inputs).shape))[0]
+
+
+def _native_sequence_macs(m: NativeSequence, inputs: Tuple, out: torch.Tensor) -> int:
+    shape, total = tuple(_first_tensor(inputs).shape), 0
+    for layer in m.layers:
+        macs, shape = _step(layer, shape)
+        total += macs
+    return total
+
+
+def _native_chain_macs(m: NativeChain, inputs: Tuple, out: torch.Tensor) -> int:
+    """The chain's program run on shapes (whether the chain runs in one C call or layer by
+    layer, ``enabled`` or not)."""
+    shapes = {_native.CHAIN_X: tuple(inputs[0].shape)}
+    if len(inputs) > 1 and isinstance(inputs[1], torch.Tensor):
+        shapes[_native.CHAIN_X2] = tuple(inputs[1].shape)
+    total = 0
+    for layer, (i, _, o) in zip(m.layers, m.program):
+        macs, shapes[o] = _step(layer, shapes[i])
+        total += macs
+    return total
+
+
 RULES: Dict[type, Rule] = {
     nn.Conv1d: _conv_macs, nn.Conv2d: _conv_macs, nn.Conv3d: _conv_macs,
     nn.ConvTranspose1d: _conv_transpose_macs, nn.ConvTranspose2d: _conv_transpose_macs,
     nn.ConvTranspose3d: _conv_transpose_macs,
     nn.Linear: _linear_macs,
     HetConv2d: _hetconv_macs,
+    PackedConv2d: _conv_macs,
+    NativeFused: _native_fused_macs,
+    NativeSequence: _native_sequence_macs,
+    NativeChain: _native_chain_macs,
 }
+
+#: weights that a module type keeps as buffers (an inference module's), counted as parameters
+_WEIGHT_BUFFERS: Dict[type, Tuple[str, ...]] = {PackedConv2d: ("weight", "bias")}
+
+
+def _weights(module: nn.Module, recurse: bool) -> List[torch.Tensor]:
+    """``module``'s parameters and the weights its (sub)modules keep as buffers."""
+    found = list(module.parameters(recurse=recurse))
+    for m in (module.modules() if recurse else (module,)):
+        for name in next((names for cls, names in _WEIGHT_BUFFERS.items()
+                          if isinstance(m, cls)), ()):
+            t = m._buffers.get(name)
+            if t is not None:
+                found.append(t)
+    return found
+
+
+def _spatial_dims(module: nn.Module) -> Optional[int]:
+    """Spatial dimensions of a convolution-like module (None for others): an input with one
+    more (no batch dimension) means the model runs on one unbatched example."""
+    if isinstance(module, (nn.modules.conv._ConvNd, HetConv2d, PackedConv2d)):
+        return len(module.kernel_size)
+    if isinstance(module, (NativeFused, NativeSequence, NativeChain)):
+        return 2
+    return None
 
 
 def register_rule(module_type: type, rule: Rule) -> None:
@@ -222,7 +321,10 @@ def profile(model: nn.Module, input_size: Union[Sequence[int], torch.Tensor] = (
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     x = _example(model, input_size)
-    batch = x.shape[0] if x.dim() > 1 else 1
+    if x.dim() > 1 and x.shape[0] == 0:
+        raise ValueError(f"the input tensor has an empty batch (shape {tuple(x.shape)}): "
+                         "MACs are counted per example, give at least one")
+    unbatched = False  # set when a convolution runs on an input without a batch dimension
 
     rows: Dict[str, ProfileRow] = {}
     counted: Dict[str, Optional[Rule]] = {}
@@ -232,7 +334,7 @@ def profile(model: nn.Module, input_size: Union[Sequence[int], torch.Tensor] = (
             continue  # inside a module counted as a whole
         rule = _rule_for(m)
         leaf = next(m.children(), None) is None
-        own = list(m.parameters(recurse=rule is not None))
+        own = _weights(m, recurse=rule is not None)
         if rule is None and not leaf and not own:
             continue
         if rule is not None:
@@ -242,6 +344,7 @@ def profile(model: nn.Module, input_size: Union[Sequence[int], torch.Tensor] = (
 
     def hook(name: str):
         def fn(module, inputs, output):
+            nonlocal unbatched
             row = rows[name]
             out = _first_tensor(output)
             row.calls += 1
@@ -249,7 +352,10 @@ def profile(model: nn.Module, input_size: Union[Sequence[int], torch.Tensor] = (
                 row.output_shape = tuple(out.shape)
             rule = counted[name]
             if rule is not None and out is not None:
-                row.macs += rule(module, inputs, out) / batch
+                row.macs += rule(module, inputs, out)
+                dims, xin = _spatial_dims(module), _first_tensor(inputs)
+                if dims is not None and xin is not None and xin.dim() == dims + 1:
+                    unbatched = True
         return fn
 
     modules = dict(model.named_modules())
@@ -264,9 +370,13 @@ def profile(model: nn.Module, input_size: Union[Sequence[int], torch.Tensor] = (
             h.remove()
         for m, flag in was_training.items():
             m.training = flag
+    # per example: a batch-first tensor holds x.shape[0] of them (the counts above are of
+    # the whole batch), an unbatched one (the convolutions said so) one
+    batch = x.shape[0] if x.dim() > 1 and not unbatched else 1
     for r in rows.values():
+        r.macs = r.macs / batch
         if r.macs == int(r.macs):
             r.macs = int(r.macs)
-    seen = {id(p): p.numel() for p in model.parameters()}
+    seen = {id(p): p.numel() for p in _weights(model, recurse=True)}
     total = sum(r.macs for r in rows.values())
     return Profile(total, sum(seen.values()), list(rows.values()), tuple(x.shape))

@@ -12,6 +12,11 @@ a plain convolution), the first KxK conv (``skip_first``, the paper's rule),
 names filtered out by ``include``/``exclude`` and layers whose ``in_channels``
 ``part`` does not divide (``indivisible``).
 
+A conv registered under several names (``block.a = block.b = conv``) is one
+layer: it is looked at once and its replacement is set under every name, so
+the names stay tied (the report lists the other names).  The new layer's
+weights require gradients as the old layer's did: a frozen conv stays frozen.
+
 Existing ``HetConv2d`` layers are re-parted (via their dense weight), so
 ``convert(convert(m, 4)[0], 8)`` equals ``convert(m, 8)`` in structure.  A
 resolved part of 1 means a standard convolution: the layer stays (or
@@ -88,6 +93,7 @@ class ConvertEntry:
     old_part: int             # 1 for a standard conv
     new_part: Optional[int]   # None when left alone
     reason: str = ""          # why it was left alone, or a note on the part chosen
+    aliases: Tuple[str, ...] = ()  # other names of the same module (replaced with it)
 
     @property
     def converted(self) -> bool:
@@ -120,9 +126,13 @@ class ConvertReport:
         rows = [("name", "type", "in->out", "kernel", "stride", "part", "note")]
         for e in self.entries:
             part = str(e.old_part) if e.new_part is None else f"{e.old_part}->{e.new_part}"
+            note = e.reason
+            if e.aliases:
+                note = (note + "; " if note else "") + "also registered as " + ", ".join(
+                    e.aliases)
             rows.append((e.name or "(root)", e.kind, f"{e.in_channels}->{e.out_channels}",
                          "x".join(map(str, e.kernel_size)), "x".join(map(str, e.stride)),
-                         part, e.reason))
+                         part, note))
         reasons: dict = {}
         for e in self.skipped:
             key = e.reason.split(" (")[0].split(";")[0]
@@ -181,6 +191,23 @@ def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+def _carry_requires_grad(old: nn.Module, new: nn.Module) -> None:
+    """Give ``new``'s weights the ``requires_grad`` of the ``old`` layer's they come from:
+    a HetConv2d's ``weight_k`` / ``weight_1`` that of a dense ``weight`` (or of the old
+    HetConv2d's own), a dense ``weight`` that of ``weight_k`` and ``weight_1`` (False when
+    either is frozen), ``bias`` that of ``bias``."""
+    if isinstance(old, HetConv2d):
+        flags = {"weight_k": old.weight_k.requires_grad, "weight_1": old.weight_1.requires_grad}
+        flags["weight"] = flags["weight_k"] and flags["weight_1"]
+    else:
+        flags = dict.fromkeys(("weight", "weight_k", "weight_1"), old.weight.requires_grad)
+    if old.bias is not None:
+        flags["bias"] = old.bias.requires_grad
+    for name, p in new.named_parameters(recurse=False):
+        if name in flags:
+            p.requires_grad_(flags[name])
+
+
 def convert(model: nn.Module, part: PartSpec, *, pattern: str = "shifted",
             skip_first: bool = True, include: Patterns = None, exclude: Patterns = None,
             indivisible: str = "skip", init: str = "from_dense",
@@ -224,13 +251,20 @@ def convert(model: nn.Module, part: PartSpec, *, pattern: str = "shifted",
         model = copy.deepcopy(model)
 
     report = ConvertReport(part=part, pattern=pattern)
+    # every name of each conv (named_modules() gives a module once, under its first name)
+    names_of: dict = {}
+    for n, m in model.named_modules(remove_duplicate=False):
+        if isinstance(m, (nn.Conv2d, HetConv2d)):
+            names_of.setdefault(id(m), []).append(n)
     convs = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, HetConv2d))]
     first_seen = False
     for name, conv in convs:
+        names = names_of[id(conv)]
         old_part = conv.part if isinstance(conv, HetConv2d) else 1
         entry = ConvertEntry(name, type(conv).__name__, conv.in_channels, conv.out_channels,
                              tuple(conv.kernel_size), tuple(conv.stride),
-                             getattr(conv, "groups", 1), old_part, None)
+                             getattr(conv, "groups", 1), old_part, None,
+                             aliases=tuple(n for n in names if n != name))
         report.entries.append(entry)
         entry.reason = _why_not(conv)
         if entry.reason:
@@ -240,10 +274,13 @@ def convert(model: nn.Module, part: PartSpec, *, pattern: str = "shifted",
             if skip_first:
                 entry.reason = "first KxK conv (skip_first=True)"
                 continue
-        if includes is not None and not any(fnmatch.fnmatchcase(name, p) for p in includes):
+        # one module, one decision: included if one of its names is, excluded if one is
+        if includes is not None and not any(fnmatch.fnmatchcase(n, p)
+                                            for n in names for p in includes):
             entry.reason = "not matched by include"
             continue
-        if excludes is not None and any(fnmatch.fnmatchcase(name, p) for p in excludes):
+        if excludes is not None and any(fnmatch.fnmatchcase(n, p)
+                                        for n in names for p in excludes):
             entry.reason = "matched by exclude"
             continue
         wanted = part(name, conv) if callable(part) else part
@@ -274,7 +311,9 @@ def convert(model: nn.Module, part: PartSpec, *, pattern: str = "shifted",
                 new.backend = conv.backend
         if init == "reinit":
             new.reset_parameters()
+        _carry_requires_grad(conv, new)
         new.train(conv.training)
-        _replace(model, name, new)
+        for n in names:  # the module's every name: they stay one (tied) layer
+            _replace(model, n, new)
         entry.new_part = p
     return model, report
