@@ -2,6 +2,7 @@
 files and checkpoints, evaluate/compare, presets and the CLI."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -484,3 +485,201 @@ def test_compile_with_absorbed_permutations_trains_like_eager(tmp_path, data_dir
         if a[k].is_floating_point():
             assert torch.allclose(a[k], b[k], rtol=1e-3, atol=1e-4), k
     assert both["val_loss"] == pytest.approx(eager["val_loss"], rel=1e-3)
+
+
+# --------------------------------------------------------------------------- schedule on resume
+
+@pytest.mark.parametrize("schedule", ["cosine", "step"])
+def test_extended_run_follows_the_schedule_of_its_new_epochs(tmp_path, data_dir, schedule):
+    """Resumed with more epochs, the rate is that of the new total's schedule at each epoch
+    (a cosine run used to restart its recursion at 0 and stay there)."""
+    kw = dict(schedule=schedule, lr_step=2)
+    fit(tiny_config(data_dir, tmp_path, name="ext", **kw), model=fresh())
+    fit(tiny_config(data_dir, tmp_path, name="ext", epochs=4, **kw), model=fresh(),
+        resume=tmp_path / "ext")
+    lrs = [r["lr"] for r in metrics(tmp_path / "ext")]
+    if schedule == "cosine":  # epochs 1-2 over 2 epochs, 3-4 over 4
+        want = [0.05, 0.025] + [0.05 * (1 + math.cos(math.pi * e / 4)) / 2 for e in (2, 3)]
+    else:  # halved every 2 epochs, whatever the total
+        want = [0.05, 0.05, 0.025, 0.025]
+    assert lrs == pytest.approx(want, rel=1e-12) and min(lrs) > 0
+    assert load_checkpoint(tmp_path / "ext")["epoch"] == 4
+
+
+class StopAt(Tiny):
+    """Tiny that stops (as if killed) at its ``n``-th training forward pass."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.n, self.calls = n, 0
+
+    def forward(self, x):
+        if self.training:
+            self.calls += 1
+            if self.calls >= self.n:
+                raise KeyboardInterrupt
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "step"])
+def test_interrupted_run_resumes_exactly_for_every_schedule(tmp_path, data_dir, schedule):
+    """Not extended, a resumed run continues its schedule exactly (weights and metrics)."""
+    kw = dict(schedule=schedule, epochs=3, lr_step=2)
+    fit(tiny_config(data_dir, tmp_path, name="straight", **kw), model=fresh())
+    with pytest.raises(KeyboardInterrupt):  # 4 batches per epoch: stops in epoch 2
+        fit(tiny_config(data_dir, tmp_path, name="split", **kw), model=fresh(StopAt, 6))
+    assert load_checkpoint(tmp_path / "split")["epoch"] == 1
+    fit(tiny_config(data_dir, tmp_path, name="split", **kw), model=fresh(),
+        resume=tmp_path / "split")
+    assert metrics(tmp_path / "straight") == metrics(tmp_path / "split")
+    assert_same_weights(model_tensors(tmp_path / "straight"), model_tensors(tmp_path / "split"))
+    lrs = [r["lr"] for r in metrics(tmp_path / "split")]
+    assert lrs == pytest.approx([0.05, 0.0375, 0.0125] if schedule == "cosine" else
+                                [0.05, 0.05, 0.025], rel=1e-12)
+
+
+# --------------------------------------------------------------------------- --force, --out
+
+def test_force_replaces_only_run_directories(tmp_path, data_dir, capsys):
+    mine = tmp_path / "notrun"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("precious")
+    with pytest.raises(RunDirExistsError, match=f"{mine} is not a hetconv run directory "
+                                                f"\\(has no config.json\\)"):
+        fit(tiny_config(data_dir, tmp_path, name="notrun", epochs=1), model=fresh(), force=True)
+    assert (mine / "notes.txt").read_text() == "precious"
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+    # A run directory holding a file hetconv did not write is not replaced either.
+    fit(tiny_config(data_dir, tmp_path, name="r", epochs=1), model=fresh())
+    (tmp_path / "r" / "analysis.ipynb").write_text("{}")
+    with pytest.raises(RunDirExistsError, match="did not write: analysis.ipynb"):
+        fit(tiny_config(data_dir, tmp_path, name="r", epochs=1), model=fresh(), force=True)
+    assert (tmp_path / "r" / "analysis.ipynb").read_text() == "{}"
+    (tmp_path / "r" / "analysis.ipynb").unlink()
+    fit(tiny_config(data_dir, tmp_path, name="r", epochs=1, lr=0.01), model=fresh(), force=True)
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["config"]["lr"] == 0.01
+    (tmp_path / "empty").mkdir()
+    fit(tiny_config(data_dir, tmp_path, name="empty", epochs=1), model=fresh(), force=True)
+    assert (tmp_path / "empty" / "summary.json").is_file()
+    args = ["train", "--model", "vgg16_cifar_p4", "--width", "0.0625", "--data-dir", data_dir,
+            "--out", str(tmp_path), "--name", "notrun", "--epochs", "1", "--force"]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert f"error: {mine} is not a hetconv run directory" in err and "Traceback" not in err
+    assert (mine / "notes.txt").read_text() == "precious"
+
+
+def test_out_that_is_a_file_is_a_clear_error(tmp_path, data_dir, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for out in (afile, afile / "sub"):
+        with pytest.raises(RunDirExistsError, match=f"{afile} exists and is not a directory"):
+            fit(tiny_config(data_dir, out, name="r", epochs=1), model=fresh())
+        assert main(["train", "--model", "vgg16_cifar_p4", "--width", "0.0625", "--data-dir",
+                     data_dir, "--out", str(out), "--name", "r", "--epochs", "1"]) == 1
+        err = capsys.readouterr().err
+        assert f"{afile} exists and is not a directory (check --out)" in err
+        assert "Traceback" not in err
+    assert afile.read_text() == "x"
+
+
+# --------------------------------------------------------------------------- CLI resume options
+
+def test_resume_refuses_out_and_name_and_names_the_real_options(tmp_path, data_dir, capsys):
+    fit(tiny_config(data_dir, tmp_path, name="a", epochs=1), model=fresh())
+    run = str(tmp_path / "a")
+    before = (tmp_path / "a" / "config.json").read_bytes()
+    other = tmp_path / "elsewhere"
+    assert main(["train", "--resume", run, "--name", "zzz", "--out", str(other)]) == 1
+    err = capsys.readouterr().err
+    assert f"--resume continues {run} in place; --out and --name cannot be given" in err
+    assert main(["train", "--resume", run, "--name", "a"]) == 1
+    assert "--name cannot be given" in capsys.readouterr().err
+    assert not other.exists() and (tmp_path / "a" / "config.json").read_bytes() == before
+    assert main(["train", "--resume", run, "--width", "0.5", "--model-arg", "se=true",
+                 "--no-augment"]) == 1
+    err = capsys.readouterr().err
+    assert "cannot change: --no-augment, --width, --model-arg (allowed: --epochs, --workers, " \
+           "--data-dir, --device, --eval-batch-size, --compile, --absorb-permutations)" in err
+    assert "--model-kwargs" not in err and "--augment," not in err
+    # The Python API refuses a config naming another directory, too.
+    with pytest.raises(CheckpointError, match="name: checkpoint 'a' vs now 'zzz'"):
+        fit(tiny_config(data_dir, tmp_path, name="zzz"), model=fresh(), resume=run)
+    assert (tmp_path / "a" / "config.json").read_bytes() == before
+
+
+# --------------------------------------------------------------------------- evaluate, compare errors
+
+@pytest.fixture(scope="module")
+def vgg_run(tmp_path_factory, data_dir):
+    out = tmp_path_factory.mktemp("runs")
+    fit(resolve_config(model="vgg16_cifar_p4", name="p4", data_dir=data_dir, out=str(out),
+                       epochs=1, batch_size=16, workers=0, limit_train_batches=1, **TINY_VGG))
+    return out / "p4"
+
+
+def test_evaluate_rejects_a_bad_device_like_train(vgg_run, capsys):
+    run = str(vgg_run)
+    for device in ("banana", "meta", "cuda:x"):
+        assert main(["evaluate", run, "--device", device]) == 1
+        err = capsys.readouterr().err
+        assert f"error: device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}" in err
+        assert "Traceback" not in err
+    if not torch.cuda.is_available():
+        assert main(["evaluate", run, "--device", "cuda"]) == 1
+        err = capsys.readouterr().err
+        assert "error: device 'cuda' requested but CUDA is not available" in err
+        assert "Traceback" not in err
+    assert main(["evaluate", run, "--device", "auto", "--limit-batches", "1", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["images"] > 0 and result["device"] in ("cpu", "cuda")
+
+
+def test_evaluate_rejects_a_limit_below_one(vgg_run, capsys):
+    for limit in ("0", "-1"):
+        with pytest.raises(SystemExit) as exc:
+            main(["evaluate", str(vgg_run), "--limit-batches", limit])
+        assert exc.value.code == 2
+        assert f"argument --limit-batches: must be an int >= 1, got '{limit}'" in \
+            capsys.readouterr().err
+    with pytest.raises(ValueError, match="limit_batches must be an int >= 1"):
+        evaluate(vgg_run, limit_batches=0)
+
+
+def test_evaluate_of_a_file_that_is_no_checkpoint_is_a_clear_error(tmp_path, capsys):
+    passwd = tmp_path / "passwd"  # its first bytes make the unpickler raise IndexError
+    passwd.write_text("root:x:0:0:root:/root:/bin/bash\ndaemon:x:1:1::/usr/sbin:/bin/sh\n")
+    with pytest.raises(CheckpointError, match="corrupt or unsafe checkpoint"):
+        load_checkpoint(passwd)
+    assert main(["evaluate", str(passwd)]) == 1
+    err = capsys.readouterr().err
+    assert f"error: {passwd}: corrupt or unsafe checkpoint" in err and "Traceback" not in err
+
+
+def test_compare_checks_its_output_paths_first(tmp_path, vgg_run, capsys):
+    run = str(vgg_run)
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for option, name in (("--json", "x.json"), ("--plot", "x.png")):
+        target = str(afile / name)
+        args = ["compare", run, option, target] + (["--plot", ""] if option == "--json" else [])
+        assert main(args) == 1
+        out, err = capsys.readouterr()
+        assert f"error: {option} {target}: {afile} exists and is not a directory" in err
+        assert "Traceback" not in err and "MACs red." not in out  # refused before the work
+    assert main(["compare", run, "--plot", "", "--json", str(tmp_path)]) == 1
+    assert f"--json {tmp_path}: is a directory" in capsys.readouterr().err
+
+
+def test_compare_plot_has_the_format_of_its_extension(tmp_path, vgg_run, capsys):
+    run = str(vgg_run)
+    for name, magic in (("p.pdf", b"%PDF"), ("p.svg", b"<?xml"), ("p.png", b"\x89PNG"),
+                        ("p", b"\x89PNG")):  # PNG without an extension
+        assert main(["compare", run, "--plot", str(tmp_path / name)]) == 0
+        assert f"plot: {tmp_path / name}" in capsys.readouterr().out
+        assert (tmp_path / name).read_bytes().startswith(magic)
+    assert main(["compare", run, "--plot", str(tmp_path / "p.txt")]) == 1
+    out, err = capsys.readouterr()
+    assert f"error: --plot {tmp_path / 'p.txt'}: cannot write a plot in format '.txt'" in err
+    assert ".png" in err and ".pdf" in err and "MACs red." not in out
+    assert not (tmp_path / "p.txt").exists()

@@ -3,14 +3,48 @@
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 
-__all__ = ["atomic_write_text"]
+__all__ = ["atomic_write_text", "open_mode", "chmod_like_open"]
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where the system tells it
+    (``/proc/self/status``, Linux 4.7+): setting it to read it back would, for that
+    moment, give other threads' new files the wrong permissions."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def open_mode(path: str) -> int:
+    """The permission bits ``open(path, "w")`` leaves ``path`` with: those it has when it
+    exists, else ``0o666`` less the umask."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        return 0o666 & ~_umask()
+
+
+def chmod_like_open(tmp: str, path: str) -> None:
+    """Give ``tmp``, a temporary file about to replace ``path``, the permissions a plain
+    ``open(path, "w")`` would give ``path`` (:func:`open_mode`): ``tempfile.mkstemp``
+    makes its files ``0o600`` whatever the umask."""
+    os.chmod(tmp, open_mode(path))
 
 
 def atomic_write_text(path: str, text: str) -> None:
     """Write ``text`` to ``path`` via a temporary file and a rename (never half-written): a
-    reader sees the old file or the whole new one.  (Checkpoints, which must also survive a
+    reader sees the old file or the whole new one, with the permissions a plain ``open``
+    would give it (:func:`open_mode`).  (Checkpoints, which must also survive a
     power cut, use :func:`hetconv.train.checkpoint.atomic_write`, which syncs to disk.)"""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
@@ -18,6 +52,7 @@ def atomic_write_text(path: str, text: str) -> None:
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
+        chmod_like_open(tmp, path)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -127,6 +127,13 @@ def _run_profile(args) -> int:
     except (ValueError, TypeError) as err:
         print(f"hetconv profile: error: {err}", file=sys.stderr)
         return 2
+    except RuntimeError as err:  # e.g. pooling shrinks a too small input to nothing
+        size = "the model's input size" if args.input is None else \
+            f"--input {'x'.join(map(str, args.input))}"
+        print(f"hetconv profile: error: {args.model} cannot run on {size} "
+              f"({str(err).splitlines()[0] if str(err) else type(err).__name__})",
+              file=sys.stderr)
+        return 2
     if args.total:
         print(f"{args.model}: {result.macs:,} MACs, {result.params:,} params")
     else:
@@ -229,7 +236,9 @@ def _add_train(sub) -> None:
                    help="continue RUN_DIR from its last complete checkpoint (its saved config; "
                         "only --epochs, --workers, --data-dir, --device, --eval-batch-size, "
                         "--compile and --absorb-permutations may change)")
-    g.add_argument("--force", action="store_true", help="overwrite an existing run directory")
+    g.add_argument("--force", action="store_true",
+                   help="overwrite an existing run directory (only a run directory: a "
+                        "directory that is not one is never deleted)")
     g.add_argument("--limit-train-batches", type=int, metavar="N",
                    help="stop each epoch after N batches (smoke tests)")
     g.add_argument("--limit-val-batches", type=int, metavar="N",
@@ -267,8 +276,10 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--data-dir", help="where the data set is (default: as trained)")
     p.add_argument("--batch-size", type=int, default=256, help="batch size (default: 256)")
     p.add_argument("--workers", type=int, default=0, help="data-loader processes (default: 0)")
-    p.add_argument("--limit-batches", type=int, metavar="N", help="evaluate N batches only")
-    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.add_argument("--limit-batches", type=_positive_int, metavar="N",
+                   help="evaluate N batches only")
+    p.add_argument("--device", default="cpu",
+                   help="cpu, cuda, cuda:N or auto (CUDA if any) (default: cpu)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=_run_evaluate)
 
@@ -286,7 +297,8 @@ def _add_compare(sub) -> None:
                     "to the dense (P=1) run of the same data set, and throughput.")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories")
     p.add_argument("--plot", default="accuracy_vs_macs.png",
-                   help="PNG to write (default: accuracy_vs_macs.png; '' for none)")
+                   help="plot to write, in the format of its extension (.png, .pdf, .svg, ...; "
+                        "default: accuracy_vs_macs.png; '' for none)")
     p.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     p.set_defaults(func=_run_compare)
 

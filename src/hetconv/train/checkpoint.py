@@ -15,7 +15,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import pickle
 import random
 import tempfile
 from pathlib import Path
@@ -23,6 +22,8 @@ from typing import Any, Dict, Mapping, Optional, Union
 
 import torch
 import torch.nn as nn
+
+from .._files import chmod_like_open
 
 __all__ = ["CheckpointError", "atomic_write", "atomic_write_json", "capture_rng_state",
            "load_checkpoint", "load_model_state", "restore_rng_state", "save_checkpoint"]
@@ -50,12 +51,14 @@ def _fsync_dir(directory: Path) -> None:
 
 
 def atomic_write(path: PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temp file, fsync, ``os.replace``)."""
+    """Write ``data`` to ``path`` atomically (temp file, fsync, ``os.replace``), with the
+    permissions a plain ``open(path, "wb")`` would give it (not ``mkstemp``'s ``0o600``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
+            chmod_like_open(tmp, str(path))  # before the fsync, which then covers it too
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -132,11 +135,10 @@ def load_checkpoint(path: PathLike, map_location: Optional[Union[str, torch.devi
         raise CheckpointError(f"{path}: no such checkpoint")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError,
-            AttributeError, TypeError, KeyError) as exc:
-        raise CheckpointError(f"{path}: corrupt or unsafe checkpoint, cannot be loaded "
-                              f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
-                              ) from exc
+    except Exception as exc:  # arbitrary bytes fail in any way (IndexError, struct.error, ...)
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise CheckpointError(f"{path}: corrupt or unsafe checkpoint (or not a checkpoint), "
+                              f"cannot be loaded ({type(exc).__name__}: {first})") from exc
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a hetconv checkpoint")
     if ckpt.get("version") != VERSION:

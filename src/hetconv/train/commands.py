@@ -12,13 +12,14 @@ import argparse
 import json
 import os
 import sys
-from typing import Any, Dict
+from pathlib import Path
+from typing import Any, Dict, List
 
 from ..data import DatasetFormatError, DatasetNotFoundError
 from .checkpoint import CheckpointError, atomic_write_json
 from .config import load_config, resolve_config
 from .engine import RESUME_MUTABLE, NonFiniteLossError, RunDirExistsError, _fmt, fit
-from .evaluate import compare, evaluate, format_compare, plot_compare
+from .evaluate import compare, evaluate, format_compare, plot_compare, plot_format
 
 __all__ = ["parse_model_arg", "run_compare", "run_evaluate", "run_train"]
 
@@ -62,16 +63,55 @@ def _fail(exc: BaseException) -> int:
     return 1
 
 
+def _option(field: str) -> str:
+    """The ``hetconv train`` option that sets config ``field``."""
+    return "--no-augment" if field == "augment" else "--" + field.replace("_", "-")
+
+
+def _fixed_options(args: argparse.Namespace, overrides: Dict[str, Any]) -> List[str]:
+    """The options given that a resumed run cannot change (as typed on the command line)."""
+    options = []
+    for field in sorted(k for k in overrides if k not in RESUME_MUTABLE):
+        if field == "model_kwargs":  # set by --part, --width, --se and --model-arg
+            options += [f"--{k}" for k in ("part", "width", "se")
+                        if getattr(args, k, None) is not None]
+            options += ["--model-arg"] if args.model_arg else []
+        else:
+            options.append(_option(field))
+    return options
+
+
+def _check_output(path: str, option: str) -> None:
+    """Refuse (``ValueError`` naming ``option``) an output file that cannot be written:
+    an existing directory, or a path under something that is not a directory."""
+    target = Path(path)
+    if target.is_dir():
+        raise ValueError(f"{option} {path}: is a directory")
+    for parent in target.parents:
+        if parent.exists() or parent.is_symlink():
+            if not parent.is_dir():
+                raise ValueError(f"{option} {path}: {parent} exists and is not a directory")
+            break
+
+
+def _write_error(option: str, path: str, exc: OSError) -> ValueError:
+    return ValueError(f"{option} {path}: cannot write it ({exc.strerror or exc})")
+
+
 def run_train(args: argparse.Namespace) -> int:
     overrides = _overrides(args)
     try:
         if args.resume:
-            fixed = sorted(k for k in overrides if k not in RESUME_MUTABLE)
+            moved = [o for o in ("out", "name") if o in overrides]
+            if moved:
+                raise ValueError(f"--resume continues {args.resume} in place; "
+                                 f"{' and '.join('--' + o for o in moved)} cannot be given "
+                                 f"with it (copy the run directory to continue it elsewhere)")
+            fixed = _fixed_options(args, overrides)
             if fixed:
                 raise ValueError(f"--resume continues the saved config; these options cannot "
-                                 f"change: {', '.join('--' + k.replace('_', '-') for k in fixed)}"
-                                 f" (allowed: epochs, workers, data-dir, device, "
-                                 f"eval-batch-size, compile)")
+                                 f"change: {', '.join(fixed)} (allowed: "
+                                 f"{', '.join(_option(k) for k in RESUME_MUTABLE)})")
             values = load_config(args.resume).to_dict()
             values.update(overrides)
             config = resolve_config(**values)
@@ -107,18 +147,33 @@ def run_evaluate(args: argparse.Namespace) -> int:
           f"  loss      {result['loss']:.4f}\n  MACs      {_fmt(result['macs'])}\n"
           f"  params    {_fmt(result['params'])}\n"
           f"  images/s  {result['images_per_s']:.0f} (forward, batch {args.batch_size}, "
-          f"{args.device})")
+          f"{result['device']})")
     return 0
 
 
 def run_compare(args: argparse.Namespace) -> int:
-    try:
+    try:  # the output paths are checked before the work
+        if args.json:
+            _check_output(args.json, "--json")
+        if args.plot:
+            _check_output(args.plot, "--plot")
+            try:
+                plot_format(args.plot)
+            except ValueError as exc:
+                raise ValueError(f"--plot {exc}") from None
         rows = compare(args.runs)
     except _EXPECTED as exc:
         return _fail(exc)
     print(format_compare(rows))
-    if args.json:
-        atomic_write_json(args.json, rows)
+    try:
+        if args.json:
+            atomic_write_json(args.json, rows)
+    except OSError as exc:  # e.g. permission denied
+        return _fail(_write_error("--json", args.json, exc))
     if args.plot:
-        print(f"plot: {plot_compare(rows, args.plot)}")
+        try:
+            path = plot_compare(rows, args.plot)
+        except OSError as exc:
+            return _fail(_write_error("--plot", args.plot, exc))
+        print(f"plot: {path}")
     return 0

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import random
 import shutil
 import sys
@@ -46,9 +47,13 @@ __all__ = ["NonFiniteLossError", "RunDirExistsError", "build_model", "evaluate_m
 log = logging.getLogger("hetconv.train")
 
 # Fields that may differ when a run is resumed (they do not change what is computed,
-# or - ``epochs`` - only extend it).
-RESUME_MUTABLE = ("epochs", "workers", "data_dir", "out", "name", "device", "eval_batch_size",
-                  "compile", "absorb_permutations")
+# or - ``epochs`` - only extend it).  ``out`` and ``name`` are not among them: a resumed
+# run continues in its own directory.
+RESUME_MUTABLE = ("epochs", "workers", "data_dir", "device", "eval_batch_size", "compile",
+                  "absorb_permutations")
+# What a run directory holds (``checkpoints`` included); ``force`` replaces nothing else.
+RUN_FILES = ("config.json", "metrics.jsonl", "metrics.csv", "checkpoints", "summary.json",
+             "train.log")
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -131,12 +136,27 @@ def _workers(config: TrainConfig) -> int:
     return 0 if config.data in ("fashion-mnist", "cifar10") else 8
 
 
-def _make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig):
+def _lr_factor(config: TrainConfig, epoch: int) -> float:
+    """The learning rate of (0-based) ``epoch`` over ``config.lr``, in closed form.
+
+    A function of the epoch number and ``config.epochs`` only, so a resumed run - also
+    one extended to more epochs - follows the schedule of its (new) total epochs.
+    """
     if config.schedule == "step":
-        return torch.optim.lr_scheduler.StepLR(optimizer, config.lr_step, config.lr_gamma)
-    if config.schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
-    return torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=1.0)
+        return config.lr_gamma ** (epoch // config.lr_step)
+    if config.schedule == "cosine":  # to 0 over config.epochs
+        return (1.0 + math.cos(math.pi * epoch / config.epochs)) / 2.0
+    return 1.0
+
+
+def _make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, start_epoch: int = 0):
+    """The per-epoch schedule, its next ``step`` at the end of epoch ``start_epoch``; sets the
+    optimizer's learning rate to that of ``start_epoch`` (a resumed run's saved scheduler
+    state is not needed: the rate is computed from the epoch number)."""
+    for group in optimizer.param_groups:
+        group["initial_lr"] = config.lr
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda epoch: _lr_factor(config, epoch), last_epoch=start_epoch - 1)
 
 
 # --------------------------------------------------------------------------- loops
@@ -220,8 +240,25 @@ def evaluate_model(model: nn.Module, loader: DataLoader, *, device: torch.device
 
 # --------------------------------------------------------------------------- run directory
 
+def _foreign_entries(run_dir: Path) -> Optional[List[str]]:
+    """What in the existing directory ``run_dir`` hetconv did not write (``None`` when it
+    has no ``config.json``: not a run directory); half-written ``.*.tmp`` files are ours."""
+    entries = sorted(p.name for p in run_dir.iterdir())
+    if entries and "config.json" not in entries:
+        return None
+    return [e for e in entries
+            if e not in RUN_FILES and not (e.startswith(".") and e.endswith(".tmp"))]
+
+
 def _prepare_run_dir(run_dir: Path, force: bool) -> Optional[str]:
-    """Create ``run_dir``; refuse (returns the message) to reuse a non-empty one without force."""
+    """Create ``run_dir``; refuse (returns the message) to reuse a non-empty one without force,
+    and, with force, to replace anything but an empty directory or a run directory."""
+    for parent in run_dir.parents:  # --out, or one of its parents, is a file
+        if parent.exists() or parent.is_symlink():
+            if not parent.is_dir():
+                return (f"cannot create run directory {run_dir}: {parent} exists and is not "
+                        f"a directory (check --out)")
+            break
     if run_dir.exists() and not run_dir.is_dir():
         return f"{run_dir} exists and is not a directory"
     if run_dir.is_dir() and any(run_dir.iterdir()):
@@ -229,9 +266,20 @@ def _prepare_run_dir(run_dir: Path, force: bool) -> Optional[str]:
             return (f"run directory {run_dir} already exists; pass --force (force=True) to "
                     f"overwrite it, --resume {run_dir} to continue it, or choose another "
                     f"--name/--out")
+        foreign = _foreign_entries(run_dir)
+        if foreign is None or foreign:
+            what = ("has no config.json" if foreign is None else
+                    "holds files hetconv did not write: " + ", ".join(foreign[:5])
+                    + (", ..." if len(foreign) > 5 else ""))
+            return (f"{run_dir} is not a hetconv run directory ({what}); --force only "
+                    f"replaces run directories: move its files away or choose another "
+                    f"--name/--out")
         log.warning("overwriting run directory %s (--force)", run_dir)
         shutil.rmtree(run_dir)
-    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    try:
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        return f"cannot create run directory {run_dir}: {exc.strerror or exc}"
     return None
 
 
@@ -287,7 +335,8 @@ def fit(config: Union[TrainConfig, Mapping[str, Any]], *, resume: Union[str, Pat
         resume: a run directory to continue from its last complete checkpoint; ``config``
             must match the saved one except for :data:`RESUME_MUTABLE` fields (typically
             pass ``load_config(run_dir)``).
-        force: replace an existing, non-empty run directory.
+        force: replace an existing, non-empty run directory (only a run directory: one
+            with ``config.json`` and nothing but the files hetconv writes).
         model: use this module instead of ``create_model(config.model, ...)`` (it must be
             freshly initialised; the config still names the run).
 
@@ -353,7 +402,6 @@ def _fit(config: TrainConfig, ctx: DistContext, resume, force: bool,
         net.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(net.parameters(), lr=config.lr, momentum=config.momentum,
                                 nesterov=config.nesterov, weight_decay=config.weight_decay)
-    scheduler = _make_scheduler(optimizer, config)
 
     # Run directory and starting point.
     history: List[Dict[str, Any]] = []
@@ -369,9 +417,6 @@ def _fit(config: TrainConfig, ctx: DistContext, resume, force: bool,
         _check_resumable(config, ckpt)
         load_model_state(net, ckpt, f"{config.model} {config.model_kwargs}")
         optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        if config.schedule == "cosine":
-            scheduler.T_max = config.epochs
         rng = ckpt["rng"]
         if len(rng) != ctx.world_size:
             log.warning("checkpoint written by %d process(es), resuming with %d: the data "
@@ -399,6 +444,7 @@ def _fit(config: TrainConfig, ctx: DistContext, resume, force: bool,
                             "train_images": len(train_ds), "val_images": len(val_ds)},
                 "world_size": ctx.world_size, "torch": torch.__version__,
                 "hetconv": _version()})
+    scheduler = _make_scheduler(optimizer, config, start_epoch)
 
     per_rank = config.batch_size // ctx.world_size
     train_sampler = TrainSampler(len(train_ds), config.seed, ctx.rank, ctx.world_size)

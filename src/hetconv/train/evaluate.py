@@ -15,7 +15,8 @@ from .checkpoint import CheckpointError, atomic_write, load_checkpoint, load_mod
 from .config import TrainConfig
 from .engine import _fmt, _profile, build_model, evaluate_model, model_identity
 
-__all__ = ["compare", "evaluate", "format_compare", "load_summary", "plot_compare"]
+__all__ = ["compare", "evaluate", "format_compare", "load_summary", "plot_compare",
+           "plot_format"]
 
 PathLike = Union[str, Path]
 
@@ -31,6 +32,26 @@ def _resolve_checkpoint(path: Path, which: str) -> Path:
     return path
 
 
+def _device(device: str) -> torch.device:
+    """``device`` (``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"``) checked, like ``train``'s."""
+    allowed = "'auto', 'cpu', 'cuda' or 'cuda:N'"
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be {allowed}, got {device!r}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} requested but CUDA is not available")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r} requested but there are "
+                             f"{torch.cuda.device_count()} CUDA device(s)")
+    return dev
+
+
 def evaluate(path: PathLike, *, data: Optional[str] = None, data_dir: Optional[str] = None,
              checkpoint: str = "last", batch_size: int = 256, workers: int = 0,
              limit_batches: Optional[int] = None, device: str = "cpu") -> Dict[str, Any]:
@@ -40,10 +61,15 @@ def evaluate(path: PathLike, *, data: Optional[str] = None, data_dir: Optional[s
     validation split of its data set (or ``data``/``data_dir``, which must have the same
     classes and channels).  Returns ``top1``, ``top5`` (10+ classes, else ``None``),
     ``loss``, ``macs``, ``params``, ``images_per_s`` (forward passes at ``batch_size``),
-    ``images``, ``epoch``, ``model`` and ``checkpoint``.
+    ``images``, ``epoch``, ``model``, ``checkpoint`` and ``device``.  ``device``: ``"cpu"``,
+    ``"cuda"``, ``"cuda:N"`` or ``"auto"`` (CUDA when available).
     """
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if limit_batches is not None and (not isinstance(limit_batches, int)
+                                      or isinstance(limit_batches, bool) or limit_batches < 1):
+        raise ValueError(f"limit_batches must be an int >= 1 or None, got {limit_batches!r}")
+    dev = _device(device)
     ckpt_path = _resolve_checkpoint(Path(path), checkpoint)
     ckpt = load_checkpoint(ckpt_path)
     try:
@@ -56,7 +82,6 @@ def evaluate(path: PathLike, *, data: Optional[str] = None, data_dir: Optional[s
     _, val_ds, info = build_datasets(name, where, augment=False, image_size=config.image_size)
     model = build_model(config, info)
     load_model_state(model, ckpt, f"{config.model} {config.model_kwargs}")
-    dev = torch.device(device)
     model.to(dev)
     loader = DataLoader(val_ds, batch_size=batch_size, num_workers=workers,
                         pin_memory=dev.type == "cuda")
@@ -64,7 +89,7 @@ def evaluate(path: PathLike, *, data: Optional[str] = None, data_dir: Optional[s
                              limit_batches=limit_batches, channels_last=config.channels_last,
                              amp=config.amp)
     return {"model": config.model, "identity": model_identity(config), "data": info.name,
-            "checkpoint": str(ckpt_path), "epoch": int(ckpt["epoch"]),
+            "checkpoint": str(ckpt_path), "epoch": int(ckpt["epoch"]), "device": str(dev),
             **metrics, **_profile(model, info)}
 
 
@@ -133,8 +158,29 @@ def format_compare(rows: Sequence[Dict[str, Any]]) -> str:
     return "\n".join(out) + "\nreductions are relative to the dense (P=1) run of the same data"
 
 
+def plot_format(path: PathLike) -> str:
+    """The image format ``path``'s extension names (``"png"`` without one); a ``ValueError``
+    listing the formats when matplotlib cannot write it (or is not installed)."""
+    try:
+        from matplotlib.backend_bases import FigureCanvasBase
+    except ImportError:
+        raise ValueError(f"{path}: writing a plot needs matplotlib (pip install "
+                         f"matplotlib)") from None
+
+    suffix = Path(path).suffix.lower().lstrip(".")
+    if not suffix:
+        return "png"
+    formats = sorted(set(FigureCanvasBase.get_supported_filetypes()) - {"pgf"})  # pgf: LaTeX
+    if suffix not in formats:
+        raise ValueError(f"{path}: cannot write a plot in format '.{suffix}' (the extension "
+                         f"names the format: {', '.join('.' + f for f in formats)})")
+    return suffix
+
+
 def plot_compare(rows: Sequence[Dict[str, Any]], path: PathLike) -> Path:
-    """Accuracy (top-1) against MACs, one labelled point per run, saved as a PNG."""
+    """Accuracy (top-1) against MACs, one labelled point per run, saved in the format of
+    ``path``'s extension (:func:`plot_format`: PNG, PDF, SVG, ...; PNG without one)."""
+    fmt = plot_format(path)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -152,7 +198,7 @@ def plot_compare(rows: Sequence[Dict[str, Any]], path: PathLike) -> Path:
     ax.margins(x=0.2, y=0.15)  # room for the labels
     fig.tight_layout()
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120)
+    fig.savefig(buffer, format=fmt, dpi=120)
     plt.close(fig)
     path = Path(path)
     atomic_write(path, buffer.getvalue())

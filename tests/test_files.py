@@ -1,0 +1,74 @@
+"""Atomically written files get the permissions a plain open() would give them."""
+
+import json
+import os
+import stat
+
+import pytest
+
+from hetconv._files import atomic_write_text, open_mode
+from hetconv.train.checkpoint import atomic_write, atomic_write_json
+
+
+@pytest.fixture
+def umask():
+    """Run the test under a known umask (restored afterwards)."""
+    def set_umask(mask):
+        os.umask(mask)
+        return mask
+    old = os.umask(0o022)
+    yield set_umask
+    os.umask(old)
+
+
+def mode(path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+WRITERS = {
+    "atomic_write_text": lambda p: atomic_write_text(str(p), "text\n"),
+    "atomic_write": lambda p: atomic_write(p, b"bytes"),
+    "atomic_write_json": lambda p: atomic_write_json(p, {"a": 1}),
+}
+
+
+@pytest.mark.parametrize("writer", sorted(WRITERS))
+@pytest.mark.parametrize("mask", [0o022, 0o027, 0o002, 0o077])
+def test_new_files_get_plain_open_permissions(tmp_path, umask, writer, mask):
+    """mkstemp makes its files 0600 whatever the umask; the written file must have what
+    open() gives a new file: 0666 less the umask (config.json, metrics, checkpoints...)."""
+    umask(mask)
+    with open(tmp_path / "plain", "w"):
+        pass
+    WRITERS[writer](tmp_path / "sub" / "out")
+    assert mode(tmp_path / "sub" / "out") == mode(tmp_path / "plain") == 0o666 & ~mask
+    assert os.listdir(tmp_path / "sub") == ["out"]  # no temporary file left behind
+
+
+@pytest.mark.parametrize("writer", sorted(WRITERS))
+def test_overwriting_keeps_the_file_permissions(tmp_path, umask, writer):
+    umask(0o022)
+    path = tmp_path / "out"
+    path.write_text("old")
+    os.chmod(path, 0o640)
+    WRITERS[writer](path)
+    assert mode(path) == 0o640
+    assert path.read_bytes() != b"old"
+    assert open_mode(str(path)) == 0o640
+    assert open_mode(str(tmp_path / "new")) == 0o644
+
+
+def test_contents_and_failure_leave_nothing(tmp_path, umask):
+    atomic_write_json(tmp_path / "a.json", {"a": [1, 2]})
+    assert json.loads((tmp_path / "a.json").read_text()) == {"a": [1, 2]}
+    with pytest.raises(TypeError):
+        atomic_write_text(str(tmp_path / "b.txt"), b"not text")
+    assert sorted(os.listdir(tmp_path)) == ["a.json"]
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077, 0o002])
+def test_umask_is_read_without_changing_it(umask, mask):
+    from hetconv._files import _umask
+    umask(mask)
+    assert _umask() == mask
+    assert os.umask(mask) == mask
