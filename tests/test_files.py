@@ -72,3 +72,20 @@ def test_umask_is_read_without_changing_it(umask, mask):
     umask(mask)
     assert _umask() == mask
     assert os.umask(mask) == mask
+
+
+def test_benchmark_plot_gets_plain_open_permissions_and_leaves_no_temp_file(tmp_path, umask):
+    """The benchmark's speedup plot (written via a temporary file too): the permissions of a
+    plain open(), and no temporary file left when the plot cannot be drawn."""
+    pytest.importorskip("matplotlib")
+    from hetconv.bench.report import plot_speedup
+
+    umask(0o022)
+    path = str(tmp_path / "p.png")
+    assert plot_speedup([], [], path) == path  # (the theory curve alone)
+    assert mode(path) == 0o644
+    assert sorted(os.listdir(tmp_path)) == ["p.png"]
+    bad = [{"part": 4, "mode": "infer"}]  # a row without its fields: drawing fails
+    with pytest.raises(KeyError):
+        plot_speedup(bad, [], str(tmp_path / "q.png"))
+    assert sorted(os.listdir(tmp_path)) == ["p.png"]

@@ -13,7 +13,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from .. import pattern as _pattern
-from .._files import atomic_write_text
+from .._files import atomic_write_text, chmod_like_open
 
 __all__ = ["environment", "layer_table", "model_table", "target_checks", "plot_speedup",
            "write_report", "atomic_write"]
@@ -200,9 +200,16 @@ def plot_speedup(layer_rows: Sequence[dict], model_rows: Sequence[dict], path: s
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, suffix=".png")
     os.close(fd)
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        fig.savefig(tmp, dpi=110)
+        chmod_like_open(tmp, path)  # (mkstemp's files are 0600)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    finally:
+        plt.close(fig)
     return path
 
 
