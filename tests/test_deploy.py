@@ -272,6 +272,49 @@ def test_export_onnx_bad_arguments(tmp_path):
         hetconv.export_onnx(_handmade(), tmp_path / "m.onnx", None)
 
 
+def test_export_onnx_refuses_opsets_without_strided_slices_and_a_directory(tmp_path):
+    with pytest.raises(ValueError, match=r"opset must be an int >= 10 \(strided slices"):
+        hetconv.export_onnx(_handmade(), tmp_path / "m.onnx", torch.randn(1, 3, 8, 8), opset=9)
+    with pytest.raises(ValueError, match="path must name the .onnx file to write, got the "
+                                         "directory"):
+        hetconv.export_onnx(_handmade(), tmp_path, torch.randn(1, 3, 8, 8))
+    assert os.listdir(tmp_path) == []  # no temporary file left behind either
+    # the lowest opset accepted exports a ResNet's stride-2 shortcut slices
+    ort = pytest.importorskip("onnxruntime")
+    from hetconv.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("resnet56_cifar", part=4, width=0.25).eval()
+    x = torch.randn(2, 3, 32, 32)
+    path = hetconv.export_onnx(model, tmp_path / "r.onnx", x, opset=deploy.MIN_OPSET)
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    got = torch.from_numpy(session.run(None, {"input": x.numpy()})[0])
+    with torch.no_grad():
+        torch.testing.assert_close(got, model(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("form", ["grouped", "dense"])
+def test_export_of_unbatched_input(tmp_path, form):
+    """An unbatched (C, H, W) input, which HetConv2d takes, exports as it runs: the channel
+    gathers on dim 0 (a layer alone; a model whose permutations are absorbed)."""
+    ort = pytest.importorskip("onnxruntime")
+    torch.manual_seed(2)
+    layer = hetconv.HetConv2d(16, 16, 3, part=4, bias=True).eval()
+    uncropped = hetconv.HetConv2d(16, 12, 3, padding=0, part=4).eval()  # the centre crops
+    model = nn.Sequential(hetconv.HetConv2d(16, 24, 3, part=4), nn.ReLU(),
+                          hetconv.HetConv2d(24, 16, 3, stride=2, part=2, bias=True)).eval()
+    x = torch.randn(16, 9, 9)
+    for k, m in enumerate((layer, uncropped, model)):
+        with torch.no_grad():
+            want = m(x)
+            torch.testing.assert_close(deploy.export_module(m, form)(x), want,
+                                       rtol=1e-5, atol=1e-5)
+        path = hetconv.export_onnx(m, tmp_path / f"m{k}.onnx", x, form=form)
+        session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        got = torch.from_numpy(session.run(None, {"input": x.numpy()})[0])
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
 # --------------------------------------------------------------------------- native fusion
 needs_native = pytest.mark.skipif(not hetconv.native.available(),
                                   reason="native kernel unavailable")
@@ -339,6 +382,106 @@ def test_fusion_skips_outputs_used_twice_and_other_backends():
     assert native.hetconv_plan["fused_native"] == 1
     with torch.no_grad():
         torch.testing.assert_close(native(x), seq(x), rtol=1e-4, atol=1e-4)
+
+
+class _WriteBetween(nn.Module):
+    """``d(c(x))`` summed with ``op(c(x))``: ``op`` (in place, where ``inplace``) runs after
+    ``d`` reads its input and before the sum that ``d`` would be fused with."""
+
+    OPS = {
+        "module": lambda m, y: m.relu(y),
+        "hardtanh": lambda m, y: m.tanh(y),
+        "positional": lambda m, y: F.relu(y, m.inplace),      # the flag by position
+        "keyword": lambda m, y: F.hardtanh(y, -0.1, 0.1, inplace=m.inplace),
+        "method": lambda m, y: y.relu_() if m.inplace else y.relu(),
+        "function": lambda m, y: torch.relu_(y) if m.inplace else torch.relu(y),
+    }
+
+    def __init__(self, op: str, inplace: bool = True, pattern: str = "shifted"):
+        super().__init__()
+        self.op, self.inplace = op, inplace
+        self.c = hetconv.HetConv2d(32, 32, 3, part=4, pattern=pattern)
+        self.d = hetconv.HetConv2d(32, 32, 3, part=4, pattern=pattern)
+        self.relu = nn.ReLU(inplace=inplace)
+        self.tanh = nn.Hardtanh(-0.1, 0.1, inplace=inplace)
+
+    def forward(self, x):
+        y = self.c(x)
+        z = self.d(y)
+        return self.OPS[self.op](self, y) + z
+
+
+@needs_native
+@pytest.mark.parametrize("op", list(_WriteBetween.OPS))
+def test_fusion_keeps_the_writes_between_a_layer_and_its_sum(op):
+    """A layer fused with the sum after it reads its input where the sum was: a write into
+    that input in between (an in-place ReLU, ...) keeps the layer and the sum apart."""
+    torch.manual_seed(4)
+    x = torch.randn(2, 32, 8, 8)
+    for inplace in (True, False):
+        model = _WriteBetween(op, inplace).eval()
+        with torch.no_grad():
+            want = model(x)
+        fast = hetconv.optimize_for_inference(model, x, backend="native",
+                                              memory_format="contiguous")  # checks too
+        assert fast.hetconv_plan["fused_native"] == (0 if inplace else 1)
+        with torch.no_grad():
+            torch.testing.assert_close(fast(x), want, rtol=1e-4, atol=1e-4)
+
+
+class _WriteInsideARun(nn.Module):
+    """Two native layers a chain (``kind="chain"``: the second with a residual sum) or a
+    channels-last sequence (``"sequence"``) would run together, with a write into the first
+    one's input between them; or an option-A shortcut with a write into its input between
+    its pad and its gather (``"shortcut"``)."""
+
+    def __init__(self, kind: str, inplace: bool):
+        super().__init__()
+        self.kind, self.inplace = kind, inplace
+        width = 16 if kind == "shortcut" else 32
+        self.c = hetconv.HetConv2d(width, width, 3, part=4, pattern="blocked")
+        self.d = hetconv.HetConv2d(width, width, 3, part=4, pattern="blocked")
+        self.relu = nn.ReLU(inplace=inplace)
+        self.register_buffer("order", torch.randperm(2 * width))
+
+    def forward(self, x):
+        x = x * 1.0  # the caller's input is not written
+        if self.kind == "shortcut":
+            x = F.relu(self.c(x))
+            a = F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, 8, 8))
+            x = x.mul_(2.0) if self.inplace else x * 2.0
+            return torch.index_select(a, 1, self.order) + x[:, :1, ::2, ::2]
+        y = F.relu(self.c(x))
+        t = self.relu(x)
+        if self.kind == "chain":
+            return F.relu(self.d(y) + t)
+        return F.relu(self.d(y)) + t
+
+
+@needs_native
+@pytest.mark.parametrize("kind", ["chain", "sequence", "shortcut"])
+def test_chains_sequences_and_shortcuts_keep_the_writes_between_their_parts(kind):
+    """A chain or sequence reads its inputs where its last layer was, the shortcut module its
+    input where its gather was: a write in between keeps them from forming."""
+    counts = {"chain": ("chained_native", deploy.NativeChain),
+              "sequence": ("sequenced_native", deploy.NativeSequence),
+              "shortcut": (None, deploy.ChannelPadShortcut)}
+    key, kind_of = counts[kind]
+    fmt = "channels_last" if kind == "sequence" else "contiguous"
+    torch.manual_seed(5)
+    x = torch.randn(4, 16 if kind == "shortcut" else 32, 8, 8)
+    for inplace in (True, False):
+        model = _WriteInsideARun(kind, inplace).eval()
+        with torch.no_grad():
+            want = model(x)
+        fast = hetconv.optimize_for_inference(model, x, backend="native", memory_format=fmt)
+        made = [m for m in fast.modules() if isinstance(m, kind_of)]
+        assert bool(made) is not inplace
+        if key is not None:
+            assert bool(fast.hetconv_plan[key]) is not inplace
+        with torch.no_grad():
+            torch.testing.assert_close(fast(x.contiguous(memory_format=deploy._FORMATS[fmt])), want,
+                                       rtol=1e-4, atol=1e-4)
 
 
 @needs_native

@@ -392,3 +392,114 @@ def test_slices_and_pads_keep_or_extend_the_stored_order(pad, mode, value, extra
         torch.testing.assert_close(gm(x), model(x), rtol=1e-5, atol=1e-6)
     # Only the model's input (read by the first layer) and its output are gathered besides.
     assert gm.hetconv_permutations == {"rewritten_layers": 2, "gathers": 2 + gathers}
+
+
+class _IndexPool(nn.Module):
+    """A shifted layer, then a max-pool returning its indices (a tuple: not channel-wise)."""
+
+    POOLS = {
+        "module": lambda m, y: m.pool(y),
+        "adaptive_module": lambda m, y: m.adaptive(y),
+        "functional": lambda m, y: F.max_pool2d(y, 2, return_indices=True),
+        "adaptive_functional": lambda m, y: F.adaptive_max_pool2d(y, 4, True),
+    }
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind = kind
+        self.a = hetconv.HetConv2d(16, 16, part=4)
+        self.b = hetconv.HetConv2d(16, 16, part=4)
+        self.pool = nn.MaxPool2d(2, return_indices=True)
+        self.adaptive = nn.AdaptiveMaxPool2d(4, return_indices=True)
+
+    def forward(self, x):
+        y, i = self.POOLS[self.kind](self, self.a(x))
+        return self.b(y) + i.to(y.dtype)
+
+
+@pytest.mark.parametrize("kind", list(_IndexPool.POOLS))
+def test_max_pools_returning_indices_are_not_channel_wise(kind, tmp_path):
+    torch.manual_seed(6)
+    model = _IndexPool(kind).eval()
+    x = torch.randn(2, 16, 8, 8)
+    with torch.no_grad():
+        want = model(x)
+    for example in (None, x):
+        gm = absorb_permutations(model, example)
+        assert gm.hetconv_permutations["rewritten_layers"] == 2
+        with torch.no_grad():
+            torch.testing.assert_close(gm(x), want, rtol=1e-5, atol=1e-5)
+    fast = hetconv.optimize_for_inference(model, x, repeats=1, backend="auto")  # checks
+    assert fast.hetconv_plan["permutations"]["rewritten_layers"] == 2
+    ort = pytest.importorskip("onnxruntime")
+    path = hetconv.export_onnx(model, tmp_path / "m.onnx", x)
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    got = torch.from_numpy(session.run(None, {"input": x.numpy()})[0])
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("with_example", [False, True])
+def test_unbatched_input_is_gathered_on_its_channels(with_example):
+    """An unbatched (C, H, W) input, which HetConv2d and nn.Conv2d take: its channels are
+    dim 0, and the gathers, slices and pads follow them there."""
+    torch.manual_seed(7)
+    model = nn.Sequential(hetconv.HetConv2d(8, 12, part=4), nn.ReLU(),
+                          hetconv.HetConv2d(12, 8, part=2), nn.Conv2d(8, 6, 1)).eval()
+    x = torch.randn(8, 7, 7)
+    gm = absorb_permutations(model, x if with_example else None)
+    assert gm.hetconv_permutations["rewritten_layers"] == 2
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), model(x), rtol=1e-5, atol=1e-5)
+        if not with_example:  # the same graph takes batches too
+            xs = torch.randn(2, 8, 7, 7)
+            torch.testing.assert_close(gm(xs), model(xs), rtol=1e-5, atol=1e-5)
+
+    class SliceAndPad(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = hetconv.HetConv2d(8, 8, part=4)
+            self.b = hetconv.HetConv2d(12, 8, part=4)
+
+        def forward(self, x):  # (C, H, W): the channels are dim 0, padded by pad[4:6]
+            y = self.a(x)[:, ::2, 1::2]
+            return self.b(F.pad(y, (1, 1, 1, 1, 3, 1), value=0.5))
+
+    model = SliceAndPad().eval()
+    gm = absorb_permutations(model, x if with_example else None)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), model(x), rtol=1e-5, atol=1e-5)
+    if with_example:  # the input, the padded channels and the output: as with batches
+        assert gm.hetconv_permutations["gathers"] == 3
+
+
+def test_in_place_ops_on_permuted_tensors_that_are_not_channel_wise_are_refused():
+    """An in-place op the rewrite does not know to act per channel writes into a gathered
+    copy, not the stored tensor: refused where another reader would miss the write
+    (optimize and export keep the permutations then), taken where its result is the only
+    reader."""
+    class ExpInPlace(nn.Module):
+        def __init__(self, reread: bool):
+            super().__init__()
+            self.reread = reread
+            self.a = hetconv.HetConv2d(8, 8, part=4)
+            self.b = hetconv.HetConv2d(8, 8, part=4)
+
+        def forward(self, x):
+            y = self.a(x)
+            z = y.exp_()
+            return self.b(y if self.reread else z)
+
+    torch.manual_seed(8)
+    x = torch.randn(2, 8, 5, 5)
+    alone = ExpInPlace(reread=False).eval()
+    gm = absorb_permutations(alone, x)
+    assert gm.hetconv_permutations["rewritten_layers"] == 2
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), alone(x), rtol=1e-5, atol=1e-5)
+    model = ExpInPlace(reread=True).eval()
+    with pytest.raises(TypeError, match="in-place op, not channel-wise, on a permuted tensor"):
+        absorb_permutations(model, x)
+    with pytest.warns(RuntimeWarning, match="not absorbed"):
+        fast = hetconv.optimize_for_inference(model, x, repeats=1, backend="auto")
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), model(x), rtol=1e-4, atol=1e-4)

@@ -34,7 +34,8 @@ from ._timing import time_interleaved
 from .convert import _replace
 from .layers import HetConv2d
 from .native import ForwardPlan, PlanHolder
-from .permute import PermutationTracer, absorb_permutations, has_shifted_layers
+from .permute import (PermutationTracer, _inplace_position, absorb_permutations,
+                      has_shifted_layers)
 
 __all__ = ["fold_batchnorm", "optimize_for_inference", "export_onnx", "export_module",
            "NativeFused", "NativeChain", "NativeSequence", "ChannelPadShortcut",
@@ -45,6 +46,9 @@ log = logging.getLogger(__name__)
 _CONVS = (nn.Conv2d, HetConv2d)
 MEMORY_FORMATS = ("auto", "contiguous", "channels_last")
 EXPORT_FORMS = ("grouped", "dense")
+#: export_onnx's lowest opset: the strided slices of shortcuts (``x[:, :, ::2, ::2]``) need
+#: Slice with steps (opset 10)
+MIN_OPSET = 10
 #: optimize_for_inference's whole-model choices (chained or layer by layer, the measured or
 #: the rule's configuration, the memory format) time each candidate for at least this many
 #: seconds in all (up to 10x ``repeats`` calls): with 5 calls, a batch-1 model of 2 ms was
@@ -725,6 +729,52 @@ def _only_user(node):
     return next(iter(node.users)) if len(node.users) == 1 else None
 
 
+#: operators that write into their first operand (``x += y``, ``x[i] = v``, ...)
+_INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.imatmul,
+                      operator.itruediv, operator.ifloordiv, operator.imod, operator.ipow,
+                      operator.iand, operator.ior, operator.ixor, operator.ilshift,
+                      operator.irshift, operator.iconcat, operator.setitem, operator.delitem}
+
+
+def _may_mutate(node, modules: dict) -> bool:
+    """Whether fx ``node`` may write into a tensor it reads, conservatively: in-place modules
+    (``inplace=True``: ``nn.ReLU``, ``nn.Hardtanh``, ``nn.Dropout``, ...) and modules fx does
+    not look into that are neither torch's own nor this package's, methods ending in ``_``,
+    functions ending in ``_`` or given ``inplace`` (by keyword or position) or ``out=``, and
+    the in-place operators (``+=``, item assignment, ...)."""
+    if node.op == "call_module":
+        mod = modules.get(node.target)
+        if mod is None or getattr(mod, "inplace", False) is not False:
+            return True
+        return not type(mod).__module__.startswith(("torch.nn.", "hetconv."))
+    if node.op == "call_method":
+        return node.target.endswith("_") or "out" in node.kwargs
+    if node.op != "call_function":
+        return False
+    fn = node.target
+    if fn in _INPLACE_OPERATORS or getattr(fn, "__name__", "").endswith("_") \
+            or "out" in node.kwargs or node.kwargs.get("inplace", False) is not False:
+        return True
+    at = _inplace_position(fn)
+    return at is not None and len(node.args) > at and node.args[at] is not False
+
+
+def _mutation_between(first, last, modules: dict, skip=()) -> bool:
+    """Whether a node after ``first`` and before ``last`` in the graph, other than those in
+    ``skip``, may write into a tensor (:func:`_may_mutate`): a pass that moves what ``first``
+    computes to ``last``'s place (or the other way) could then read a value written in
+    between, or miss the write (an ``nn.ReLU(inplace=True)`` on the input of a HetConv2d
+    whose residual sum comes later). True, too, where ``last`` does not follow ``first``."""
+    node = first.next
+    while node is not last:
+        if node.op == "root":  # the graph's end: last is not after first
+            return True
+        if node not in skip and _may_mutate(node, modules):
+            return True
+        node = node.next
+    return False
+
+
 def _after_identities(node, modules: dict) -> Tuple[list, Optional[torch.fx.Node]]:
     """The ``nn.Identity`` nodes that follow ``node``, each the only user of the one before,
     and the only user after them (None: none, or several)."""
@@ -823,7 +873,9 @@ def _fuse_native(model: nn.Module) -> Tuple[nn.Module, int]:
         cur = chain[-1]
         residual = None
         if nxt is not None and nxt.op == "call_function" and nxt.target in _ADD_FUNCTIONS \
-                and len(nxt.args) == 2 and not nxt.kwargs:
+                and len(nxt.args) == 2 and not nxt.kwargs \
+                and (nxt.target is not operator.iadd or nxt.args[0] is cur):
+            # (``residual += y`` writes into the residual: not the fused layer's sum)
             other = [a for a in nxt.args if a is not cur]
             if len(other) == 1 and isinstance(other[0], torch.fx.Node):
                 residual = other[0]
@@ -834,9 +886,14 @@ def _fuse_native(model: nn.Module) -> Tuple[nn.Module, int]:
             chain.append(nxt)
         if residual is None and not relu:
             continue
+        last = chain[-1]
+        if _mutation_between(node, last, modules, chain):
+            # the fused layer reads its input (and residual) at ``last``'s place: a write in
+            # between (an in-place ReLU on the input, say) would change what it reads
+            continue
         name = node.target.replace(".", "_") + "_fused"
         gm.add_submodule(name, NativeFused(modules[node.target], relu, residual is not None))
-        last = chain[-1]
+        modules[name] = gm.get_submodule(name)
         with gm.graph.inserting_before(last):
             args = (node.args[0],) + ((residual,) if residual is not None else ())
             new = gm.graph.call_module(name, args)
@@ -902,7 +959,8 @@ def _shortcut_pattern(gm: torch.fx.GraphModule, node) -> Optional[tuple]:
     if len(pad.users) == 1:
         sel = next(iter(pad.users))
         if (sel.op == "call_function" and sel.target is torch.index_select and len(sel.args) == 3
-                and not sel.kwargs and sel.args[1] == 1 and isinstance(sel.args[2], torch.fx.Node)
+                and not sel.kwargs and sel.args[1] in (1, -3)
+                and isinstance(sel.args[2], torch.fx.Node)
                 and sel.args[2].op == "get_attr"):
             order = getattr(gm, sel.args[2].target, None)
             if isinstance(order, torch.Tensor):
@@ -916,16 +974,19 @@ def _shortcut_pattern(gm: torch.fx.GraphModule, node) -> Optional[tuple]:
 def _fuse_shortcuts(gm: torch.fx.GraphModule) -> int:
     """Replace each option-A shortcut (:func:`_shortcut_pattern`) by a
     :class:`ChannelPadShortcut` module; returns how many."""
-    made = 0
+    made, modules = 0, dict(gm.named_modules())
     for node in list(gm.graph.nodes):
         found = _shortcut_pattern(gm, node)
         if found is None:
             continue
         value, s, front, back, order, nodes, end = found
+        if _mutation_between(node, end, modules, nodes):
+            continue  # the module reads ``value`` at ``end``'s place: a write in between
         name = f"pad_shortcut_{made}"
         while hasattr(gm, name):
             name += "_"
         gm.add_submodule(name, ChannelPadShortcut(s, front, back, order))
+        modules[name] = gm.get_submodule(name)
         with gm.graph.inserting_before(end):
             new = gm.graph.call_module(name, (value,))
         end.replace_all_uses_with(new)
@@ -1048,11 +1109,13 @@ def _chain_native(gm: torch.fx.GraphModule) -> int:
     """Replace runs of :class:`NativeFused` nodes by :class:`NativeChain` modules.
 
     A run takes at most two outside values (the chain's inputs; ``nn.Identity`` nodes are
-    looked through) and every member's output but the last is used by members only (so it
-    need not exist outside the chain). Runs of at least two layers with one kernel size
-    are replaced. Returns how many chains were made.
+    looked through), every member's output but the last is used by members only (so it
+    need not exist outside the chain), and no node between its members may write into a
+    tensor (the chain reads its inputs at its last member's place). Runs of at least two
+    layers with one kernel size are replaced. Returns how many chains were made.
     """
     nat = HF._native
+    modules = dict(gm.named_modules())
 
     def of(node, kind):
         return node.op == "call_module" and isinstance(gm.get_submodule(node.target), kind)
@@ -1092,6 +1155,8 @@ def _chain_native(gm: torch.fx.GraphModule) -> int:
     while start < len(nodes):
         members, inputs, best, size = [], [], 0, None
         for node in nodes[start:]:
+            if members and _mutation_between(members[-1], node, modules):
+                break  # a write between: the members after it would read what it wrote
             if kernel(node) is not None:
                 if size is not None and kernel(node) != size:
                     break
@@ -1140,6 +1205,7 @@ def _chain_native(gm: torch.fx.GraphModule) -> int:
             name += "_"
         gm.add_submodule(name, NativeChain([gm.get_submodule(m.target) for m in members],
                                            program, nbuf))
+        modules[name] = gm.get_submodule(name)
         with gm.graph.inserting_before(members[-1]):
             chain = gm.graph.call_module(name, tuple(inputs))
         members[-1].replace_all_uses_with(chain)
@@ -1298,8 +1364,9 @@ class _SequenceSteps:
 
 def _sequence_native(gm: torch.fx.GraphModule) -> int:
     """Replace runs of :class:`NativeFused` nodes without residual, each the only user of the
-    one before (looking through ``nn.Identity``), by :class:`NativeSequence` modules.  Returns
-    how many layers went into sequences."""
+    one before (looking through ``nn.Identity``), no node between them that may write into a
+    tensor (the sequence reads its input at its last member's place), by
+    :class:`NativeSequence` modules.  Returns how many layers went into sequences."""
     modules = dict(gm.named_modules())
 
     def member(node) -> bool:
@@ -1315,7 +1382,7 @@ def _sequence_native(gm: torch.fx.GraphModule) -> int:
             continue
         if run:
             idents, nxt = _after_identities(run[-1][0], modules)
-            if nxt is node:
+            if nxt is node and not _mutation_between(run[-1][0], node, modules):
                 run[-1] = (run[-1][0], idents)
                 run.append((node, []))
                 continue
@@ -1520,7 +1587,8 @@ def optimize_for_inference(model: nn.Module, example_input: Optional[torch.Tenso
             faster of the two is returned (``hetconv_plan["absorb_seconds"]``).
         fuse: a residual sum and/or ReLU right after a HetConv2d that runs the
             ``"native"`` backend is computed inside its kernel
-            (:class:`NativeFused`; needs an fx-traceable model), and runs of such
+            (:class:`NativeFused`; needs an fx-traceable model; not where a node between
+            them may write into a tensor, an in-place ReLU, say), and runs of such
             layers (a ResNet stage, say) become one :class:`NativeChain`: one C call
             runs them image by image on batches of at least two images per thread, the
             activations between them kept in per-thread buffers in L2. With
@@ -1632,7 +1700,8 @@ def optimize_for_inference(model: nn.Module, example_input: Optional[torch.Tenso
             err = (got.float() - ref.float()).abs().max().item()
             raise RuntimeError(
                 f"optimized model differs from the original by up to {err:.3g} "
-                f"(rtol={rtol}, atol={atol}); pass fold_bn=False or a looser tolerance")
+                f"(rtol={rtol}, atol={atol}); to find the step at fault, pass fold_bn=False, "
+                "absorb=False or fuse=False (or a looser tolerance, for float rounding)")
     return out
 
 
@@ -1668,6 +1737,8 @@ class _GroupedExport(nn.Module):
         self.kernel = layer.kernel_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 3:  # unbatched (C, H, W), as HetConv2d takes it
+            return self.forward(x.unsqueeze(0)).squeeze(0)
         xg = x if self.channel_order is None else x.index_select(1, self.channel_order)
         y = F.conv2d(xg, self.wk, self.b, self.stride, self.padding, self.dilation, self.groups)
         xc, pc = HF._centre_input(x, self.kernel, self.padding, self.dilation)
@@ -1702,12 +1773,13 @@ def export_onnx(model: nn.Module, path: Union[str, os.PathLike], example_input: 
 
     Args:
         model: any module; HetConv2d layers are rewritten by :func:`export_module`.
-        path: the ``.onnx`` file; written to a temporary file and renamed, so an
-            existing file is never left half-written.
-        example_input: an input batch (fixes every dimension but the batch).
+        path: the ``.onnx`` file (not a directory); written to a temporary file and
+            renamed, so an existing file is never left half-written.
+        example_input: an input batch (fixes every dimension but the batch), or one
+            unbatched (C, H, W) input (then the model takes exactly that shape).
         form: ``"grouped"`` (cheap) or ``"dense"`` (one Conv per layer).
-        opset: ONNX opset version.
-        dynamic_batch: make the batch dimension symbolic.
+        opset: ONNX opset version, at least :data:`MIN_OPSET` (10: strided slices).
+        dynamic_batch: make the batch dimension symbolic (batched input only).
         fold_bn: fold BatchNorm into the preceding convs first.
         absorb: for ``form="grouped"``, run shifted layers as blocked ones on
             class-sorted activations (:func:`hetconv.permute.absorb_permutations`),
@@ -1718,22 +1790,29 @@ def export_onnx(model: nn.Module, path: Union[str, os.PathLike], example_input: 
     """
     if not isinstance(example_input, torch.Tensor):
         raise TypeError(f"example_input must be a tensor, got {type(example_input).__name__}")
-    if not isinstance(opset, int) or opset < 9:
-        raise ValueError(f"opset must be an int >= 9, got {opset!r}")
+    if not isinstance(opset, int) or isinstance(opset, bool) or opset < MIN_OPSET:
+        raise ValueError(f"opset must be an int >= {MIN_OPSET} (strided slices, as in ResNet "
+                         f"shortcuts, need Slice with steps), got {opset!r}")
     if not isinstance(absorb, bool):
         raise TypeError(f"absorb must be a bool, got {absorb!r}")
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise ValueError(f"path must name the .onnx file to write, got the directory {path!r}")
     work = copy.deepcopy(model).eval()
     if fold_bn:
         fold_batchnorm(work)
     if absorb and form == "grouped":
         work, _ = _absorbed(work, example_input)
     exportable = export_module(work, form)
-    path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".onnx.tmp", dir=directory)
     os.close(fd)
-    dynamic_axes = {"input": {0: "batch"}, "output": {0: "batch"}} if dynamic_batch else None
+    # an unbatched (C, H, W) input has no batch dimension to make symbolic
+    dynamic_axes = {"input": {0: "batch"}, "output": {0: "batch"}} if (
+        dynamic_batch and example_input.dim() != 3) else None
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)  # the legacy exporter, on purpose

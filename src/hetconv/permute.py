@@ -23,7 +23,7 @@ sum of a residual block) just needs its per-channel parameters permuted.
   has its output channels permuted instead, so the first HetConv2d of a
   VGG/ResNet needs no gather either; a dense ``nn.Conv2d`` reading a permuted
   tensor has its input channels permuted;
-* slicing that keeps dim 1 whole (``x[:, :, ::2, ::2]``) keeps the stored
+* slicing that keeps the channels whole (``x[:, :, ::2, ::2]``) keeps the stored
   order, and ``F.pad`` of a 4-d tensor extends it: padded height/width keep
   it, constant-padded channels (the zero-padded shortcut of the CIFAR
   ResNets) keep their natural places around the permuted ones, so a stage
@@ -31,7 +31,9 @@ sum of a residual block) just needs its per-channel parameters permuted.
 * anything else (flatten, Linear, concatenation, unknown modules, the
   model's outputs) gets its input gathered back into natural order.
 
-The rewritten model computes the same function (up to float summation order).
+The channels are dim 1 of a batch (N, C, H, W) and dim 0 of an unbatched (C, H, W)
+input: the gathers work on either.  The rewritten model computes the same function (up to
+float summation order).
 By default it is a copy with its weights stored permuted, for inference
 (:func:`hetconv.optimize_for_inference` and :func:`hetconv.export_onnx` use
 it); with ``share_parameters=True`` it runs on the original's own parameters,
@@ -41,6 +43,8 @@ permuting them per call, so training it trains (and checkpoints) the original.
 from __future__ import annotations
 
 import copy
+import functools
+import inspect
 import operator
 from typing import Dict, Optional
 
@@ -55,7 +59,7 @@ from .layers import HetConv2d
 
 __all__ = ["absorb_permutations", "has_shifted_layers", "PermutationTracer"]
 
-# Modules and functions that act on each channel of dim 1 separately (and keep dim 1).
+# Modules and functions that act on each channel (dim 1 of a batch) separately (and keep it).
 _CHANNELWISE_MODULES = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.SiLU, nn.GELU, nn.Mish,
     nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Sigmoid, nn.Tanh, nn.Softplus,
@@ -73,6 +77,29 @@ _BINARY = {operator.add, operator.iadd, operator.mul, operator.imul, operator.su
            operator.isub, torch.add, torch.mul, torch.sub}
 _BINARY_METHODS = {"add", "add_", "mul", "mul_", "sub", "sub_"}
 _INPLACE = {operator.iadd, operator.imul, operator.isub}
+# Max-pools that can return (values, indices): a tuple, not a tensor with channels.
+_INDEX_POOL_FUNCTIONS = {F.max_pool2d: 6, F.adaptive_max_pool2d: 2}  # return_indices' position
+#: Where the channels are, counted from the end: dim 1 of a batch (N, C, H, W), dim 0 of an
+#: unbatched (C, H, W) input (which HetConv2d and nn.Conv2d accept too).
+_CHANNELS = -3
+
+
+def _inplace_position(fn) -> Optional[int]:
+    """Where function ``fn`` takes an ``inplace`` flag positionally (``F.relu``: 1), else
+    None (no such parameter, no signature, unhashable)."""
+    try:
+        return _inplace_index(fn)
+    except TypeError:
+        return None
+
+
+@functools.lru_cache(maxsize=None)
+def _inplace_index(fn) -> Optional[int]:
+    try:
+        names = list(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        return None
+    return names.index("inplace") if "inplace" in names else None
 
 
 class PermutationTracer(fx.Tracer):
@@ -323,20 +350,29 @@ class _Rewriter:
             self._add_view(node, mod)
         mod.set_order(f"{side}_order", order)
 
-    def _gather(self, node: fx.Node, index: torch.Tensor, before: fx.Node, dim: int = 1) -> fx.Node:
+    def _gather(self, node: fx.Node, index: torch.Tensor, before: fx.Node,
+                dim: int = _CHANNELS) -> fx.Node:
+        """``index_select(node, dim, index)`` just before ``before``.  ``dim`` is counted
+        from the end; where ``node``'s rank is known it is written counted from the start
+        (dim 1 of a batch, as exported graphs have had it), else as it is (any rank)."""
         name = f"_hetconv_order_{self.n_buffers}"
         self.n_buffers += 1
         self.gm.register_buffer(name, index.clone(), persistent=False)
+        shape = self._shape(node)
+        if dim < 0 and shape is not None and len(shape) >= -dim:
+            dim += len(shape)
         with self.graph.inserting_before(before):
             buf = self.graph.get_attr(name)
             out = self.graph.call_function(torch.index_select, (node, dim, buf))
+        if "tensor_meta" in node.meta:  # a permutation keeps the shape
+            out.meta["tensor_meta"] = node.meta["tensor_meta"]
         self.gathers += 1
         return out
 
     def _reorder(self, node: fx.Node, want: Optional[torch.Tensor], before: fx.Node,
-                 dim: int = 1) -> fx.Node:
-        """``node`` re-stored in order ``want`` (None = natural) along ``dim`` for the
-        consumer ``before``, gathering (just before it) if needed."""
+                 dim: int = _CHANNELS) -> fx.Node:
+        """``node`` re-stored in order ``want`` (None = natural) along ``dim`` (counted from
+        the end) for the consumer ``before``, gathering (just before it) if needed."""
         have = self.perm.get(node)
         if have is None and want is None:
             return node
@@ -351,7 +387,7 @@ class _Rewriter:
             inverse = _inverse(have)
             index = inverse if want is None else inverse[want]
         out = self._gather(node, index, before, dim)
-        if want is not None and dim == 1:
+        if want is not None and dim == _CHANNELS:
             self.perm[out] = want
         self.reordered[key] = out
         return out
@@ -402,9 +438,17 @@ class _Rewriter:
             mod = _base(self._module(node))
             if isinstance(mod, nn.BatchNorm2d):
                 return self._private(node)
-            return isinstance(mod, _CHANNELWISE_MODULES)
+            # a max-pool returning indices returns a tuple (values, indices)
+            return isinstance(mod, _CHANNELWISE_MODULES) and not getattr(
+                mod, "return_indices", False)
         if node.op == "call_function" and node.target is operator.getitem:
-            return self._spatial_slices(node.args[1:])
+            return self._spatial_slices(node.args[1:], self._shape(node.args[0]))
+        if node.op == "call_function" and node.target in _INDEX_POOL_FUNCTIONS:
+            at = _INDEX_POOL_FUNCTIONS[node.target]
+            flag = node.args[at] if len(node.args) > at else node.kwargs.get("return_indices",
+                                                                             False)
+            if flag is not False:  # True, or not known while tracing: a tuple, maybe
+                return False
         known = {"call_function": _CHANNELWISE_FUNCTIONS, "call_method": _CHANNELWISE_METHODS}
         return node.target in known.get(node.op, ()) and not any(  # no second tensor operand
             isinstance(a, fx.Node) for a in list(node.args[1:]) + list(node.kwargs.values()))
@@ -433,6 +477,12 @@ class _Rewriter:
                 self._permute(node, self.perm[node.args[0]], "in")
             elif (order := self._padded_order(node)) is not None:
                 self.perm[node] = order
+            elif self._mutates(node) and node.args[0] in self.perm \
+                    and len(node.args[0].users) > 1:
+                # it would write into a gathered copy, which the tensor's other readers
+                # (and views of it) do not see
+                raise TypeError(f"{node.format_node()}: an in-place op, not channel-wise, on a "
+                                "permuted tensor read elsewhere too")
             else:
                 self._materialize(node)
             if self._mutates(node):  # gathered copies of its input are stale from here on
@@ -484,7 +534,7 @@ class _Rewriter:
         # Unknown shapes (no example_input) cannot be told from broadcasts: give up.
         dims = {}
         for a, o in zip(tensors, orders):
-            dims[a] = 1 if o is not None else self._channel_dim(a, self._shape(lead))
+            dims[a] = _CHANNELS if o is not None else self._channel_dim(a, self._shape(lead))
         if all(d is not False for d in dims.values()):
             def fix(a):
                 if not isinstance(a, fx.Node) or dims[a] is None:
@@ -500,38 +550,48 @@ class _Rewriter:
             self._materialize(node)
 
     def _channel_dim(self, node: fx.Node, lead_shape):
-        """Dim of ``node`` that broadcasts against the channels of a ``lead_shape`` tensor
-        (None: size 1 or absent, nothing to reorder; False: unknown or incompatible)."""
+        """Dim of ``node`` (counted from the end) that broadcasts against the channels of a
+        ``lead_shape`` tensor (None: size 1 or absent, nothing to reorder; False: unknown or
+        incompatible)."""
         shape = self._shape(node)
-        if shape is None or lead_shape is None or len(shape) > len(lead_shape):
+        if shape is None or lead_shape is None or len(shape) > len(lead_shape) \
+                or len(lead_shape) < -_CHANNELS:
             return False
-        dim = 1 - (len(lead_shape) - len(shape))
-        if dim < 0 or shape[dim] == 1:
+        if len(shape) < -_CHANNELS or shape[_CHANNELS] == 1:
             return None
-        return dim if shape[dim] == lead_shape[1] else False
+        return _CHANNELS if shape[_CHANNELS] == lead_shape[_CHANNELS] else False
 
     @staticmethod
-    def _spatial_slices(args: tuple) -> bool:
-        """``args`` of ``x[args]``: constant slices that keep dim 1 whole (``x[:, :, ::2]``:
-        each channel sliced alike, e.g. a subsampling shortcut)."""
+    def _spatial_slices(args: tuple, shape: Optional[tuple]) -> bool:
+        """``args`` of ``x[args]`` (``x`` of ``shape``, None: unknown): constant slices that
+        keep the channels whole (``x[:, :, ::2]`` of a batch: each channel sliced alike,
+        e.g. a subsampling shortcut).  The channels are dim 1 of a batch, dim 0 of an
+        unbatched (C, H, W) tensor: of unknown rank, both are kept whole unless the index
+        has four entries (a 3-d tensor does not take them)."""
         if len(args) != 1 or not isinstance(args[0], tuple) or len(args[0]) < 2:
             return False
         index = args[0]
+        if shape is not None:
+            if len(shape) < -_CHANNELS or len(index) > len(shape):
+                return False
+            whole = (len(shape) + _CHANNELS,)
+        else:
+            whole = (1,) if len(index) >= 4 else (0, 1)
         return (all(isinstance(s, slice) and all(v is None or type(v) is int
                                                  for v in (s.start, s.stop, s.step))
                     for s in index)
-                and index[1] == slice(None))
+                and all(index[k] == slice(None) for k in whole))
 
     def _padded_order(self, node: fx.Node) -> Optional[torch.Tensor]:
-        """Stored order of ``F.pad(x, pad, ...)`` on a 4-d ``x`` stored permuted: padding
-        only height and width keeps the order; constant padding of the channels (a
-        zero-padded shortcut) adds channels that keep their natural places around the
-        permuted ones. None: not such a pad (or shapes unknown)."""
+        """Stored order of ``F.pad(x, pad, ...)`` on a 4-d (or unbatched 3-d) ``x`` stored
+        permuted: padding only height and width keeps the order; constant padding of the
+        channels (a zero-padded shortcut) adds channels that keep their natural places
+        around the permuted ones. None: not such a pad (or shapes unknown)."""
         if node.op != "call_function" or node.target is not F.pad or not node.args:
             return None
         src, rest = node.args[0], list(node.args[1:]) + list(node.kwargs.values())
         have, shape = self.perm.get(src), self._shape(src)
-        if have is None or shape is None or len(shape) != 4 or any(
+        if have is None or shape is None or len(shape) not in (3, 4) or any(
                 isinstance(a, fx.Node) for a in rest):
             return None
         pad = node.args[1] if len(node.args) > 1 else node.kwargs.get("pad")
@@ -552,8 +612,13 @@ class _Rewriter:
         if not node.args or not isinstance(node.args[0], fx.Node):
             return False
         mod = _base(self._module(node))
+        if node.op == "call_function":
+            at = _inplace_position(node.target)
+            if at is not None and len(node.args) > at and node.args[at] is True:
+                return True  # F.relu(x, True), F.hardtanh(x, -1, 1, True), ...
         return self._inplace(node) or node.kwargs.get("inplace") is True or (
-            node.op == "call_function" and node.target in (torch.relu_, F.relu_)) or (
+            node.op == "call_function" and node.target in (torch.relu_, F.relu_,
+                                                           operator.setitem)) or (
             mod is not None and getattr(mod, "inplace", False) is True)
 
     @staticmethod
