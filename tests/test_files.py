@@ -89,3 +89,19 @@ def test_benchmark_plot_gets_plain_open_permissions_and_leaves_no_temp_file(tmp_
     with pytest.raises(KeyError):
         plot_speedup(bad, [], str(tmp_path / "q.png"))
     assert sorted(os.listdir(tmp_path)) == ["p.png"]
+
+
+def test_onnx_export_gets_plain_open_permissions(tmp_path, umask):
+    """export_onnx writes through a temporary file too: the .onnx file has the permissions
+    of a plain open()."""
+    pytest.importorskip("onnx")
+    import torch
+
+    import hetconv
+
+    umask(0o022)
+    path = str(tmp_path / "m.onnx")
+    hetconv.export_onnx(hetconv.HetConv2d(16, 16, 3, part=4).eval(), path,
+                        torch.randn(1, 16, 6, 6))
+    assert mode(path) == 0o644
+    assert sorted(os.listdir(tmp_path)) == ["m.onnx"]

@@ -30,6 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import functional as HF
+from ._files import chmod_like_open
 from ._timing import time_interleaved
 from .convert import _replace
 from .layers import HetConv2d
@@ -1824,6 +1825,7 @@ def export_onnx(model: nn.Module, path: Union[str, os.PathLike], example_input: 
             torch.onnx.export(exportable, (example_input.contiguous(),), tmp,
                               input_names=["input"], output_names=["output"],
                               dynamic_axes=dynamic_axes, opset_version=opset, dynamo=False)
+        chmod_like_open(tmp, path)  # (mkstemp's files are 0600)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
