@@ -11,3 +11,33 @@ def test_profile_input_too_small_is_a_clear_error(capsys):
     assert "too small" in err and "Traceback" not in err and out == ""
     assert main(["profile", "vgg16", "--input", "3x64x64", "--total"]) == 0
     assert "MACs" in capsys.readouterr().out
+
+
+def test_a_part_that_divides_no_layer_is_warned_about(capsys, caplog):
+    """P = 3 divides no layer's input channels of a CIFAR VGG-16 (64, 128, ...): the model
+    stays dense (indivisible="skip"), which profile and train say instead of showing a
+    "P3" model with no reduction; P = 4 and a dense model: no warning."""
+    import logging
+
+    from hetconv.data.base import DatasetInfo
+    from hetconv.train.config import TrainConfig
+    from hetconv.train.engine import build_model
+
+    for argv in (["profile", "vgg16_cifar", "--part", "3", "--total"],
+                 ["profile", "vgg16_cifar_p3", "--total"]):
+        assert main(argv) == 0
+        err = capsys.readouterr().err
+        assert "warning: part 3 divides the input channels of no layer" in err
+    for argv in (["profile", "vgg16_cifar", "--part", "4", "--total"],
+                 ["profile", "vgg16_cifar", "--total"]):
+        assert main(argv) == 0
+        assert "warning" not in capsys.readouterr().err
+    info = DatasetInfo(name="x", num_classes=10, in_chans=3, image_size=32, root="")
+    with caplog.at_level(logging.WARNING, logger="hetconv.train"):
+        build_model(TrainConfig(model="vgg16_cifar", model_kwargs={"part": 3, "width": 0.125}),
+                    info)
+    assert "divides the input channels of no layer" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="hetconv.train"):
+        build_model(TrainConfig(model="vgg16_cifar_p4", model_kwargs={"width": 0.125}), info)
+    assert "divides" not in caplog.text

@@ -134,6 +134,12 @@ def _run_profile(args) -> int:
               f"({str(err).splitlines()[0] if str(err) else type(err).__name__})",
               file=sys.stderr)
         return 2
+    from .models.registry import all_dense_warning
+
+    warning = all_dense_warning(args.model, kwargs,
+                                sum(row.type == "HetConv2d" for row in result.rows))
+    if warning:
+        print(f"hetconv profile: warning: {warning}", file=sys.stderr)
     if args.total:
         print(f"{args.model}: {result.macs:,} MACs, {result.params:,} params")
     else:

@@ -107,6 +107,25 @@ def parse_model_name(name: str) -> Tuple[str, dict]:
         f"_gwc<int>_pwc, _dwc_pwc)")
 
 
+def requested_part(name: str, kwargs: Optional[dict] = None):
+    """The HetConv part P that ``create_model(name, **kwargs)`` asks for (``kwargs``'
+    ``part``, else the name's ``_p<P>`` / ``_pc`` suffix), or None for a dense model."""
+    part = (kwargs or {}).get("part", parse_model_name(name)[1].get("part"))
+    return None if part in (None, 1) else part
+
+
+def all_dense_warning(name: str, kwargs: Optional[dict], hetconv_layers: int) -> Optional[str]:
+    """A warning when ``create_model(name, **kwargs)`` asked for a part P but no layer became
+    a HetConv2d (P divides no layer's input channels: they stay dense, as
+    ``indivisible="skip"`` says), else None."""
+    part = requested_part(name, kwargs)
+    if part is None or hetconv_layers:
+        return None
+    return (f"part {part} divides the input channels of no layer of {name}: every layer "
+            f"stays a dense convolution (indivisible='skip'); choose a P that divides them "
+            f"(e.g. 2, 4, 8, 16) for a HetConv model")
+
+
 def is_model(name: str) -> bool:
     """Whether ``name`` resolves to a model."""
     try:

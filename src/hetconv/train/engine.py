@@ -80,10 +80,17 @@ def model_identity(config: TrainConfig) -> Dict[str, Any]:
 
 def build_model(config: TrainConfig, info: DatasetInfo) -> nn.Module:
     """``hetconv.create_model`` for ``config`` on data set ``info`` (classes, channels)."""
+    from ..layers import HetConv2d
     from ..models import create_model
+    from ..models.registry import all_dense_warning
 
-    return create_model(config.model, num_classes=info.num_classes, in_chans=info.in_chans,
-                        **config.model_kwargs)
+    model = create_model(config.model, num_classes=info.num_classes, in_chans=info.in_chans,
+                         **config.model_kwargs)
+    warning = all_dense_warning(config.model, config.model_kwargs,
+                                sum(isinstance(m, HetConv2d) for m in model.modules()))
+    if warning:
+        log.warning(warning)
+    return model
 
 
 def _progress(iterable: Iterable, total: Optional[int], desc: str, enabled: bool,
