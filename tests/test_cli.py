@@ -41,3 +41,17 @@ def test_a_part_that_divides_no_layer_is_warned_about(capsys, caplog):
     with caplog.at_level(logging.WARNING, logger="hetconv.train"):
         build_model(TrainConfig(model="vgg16_cifar_p4", model_kwargs={"width": 0.125}), info)
     assert "divides" not in caplog.text
+
+
+def test_train_refuses_an_option_and_a_model_arg_that_disagree(tmp_path, capsys):
+    """--width and --model-arg width=... (likewise --part, --se) both set one model keyword:
+    when they disagree, an error instead of one silently winning; when they agree, fine."""
+    base = ["train", "--model", "vgg16_cifar", "--out", str(tmp_path), "--name", "r",
+            "--epochs", "1", "--train-subset", "64", "--val-subset", "32",
+            "--limit-train-batches", "1", "--limit-val-batches", "1", "--batch-size", "32"]
+    assert main(base + ["--model-arg", "width=0.5", "--width", "0.125"]) != 0
+    err = capsys.readouterr().err
+    assert "--width 0.125 and --model-arg width=0.5 disagree" in err
+    assert not (tmp_path / "r").exists()
+    assert main(base + ["--model-arg", "part=4", "--part", "8"]) != 0
+    assert "--part 8 and --model-arg part=4 disagree" in capsys.readouterr().err

@@ -52,6 +52,9 @@ def _overrides(args: argparse.Namespace) -> Dict[str, Any]:
     kwargs = dict(args.model_arg or [])
     for key in ("part", "width", "se"):
         if getattr(args, key, None) is not None:
+            if key in kwargs and kwargs[key] != getattr(args, key):
+                raise ValueError(f"--{key} {getattr(args, key)} and --model-arg "
+                                 f"{key}={kwargs[key]} disagree: give one of them")
             kwargs[key] = getattr(args, key)
     if kwargs:
         values["model_kwargs"] = kwargs
@@ -99,7 +102,10 @@ def _write_error(option: str, path: str, exc: OSError) -> ValueError:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    overrides = _overrides(args)
+    try:
+        overrides = _overrides(args)
+    except ValueError as exc:
+        return _fail(exc)
     try:
         if args.resume:
             moved = [o for o in ("out", "name") if o in overrides]
