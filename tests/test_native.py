@@ -214,6 +214,8 @@ def test_auto_picks_native_for_narrow_nchw_layers_only():
         "native" if native.vectorized() else "dense")
     narrow_cl = torch.randn(2, 16, 32, 25).contiguous(memory_format=torch.channels_last)
     assert HF.select_backend(narrow_cl, wk.detach().requires_grad_(), w1) != "native"
+    flat_cl = torch.randn(2, 16, 2, 32).contiguous(memory_format=torch.channels_last)
+    assert HF.select_backend(flat_cl, wk.detach().requires_grad_(), w1) != "native"
     assert HF.select_backend(big_cl, wk.detach().requires_grad_(), w1, pattern="blocked") \
         != "native"
     k2, w12 = _weights(16, 16, 2)

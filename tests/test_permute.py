@@ -503,3 +503,32 @@ def test_in_place_ops_on_permuted_tensors_that_are_not_channel_wise_are_refused(
         fast = hetconv.optimize_for_inference(model, x, repeats=1, backend="auto")
     with torch.no_grad():
         torch.testing.assert_close(fast(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("write", ["zero_", "fill_", "clamp_"])
+def test_in_place_writes_through_a_view_of_a_permuted_tensor_are_refused(write):
+    """A spatial slice of a permuted tensor is a view of it: an in-place op on the slice
+    that is not channel-wise would write into a gathered copy, and the tensor read after it
+    would miss the write (0.69 off, silently); refused like a write into the tensor itself."""
+    class WriteThroughView(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = hetconv.HetConv2d(16, 16, part=4)
+            self.b = hetconv.HetConv2d(16, 16, part=4)
+
+        def forward(self, x):
+            h = self.a(x)
+            v = h[:, :, :1]  # (item assignment itself is not traceable: a clear error)
+            getattr(v, write)(*{"zero_": (), "fill_": (0.5,), "clamp_": (0.0, 0.1)}[write])
+            return self.b(h)
+
+    torch.manual_seed(9)
+    model, x = WriteThroughView().eval(), torch.randn(2, 16, 8, 8)
+    try:
+        gm = absorb_permutations(model, x)
+    except TypeError as err:
+        assert "permuted tensor" in str(err)
+    else:  # taken: then it must compute the same
+        with torch.no_grad():
+            torch.testing.assert_close(gm(x), model(x), rtol=1e-5, atol=1e-5)
+

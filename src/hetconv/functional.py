@@ -466,10 +466,11 @@ def _native_nhwc_pick(x, weight_k, n, m, p, stride, dilation, padding,
 
 def _narrow_tiles(x, weight_k, n, m, pattern, padding, dilation) -> bool:
     """A stride-1 layer the channels-last kernel's 16-channel tiles run (see
-    :data:`NATIVE_NHWC_NARROW_MIN_WIDTH`)."""
+    :data:`NATIVE_NHWC_NARROW_MIN_WIDTH`; and rows with every tap inside the image: at
+    least 3 of them)."""
     return (m == n == 16 and pattern == "shifted" and tuple(weight_k.shape[2:]) == (3, 3)
             and tuple(padding) == (1, 1) and tuple(dilation) == (1, 1)
-            and x.shape[3] >= NATIVE_NHWC_NARROW_MIN_WIDTH)
+            and x.shape[3] >= NATIVE_NHWC_NARROW_MIN_WIDTH and x.shape[2] >= 3)
 
 
 def _high_part_cl_pays(x, weight_k, m, stride, padding, dilation, training) -> bool:

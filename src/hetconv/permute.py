@@ -32,7 +32,9 @@ sum of a residual block) just needs its per-channel parameters permuted.
   model's outputs) gets its input gathered back into natural order.
 
 The channels are dim 1 of a batch (N, C, H, W) and dim 0 of an unbatched (C, H, W)
-input: the gathers work on either.  The rewritten model computes the same function (up to
+input: the gathers work on either - a graph made without ``example_input`` on both; one
+made with it writes its gathers for that input's rank (dim 1 of a batch, as exported
+graphs have it), so call it on inputs of that rank.  The rewritten model computes the same function (up to
 float summation order).
 By default it is a copy with its weights stored permuted, for inference
 (:func:`hetconv.optimize_for_inference` and :func:`hetconv.export_onnx` use
@@ -82,6 +84,11 @@ _INDEX_POOL_FUNCTIONS = {F.max_pool2d: 6, F.adaptive_max_pool2d: 2}  # return_in
 #: Where the channels are, counted from the end: dim 1 of a batch (N, C, H, W), dim 0 of an
 #: unbatched (C, H, W) input (which HetConv2d and nn.Conv2d accept too).
 _CHANNELS = -3
+#: methods whose result may share memory with the tensor they are called on
+_VIEW_METHODS = frozenset({"view", "view_as", "reshape", "reshape_as", "narrow", "expand",
+                           "expand_as", "contiguous", "flatten", "unflatten", "squeeze",
+                           "unsqueeze", "permute", "transpose", "t", "select", "as_strided",
+                           "detach", "__getitem__"})
 
 
 def _inplace_position(fn) -> Optional[int]:
@@ -478,9 +485,9 @@ class _Rewriter:
             elif (order := self._padded_order(node)) is not None:
                 self.perm[node] = order
             elif self._mutates(node) and node.args[0] in self.perm \
-                    and len(node.args[0].users) > 1:
+                    and any(len(n.users) > 1 for n in self._aliased(node.args[0])):
                 # it would write into a gathered copy, which the tensor's other readers
-                # (and views of it) do not see
+                # (and views of it, or the tensor it is a view of) do not see
                 raise TypeError(f"{node.format_node()}: an in-place op, not channel-wise, on a "
                                 "permuted tensor read elsewhere too")
             else:
@@ -606,6 +613,17 @@ class _Rewriter:
         c = have.numel()
         return torch.cat([torch.arange(front), have + front,
                           torch.arange(front + c, front + c + back)])
+
+    @staticmethod
+    def _aliased(node: fx.Node):
+        """``node`` and the tensors it may be a view of (through indexing and view-like
+        methods), whose memory a write into ``node`` changes too."""
+        yield node
+        while isinstance(node, fx.Node) and node.args and isinstance(node.args[0], fx.Node) \
+                and ((node.op == "call_function" and node.target is operator.getitem)
+                     or (node.op == "call_method" and node.target in _VIEW_METHODS)):
+            node = node.args[0]
+            yield node
 
     def _mutates(self, node: fx.Node) -> bool:
         """May ``node`` write into its first argument?"""

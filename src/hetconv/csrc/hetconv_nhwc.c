@@ -1019,7 +1019,7 @@ static void nh_wgrad_chunk(const nh_geom *g, const float *x, const float *gy, in
         nl = 0;
         for (int i = 0; i < nq; ++i) {  /* written always, kept (advanced) where interior */
             const int in = live[i] == 0x1FF;
-            xr[n] = x + o[i];
+            xr[n] = x + (in ? o[i] : 0);  /* (a border pixel's offset may point before x) */
             gr[n] = gy + (size_t)(c0 + i) * N;
             n += in;
             o[nl] = o[i];
