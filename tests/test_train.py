@@ -556,6 +556,17 @@ def test_force_replaces_only_run_directories(tmp_path, data_dir, capsys):
         fit(tiny_config(data_dir, tmp_path, name="r", epochs=1), model=fresh(), force=True)
     assert (tmp_path / "r" / "analysis.ipynb").read_text() == "{}"
     (tmp_path / "r" / "analysis.ipynb").unlink()
+    # ... nor one with a file of the user's among its checkpoints
+    (tmp_path / "r" / "checkpoints" / "epoch7_keep.pt").write_bytes(b"mine")
+    with pytest.raises(RunDirExistsError, match="did not write: checkpoints/epoch7_keep.pt"):
+        fit(tiny_config(data_dir, tmp_path, name="r", epochs=1), model=fresh(), force=True)
+    assert (tmp_path / "r" / "checkpoints" / "epoch7_keep.pt").read_bytes() == b"mine"
+    (tmp_path / "r" / "checkpoints" / "epoch7_keep.pt").unlink()
+    # a run directory that is a symbolic link: refused, the link and its target kept
+    (tmp_path / "link").symlink_to(tmp_path / "r")
+    with pytest.raises(RunDirExistsError, match="is a symbolic link"):
+        fit(tiny_config(data_dir, tmp_path, name="link", epochs=1), model=fresh(), force=True)
+    assert (tmp_path / "link").is_symlink() and (tmp_path / "r" / "config.json").is_file()
     fit(tiny_config(data_dir, tmp_path, name="r", epochs=1, lr=0.01), model=fresh(), force=True)
     assert json.loads((tmp_path / "r" / "config.json").read_text())["config"]["lr"] == 0.01
     (tmp_path / "empty").mkdir()

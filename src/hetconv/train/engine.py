@@ -54,6 +54,7 @@ RESUME_MUTABLE = ("epochs", "workers", "data_dir", "device", "eval_batch_size", 
 # What a run directory holds (``checkpoints`` included); ``force`` replaces nothing else.
 RUN_FILES = ("config.json", "metrics.jsonl", "metrics.csv", "checkpoints", "summary.json",
              "train.log")
+CHECKPOINT_FILES = ("last.pt", "best.pt")  # what RUN_FILES' checkpoints/ holds
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -250,11 +251,20 @@ def evaluate_model(model: nn.Module, loader: DataLoader, *, device: torch.device
 def _foreign_entries(run_dir: Path) -> Optional[List[str]]:
     """What in the existing directory ``run_dir`` hetconv did not write (``None`` when it
     has no ``config.json``: not a run directory); half-written ``.*.tmp`` files are ours."""
+    def ours(name: str) -> bool:
+        return name.startswith(".") and name.endswith(".tmp")  # a half-written file
+
     entries = sorted(p.name for p in run_dir.iterdir())
     if entries and "config.json" not in entries:
         return None
-    return [e for e in entries
-            if e not in RUN_FILES and not (e.startswith(".") and e.endswith(".tmp"))]
+    foreign = [e for e in entries if e not in RUN_FILES and not ours(e)]
+    ckpts = run_dir / "checkpoints"
+    if ckpts.is_symlink() or (ckpts.exists() and not ckpts.is_dir()):
+        foreign.append("checkpoints (not a directory)")
+    elif ckpts.is_dir():  # the checkpoints are replaced too: only ours
+        foreign += [f"checkpoints/{p.name}" for p in sorted(ckpts.iterdir())
+                    if p.name not in CHECKPOINT_FILES and not ours(p.name)]
+    return foreign
 
 
 def _prepare_run_dir(run_dir: Path, force: bool) -> Optional[str]:
@@ -268,6 +278,9 @@ def _prepare_run_dir(run_dir: Path, force: bool) -> Optional[str]:
             break
     if run_dir.exists() and not run_dir.is_dir():
         return f"{run_dir} exists and is not a directory"
+    if force and run_dir.is_symlink():
+        return (f"{run_dir} is a symbolic link; --force does not replace it: remove the link "
+                f"or choose another --name/--out")
     if run_dir.is_dir() and any(run_dir.iterdir()):
         if not force:
             return (f"run directory {run_dir} already exists; pass --force (force=True) to "
