@@ -737,6 +737,23 @@ def test_channels_last_forward_interior_tiles(stride, n_out, part):
 
 
 @needs_kernel
+@pytest.mark.parametrize("part", [2, 4])
+def test_channels_last_one_by_one_layer_trains(part, nhwc_runs):
+    """A 1x1 HetConv on channels_last input: no taps beside the centre, so no tap map; its
+    weight gradient ran into the kernel's argument check (code -1) before. Forward and
+    backward against the dense reference."""
+    cl = torch.channels_last
+    torch.manual_seed(part)
+    wk, w1 = _weights(32, 32, part, k=1, requires_grad=True)
+    x = torch.randn(2, 32, 8, 8).contiguous(memory_format=cl).requires_grad_(True)
+    y = native.native_conv2d(x, wk, w1, None, "shifted")
+    want = _reference(x, wk, w1, None, "shifted")
+    torch.testing.assert_close(y, want, rtol=1e-4, atol=1e-4)
+    _assert_same_grads(y, want, (x, wk, w1), 1e-3)
+    assert nhwc_runs
+
+
+@needs_kernel
 @pytest.mark.parametrize("part", [1, 2, 4, 8, 16])
 @pytest.mark.parametrize("batch,h,w", [(2, 32, 32), (1, 9, 26), (3, 5, 50), (1, 30, 25)])
 def test_channels_last_16_channel_tiles_match_dense_reference(part, batch, h, w, nhwc_runs):

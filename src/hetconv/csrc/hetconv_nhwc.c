@@ -1070,7 +1070,7 @@ int hetconv_nhwc_wgrad(const float *x, const float *gy, float *gk, float *g1,
                  kh, kw, s, ph, pw, Mk, ts, lw, 0, 1, vs};
     /* g1 (weight_1's gradient) may be NULL only without a 1x1 part (P = 1: Mk = M) */
     if (nh_check(&g) || nh_check_blocks(&g, nfb, blk_n0, blk_p0, blk_v) || g.Ho < 1
-        || g.Wo < 1 || !gk || (!g1 && Mk < M) || !tap_dst || !centre_dst)
+        || g.Wo < 1 || !gk || (!g1 && Mk < M) || (!tap_dst && kh * kw > 1) || !centre_dst)
         return -1;
     const int T = kh * kw - 1;
     const long npix = (long)B * g.Ho * g.Wo;
@@ -1143,8 +1143,10 @@ int hetconv_nhwc_wgrad(const float *x, const float *gy, float *gk, float *g1,
             if (status) continue;
             const int n0 = blk_n0[fb], p0 = blk_p0[fb], VW = 16 * blk_v[fb];
             const float *src = part + (size_t)p0 * per_filter;
-            const int *td = tap_dst + (size_t)p0 * T * Mk;
-            for (long i = 0; i < (long)T * Mk * VW; ++i) gk[td[i]] = src[i];
+            if (T > 0) {  /* (a 1x1 layer has no other taps, and no tap map: NULL) */
+                const int *td = tap_dst + (size_t)p0 * T * Mk;
+                for (long i = 0; i < (long)T * Mk * VW; ++i) gk[td[i]] = src[i];
+            }
             nh_map_centre(src + (size_t)T * Mk * VW, gk, g1, centre_dst, M, n0, VW, g.vs);
         }
     }
