@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 import tempfile
+from typing import Iterator
 
-__all__ = ["atomic_write_text", "open_mode", "chmod_like_open"]
+__all__ = ["atomic_write_text", "open_mode", "chmod_like_open", "replacing"]
 
 
 def _umask() -> int:
@@ -41,20 +43,30 @@ def chmod_like_open(tmp: str, path: str) -> None:
     os.chmod(tmp, open_mode(path))
 
 
-def atomic_write_text(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file and a rename (never half-written): a
-    reader sees the old file or the whole new one, with the permissions a plain ``open``
-    would give it (:func:`open_mode`).  (Checkpoints, which must also survive a
-    power cut, use :func:`hetconv.train.checkpoint.atomic_write`, which syncs to disk.)"""
+@contextlib.contextmanager
+def replacing(path: str, suffix: str = ".tmp") -> Iterator[str]:
+    """A temporary file beside ``path`` for a writer that takes a file name (matplotlib,
+    the ONNX exporter, ...): when the block ends, it gets the permissions a plain ``open``
+    would give ``path`` (:func:`open_mode`) and replaces ``path`` (a reader sees the old
+    file or the whole new one); when the block raises, it is removed."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=directory, suffix=suffix)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        yield tmp
         chmod_like_open(tmp, path)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` via a temporary file and a rename (never half-written): a
+    reader sees the old file or the whole new one, with the permissions a plain ``open``
+    would give it (:func:`open_mode`).  (Checkpoints, which must also survive a
+    power cut, use :func:`hetconv.train.checkpoint.atomic_write`, which syncs to disk.)"""
+    with replacing(path) as tmp, open(tmp, "w") as f:
+        f.write(text)

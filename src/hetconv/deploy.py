@@ -21,7 +21,6 @@ import functools
 import logging
 import operator
 import os
-import tempfile
 import warnings
 from typing import Callable, Dict, List, Optional, Tuple, Union
 
@@ -30,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import functional as HF
-from ._files import chmod_like_open
+from ._files import replacing
 from ._timing import time_interleaved
 from .convert import _replace
 from .layers import HetConv2d
@@ -1807,14 +1806,10 @@ def export_onnx(model: nn.Module, path: Union[str, os.PathLike], example_input: 
     if absorb and form == "grouped":
         work, _ = _absorbed(work, example_input)
     exportable = export_module(work, form)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".onnx.tmp", dir=directory)
-    os.close(fd)
     # an unbatched (C, H, W) input has no batch dimension to make symbolic
     dynamic_axes = {"input": {0: "batch"}, "output": {0: "batch"}} if (
         dynamic_batch and example_input.dim() != 3) else None
-    try:
+    with replacing(path, suffix=".onnx.tmp") as tmp:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)  # the legacy exporter, on purpose
             # the exporter tries to constant-fold every Slice and says so for the stride-2
@@ -1825,10 +1820,4 @@ def export_onnx(model: nn.Module, path: Union[str, os.PathLike], example_input: 
             torch.onnx.export(exportable, (example_input.contiguous(),), tmp,
                               input_names=["input"], output_names=["output"],
                               dynamic_axes=dynamic_axes, opset_version=opset, dynamo=False)
-        chmod_like_open(tmp, path)  # (mkstemp's files are 0600)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
     return path

@@ -6,14 +6,13 @@ import json
 import math
 import os
 import platform
-import tempfile
 from collections import defaultdict
 from typing import Dict, List, Optional, Sequence
 
 import torch
 
 from .. import pattern as _pattern
-from .._files import atomic_write_text, chmod_like_open
+from .._files import atomic_write_text, replacing
 
 __all__ = ["environment", "layer_table", "model_table", "target_checks", "plot_speedup",
            "write_report", "atomic_write"]
@@ -196,18 +195,9 @@ def plot_speedup(layer_rows: Sequence[dict], model_rows: Sequence[dict], path: s
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".png")
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=110)
-        chmod_like_open(tmp, path)  # (mkstemp's files are 0600)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        with replacing(path, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=110)
     finally:
         plt.close(fig)
     return path
