@@ -427,3 +427,30 @@ def test_empty_batch_and_unbatched(backend):
     out = layer(single)
     assert out.shape == (3, 4, 3)
     torch.testing.assert_close(out, layer(single[None])[0])
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_fx_symbolic_trace_records_one_call_per_layer(bias):
+    """``torch.fx.symbolic_trace`` of a model with HetConv2d layers (the backend choice
+    branches on the input's shape, which symbolic tracing cannot): each layer is one
+    call_function node; the GraphModule's outputs and gradients are the model's."""
+    torch.manual_seed(0)
+    model = nn.Sequential(HetConv2d(16, 32, 3, part=4, bias=bias), nn.ReLU(),
+                          HetConv2d(32, 32, 3, part=8, pattern="blocked", bias=bias))
+    gm = torch.fx.symbolic_trace(model)
+    calls = [n for n in gm.graph.nodes if n.op == "call_function"
+             and n.target is hetconv.layers.hetconv.het_conv2d_call]
+    assert len(calls) == 2
+    x = torch.randn(2, 16, 9, 7)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ref, out = model(x1), gm(x2)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    out.square().sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    ref.square().sum().backward()
+    torch.testing.assert_close(x2.grad, x1.grad)
+    for g, p in zip(grads, model.parameters()):
+        torch.testing.assert_close(g, p.grad)
+    with pytest.raises(ValueError, match=r"\(B, 16, H, W\)"):
+        gm(torch.randn(2, 15, 9, 7))

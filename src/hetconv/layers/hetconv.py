@@ -16,6 +16,30 @@ from ..native import PlanHolder
 __all__ = ["HetConv2d"]
 
 
+def _check_input(x: torch.Tensor, in_channels: int) -> None:
+    if x.dim() not in (3, 4) or x.shape[-3] != in_channels:
+        raise ValueError(
+            f"HetConv2d expected input of shape (B, {in_channels}, H, W) or "
+            f"({in_channels}, H, W), got {tuple(x.shape)}")
+
+
+def het_conv2d_call(x: torch.Tensor, weight_k: torch.Tensor, weight_1: torch.Tensor,
+                    bias: Optional[torch.Tensor], in_channels: int, stride: Tuple[int, int],
+                    padding: Tuple[int, int], dilation: Tuple[int, int], pattern: str,
+                    backend: str) -> torch.Tensor:
+    """What ``HetConv2d.forward`` computes, as one function of its tensors and settings.
+
+    ``torch.fx.symbolic_trace`` of a model records each HetConv2d as one call of this
+    function (it is ``torch.fx.wrap``-ed): the layer's backend choice depends on the input's
+    shape, which symbolic tracing cannot branch on."""
+    _check_input(x, in_channels)
+    return HF.het_conv2d(x, weight_k, weight_1, bias, stride, padding, dilation, pattern,
+                         backend)
+
+
+torch.fx.wrap("het_conv2d_call")
+
+
 class HetConv2d(PlanHolder, nn.Module):
     """Heterogeneous-kernel convolution (Singh et al., CVPR 2019).
 
@@ -182,10 +206,11 @@ class HetConv2d(PlanHolder, nn.Module):
 
     # -- forward ------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() not in (3, 4) or x.shape[-3] != self.in_channels:
-            raise ValueError(
-                f"HetConv2d expected input of shape (B, {self.in_channels}, H, W) or "
-                f"({self.in_channels}, H, W), got {tuple(x.shape)}")
+        if isinstance(x, torch.fx.Proxy):  # fx symbolic tracing: one node for the layer
+            return het_conv2d_call(x, self.weight_k, self.weight_1, self.bias,
+                                   self.in_channels, self.stride, self.padding, self.dilation,
+                                   self.pattern, self.backend)
+        _check_input(x, self.in_channels)
         if x.dim() == 4 and not (torch.compiler.is_compiling() or torch.jit.is_tracing()):
             y = self._planned(x)
             if y is not None:
