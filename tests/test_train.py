@@ -694,3 +694,18 @@ def test_compare_plot_has_the_format_of_its_extension(tmp_path, vgg_run, capsys)
     assert f"error: --plot {tmp_path / 'p.txt'}: cannot write a plot in format '.txt'" in err
     assert ".png" in err and ".pdf" in err and "MACs red." not in out
     assert not (tmp_path / "p.txt").exists()
+
+
+def test_compare_default_plot_never_replaces_a_file(tmp_path, vgg_run, capsys, monkeypatch):
+    """Without --plot, compare writes accuracy_vs_macs.png in the working directory, or the
+    first free accuracy_vs_macs_<n>.png: an earlier plot (or any file of that name) stays."""
+    monkeypatch.chdir(tmp_path)
+    mine = tmp_path / "accuracy_vs_macs.png"
+    mine.write_bytes(b"the user's own file")
+    (tmp_path / "accuracy_vs_macs_2.png").mkdir()  # a directory of that name: skipped too
+    assert main(["compare", str(vgg_run)]) == 0
+    assert "plot: accuracy_vs_macs_3.png" in capsys.readouterr().out
+    assert mine.read_bytes() == b"the user's own file"
+    assert (tmp_path / "accuracy_vs_macs_3.png").read_bytes()[:4] == b"\x89PNG"
+    assert main(["compare", str(vgg_run), "--plot", str(mine)]) == 0  # named: replaced
+    assert mine.read_bytes()[:4] == b"\x89PNG"

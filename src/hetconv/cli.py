@@ -302,9 +302,11 @@ def _add_compare(sub) -> None:
         description="Compare finished runs: accuracy, MACs, params, their reduction relative "
                     "to the dense (P=1) run of the same data set, and throughput.")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories")
-    p.add_argument("--plot", default="accuracy_vs_macs.png",
-                   help="plot to write, in the format of its extension (.png, .pdf, .svg, ...; "
-                        "default: accuracy_vs_macs.png; '' for none)")
+    p.add_argument("--plot", default=None,
+                   help="plot to write (replaced if it exists), in the format of its extension "
+                        "(.png, .pdf, .svg, ...; '' for none; default: accuracy_vs_macs.png in "
+                        "the current directory, or accuracy_vs_macs_2.png, _3, ... if that "
+                        "exists: the default never replaces a file)")
     p.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     p.set_defaults(func=_run_compare)
 

@@ -157,7 +157,22 @@ def run_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+DEFAULT_COMPARE_PLOT = "accuracy_vs_macs.png"
+
+
+def _free_name(path: str) -> str:
+    """``path``, or ``stem_2.ext``, ``stem_3.ext``, ... : the first name no file has."""
+    stem, ext = os.path.splitext(path)
+    n, candidate = 1, path
+    while os.path.lexists(candidate):
+        n += 1
+        candidate = f"{stem}_{n}{ext}"
+    return candidate
+
+
 def run_compare(args: argparse.Namespace) -> int:
+    if args.plot is None:  # the default name: never replaces an earlier plot (or any file)
+        args.plot = _free_name(DEFAULT_COMPARE_PLOT)
     try:  # the output paths are checked before the work
         if args.json:
             _check_output(args.json, "--json")
