@@ -164,6 +164,143 @@ def test_fold_batchnorm_skips_bn_without_stats_and_mismatched():
         deploy.fold_batchnorm("not a model")
 
 
+class _MisleadingPairs(nn.Module):
+    """Pairs whose names or neighbourhood suggest a fold that would change the outputs."""
+
+    def __init__(self, case):
+        super().__init__()
+        self.case = case
+        self.conv1, self.bn1 = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.conv2, self.bn2 = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+        self.seq = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4))
+        if case == "tied":
+            self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+            self.conv2.weight = self.conv1.weight
+
+    def forward(self, x):
+        c = self.case
+        if c == "bn_before_conv":
+            return self.conv1(self.bn1(x))
+        if c == "conv_used_twice":
+            y = self.conv1(x)
+            return self.bn1(y) + y
+        if c == "residual_before_bn":
+            return self.bn1(self.conv1(x) + x)
+        if c == "conv_called_twice":
+            return self.bn1(self.conv1(x)) + self.conv1(x)
+        if c == "bn_called_twice":
+            return self.bn1(self.conv1(x)) + self.bn1(self.conv2(x))
+        if c == "sequential_parts_apart":
+            return self.seq[0](x) + self.seq[1](x)
+        if c == "weight_read_elsewhere":
+            return self.bn1(self.conv1(x)) + F.conv2d(x, self.conv1.weight, padding=1)
+        if c == "tied":
+            return self.bn1(self.conv1(x)) + self.conv2(x)
+        if c == "swapped":  # conv1 -> bn2, conv2 -> bn1: folded, each with its own
+            return self.bn2(self.conv1(x)) * self.bn1(self.conv2(x))
+        raise AssertionError(c)
+
+
+class _Untraceable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = hetconv.HetConv2d(4, 4, 3, part=2), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.conv1(x)
+        return self.bn1(y) + y if y.sum() > -1e9 else y  # data-dependent: fx fails
+
+
+@pytest.mark.parametrize("case", ["bn_before_conv", "conv_used_twice", "residual_before_bn",
+                                  "conv_called_twice", "bn_called_twice",
+                                  "sequential_parts_apart", "weight_read_elsewhere", "tied",
+                                  "swapped", "untraceable"])
+def test_fold_batchnorm_never_trusts_names_or_neighbours_alone(case):
+    torch.manual_seed(2)
+    model = _randomise_bn(_Untraceable() if case == "untraceable" else _MisleadingPairs(case))
+    x = torch.randn(2, 4, 6, 6)
+    with torch.no_grad():
+        ref = model(x)
+    assert deploy.fold_batchnorm(model) == (2 if case == "swapped" else 0)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_fold_batchnorm_keeps_training_mode_batchnorms_and_folds_around_untraceable_parts():
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                          hetconv.HetConv2d(8, 8, 3, part=4), nn.BatchNorm2d(8))
+    model.train()
+    x = torch.randn(4, 3, 6, 6)
+    with torch.no_grad():
+        ref = model(x)  # batch statistics (running ones updated: the same in both calls)
+    assert deploy.fold_batchnorm(model) == 0
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref)
+    # an fx-untraceable layer inside a Sequential is kept whole: the pairs around it fold
+    se = _randomise_bn(nn.Sequential(hetconv.HetConv2d(8, 8, 3, part=4), nn.BatchNorm2d(8),
+                                     hetconv.SqueezeExcite(8), nn.Conv2d(8, 8, 1),
+                                     nn.BatchNorm2d(8)))
+    x = torch.randn(2, 8, 6, 6)
+    with torch.no_grad():
+        ref = se(x)
+    assert deploy.fold_batchnorm(se) == 2
+    with torch.no_grad():
+        torch.testing.assert_close(se(x), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_optimize_for_inference_leaves_each_modules_training_mode_as_it_was():
+    """A model in training mode with a frozen (eval-mode) BatchNorm, or in eval mode with a
+    training-mode dropout: the output check runs it in eval mode and puts every module's
+    mode back, not the root's on all."""
+    model = _handmade()
+    x = torch.randn(2, 3, 12, 12)
+    for root, odd in ((True, 1), (False, 2)):
+        model.train(root)
+        model[odd].train(not root)
+        modes = [m.training for m in model.modules()]
+        fast = hetconv.optimize_for_inference(model, x, backend="auto", repeats=1,
+                                              memory_format="contiguous", absorb=False)
+        assert [m.training for m in model.modules()] == modes
+        assert not fast.training
+        model.eval()
+        with torch.no_grad():
+            torch.testing.assert_close(fast(x), model(x), rtol=1e-4, atol=1e-4)
+
+class _TwoOutputs(nn.Module):
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind = kind
+        self.conv, self.bn = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.het, self.fc = hetconv.HetConv2d(8, 8, 3, part=4), nn.Linear(8, 2)
+
+    def forward(self, x):
+        f = self.het(torch.relu(self.bn(self.conv(x))))
+        logits = self.fc(f.mean((2, 3)))
+        return {"logits": logits, "features": f} if self.kind == "dict" else (logits, [f])
+
+
+@pytest.mark.parametrize("kind", ["tuple", "dict"])
+def test_optimize_for_inference_checks_models_returning_several_outputs(kind, monkeypatch):
+    """The output check compares every tensor a model returns (tuple, list, dict); it
+    crashed on ``got.float()`` of a tuple."""
+    torch.manual_seed(4)
+    model = _randomise_bn(_TwoOutputs(kind))
+    x = torch.randn(2, 3, 8, 8)
+    fast = hetconv.optimize_for_inference(model, x, backend="auto", repeats=1,
+                                          memory_format="contiguous")
+    got, ref = fast(x), model(x)
+    assert type(got) is type(ref)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), model(x), rtol=1e-4, atol=1e-4)
+    # a wrong optimized model is still caught, in any of the outputs
+    monkeypatch.setattr(deploy, "fold_batchnorm",
+                        lambda m: [b.running_mean.add_(1) for b in m.modules()
+                                   if isinstance(b, nn.BatchNorm2d)] and 0)
+    with pytest.raises(RuntimeError, match="differs from the original"):
+        hetconv.optimize_for_inference(model, x, backend="auto", repeats=1,
+                                       memory_format="contiguous")
+
 @pytest.mark.parametrize("backend", ["measure", "auto", "fused"])
 def test_optimize_for_inference_matches_and_leaves_original(backend):
     model = _handmade()
@@ -383,6 +520,52 @@ def test_fusion_skips_outputs_used_twice_and_other_backends():
     with torch.no_grad():
         torch.testing.assert_close(native(x), seq(x), rtol=1e-4, atol=1e-4)
 
+
+@needs_native
+@pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
+def test_a_layer_called_at_two_places_is_fused_at_each_its_own_way(fmt):
+    """One HetConv2d called twice, with a residual sum at one place and a ReLU at the other:
+    each place gets a fused module of its own (the second replaced the first, and both
+    places ran with the ReLU)."""
+    class CalledTwice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = hetconv.HetConv2d(16, 16, 3, part=4, pattern="blocked")
+
+        def forward(self, x):
+            a = self.conv(x) + x
+            return a + torch.relu(self.conv(a))
+
+    torch.manual_seed(5)
+    x = torch.randn(2, 16, 8, 8)
+    model = CalledTwice().eval()
+    fast = hetconv.optimize_for_inference(model, x, backend="native", memory_format=fmt,
+                                          repeats=1)  # check=True: outputs compared
+    assert fast.hetconv_plan["fused_native"] == 2
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not deploy._packing_available(), reason="weight packing unavailable")
+def test_a_packed_conv_called_at_two_places_keeps_its_relu_outside():
+    """A PackedConv2d runs the ReLU after it inside only where it is called once: at its
+    other call sites the ReLU would apply too."""
+    class CalledTwice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = deploy.PackedConv2d(nn.Conv2d(8, 8, 3, padding=1).eval())
+
+        def forward(self, x):
+            return torch.relu(self.conv(x)) + self.conv(x)
+
+    torch.manual_seed(6)
+    model, x = CalledTwice().eval(), torch.randn(2, 8, 6, 6)
+    with torch.no_grad():
+        ref = model(x)
+    fused, count = deploy._fuse_packed_relus(model)
+    assert count == 0 and not model.conv.relu
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), ref)
 
 class _WriteBetween(nn.Module):
     """``d(c(x))`` summed with ``op(c(x))``: ``op`` (in place, where ``inplace``) runs after

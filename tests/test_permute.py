@@ -532,3 +532,67 @@ def test_in_place_writes_through_a_view_of_a_permuted_tensor_are_refused(write):
         with torch.no_grad():
             torch.testing.assert_close(gm(x), model(x), rtol=1e-5, atol=1e-5)
 
+
+
+@pytest.mark.parametrize("case", ["tied_conv", "weight_read", "bn_weight_read", "het_weight_read"])
+@pytest.mark.parametrize("share", [False, True])
+def test_parameters_something_else_reads_are_never_permuted_in_place(case, share):
+    """Absorbing permutes a dense conv's or a BatchNorm's channels in place (or replaces a
+    shifted layer by its twin) when the module is called once; its parameters may still be
+    read elsewhere: tied to another module's, or read directly by the forward."""
+    class Exposed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(8, 8, 3, padding=1)
+            self.bn = nn.BatchNorm2d(8)
+            self.het = hetconv.HetConv2d(8, 8, part=4)
+            self.tied = nn.Conv2d(8, 8, 3, padding=1)
+            self.tied.weight = self.conv.weight
+
+        def forward(self, x):
+            y = self.het(self.bn(self.conv(x)))
+            if case == "tied_conv":
+                return y + self.tied(x)
+            if case == "weight_read":
+                return y + F.conv2d(x, self.conv.weight, self.conv.bias, padding=1)
+            if case == "bn_weight_read":
+                return y * self.bn.weight[:, None, None]
+            return y + F.conv2d(x, self.het.weight_k[:, :1].expand(8, 8, 3, 3) / 8, padding=1)
+
+    torch.manual_seed(10)
+    model, x = _randomise(Exposed()), torch.randn(2, 8, 6, 6)
+    gm = absorb_permutations(model, x, share_parameters=share)
+    assert gm.hetconv_permutations["rewritten_layers"] == 1
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_in_place_writes_through_views_see_every_copy():
+    """A write through a view made by a function (``torch.flatten``) of a gathered copy is
+    refused where the permuted tensor is read again; a copy gathered before a write through
+    a view of the tensor is not reused after it."""
+    class Flat(nn.Module):
+        def __init__(self, write_view: bool):
+            super().__init__()
+            self.write_view = write_view
+            self.a = hetconv.HetConv2d(8, 8, part=4)
+            self.b = hetconv.HetConv2d(8, 8, part=4)
+
+        def forward(self, x):
+            h = self.a(x)
+            if self.write_view:  # a flat copy, written into: h must see it
+                torch.flatten(h, 1).relu_()
+                return self.b(h)
+            before = torch.flatten(h, 1).sum(1)
+            h[:, :, ::2].relu_()  # channel-wise, on the stored tensor: h changes
+            return before[:, None] + torch.flatten(h, 1)
+
+    torch.manual_seed(11)
+    x = torch.randn(2, 8, 6, 6)
+    for example in (None, x):
+        model = Flat(write_view=False).eval()
+        gm = absorb_permutations(model, example)
+        with torch.no_grad():
+            torch.testing.assert_close(gm(x), model(x), rtol=1e-5, atol=1e-5)
+        with pytest.raises(TypeError, match="in-place op on a view of a permuted tensor"):
+            absorb_permutations(Flat(write_view=True).eval(), example)

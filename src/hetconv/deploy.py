@@ -78,7 +78,8 @@ def _foldable(conv: nn.Module, bn: nn.Module) -> bool:
         width = conv.out_features
     else:
         return False
-    return bn.running_mean is not None and bn.num_features == width
+    # a training-mode BatchNorm normalises by batch statistics: no fixed affine map to fold
+    return bn.running_mean is not None and not bn.training and bn.num_features == width
 
 
 @torch.no_grad()
@@ -99,40 +100,27 @@ def fold_batchnorm(model: nn.Module) -> int:
     """Fold, in place, each eval-mode BatchNorm that directly follows a conv (or a linear
     layer). Returns the count.
 
-    A pair is recognised (a) inside an ``nn.Sequential`` (a conv immediately
-    followed by a BatchNorm2d, as in ``conv -> BN -> ReLU`` units, or an ``nn.Linear``
-    immediately followed by a BatchNorm1d, as in classifier heads),
-    (b) as sibling attributes ``convK`` / ``bnK`` (torchvision's ResNet
-    convention, whose forward applies them back to back), and (c) where the model's
-    forward, traced by ``torch.fx``, applies the BatchNorm to the conv's output and to
-    nothing else, the conv's output going nowhere else, each called once (a depthwise
-    conv and its BatchNorm inside a block, a block's last conv and the BatchNorm after the
-    block; models fx cannot trace keep (a) and (b)).  Convs are
-    ``nn.Conv2d`` and :class:`HetConv2d`; the conv (or linear layer) gains a bias, the
-    BatchNorm becomes ``nn.Identity``.  BatchNorms without running statistics
-    are left alone.  A linear layer and its BatchNorm1d are folded as a head's are: on
+    A pair is folded where the model's forward, traced by ``torch.fx``, applies the
+    BatchNorm to the conv's output and to nothing else, the conv's output going nowhere
+    else, each module called once, registered under one name, its parameters its own and
+    not read elsewhere in the forward (``conv -> BN -> ReLU`` units in an ``nn.Sequential``,
+    torchvision's ``convK`` / ``bnK`` pairs, a depthwise conv and its BatchNorm inside a
+    block, a block's last conv and the BatchNorm after the block).  Names or neighbourhood
+    alone are never taken as proof: a ``bn1`` applied to something else than ``conv1``'s
+    output, a conv whose output also feeds a residual, a conv called twice stay as they
+    are.  A submodule fx cannot trace is kept whole (its own forward is traced on its
+    own); a model whose own forward fx cannot trace has its children traced one by one.
+    Convs are ``nn.Conv2d`` and :class:`HetConv2d`; the conv (or linear layer) gains a
+    bias, the BatchNorm becomes ``nn.Identity``.  BatchNorms without running statistics
+    and BatchNorms in training mode (they normalise by batch statistics) are left alone.
+    A linear layer and its BatchNorm1d are folded as a head's are: on
     2-d activations (batch, features), where BatchNorm1d normalises the linear layer's
     outputs (on a 3-d one it would normalise dimension 1 instead; ``optimize_for_inference``
-    checks its outputs).  Call on a model in eval mode (training-mode BN uses batch
-    statistics and cannot be folded).
+    checks its outputs).  Call on a model in eval mode.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     folded = 0
-    for parent in list(model.modules()):
-        names = list(parent._modules)
-        pairs: List[Tuple[str, str]] = []
-        if isinstance(parent, nn.Sequential):
-            pairs = [(a, b) for a, b in zip(names, names[1:])]
-        else:
-            pairs = [(n, "bn" + n[4:]) for n in names
-                     if n.startswith("conv") and n[4:].isdigit() and "bn" + n[4:] in names]
-        for conv_name, bn_name in pairs:
-            conv, bn = parent._modules[conv_name], parent._modules[bn_name]
-            if _foldable(conv, bn):
-                _fold_pair(conv, bn)
-                parent._modules[bn_name] = nn.Identity()
-                folded += 1
     for conv_name, bn_name in _traced_pairs(model):
         _fold_pair(model.get_submodule(conv_name), model.get_submodule(bn_name))
         _replace(model, bn_name, nn.Identity())
@@ -141,28 +129,80 @@ def fold_batchnorm(model: nn.Module) -> int:
 
 
 class _FoldTracer(torch.fx.Tracer):
-    """Traces into every module but torch's own layers, HetConv2d and ``fx_leaf`` classes:
-    the package's two-layer baselines (a depthwise conv and its BatchNorm inside one module)
-    show their convolutions and BatchNorms."""
+    """Traces into every module but torch's own layers, HetConv2d, ``fx_leaf`` classes and
+    the modules in ``leaves``: the package's two-layer baselines (a depthwise conv and its
+    BatchNorm inside one module) show their convolutions and BatchNorms.  ``failed``: the
+    innermost module whose forward the trace failed in (None: the root's own forward)."""
+
+    def __init__(self, leaves: Optional[set] = None) -> None:
+        super().__init__()
+        self.leaves = leaves if leaves is not None else set()
+        self.failed: Optional[Tuple[str, nn.Module]] = None
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, HetConv2d) or getattr(type(m), "fx_leaf", False) or \
-            super().is_leaf_module(m, qualname)
+        return id(m) in self.leaves or isinstance(m, HetConv2d) or \
+            getattr(type(m), "fx_leaf", False) or super().is_leaf_module(m, qualname)
+
+    def call_module(self, m, forward, args, kwargs):
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed is None:  # the innermost module raises first
+                self.failed = (self.path_of_module(m), m)
+            raise
 
 
 def _traced_pairs(model: nn.Module) -> List[Tuple[str, str]]:
     """(conv, BatchNorm) module names that ``model``'s forward applies back to back: the
-    BatchNorm's only input is the conv's output, its only use; each module called once.
-    Empty when fx cannot trace the model (``fold_batchnorm``'s structural rules still
-    apply)."""
-    try:
-        graph = _FoldTracer().trace(model)
-    except Exception:  # data-dependent control flow, unsupported ops: no graph
-        return []
+    BatchNorm's only input is the conv's output, its only use; each module called once and
+    registered once, its parameters owned by it alone and read by nothing else.  Modules
+    fx cannot trace into are traced on their own (their callers see one node); when the
+    model's own forward fails, its children are."""
+    registered: Dict[int, int] = {}
+    for _, m in model.named_modules(remove_duplicate=False):
+        registered[id(m)] = registered.get(id(m), 0) + 1
+    owners: Dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        owners[id(p)] = owners.get(id(p), 0) + 1
+
+    def own(m: nn.Module) -> bool:
+        return registered.get(id(m)) == 1 and all(
+            owners.get(id(p)) == 1 for p in m.parameters(recurse=False))
+
+    pairs: List[Tuple[str, str]] = []
+
+    def visit(module: nn.Module, prefix: str) -> None:
+        leaves: Dict[int, str] = {}
+        while True:
+            tracer = _FoldTracer(set(leaves))
+            try:
+                graph = tracer.trace(module)
+                break
+            except Exception:  # data-dependent control flow, unsupported ops
+                if tracer.failed is None or id(tracer.failed[1]) in leaves:
+                    for name, child in module.named_children():
+                        if next(child.children(), None) is not None:
+                            visit(child, prefix + name + ".")
+                    return
+                leaves[id(tracer.failed[1])] = tracer.failed[0]
+        pairs.extend((prefix + c, prefix + b) for c, b in _graph_pairs(module, graph, own))
+        for name in leaves.values():  # traced on their own: their pairs are theirs alone
+            visit(module.get_submodule(name), prefix + name + ".")
+
+    visit(model, "")
+    return pairs
+
+
+def _graph_pairs(model: nn.Module, graph: torch.fx.Graph,
+                 own: Callable[[nn.Module], bool]) -> List[Tuple[str, str]]:
+    """The (conv, BatchNorm) pairs of one traced ``graph`` of ``model``."""
     calls: Dict[str, int] = {}
+    read = set()  # modules whose parameters or buffers the forward reads directly
     for node in graph.nodes:
         if node.op == "call_module":
             calls[node.target] = calls.get(node.target, 0) + 1
+        elif node.op == "get_attr":
+            read.add(node.target.rpartition(".")[0])
     pairs = []
     for node in graph.nodes:
         if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
@@ -170,8 +210,11 @@ def _traced_pairs(model: nn.Module) -> List[Tuple[str, str]]:
         src = node.args[0]
         if not isinstance(src, torch.fx.Node) or src.op != "call_module" or len(src.users) != 1:
             continue
-        if calls[node.target] == 1 and calls[src.target] == 1 and _foldable(
-                model.get_submodule(src.target), model.get_submodule(node.target)):
+        if calls[node.target] != 1 or calls[src.target] != 1 or {
+                node.target, src.target} & read:
+            continue
+        conv, bn = model.get_submodule(src.target), model.get_submodule(node.target)
+        if own(conv) and own(bn) and _foldable(conv, bn):
             pairs.append((src.target, node.target))
     return pairs
 
@@ -838,9 +881,15 @@ def _fuse_packed_relus(model: nn.Module) -> Tuple[nn.Module, int]:
     if gm is None:
         return model, 0
     modules = dict(gm.named_modules())
+    calls: Dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
     fused = 0
     for node, after in _relu_users(gm, modules,
                                    lambda m: isinstance(m, PackedConv2d) and not m.relu):
+        if calls[node.target] != 1:  # its ReLU would apply at its other call sites too
+            continue
         modules[node.target].relu = True
         _take_over(gm, node, after)
         fused += 1
@@ -892,6 +941,8 @@ def _fuse_native(model: nn.Module) -> Tuple[nn.Module, int]:
             # between (an in-place ReLU on the input, say) would change what it reads
             continue
         name = node.target.replace(".", "_") + "_fused"
+        while hasattr(gm, name):  # a layer called at several places: one module per place
+            name += "_"
         gm.add_submodule(name, NativeFused(modules[node.target], relu, residual is not None))
         modules[name] = gm.get_submodule(name)
         with gm.graph.inserting_before(last):
@@ -1546,6 +1597,28 @@ def _model_medians(candidates: Dict[str, Callable[[], object]], repeats: int) ->
     return {k: t.median for k, t in times.items()}
 
 
+def _output_difference(got, ref, rtol: float, atol: float) -> Optional[float]:
+    """None where the outputs ``got`` and ``ref`` (a tensor, or tuples, lists, dicts of them,
+    as a model may return) are close; else the largest absolute difference (inf where their
+    structure, a shape or a non-tensor value differs)."""
+    got_leaves, got_spec = torch.utils._pytree.tree_flatten(got)
+    ref_leaves, ref_spec = torch.utils._pytree.tree_flatten(ref)
+    if got_spec != ref_spec:
+        return float("inf")
+    worst = None
+    for g, r in zip(got_leaves, ref_leaves):
+        if not isinstance(r, torch.Tensor) or not isinstance(g, torch.Tensor):
+            if type(g) is not type(r) or g != r:
+                return float("inf")
+            continue
+        if g.shape != r.shape:
+            return float("inf")
+        if not torch.allclose(g.float(), r.float(), rtol=rtol, atol=atol):
+            err = (g.float() - r.float()).abs().max().item() if g.numel() else 0.0
+            worst = err if worst is None else max(worst, err)
+    return worst
+
+
 def optimize_for_inference(model: nn.Module, example_input: Optional[torch.Tensor] = None, *,
                            fold_bn: bool = True, backend: str = "measure",
                            memory_format: str = "auto", repeats: int = 5, check: bool = True,
@@ -1689,15 +1762,16 @@ def optimize_for_inference(model: nn.Module, example_input: Optional[torch.Tenso
     out.hetconv_plan = plan
 
     if check and example_input is not None:
-        was = model.training
+        modes = {m: m.training for m in model.modules()}  # each its own, as it was
         model.eval()
         try:
             with torch.no_grad():
                 ref, got = model(example_input), out(example_input)
         finally:
-            model.train(was)
-        if not torch.allclose(got.float(), ref.float(), rtol=rtol, atol=atol):
-            err = (got.float() - ref.float()).abs().max().item()
+            for m, mode in modes.items():
+                m.training = mode
+        err = _output_difference(got, ref, rtol, atol)
+        if err is not None:
             raise RuntimeError(
                 f"optimized model differs from the original by up to {err:.3g} "
                 f"(rtol={rtol}, atol={atol}); to find the step at fault, pass fold_bn=False, "

@@ -88,7 +88,14 @@ _CHANNELS = -3
 _VIEW_METHODS = frozenset({"view", "view_as", "reshape", "reshape_as", "narrow", "expand",
                            "expand_as", "contiguous", "flatten", "unflatten", "squeeze",
                            "unsqueeze", "permute", "transpose", "t", "select", "as_strided",
-                           "detach", "__getitem__"})
+                           "detach", "__getitem__", "chunk", "split", "unbind", "movedim",
+                           "swapaxes", "swapdims", "unfold", "diagonal", "tensor_split"})
+#: functions whose result may share memory with their first argument
+_VIEW_FUNCTIONS = frozenset({operator.getitem, torch.flatten, torch.reshape, torch.squeeze,
+                             torch.unsqueeze, torch.permute, torch.transpose, torch.narrow,
+                             torch.select, torch.movedim, torch.swapaxes, torch.t,
+                             torch.chunk, torch.split, torch.unbind, torch.detach,
+                             torch.tensor_split, torch.unflatten})
 
 
 def _inplace_position(fn) -> Optional[int]:
@@ -322,6 +329,20 @@ class _Rewriter:
             if node.op == "call_module":
                 mod = self.modules[node.target]
                 self.calls[mod] = self.calls.get(mod, 0) + 1
+        # Modules whose parameters or buffers something else sees too: tied to another
+        # module's, or read directly by the forward (``self.conv.weight``).  Permuting
+        # them in place (or replacing the module) would change what that reads.
+        owners: Dict[int, set] = {}
+        for mod in gm.modules():
+            for t in list(mod.parameters(recurse=False)) + list(mod.buffers(recurse=False)):
+                owners.setdefault(id(t), set()).add(mod)
+        self.exposed = {m for mods in owners.values() if len(mods) > 1 for m in mods}
+        for node in self.graph.nodes:
+            if node.op == "get_attr":
+                owner = self.modules.get(node.target.rpartition(".")[0])
+                if owner is not None:
+                    self.exposed.add(owner)
+        self.gathered: Dict[fx.Node, fx.Node] = {}  # gather node -> the node it gathers
         self.reordered: Dict[tuple, fx.Node] = {}  # (node, dim, order) -> gathered node
         self.done: set = set()  # nodes already rewritten (their inputs' orders are fixed)
         self.n_buffers = 0
@@ -337,7 +358,8 @@ class _Rewriter:
         """Its parameters may be permuted for this call site: views permute per call;
         in-place permutation needs a module called only here."""
         mod = self._module(node)
-        return mod is not None and (self.share or self.calls.get(mod) == 1)
+        return mod is not None and (self.share or (self.calls.get(mod) == 1
+                                                   and mod not in self.exposed))
 
     def _add_view(self, node: fx.Node, view: nn.Module) -> None:
         name = f"_hetconv_view_{self.n_views}"
@@ -371,6 +393,7 @@ class _Rewriter:
         with self.graph.inserting_before(before):
             buf = self.graph.get_attr(name)
             out = self.graph.call_function(torch.index_select, (node, dim, buf))
+        self.gathered[out] = node
         if "tensor_meta" in node.meta:  # a permutation keeps the shape
             out.meta["tensor_meta"] = node.meta["tensor_meta"]
         self.gathers += 1
@@ -492,10 +515,23 @@ class _Rewriter:
                                 "permuted tensor read elsewhere too")
             else:
                 self._materialize(node)
-            if self._mutates(node):  # gathered copies of its input are stale from here on
-                self.reordered = {k: v for k, v in self.reordered.items()
-                                  if k[0] is not node.args[0]}
+            if self._mutates(node):
+                self._written(node)
             self.done.add(node)
+
+    def _written(self, node: fx.Node) -> None:
+        """``node`` writes into its first argument (and the tensors that shares memory with)."""
+        chain = list(self._aliased(node.args[0]))
+        for k, n in enumerate(chain):
+            if n in self.gathered:  # a view of a gathered copy: the write stays in the copy
+                seen = chain[:k + 1] + list(self._aliased(self.gathered[n]))
+                if any(len(m.users) > 1 for m in seen):
+                    raise TypeError(f"{node.format_node()}: an in-place op on a view of a "
+                                    "permuted tensor read elsewhere too")
+        # gathered copies of anything sharing memory with it are stale from here on
+        root = chain[-1]
+        self.reordered = {k: v for k, v in self.reordered.items()
+                          if list(self._aliased(k[0]))[-1] is not root}
 
     def _hetconv(self, node: fx.Node, layer: HetConv2d) -> None:
         maps = _blocked_maps(layer)
@@ -511,7 +547,7 @@ class _Rewriter:
             return
         twin = _blocked_twin(layer)
         name = node.target
-        if self.calls.get(layer) == 1:
+        if self.calls.get(layer) == 1 and layer not in self.exposed:
             parent, _, child = name.rpartition(".")
             setattr(self.gm.get_submodule(parent) if parent else self.gm, child, twin)
         else:  # shared module: a twin of its own for this call site
@@ -620,7 +656,7 @@ class _Rewriter:
         methods), whose memory a write into ``node`` changes too."""
         yield node
         while isinstance(node, fx.Node) and node.args and isinstance(node.args[0], fx.Node) \
-                and ((node.op == "call_function" and node.target is operator.getitem)
+                and ((node.op == "call_function" and node.target in _VIEW_FUNCTIONS)
                      or (node.op == "call_method" and node.target in _VIEW_METHODS)):
             node = node.args[0]
             yield node
