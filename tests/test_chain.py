@@ -245,7 +245,7 @@ def test_whole_model_choices_are_timed_interleaved_for_the_minimum_time(monkeypa
     monkeypatch.setattr(deploy, "time_interleaved", timed)
     model, x = _resnet()
     fast = hetconv.optimize_for_inference(model, x, repeats=1, absorb=False)
-    assert fast.hetconv_plan["chained_native"]
+    assert "chained_native" in fast.hetconv_plan  # whether the chain won depends on timing
     whole = {frozenset({"chained", "layer_by_layer"}), frozenset({"measured", "rule"}),
              frozenset({"0", "1"})}
     assert whole <= {keys for keys, _ in calls}
