@@ -214,3 +214,57 @@ def test_het_conv2d_bad_input():
         HF.het_conv2d(x, wk, w1, stride=1.5)
     with pytest.raises(ValueError, match="dilation"):
         HF.het_conv2d(x, wk, w1, dilation=(1, 1, 1))
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("cl", [False, True])
+def test_vmap_and_forward_ad_after_kept_calls(backend, cl):
+    """het_conv2d under vmap and forward-mode AD after inference calls of the same signature
+    (which keep a prepared native call): the reference's values and tangents (vmap crashed
+    on the layout query or the kernel's raw pointers; the tangent was dropped)."""
+    import torch.autograd.forward_ad as fwAD
+
+    torch.manual_seed(0)
+    m = 32 if cl else 16
+    wk, w1 = torch.randn(m, m // 4, 3, 3), torch.randn(m, m - m // 4)
+    fmt = torch.channels_last if cl else torch.contiguous_format
+    x = torch.randn(2, m, 20, 20).contiguous(memory_format=fmt)
+    t = torch.randn_like(x)
+
+    def f(inp):
+        return HF.het_conv2d(inp, wk, w1, None, backend=backend)
+
+    def ref(inp):
+        return F.conv2d(inp, HF.dense_weight(wk, w1), None, 1, 1)
+
+    f(x), f(x)
+    xs = torch.stack([x, 2 * x])
+    torch.testing.assert_close(torch.func.vmap(f)(xs), torch.stack([ref(a) for a in xs]),
+                               rtol=1e-4, atol=1e-4)
+    with fwAD.dual_level():
+        tangent = fwAD.unpack_dual(f(fwAD.make_dual(x, t))).tangent
+    assert tangent is not None
+    torch.testing.assert_close(tangent, ref(t), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("cl", [False, True])
+def test_weights_made_anew_per_call_are_never_served_stale(cl):
+    """weight_1 made anew for each inference call (what a parametrization such as weight
+    norm does) often gets the freed one's id, storage and version: the weights cached or
+    packed from the old tensor must not be served (they were, for "fused", "dense" and
+    the native packings)."""
+    torch.manual_seed(0)
+    m = 16  # weight_1 of 768 bytes: malloc hands the freed block out again
+    wk, base = torch.randn(m, m // 4, 3, 3), torch.randn(m, m - m // 4)
+    fmt = torch.channels_last if cl else torch.contiguous_format
+    x = torch.randn(2, m, 20, 20).contiguous(memory_format=fmt)
+    with torch.no_grad():
+        for backend in ALL_BACKENDS:
+            for scale in (1.0, -2.0, 3.0, 0.5):
+                w1 = torch.empty_like(base)  # a new tensor, the previous one freed
+                torch.mul(base, scale, out=w1)
+                y = HF.het_conv2d(x, wk, w1, None, backend=backend)
+                want = F.conv2d(x, HF.dense_weight(wk, w1), None, 1, 1)
+                torch.testing.assert_close(y, want, rtol=1e-4, atol=1e-4, msg=backend)
+                del y, want
+                del w1  # freed last: the next weight_1 takes its place

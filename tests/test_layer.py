@@ -454,3 +454,123 @@ def test_fx_symbolic_trace_records_one_call_per_layer(bias):
         torch.testing.assert_close(g, p.grad)
     with pytest.raises(ValueError, match=r"\(B, 16, H, W\)"):
         gm(torch.randn(2, 15, 9, 7))
+
+
+@pytest.mark.parametrize("backend", list(hetconv.BACKENDS) + ["auto"])
+@pytest.mark.parametrize("cl", [False, True])
+def test_torch_func_and_forward_ad_match_dense_reference(backend, cl):
+    """torch.func (vmap, per-sample grad, jvp) and forward-mode AD on a layer that has run
+    (and kept prepared native calls) before: the reference's values and tangents (the
+    layout query crashed under vmap, the native kernel refused torch.func and dropped
+    forward-mode tangents of a frozen layer, silently)."""
+    from torch.func import functional_call, grad, jvp, vmap
+    import torch.autograd.forward_ad as fwAD
+
+    torch.manual_seed(0)
+    m, n = (32, 32) if cl else (16, 16)
+    layer = HetConv2d(m, n, 3, part=4, bias=True, backend=backend)
+    fmt = torch.channels_last if cl else torch.contiguous_format
+    x = torch.randn(2, m, 20, 20).contiguous(memory_format=fmt)
+    t = torch.randn_like(x)
+
+    def ref(inp, params=None):
+        p = dict(layer.named_parameters()) if params is None else params
+        return F.conv2d(inp, hetconv.functional.dense_weight(p["weight_k"], p["weight_1"]),
+                        p["bias"], 1, 1)
+
+    with torch.no_grad():
+        layer(x), layer(x)
+    tol = dict(rtol=1e-4, atol=1e-4)
+    xs = torch.stack([x, 2 * x])
+    torch.testing.assert_close(vmap(layer)(xs), vmap(ref)(xs), **tol)
+    params = {k: v.detach() for k, v in layer.named_parameters()}
+
+    def loss(p, inp, f):
+        return f(p, inp[None]).square().sum()
+
+    ours = vmap(grad(loss), in_dims=(None, 0, None))(
+        params, x, lambda p, inp: functional_call(layer, p, (inp,)))
+    want = vmap(grad(loss), in_dims=(None, 0, None))(params, x, lambda p, inp: ref(inp, p))
+    for k in params:
+        torch.testing.assert_close(ours[k], want[k], rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(jvp(layer, (x,), (t,))[1], ref(t) - layer.bias[:, None, None],
+                               **tol)
+    layer.requires_grad_(False)
+    with torch.no_grad():
+        layer(x)
+    with fwAD.dual_level():
+        tangent = fwAD.unpack_dual(layer(fwAD.make_dual(x, t))).tangent
+    assert tangent is not None
+    torch.testing.assert_close(tangent, ref(t) - layer.bias[:, None, None], **tol)
+
+
+@pytest.mark.parametrize("backend", ["native", "auto"])
+def test_gradient_penalty_through_the_layer(backend):
+    """A gradient penalty (create_graph=True) on a layer that runs the native kernel: the
+    weights' gradients are the dense reference's (the penalty's part was missing)."""
+    torch.manual_seed(0)
+    layer = HetConv2d(16, 16, 3, part=4, bias=True, backend=backend)
+    ref = copy.deepcopy(layer)
+    x = torch.randn(2, 16, 20, 20, requires_grad=True)
+    xr = x.detach().clone().requires_grad_()
+    for mod, inp, out in ((layer, x, layer(x)),
+                          (ref, xr, F.conv2d(xr, ref.dense_weight(), ref.bias, 1, 1))):
+        g, = torch.autograd.grad(out.square().sum(), inp, create_graph=True)
+        (out.sum() + g.square().sum()).backward()
+    for a, b in zip(layer.parameters(), ref.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-2)
+
+
+@pytest.mark.parametrize("backend", list(hetconv.BACKENDS) + ["auto"])
+def test_parametrized_weight_changes_are_seen_without_autograd(backend):
+    """A parametrization recomputes weight_1 per call (a new tensor, which may reuse the
+    freed one's id and storage): an update of the original between inference calls must be
+    seen (cached "fused"/"dense"/native weights were served stale)."""
+    from torch.nn.utils import parametrize
+
+    class Double(nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    torch.manual_seed(0)
+    layer = HetConv2d(16, 16, 3, part=4, bias=True, backend=backend)
+    parametrize.register_parametrization(layer, "weight_1", Double())
+    x = torch.randn(2, 16, 20, 20)
+    with torch.no_grad():
+        for _ in range(4):
+            y = layer(x)
+            want = F.conv2d(x, layer.dense_weight(), layer.bias, 1, 1)
+            torch.testing.assert_close(y, want, rtol=1e-4, atol=1e-4)
+            del y, want
+            layer.parametrizations.weight_1.original.mul_(-1.5)
+
+
+@pytest.mark.parametrize("backend", list(hetconv.BACKENDS) + ["auto"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_clear_caches_after_writes_through_data(backend, layout):
+    """A write through ``.data`` bypasses the version counter the weight caches watch:
+    after ``hetconv.clear_caches(model)`` every backend (and the functional form, whose
+    prepared calls are global) computes with the new weights."""
+    torch.manual_seed(0)
+    model = nn.Sequential(HetConv2d(32, 32, 3, part=4, bias=True, backend=backend)).eval()
+    layer = model[0]
+    x = torch.randn(2, 32, 8, 8)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        for _ in range(2):  # the second call runs what the first one prepared
+            model(x)
+            hetconv.functional.het_conv2d(x, layer.weight_k, layer.weight_1, layer.bias,
+                                          backend=backend)
+        layer.weight_k.data.mul_(-1.5)
+        layer.weight_1.data.mul_(2.0)
+        layer.bias.data.add_(1.0)
+        hetconv.clear_caches(model)
+        ref = F.conv2d(x, hetconv.functional.dense_weight(
+            layer.weight_k.clone(), layer.weight_1.clone(), layer.pattern), layer.bias, 1, 1)
+        torch.testing.assert_close(model(x), ref, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(
+            hetconv.functional.het_conv2d(x, layer.weight_k, layer.weight_1, layer.bias, backend=backend), ref,
+            rtol=1e-4, atol=1e-4)
+    with pytest.raises(TypeError, match="model must be an nn.Module or None"):
+        hetconv.clear_caches("model")

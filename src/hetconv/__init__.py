@@ -1,7 +1,7 @@
 """hetconv: heterogeneous-kernel convolutions (HetConv, CVPR 2019) for PyTorch."""
 
 from . import functional, native, pattern
-from .functional import BACKENDS
+from .functional import BACKENDS, clear_caches
 from .complexity import profile
 from .convert import convert
 from .deploy import export_onnx, fold_batchnorm, optimize_for_inference
@@ -21,6 +21,7 @@ __all__ = [
     "SqueezeExcite",
     "TrainConfig",
     "absorb_permutations",
+    "clear_caches",
     "convert",
     "create_model",
     "export_onnx",

@@ -48,6 +48,7 @@ import weakref
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.weak import WeakIdKeyDictionary
 
@@ -568,6 +569,29 @@ _DENSE_CACHE = WeakIdKeyDictionary()  # weight_k -> (key, dense kernel)
 _NATIVE_CACHE = WeakIdKeyDictionary()  # weight_k -> (key, native kernel block layout)
 
 
+def clear_caches(model: Optional[nn.Module] = None) -> None:
+    """Forget every weight layout the backends prepared (the ``"dense"``, ``"fused"`` and
+    ``"native"`` kernels' copies of the weights, the prepared calls of
+    :func:`het_conv2d`) and, for ``model``'s modules, their prepared calls.
+
+    They are rebuilt when a weight is replaced or updated in place (PyTorch's version
+    counter); the one write they cannot see is one through ``.data`` (``w.data.mul_(2)``,
+    ``p.data.clamp_(...)``, ``p.data.copy_(...)``: ``.data`` counts versions of its own).
+    After such writes call this, or write under ``torch.no_grad()`` instead.  Models made
+    by :func:`hetconv.optimize_for_inference` hold their own copy of the weights: optimize
+    again after changing the original's."""
+    if model is not None and not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module or None, got {type(model).__name__}")
+    for cache in (_WEIGHT_CACHE, _DENSE_CACHE, _NATIVE_CACHE, _native._TRANSPOSED_CACHE,
+                  _native._NHWC_CACHE, _native._NHWC_T_CACHE):
+        cache.clear()
+    _CALL_PLANS.clear()
+    if model is not None:
+        for module in model.modules():
+            if isinstance(module, _native.PlanHolder):
+                module.__dict__.pop("_plans", None)
+
+
 def _cached(cache: WeakIdKeyDictionary, tensors: tuple, extra: tuple, build):
     """``build(*tensors)``, cached in ``cache`` while the result cannot change.
 
@@ -576,7 +600,10 @@ def _cached(cache: WeakIdKeyDictionary, tensors: tuple, extra: tuple, build):
     pointer and version counter plus ``extra``, so in-place updates,
     ``load_state_dict`` and ``.data`` replacement rebuild it.  Never while
     compiling, never from inference tensors, and the cached tensors are built
-    outside inference mode (they are reused under autograd later).
+    outside inference mode (they are reused under autograd later).  Not seen: a write
+    in place through ``.data`` (``w.data.mul_(...)``: ``.data`` has a version counter of
+    its own); update weights under ``torch.no_grad()`` instead, or call
+    :func:`clear_caches` after such writes.
     """
     tracked = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     cacheable = not tracked and not torch.compiler.is_compiling() and not any(
@@ -590,11 +617,16 @@ def _cached(cache: WeakIdKeyDictionary, tensors: tuple, extra: tuple, build):
     if entries is None:
         entries = cache[tensors[0]] = {}
     hit = entries.get(extra)
-    if hit is not None and hit[0] == key:
+    # The other tensors are held weakly and compared by identity: a tensor made anew per
+    # call (a parametrization's weight_1) may get a dead one's id, storage and version 0.
+    if hit is not None and hit[0] == key and all(
+            (r is None and t is None) or (r is not None and r() is t)
+            for r, t in zip(hit[2], tensors[1:])):
         return hit[1]
     with torch.inference_mode(False):
         out = build(*(None if t is None else t.detach() for t in tensors))
-    entries[extra] = (key, out)
+    entries[extra] = (key, out, tuple(None if t is None else weakref.ref(t)
+                                      for t in tensors[1:]))
     return out
 
 
@@ -741,11 +773,10 @@ def _call_key(x: torch.Tensor, weight_k: torch.Tensor, weight_1: torch.Tensor,
               bias: Optional[torch.Tensor], *args) -> Optional[tuple]:
     """The signature under which a batched inference call of ``het_conv2d`` keeps its
     prepared native call (``args``: its other arguments as given), or None where none is
-    kept: autograd recording, compiling or tracing, unbatched input, unhashable arguments."""
+    kept: autograd recording (or a torch.func transform, forward-mode AD), compiling or
+    tracing, unbatched input, unhashable arguments."""
     if (x.dim() != 4 or torch.compiler.is_compiling() or torch.jit.is_tracing()
-            or (torch.is_grad_enabled() and (x.requires_grad or weight_k.requires_grad
-                                             or weight_1.requires_grad
-                                             or (bias is not None and bias.requires_grad)))):
+            or _native._recording(x, (weight_k, weight_1, bias), None)):
         return None
     key = (x.shape, x.stride(), x.dtype, x.device, weight_k.dtype,
            torch.is_autocast_enabled("cpu")) + args
@@ -825,6 +856,11 @@ def het_conv2d(x: torch.Tensor, weight_k: torch.Tensor, weight_1: torch.Tensor,
     unbatched = x.dim() == 3
     if unbatched:
         x = x.unsqueeze(0)
+    if backend in ("auto", "native", "fused") and _native._transformed(x, weight_k, weight_1,
+                                                                       bias):
+        # torch.func (vmap, grad, jvp...) or forward-mode AD: the native kernel has no rule
+        # for them, "fused" asks for channels_last memory that vmap cannot give
+        backend = "dense"
     backend, x = _resolve(x, weight_k, weight_1, stride_, padding_, dilation_, pattern, backend,
                           m, p)
     if key is not None:

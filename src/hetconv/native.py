@@ -54,6 +54,7 @@ import time
 from typing import Callable, Optional, Tuple
 
 import torch
+import torch.autograd.forward_ad as _fwad
 from torch.utils.weak import WeakIdKeyDictionary
 
 from . import pattern as _pattern
@@ -377,6 +378,8 @@ def unsupported_reason(x: torch.Tensor, weight_k: torch.Tensor, stride: Tuple[in
         return f"dtype {x.dtype}: the native kernel computes float32 only"
     if torch.is_autocast_enabled("cpu"):
         return "autocast is on: the native kernel computes float32 only"
+    if _transformed(x, weight_k):
+        return "a torch.func transform or forward-mode AD: the native kernel has no rule for it"
     if tuple(stride) not in ((1, 1), (2, 2)) or tuple(dilation) != (1, 1):
         return "the native kernel supports stride 1 or 2 (the same in both dims) and dilation 1"
     if kh % 2 == 0 or kw % 2 == 0 or tuple(padding) != (kh // 2, kw // 2):
@@ -562,8 +565,11 @@ def nhwc_supported(n: int, m: int, p: int, pattern: str) -> bool:
 
 def _is_channels_last(t: torch.Tensor) -> bool:
     """Channels-last memory (planes of one pixel count: both layouts are the same memory;
-    an empty batch is contiguous in both layouts: its strides tell which it was made in)."""
-    return (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last)
+    an empty batch is contiguous in both layouts: its strides tell which it was made in).
+    False inside vmap (which cannot query the layout; the kernels never run there, see
+    :func:`_transformed`)."""
+    return (t.dim() == 4 and not torch._C._functorch.is_batchedtensor(t)
+            and t.is_contiguous(memory_format=torch.channels_last)
             and (not t.is_contiguous() or t.shape[2] * t.shape[3] == 1
                  or (t.numel() == 0 and t.stride(1) == 1 and t.shape[1] > 1)))
 
@@ -1057,10 +1063,26 @@ class SequencePlan:
 
 
 def _recording(x: torch.Tensor, tensors: tuple, residual: Optional[torch.Tensor]) -> bool:
-    """Whether autograd records a call on these tensors."""
-    return torch.is_grad_enabled() and (x.requires_grad or any(
+    """Whether autograd records a call on these tensors, or a torch.func transform or
+    forward-mode AD sees them (:func:`_transformed`): no prepared call holds for those."""
+    return (torch.is_grad_enabled() and (x.requires_grad or any(
         t is not None and t.requires_grad for t in tensors) or (
-            residual is not None and residual.requires_grad))
+            residual is not None and residual.requires_grad))) or _transformed(
+                x, *tensors, residual)
+
+
+def _transformed(*tensors: Optional[torch.Tensor]) -> bool:
+    """Whether a torch.func transform (vmap, grad, jvp, ...) or forward-mode AD (a dual
+    tensor) sees any of ``tensors``: the C kernels read raw memory and have no batching or
+    forward-mode rule (vmap would crash, a tangent would be dropped), so such calls run the
+    PyTorch backends.  False while torch.compile traces (the op has its rules there)."""
+    if torch.compiler.is_compiling():
+        return False
+    if any(t is not None and torch._C._functorch.is_functorch_wrapped_tensor(t)
+           for t in tensors):
+        return True
+    return _fwad._current_level >= 0 and any(
+        t is not None and _fwad.unpack_dual(t).tangent is not None for t in tensors)
 
 
 class PlanHolder:
@@ -1354,6 +1376,10 @@ def _backward(ctx, gy):
         gy = gy * (out > 0)
     need_x, need_wk, need_w1, need_b = ctx.needs_input_grad[:4]
     gx = gwk = gw1 = gb = None
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        # create_graph=True (double backward, e.g. a gradient penalty): the C kernels'
+        # gradients would have no graph, so the differentiable dense reference's
+        return _backward_differentiable(ctx, gy, x, weight_k, weight_1)
     nhwc = _use_nhwc(x, n, m, p, ctx.pattern)  # the layout the forward pass ran in
     gy = gy.contiguous(memory_format=torch.channels_last if nhwc else torch.contiguous_format)
     # torch.library ops while torch.compile traces; plain calls in eager mode (an op call
@@ -1375,6 +1401,25 @@ def _backward(ctx, gy):
         gb = gy.sum((0, 2, 3))
     gr = gy if ctx.needs_input_grad[6] else None
     return gx, (gwk if need_wk else None), (gw1 if need_w1 else None), gb, None, None, gr, None
+
+
+def _backward_differentiable(ctx, gy, x, weight_k, weight_1):
+    """:func:`_backward`'s gradients (``gy`` after the fused ReLU's mask) by autograd through
+    the dense reference, with their own graph (what ``create_graph=True`` asks for)."""
+    from .functional import dense_weight
+
+    kh, kw = weight_k.shape[2:]
+    need = ctx.needs_input_grad
+    wanted = [t for t, needed in zip((x, weight_k, weight_1), need[:3]) if needed]
+    grads = iter(())
+    if wanted:
+        with torch.enable_grad():
+            y = torch.nn.functional.conv2d(x, dense_weight(weight_k, weight_1, ctx.pattern),
+                                           None, ctx.stride, (kh // 2, kw // 2))
+        grads = iter(torch.autograd.grad(y, wanted, gy, create_graph=True))
+    gx, gwk, gw1 = (next(grads) if needed else None for needed in need[:3])
+    gb = gy.sum((0, 2, 3)) if need[3] and ctx.has_bias else None
+    return gx, gwk, gw1, gb, None, None, (gy if need[6] else None), None
 
 
 _native_op.register_autograd(_backward, setup_context=_setup_context)
