@@ -309,3 +309,67 @@ def test_a_module_under_two_names_is_replaced_under_both():
     het, report = convert(nn.Sequential(nn.Conv2d(3, 8, 3), conv, conv), 2)
     assert isinstance(het[1], HetConv2d) and het[2] is het[1]
     assert report.entries[1].aliases == ("2",) and len(report.entries) == 2
+
+
+class TiedWeights(nn.Module):
+    """Two distinct convs sharing one weight tensor and one bias (as in weight-tied or
+    recurrent models)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.a = nn.Conv2d(8, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 8, 3, padding=1)
+        self.b.weight, self.b.bias = self.a.weight, self.a.bias
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(self.stem(x))))
+
+
+def test_convs_sharing_a_weight_keep_sharing_it():
+    torch.manual_seed(0)
+    model = TiedWeights().eval()
+    het, report = convert(model, 4)
+    assert isinstance(het.a, HetConv2d) and isinstance(het.b, HetConv2d) and het.a is not het.b
+    assert het.b.weight_k is het.a.weight_k and het.b.weight_1 is het.a.weight_1
+    assert het.b.bias is het.a.bias
+    assert len(list(het.parameters())) == 2 + 3  # the stem's two, the tied layers' three
+    assert "no longer tied" not in str(report)
+    # the reference: the same model with the tied dense weight masked onto the pattern
+    reference = TiedWeights()
+    reference.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        reference.a.weight.copy_(masked_copy(model.a, 4))
+    x = torch.randn(2, 3, 9, 9)
+    torch.testing.assert_close(het(x), reference.eval()(x), rtol=1e-4, atol=1e-5)
+    # converted differently (b excluded): the tie cannot hold, and the report says so
+    het, report = convert(model, 4, exclude="b")
+    assert isinstance(het.a, HetConv2d) and type(het.b) is nn.Conv2d
+    notes = {e.name: e.reason for e in report.entries}
+    assert "shared its weight with b: no longer tied" in notes["a"]
+    assert "shared its weight with a: no longer tied" in notes["b"]
+
+
+def test_hooks_of_a_replaced_conv_move_to_its_replacement():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1))
+    seen = []
+    handles = [
+        model[1].register_forward_pre_hook(lambda m, args: seen.append(("pre", type(m)))),
+        model[1].register_forward_hook(lambda m, args, out: seen.append(("out", out.clone()))),
+        model[1].register_full_backward_hook(
+            lambda m, gin, gout: seen.append(("back", type(m)))),
+    ]
+    het, _ = convert(model, 4, inplace=True)
+    assert isinstance(het[1], HetConv2d)
+    x = torch.randn(2, 3, 6, 6, requires_grad=True)
+    y = het(x)
+    y.sum().backward()
+    assert [s[0] for s in seen] == ["pre", "out", "back"]
+    assert seen[0][1] is HetConv2d and seen[2][1] is HetConv2d
+    torch.testing.assert_close(seen[1][1], y.detach())
+    for h in handles:  # the user's handles still remove them
+        h.remove()
+    seen.clear()
+    het(x).sum().backward()
+    assert seen == []

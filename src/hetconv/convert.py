@@ -14,7 +14,12 @@ names filtered out by ``include``/``exclude`` and layers whose ``in_channels``
 
 A conv registered under several names (``block.a = block.b = conv``) is one
 layer: it is looked at once and its replacement is set under every name, so
-the names stay tied (the report lists the other names).  The new layer's
+the names stay tied (the report lists the other names).  Distinct convs sharing a weight
+tensor (``b.weight = a.weight``) and converted alike get replacements that share theirs
+(and their bias where the old ones shared it); where they are converted differently (or
+one not at all) the tie cannot hold, and the report says so.  Forward and backward hooks
+registered on a replaced conv are carried over to its replacement (their handles still
+remove them).  The new layer's
 weights require gradients as the old layer's did: a frozen conv stays frozen.
 
 Existing ``HetConv2d`` layers are re-parted (via their dense weight), so
@@ -208,6 +213,61 @@ def _carry_requires_grad(old: nn.Module, new: nn.Module) -> None:
             p.requires_grad_(flags[name])
 
 
+def _weights(conv: nn.Module) -> Tuple[nn.Parameter, ...]:
+    """A conv's weight tensors (a HetConv2d's two, an nn.Conv2d's one)."""
+    return (conv.weight_k, conv.weight_1) if isinstance(conv, HetConv2d) else (conv.weight,)
+
+
+def _tie(new: nn.Module, conv: nn.Module, made: dict, key: tuple) -> None:
+    """Keep weights ``conv`` shares with a conv converted before it shared by their
+    replacements: ``new`` takes the earlier replacement's weights (same source weights, same
+    conversion) and bias (same source bias)."""
+    names = [n for n, _ in new.named_parameters(recurse=False) if n != "bias"]
+    if key in made:
+        for n in names:
+            setattr(new, n, getattr(made[key], n))
+    else:
+        made[key] = new
+    if conv.bias is not None:
+        bias_key = ("bias", id(conv.bias))
+        if bias_key in made:
+            new.bias = made[bias_key].bias
+        else:
+            made[bias_key] = new
+
+
+#: The hook dicts of ``nn.Module`` a replacement takes over (the same dict objects, so the
+#: handles the user holds still remove them).
+_HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
+               "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+               "_backward_pre_hooks", "_backward_hooks")
+
+
+def _carry_hooks(old: nn.Module, new: nn.Module) -> None:
+    """``new`` runs the forward (and backward) hooks registered on ``old``."""
+    for attr in _HOOK_DICTS:
+        hooks = getattr(old, attr, None)
+        if hooks:
+            setattr(new, attr, hooks)
+    if old._backward_hooks:
+        new._is_full_backward_hook = old._is_full_backward_hook
+
+
+def _note_broken_ties(report: ConvertReport, convs: list, outcome: dict) -> None:
+    """Convs that shared a weight tensor but were converted differently (or one of them not
+    at all) no longer share it: say so in their entries."""
+    by_weight: dict = {}
+    for name, conv in convs:
+        by_weight.setdefault(tuple(id(t) for t in _weights(conv)), []).append(name)
+    entries = {e.name: e for e in report.entries}
+    for names in by_weight.values():
+        if len(names) > 1 and len({outcome[n] for n in names}) > 1:
+            for n in names:
+                others = ", ".join(o for o in names if o != n)
+                note = f"shared its weight with {others}: no longer tied (converted differently)"
+                entries[n].reason = (entries[n].reason + "; " if entries[n].reason else "") + note
+
+
 def convert(model: nn.Module, part: PartSpec, *, pattern: str = "shifted",
             skip_first: bool = True, include: Patterns = None, exclude: Patterns = None,
             indivisible: str = "skip", init: str = "from_dense",
@@ -258,6 +318,8 @@ def convert(model: nn.Module, part: PartSpec, *, pattern: str = "shifted",
             names_of.setdefault(id(m), []).append(n)
     convs = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, HetConv2d))]
     first_seen = False
+    made: dict = {}  # conversion key -> the first replacement made for it (weight ties)
+    outcome = {name: None for name, _ in convs}  # how each conv was converted (None: not)
     for name, conv in convs:
         names = names_of[id(conv)]
         old_part = conv.part if isinstance(conv, HetConv2d) else 1
@@ -312,8 +374,12 @@ def convert(model: nn.Module, part: PartSpec, *, pattern: str = "shifted",
         if init == "reinit":
             new.reset_parameters()
         _carry_requires_grad(conv, new)
+        outcome[name] = (p, pattern if p > 1 else None)
+        _tie(new, conv, made, (tuple(id(t) for t in _weights(conv)),) + outcome[name])
+        _carry_hooks(conv, new)
         new.train(conv.training)
         for n in names:  # the module's every name: they stay one (tied) layer
             _replace(model, n, new)
         entry.new_part = p
+    _note_broken_ties(report, convs, outcome)
     return model, report
