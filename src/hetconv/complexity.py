@@ -54,6 +54,7 @@ import torch
 import torch.nn as nn
 
 from . import native as _native
+from ._modes import evaluating
 from . import pattern as _pattern
 from .deploy import ChannelPadShortcut, NativeChain, NativeFused, NativeSequence, PackedConv2d
 from .layers.hetconv import HetConv2d
@@ -360,16 +361,12 @@ def profile(model: nn.Module, input_size: Union[Sequence[int], torch.Tensor] = (
 
     modules = dict(model.named_modules())
     handles = [modules[n].register_forward_hook(hook(n)) for n in rows]
-    was_training = {m: m.training for m in model.modules()}
     try:
-        model.eval()
-        with torch.no_grad():
+        with evaluating(model), torch.no_grad():
             model(x)
     finally:
         for h in handles:
             h.remove()
-        for m, flag in was_training.items():
-            m.training = flag
     # per example: a batch-first tensor holds x.shape[0] of them (the counts above are of
     # the whole batch), an unbatched one (the convolutions said so) one
     batch = x.shape[0] if x.dim() > 1 and not unbatched else 1

@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import collections
 import copy
 import functools
 import logging
@@ -30,6 +31,7 @@ import torch.nn.functional as F
 
 from . import functional as HF
 from ._files import replacing
+from ._modes import evaluating
 from ._timing import time_interleaved
 from .convert import _replace
 from .layers import HetConv2d
@@ -158,12 +160,10 @@ def _traced_pairs(model: nn.Module) -> List[Tuple[str, str]]:
     registered once, its parameters owned by it alone and read by nothing else.  Modules
     fx cannot trace into are traced on their own (their callers see one node); when the
     model's own forward fails, its children are."""
-    registered: Dict[int, int] = {}
-    for _, m in model.named_modules(remove_duplicate=False):
-        registered[id(m)] = registered.get(id(m), 0) + 1
-    owners: Dict[int, int] = {}
-    for _, p in model.named_parameters(remove_duplicate=False):
-        owners[id(p)] = owners.get(id(p), 0) + 1
+    registered = collections.Counter(
+        id(m) for _, m in model.named_modules(remove_duplicate=False))
+    owners = collections.Counter(
+        id(p) for _, p in model.named_parameters(remove_duplicate=False))
 
     def own(m: nn.Module) -> bool:
         return registered.get(id(m)) == 1 and all(
@@ -193,16 +193,17 @@ def _traced_pairs(model: nn.Module) -> List[Tuple[str, str]]:
     return pairs
 
 
+def _call_counts(graph: torch.fx.Graph) -> Dict[str, int]:
+    """How many times ``graph`` calls each module (by name)."""
+    return dict(collections.Counter(n.target for n in graph.nodes if n.op == "call_module"))
+
+
 def _graph_pairs(model: nn.Module, graph: torch.fx.Graph,
                  own: Callable[[nn.Module], bool]) -> List[Tuple[str, str]]:
     """The (conv, BatchNorm) pairs of one traced ``graph`` of ``model``."""
-    calls: Dict[str, int] = {}
-    read = set()  # modules whose parameters or buffers the forward reads directly
-    for node in graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
-        elif node.op == "get_attr":
-            read.add(node.target.rpartition(".")[0])
+    calls = _call_counts(graph)
+    # modules whose parameters or buffers the forward reads directly
+    read = {node.target.rpartition(".")[0] for node in graph.nodes if node.op == "get_attr"}
     pairs = []
     for node in graph.nodes:
         if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
@@ -881,10 +882,7 @@ def _fuse_packed_relus(model: nn.Module) -> Tuple[nn.Module, int]:
     if gm is None:
         return model, 0
     modules = dict(gm.named_modules())
-    calls: Dict[str, int] = {}
-    for node in gm.graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
+    calls = _call_counts(gm.graph)
     fused = 0
     for node, after in _relu_users(gm, modules,
                                    lambda m: isinstance(m, PackedConv2d) and not m.relu):
@@ -1762,14 +1760,8 @@ def optimize_for_inference(model: nn.Module, example_input: Optional[torch.Tenso
     out.hetconv_plan = plan
 
     if check and example_input is not None:
-        modes = {m: m.training for m in model.modules()}  # each its own, as it was
-        model.eval()
-        try:
-            with torch.no_grad():
-                ref, got = model(example_input), out(example_input)
-        finally:
-            for m, mode in modes.items():
-                m.training = mode
+        with evaluating(model), torch.no_grad():
+            ref, got = model(example_input), out(example_input)
         err = _output_difference(got, ref, rtol, atol)
         if err is not None:
             raise RuntimeError(

@@ -56,6 +56,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import functional as HF
+from ._modes import evaluating
 from . import pattern as _pattern
 from .layers import HetConv2d
 
@@ -727,14 +728,8 @@ def absorb_permutations(model: nn.Module, example_input: Optional[torch.Tensor] 
     gm = fx.GraphModule(root, graph, root.__class__.__name__)
     if example_input is not None:
         from torch.fx.passes.shape_prop import ShapeProp
-        modes = {m: m.training for m in gm.modules()}
-        gm.eval()  # no BatchNorm statistics update, no dropout
-        try:
-            with torch.no_grad():
-                ShapeProp(gm).propagate(example_input)
-        finally:
-            for m, mode in modes.items():
-                m.training = mode
+        with evaluating(gm), torch.no_grad():
+            ShapeProp(gm).propagate(example_input)
     gm.training = model.training
     rewriter = _Rewriter(gm, share_parameters)
     rewriter.run()
