@@ -574,3 +574,31 @@ def test_clear_caches_after_writes_through_data(backend, layout):
             rtol=1e-4, atol=1e-4)
     with pytest.raises(TypeError, match="model must be an nn.Module or None"):
         hetconv.clear_caches("model")
+
+
+def test_clear_caches_covers_every_weight_cache():
+    """Every cache of prepared weights any hetconv module holds is registered, so
+    ``clear_caches`` empties it: a cache made without ``native.weight_cache()`` (and so
+    forgotten by ``clear_caches``) fails here."""
+    import importlib
+    import pkgutil
+
+    from torch.utils.weak import WeakIdKeyDictionary
+
+    caches = []
+    for info in pkgutil.walk_packages(hetconv.__path__, "hetconv."):
+        if info.name.endswith("__main__"):
+            continue
+        module = importlib.import_module(info.name)
+        caches += [v for v in vars(module).values() if isinstance(v, WeakIdKeyDictionary)]
+    registered = {id(c) for c in hetconv.native.WEIGHT_CACHES}
+    assert caches and all(id(c) in registered for c in caches)
+    x = torch.randn(2, 32, 8, 8)
+    layers = [HetConv2d(32, 32, 3, part=4, backend=b).eval() for b in hetconv.BACKENDS]
+    with torch.no_grad():
+        for layer in layers:
+            for xx in (x, x.contiguous(memory_format=torch.channels_last)):
+                layer(xx)
+    assert sum(len(c) for c in caches) > 0
+    hetconv.clear_caches()
+    assert all(len(c) == 0 for c in caches)

@@ -564,9 +564,9 @@ def _grouped(x, weight_k, weight_1, bias, stride, padding, dilation, pattern, n,
 # "fused": channels_last grouped KxK conv + one GEMM accumulated into its output.
 # ---------------------------------------------------------------------------
 
-_WEIGHT_CACHE = WeakIdKeyDictionary()  # weight_k -> (key, fused weights)
-_DENSE_CACHE = WeakIdKeyDictionary()  # weight_k -> (key, dense kernel)
-_NATIVE_CACHE = WeakIdKeyDictionary()  # weight_k -> (key, native kernel block layout)
+_WEIGHT_CACHE = _native.weight_cache()  # weight_k -> (key, fused weights)
+_DENSE_CACHE = _native.weight_cache()  # weight_k -> (key, dense kernel)
+_NATIVE_CACHE = _native.weight_cache()  # weight_k -> (key, native kernel block layout)
 
 
 def clear_caches(model: Optional[nn.Module] = None) -> None:
@@ -582,8 +582,7 @@ def clear_caches(model: Optional[nn.Module] = None) -> None:
     again after changing the original's."""
     if model is not None and not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module or None, got {type(model).__name__}")
-    for cache in (_WEIGHT_CACHE, _DENSE_CACHE, _NATIVE_CACHE, _native._TRANSPOSED_CACHE,
-                  _native._NHWC_CACHE, _native._NHWC_T_CACHE):
+    for cache in _native.WEIGHT_CACHES:
         cache.clear()
     _CALL_PLANS.clear()
     if model is not None:

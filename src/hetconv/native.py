@@ -501,7 +501,18 @@ def _ptr(t: Optional[torch.Tensor]) -> Optional[ctypes.c_void_p]:
     return None if t is None else ctypes.c_void_p(t.data_ptr())
 
 
-_TRANSPOSED_CACHE = WeakIdKeyDictionary()  # weight_k -> (key, transposed block layout)
+WEIGHT_CACHES: list = []  # every cache of prepared weight layouts, for clear_caches
+
+
+def weight_cache() -> WeakIdKeyDictionary:
+    """A new cache of prepared weight layouts (weight tensor -> (key, layout)), registered
+    so that :func:`hetconv.clear_caches` empties it with the others."""
+    cache = WeakIdKeyDictionary()
+    WEIGHT_CACHES.append(cache)
+    return cache
+
+
+_TRANSPOSED_CACHE = weight_cache()  # weight_k -> (key, transposed block layout)
 
 
 def _packed(weight_k, weight_1, bias, pattern, n, m, p, transposed: bool = False) -> dict:
@@ -537,8 +548,8 @@ def _wgrad(x: torch.Tensor, gy: torch.Tensor, weight_k: torch.Tensor, pattern: s
 # The channels-last kernel (csrc/hetconv_nhwc.c): vectorised over output channels, for
 # channels_last input.
 
-_NHWC_CACHE = WeakIdKeyDictionary()  # weight_k -> (key, channels-last packing)
-_NHWC_T_CACHE = WeakIdKeyDictionary()  # weight_k -> (key, transposed channels-last packing)
+_NHWC_CACHE = weight_cache()  # weight_k -> (key, channels-last packing)
+_NHWC_T_CACHE = weight_cache()  # weight_k -> (key, transposed channels-last packing)
 
 
 def _nhwc_step(n_out: int, n_in: int, p: int, pattern: str) -> Optional[Tuple[int, int]]:
