@@ -1,10 +1,12 @@
-"""Module-mode helpers shared by the passes that run a user's model once to look at it."""
+"""Helpers shared by the passes that look at a user's model (deploy, permute, complexity):
+its modes while it runs once, and which of its modules are not private to one call."""
 
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Dict, Iterator, Set
 
+import torch.fx
 import torch.nn as nn
 
 
@@ -20,3 +22,28 @@ def evaluating(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for m, mode in modes.items():
             m.training = mode
+
+
+def shared_modules(root: nn.Module) -> Set[nn.Module]:
+    """The modules under ``root`` holding a parameter or buffer that is held under another
+    name too: tied to another module's, or the module itself registered under two names.
+    A pass that rewrites such a module's tensors in place, or replaces it under one name,
+    changes what the other holder computes."""
+    holders: Dict[int, Dict[str, nn.Module]] = {}  # tensor id -> {module path: module}
+    for path, mod in root.named_modules(remove_duplicate=False):
+        for t in list(mod.parameters(recurse=False)) + list(mod.buffers(recurse=False)):
+            holders.setdefault(id(t), {})[path] = mod
+    return {m for paths in holders.values() if len(paths) > 1 for m in paths.values()}
+
+
+def read_modules(root: nn.Module, graph: torch.fx.Graph) -> Set[nn.Module]:
+    """The modules of ``root`` whose parameters or buffers ``graph`` (traced from ``root``)
+    reads directly (``self.conv.weight`` in a forward: a ``get_attr`` node)."""
+    read = set()
+    for node in graph.nodes:
+        if node.op == "get_attr":
+            try:
+                read.add(root.get_submodule(node.target.rpartition(".")[0]))
+            except AttributeError:
+                pass
+    return read

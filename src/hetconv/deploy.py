@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from . import functional as HF
 from ._files import replacing
-from ._modes import evaluating
+from ._modes import evaluating, read_modules, shared_modules
 from ._timing import time_interleaved
 from .convert import _replace
 from .layers import HetConv2d
@@ -160,14 +160,10 @@ def _traced_pairs(model: nn.Module) -> List[Tuple[str, str]]:
     registered once, its parameters owned by it alone and read by nothing else.  Modules
     fx cannot trace into are traced on their own (their callers see one node); when the
     model's own forward fails, its children are."""
-    registered = collections.Counter(
-        id(m) for _, m in model.named_modules(remove_duplicate=False))
-    owners = collections.Counter(
-        id(p) for _, p in model.named_parameters(remove_duplicate=False))
+    shared = shared_modules(model)
 
     def own(m: nn.Module) -> bool:
-        return registered.get(id(m)) == 1 and all(
-            owners.get(id(p)) == 1 for p in m.parameters(recurse=False))
+        return m not in shared
 
     pairs: List[Tuple[str, str]] = []
 
@@ -202,8 +198,7 @@ def _graph_pairs(model: nn.Module, graph: torch.fx.Graph,
                  own: Callable[[nn.Module], bool]) -> List[Tuple[str, str]]:
     """The (conv, BatchNorm) pairs of one traced ``graph`` of ``model``."""
     calls = _call_counts(graph)
-    # modules whose parameters or buffers the forward reads directly
-    read = {node.target.rpartition(".")[0] for node in graph.nodes if node.op == "get_attr"}
+    read = read_modules(model, graph)
     pairs = []
     for node in graph.nodes:
         if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
@@ -211,11 +206,10 @@ def _graph_pairs(model: nn.Module, graph: torch.fx.Graph,
         src = node.args[0]
         if not isinstance(src, torch.fx.Node) or src.op != "call_module" or len(src.users) != 1:
             continue
-        if calls[node.target] != 1 or calls[src.target] != 1 or {
-                node.target, src.target} & read:
+        if calls[node.target] != 1 or calls[src.target] != 1:
             continue
         conv, bn = model.get_submodule(src.target), model.get_submodule(node.target)
-        if own(conv) and own(bn) and _foldable(conv, bn):
+        if own(conv) and own(bn) and not {conv, bn} & read and _foldable(conv, bn):
             pairs.append((src.target, node.target))
     return pairs
 

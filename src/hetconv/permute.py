@@ -56,7 +56,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import functional as HF
-from ._modes import evaluating
+from ._modes import evaluating, read_modules, shared_modules
 from . import pattern as _pattern
 from .layers import HetConv2d
 
@@ -333,16 +333,7 @@ class _Rewriter:
         # Modules whose parameters or buffers something else sees too: tied to another
         # module's, or read directly by the forward (``self.conv.weight``).  Permuting
         # them in place (or replacing the module) would change what that reads.
-        owners: Dict[int, set] = {}
-        for mod in gm.modules():
-            for t in list(mod.parameters(recurse=False)) + list(mod.buffers(recurse=False)):
-                owners.setdefault(id(t), set()).add(mod)
-        self.exposed = {m for mods in owners.values() if len(mods) > 1 for m in mods}
-        for node in self.graph.nodes:
-            if node.op == "get_attr":
-                owner = self.modules.get(node.target.rpartition(".")[0])
-                if owner is not None:
-                    self.exposed.add(owner)
+        self.exposed = shared_modules(gm) | read_modules(gm, self.graph)
         self.gathered: Dict[fx.Node, fx.Node] = {}  # gather node -> the node it gathers
         self.reordered: Dict[tuple, fx.Node] = {}  # (node, dim, order) -> gathered node
         self.done: set = set()  # nodes already rewritten (their inputs' orders are fixed)
