@@ -10,6 +10,9 @@ Convention (the paper's "FLOPs" column)
   - ``nn.ConvTranspose1d/2d/3d``: ``input elements * out_channels/groups * prod(kernel)``.
   - ``nn.Linear``: ``output elements * in_features`` (so a Squeeze-and-Excitation
     block's two fully connected layers are counted: they are ``nn.Linear``).
+  - ``nn.MultiheadAttention``: its query, key, value and output projections (linear
+    layers it runs on its own weights, so no ``nn.Linear`` hook sees them):
+    ``(query + key + value + output elements) * embed_dim``.
   - :class:`~hetconv.HetConv2d`: ``FL_K + FL_1 = Ho*Wo*N*(M/P*Kh*Kw + M - M/P)``
     (paper Eq. 2-4), exactly, whatever backend executes the layer.
   - The modules of :func:`hetconv.optimize_for_inference` count what the layers they
@@ -20,7 +23,10 @@ Convention (the paper's "FLOPs" column)
     their own hooks do not fire), each counted from the shapes they pass on.  So an
     optimized model counts as the model it came from (with its BatchNorms folded).
 * Not counted: BatchNorm, activations, pooling, additions, the element-wise
-  products of SE gating, padding and the index shuffles of HetConv backends.
+  products of SE gating, padding and the index shuffles of HetConv backends; the
+  attention products of ``nn.MultiheadAttention`` (``Q K^T``, weights times ``V``);
+  recurrent layers (``nn.RNN``/``LSTM``/``GRU``); weights used by a functional call
+  (``F.conv2d(x, self.conv.weight)``) rather than through their module.
 * Parameters: every parameter of the model once (shared ones once); the rows
   show each module's own parameters.  A ``PackedConv2d``'s weight and bias, which
   are buffers (an inference module's), count as parameters.
@@ -46,6 +52,7 @@ Models may live on the ``meta`` device: only shapes are needed.
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -77,6 +84,15 @@ def _first_tensor(value) -> Optional[torch.Tensor]:
     return None
 
 
+def _arguments(module: nn.Module, args: Tuple, kwargs: dict) -> Tuple:
+    """The arguments of a call, positional and keyword ones, in ``forward``'s order."""
+    try:
+        bound = inspect.signature(module.forward).bind(*args, **kwargs)
+    except (TypeError, ValueError):
+        return tuple(args) + tuple(kwargs.values())
+    return tuple(bound.arguments.values())
+
+
 def _conv_macs(m: nn.Module, inputs: Tuple, out: torch.Tensor) -> int:
     return out.numel() * (m.in_channels // m.groups) * math.prod(m.kernel_size)
 
@@ -88,6 +104,13 @@ def _conv_transpose_macs(m: nn.Module, inputs: Tuple, out: torch.Tensor) -> int:
 
 def _linear_macs(m: nn.Linear, inputs: Tuple, out: torch.Tensor) -> int:
     return out.numel() * m.in_features
+
+
+def _attention_macs(m: nn.MultiheadAttention, inputs: Tuple, out: torch.Tensor) -> int:
+    """The four projections (linear layers the module runs on its own weights, not through
+    its ``out_proj`` module): query, key and value in, the attention output out."""
+    q, k, v = [t for t in inputs if isinstance(t, torch.Tensor)][:3]
+    return (q.numel() + k.numel() + v.numel() + out.numel()) * m.embed_dim
 
 
 def _hetconv_macs(m: HetConv2d, inputs: Tuple, out: torch.Tensor) -> int:
@@ -158,6 +181,7 @@ RULES: Dict[type, Rule] = {
     nn.ConvTranspose1d: _conv_transpose_macs, nn.ConvTranspose2d: _conv_transpose_macs,
     nn.ConvTranspose3d: _conv_transpose_macs,
     nn.Linear: _linear_macs,
+    nn.MultiheadAttention: _attention_macs,
     HetConv2d: _hetconv_macs,
     PackedConv2d: _conv_macs,
     NativeFused: _native_fused_macs,
@@ -195,7 +219,9 @@ def register_rule(module_type: type, rule: Rule) -> None:
     """Count ``module_type`` (and its subclasses) with ``rule(module, inputs, output) -> MACs``.
 
     The rule returns the MACs of one call for the whole batch; the module's
-    children are then not counted separately.
+    children (and whatever else runs inside its call) are then not counted
+    separately.  ``inputs`` holds the call's arguments in ``forward``'s order, those
+    given by keyword included; ``output`` is the first tensor of the output.
     """
     if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
         raise TypeError(f"module_type must be an nn.Module subclass, got {module_type!r}")
@@ -212,9 +238,11 @@ def _rule_for(module: nn.Module) -> Optional[Rule]:
 
 
 def format_count(n: float) -> str:
-    """``313_740_000 -> '313.74M'`` (K, M, G; 2 decimals)."""
+    """``313_740_000 -> '313.74M'`` (K, M, G; 2 decimals).  The unit is chosen after
+    rounding: ``999_999 -> '1.00M'``, not ``'1000.00K'``."""
     for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= scale:
+        # (or where the next smaller unit would print 1000.00)
+        if abs(n) >= scale or round(abs(n) * 1000 / scale, 2) >= 1000:
             return f"{n / scale:.2f}{unit}"
     return f"{n:.0f}" if n == int(n) else f"{n:.2f}"
 
@@ -239,6 +267,8 @@ class Profile:
     params: int
     rows: List[ProfileRow] = field(default_factory=list)
     input_shape: Tuple[int, ...] = ()
+    #: the input was one example without a batch dimension (shapes have none to leave out)
+    unbatched: bool = False
 
     def row(self, name: str) -> ProfileRow:
         """The row of the module called ``name``."""
@@ -257,14 +287,15 @@ class Profile:
     def table(self, all_rows: bool = False) -> str:
         """Readable table; without ``all_rows`` modules with no MACs and no params are left out."""
         shown = [r for r in self.rows if all_rows or r.macs or r.params]
+        skip = 0 if self.unbatched else 1  # the batch dimension, left out of the shapes
         header = ("module", "type", "output", "MACs", "%", "params")
         lines = [header]
         for r in shown:
-            shape = "x".join(map(str, r.output_shape[1:])) if r.output_shape else "-"
+            shape = "x".join(map(str, r.output_shape[skip:])) if r.output_shape else "-"
             share = f"{100 * r.macs / self.macs:.1f}" if self.macs else "-"
             lines.append((r.name or "(root)", r.type, shape, format_count(r.macs), share,
                           format_count(r.params)))
-        lines.append(("total", "", "x".join(map(str, self.input_shape[1:])) + " in",
+        lines.append(("total", "", "x".join(map(str, self.input_shape[skip:])) + " in",
                       format_count(self.macs), "100.0" if self.macs else "-",
                       format_count(self.params)))
         widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
@@ -278,6 +309,11 @@ class Profile:
         omitted = len(self.rows) - len(shown)
         if omitted:
             text.append(f"({omitted} modules without MACs or parameters not shown)")
+        idle = [r.name or "(root)" for r in self.rows if r.params and not r.calls]
+        if idle:  # e.g. weights a parent runs functionally (F.conv2d(x, self.conv.weight))
+            names = ", ".join(idle[:5]) + (", ..." if len(idle) > 5 else "")
+            text.append(f"({len(idle)} modules with parameters were not called, so count no "
+                        f"MACs: {names})")
         text.append("MACs: multiply-accumulates of conv and linear layers per example "
                     "(the paper's FLOPs)")
         return "\n".join(text)
@@ -301,7 +337,8 @@ def _example(model: nn.Module, input_size) -> torch.Tensor:
     ref = next(model.parameters(), None)
     if ref is None:
         ref = next(model.buffers(), torch.zeros(()))
-    dtype = ref.dtype if ref.is_floating_point() else torch.get_default_dtype()
+    # (``dtype``, not ``is_floating_point()``: a lazy module's parameters have no data yet)
+    dtype = ref.dtype if ref.dtype.is_floating_point else torch.get_default_dtype()
     return torch.zeros((1, *input_size), device=ref.device, dtype=dtype)
 
 
@@ -321,18 +358,26 @@ def profile(model: nn.Module, input_size: Union[Sequence[int], torch.Tensor] = (
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    script = next((n for n, m in model.named_modules() if isinstance(m, torch.jit.ScriptModule)),
+                  None)
+    if script is not None:  # a traced module runs its graph: no module hook fires (0 MACs)
+        raise TypeError(
+            f"profile counts with module hooks, which TorchScript modules (torch.jit.trace / "
+            f"script) do not run: {'the model' if not script else repr(script)} is one; "
+            f"profile the eager module it was made from")
     x = _example(model, input_size)
     if x.dim() > 1 and x.shape[0] == 0:
         raise ValueError(f"the input tensor has an empty batch (shape {tuple(x.shape)}): "
                          "MACs are counted per example, give at least one")
-    unbatched = False  # set when a convolution runs on an input without a batch dimension
+    unbatched = False  # set when a convolution runs on the input without a batch dimension
 
     rows: Dict[str, ProfileRow] = {}
     counted: Dict[str, Optional[Rule]] = {}
+    recurse: Dict[str, bool] = {}  # whether a row's parameters are its submodules' too
     ruled_prefixes: List[str] = []
     for name, m in model.named_modules():
-        if any(name.startswith(p + ".") for p in ruled_prefixes):
-            continue  # inside a module counted as a whole
+        if any(p == "" or name.startswith(p + ".") for p in ruled_prefixes):
+            continue  # inside a module counted as a whole (the model itself, for p == "")
         rule = _rule_for(m)
         leaf = next(m.children(), None) is None
         own = _weights(m, recurse=rule is not None)
@@ -340,28 +385,49 @@ def profile(model: nn.Module, input_size: Union[Sequence[int], torch.Tensor] = (
             continue
         if rule is not None:
             ruled_prefixes.append(name)
-        rows[name] = ProfileRow(name, type(m).__name__, 0, sum(p.numel() for p in own), None)
+        rows[name] = ProfileRow(name, type(m).__name__, 0, 0, None)
         counted[name] = rule
+        recurse[name] = rule is not None
+
+    # modules counted as a whole that are running now: what runs inside one of them is in
+    # its count (a module registered under another name too has a row and a hook of its own)
+    running: List[nn.Module] = []
+
+    def enter(module, inputs):
+        running.append(module)
 
     def hook(name: str):
-        def fn(module, inputs, output):
+        def fn(module, inputs, kwargs, output):
             nonlocal unbatched
+            if kwargs:  # tensors given by keyword: the rules see them in signature order
+                inputs = _arguments(module, inputs, kwargs)
+            rule = counted[name]
+            if rule is not None:
+                running.pop()
             row = rows[name]
             out = _first_tensor(output)
             row.calls += 1
             if out is not None:
                 row.output_shape = tuple(out.shape)
-            rule = counted[name]
-            if rule is not None and out is not None:
+            if rule is not None and out is not None and not running:
                 row.macs += rule(module, inputs, out)
                 dims, xin = _spatial_dims(module), _first_tensor(inputs)
-                if dims is not None and xin is not None and xin.dim() == dims + 1:
+                # the model's input itself without a batch dimension (not a tensor of the
+                # model's own, such as a parameter, that a convolution runs on unbatched)
+                if dims is not None and xin is not None and xin.dim() == dims + 1 == x.dim():
                     unbatched = True
         return fn
 
     modules = dict(model.named_modules())
-    handles = [modules[n].register_forward_hook(hook(n)) for n in rows]
+    handles = []
     try:
+        for n in rows:
+            if counted[n] is not None:
+                handles.append(modules[n].register_forward_pre_hook(enter))
+            # (always_call: a ruled module that raises, in a model that catches it, leaves
+            # the stack of running ones as it found it)
+            handles.append(modules[n].register_forward_hook(
+                hook(n), with_kwargs=True, always_call=counted[n] is not None))
         with evaluating(model), torch.no_grad():
             model(x)
     finally:
@@ -369,11 +435,17 @@ def profile(model: nn.Module, input_size: Union[Sequence[int], torch.Tensor] = (
             h.remove()
     # per example: a batch-first tensor holds x.shape[0] of them (the counts above are of
     # the whole batch), an unbatched one (the convolutions said so) one
-    batch = x.shape[0] if x.dim() > 1 and not unbatched else 1
+    batched = x.dim() > 1 and not unbatched
+    batch = x.shape[0] if batched else 1
     for r in rows.values():
         r.macs = r.macs / batch
         if r.macs == int(r.macs):
             r.macs = int(r.macs)
+    # parameters counted after the forward pass: lazy modules have their shapes only then
+    for name, r in rows.items():
+        r.type = type(modules[name]).__name__  # (a lazy module has become its plain class)
+        r.params = sum(p.numel() for p in _weights(modules[name], recurse=recurse[name]))
     seen = {id(p): p.numel() for p in _weights(model, recurse=True)}
     total = sum(r.macs for r in rows.values())
-    return Profile(total, sum(seen.values()), list(rows.values()), tuple(x.shape))
+    return Profile(total, sum(seen.values()), list(rows.values()), tuple(x.shape),
+                   not batched)

@@ -7,7 +7,8 @@ which is execution order for torchvision's models) and replaces every
 Everything it leaves alone is listed in the report with the reason: 1x1
 convs (nothing to split), grouped and depthwise convs (a HetConv filter needs
 all input channels), even kernels (no centre tap for the 1x1 kernels),
-non-zero padding modes, ``nn.Conv2d`` subclasses (their ``forward`` may not be
+non-zero padding modes, weights reparametrized by ``weight_norm`` / ``spectral_norm`` /
+``prune`` hooks, ``nn.Conv2d`` subclasses (their ``forward`` may not be
 a plain convolution), the first KxK conv (``skip_first``, the paper's rule),
 names filtered out by ``include``/``exclude`` and layers whose ``in_channels``
 ``part`` does not divide (``indivisible``).
@@ -36,6 +37,9 @@ from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch.nn as nn
+from torch.nn.utils.prune import BasePruningMethod as _Pruning
+from torch.nn.utils.spectral_norm import SpectralNorm as _SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm as _WeightNorm
 
 from . import pattern as _pattern
 from .layers.hetconv import HetConv2d
@@ -49,12 +53,15 @@ PartSpec = Union[int, str, Callable[[str, nn.Module], Optional[Union[int, str]]]
 Patterns = Optional[Union[str, Sequence[str]]]
 
 
-def _check_part_value(part, name: str = "part") -> None:
+def _check_part_value(part, name: str = "part", callable_ok: bool = False) -> None:
+    """``part`` is an int >= 1 or ``"C"``; the message names a callable as a choice only
+    where one is (``convert``'s own ``part``, not a model's nor a callable's result)."""
+    kinds = "a positive int, 'C' or a callable" if callable_ok else "a positive int or 'C'"
     if isinstance(part, str):
         if part.upper() != "C":
-            raise ValueError(f"{name} must be a positive int, 'C' or a callable, got {part!r}")
+            raise ValueError(f"{name} must be {kinds}, got {part!r}")
     elif not isinstance(part, int) or isinstance(part, bool):
-        raise TypeError(f"{name} must be a positive int, 'C' or a callable, got {part!r}")
+        raise TypeError(f"{name} must be {kinds}, got {part!r}")
     elif part < 1:
         raise ValueError(f"{name} must be >= 1, got {part}")
 
@@ -163,6 +170,13 @@ def _patterns(value: Patterns, name: str) -> Optional[List[str]]:
     raise TypeError(f"{name} must be None, a glob string or a list of glob strings, got {value!r}")
 
 
+#: The pre-hooks of ``torch.nn.utils.weight_norm`` / ``spectral_norm`` / ``prune``: they set
+#: ``weight`` from ``weight_g``/``weight_v`` (``weight_orig``, ``weight_mask``...) before every
+#: call; carried over to a HetConv2d they would fail on its first call, so such convs are
+#: left alone.
+_WEIGHT_REPARAMETRIZATIONS = (_WeightNorm, _SpectralNorm, _Pruning)
+
+
 def _why_not(module: nn.Module) -> str:
     """Why a conv module cannot be a HetConv2d ('' when it can)."""
     if isinstance(module, HetConv2d):
@@ -180,6 +194,10 @@ def _why_not(module: nn.Module) -> str:
         return f"even kernel {kh}x{kw} (no centre for the 1x1 kernels)"
     if module.padding_mode != "zeros":
         return f"padding_mode={module.padding_mode!r} (only 'zeros' is supported)"
+    norm = next((type(h).__name__ for h in module._forward_pre_hooks.values()
+                 if isinstance(h, _WEIGHT_REPARAMETRIZATIONS)), None)
+    if norm is not None:  # its hook computes ``weight`` from tensors a HetConv2d lacks
+        return f"weight reparametrized by a {norm} hook (its forward recomputes the weight)"
     return ""
 
 
@@ -290,7 +308,8 @@ def convert(model: nn.Module, part: PartSpec, *, pattern: str = "shifted",
             in_channels <= part) or ``"error"``.
         init: ``"from_dense"`` copies the dense weights onto the pattern
             (:meth:`HetConv2d.from_conv2d`); ``"reinit"`` draws fresh ones.
-        inplace: modify ``model`` itself instead of a copy.
+        inplace: modify ``model`` itself instead of a copy (a ``model`` that is itself
+            a convolution cannot be changed into another type: use the returned one).
 
     Returns:
         ``(converted_model, report)``; ``print(report)`` lists every conv, its
@@ -299,7 +318,7 @@ def convert(model: nn.Module, part: PartSpec, *, pattern: str = "shifted",
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if not callable(part):
-        _check_part_value(part)
+        _check_part_value(part, callable_ok=True)
     _pattern.validate_pattern(pattern)
     if indivisible not in INDIVISIBLE:
         raise ValueError(f"indivisible must be one of {INDIVISIBLE}, got {indivisible!r}")
@@ -369,8 +388,8 @@ def convert(model: nn.Module, part: PartSpec, *, pattern: str = "shifted",
                             device="meta", dtype=dense.weight.dtype)
         else:
             new = HetConv2d.from_conv2d(dense, chosen, pattern)
-            if isinstance(conv, HetConv2d):
-                new.backend = conv.backend
+        if p > 1 and isinstance(conv, HetConv2d):
+            new.backend = conv.backend
         if init == "reinit":
             new.reset_parameters()
         _carry_requires_grad(conv, new)
@@ -379,7 +398,10 @@ def convert(model: nn.Module, part: PartSpec, *, pattern: str = "shifted",
         _carry_hooks(conv, new)
         new.train(conv.training)
         for n in names:  # the module's every name: they stay one (tied) layer
-            _replace(model, n, new)
+            if n:
+                _replace(model, n, new)
+            else:  # the model is itself the conv: its replacement is the result
+                model = new
         entry.new_part = p
     _note_broken_ties(report, convs, outcome)
     return model, report

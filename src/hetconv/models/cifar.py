@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .common import ConvSpec, check_width, conv_unit, scaled
+from .common import ConvSpec, check_se, check_width, conv_unit, scaled
 from .registry import register_model
 
 __all__ = ["VGGCifar", "ResNetCifar", "MobileNetCifar", "vgg16_cifar", "resnet56_cifar",
@@ -58,7 +58,7 @@ class VGGCifar(nn.Module):
                  spec: Optional[ConvSpec] = None, se: bool = False, width: float = 1.0) -> None:
         super().__init__()
         spec = spec or ConvSpec()
-        width = check_width(width)
+        width, se = check_width(width), check_se(se)
         layers: List[nn.Module] = []
         c_in, first = in_chans, True
         for v in cfg:
@@ -117,7 +117,7 @@ class ResNetCifar(nn.Module):
         if not isinstance(depth, int) or depth < 8 or (depth - 2) % 6:
             raise ValueError(f"depth must be 6n+2 with n >= 1 (20, 32, 44, 56, 110, ...), got {depth!r}")
         spec = spec or ConvSpec()
-        width = check_width(width)
+        width, se = check_width(width), check_se(se)
         n = (depth - 2) // 6
         c = scaled(16, width)
         self.stem = conv_unit(nn.Conv2d(in_chans, c, 3, 1, 1, bias=False), c, se)
@@ -162,7 +162,7 @@ class MobileNetCifar(nn.Module):
                  spec: Optional[ConvSpec] = None, se: bool = False, width: float = 1.0) -> None:
         super().__init__()
         spec = spec or ConvSpec("dwc_pwc")
-        width = check_width(width)
+        width, se = check_width(width), check_se(se)
         c = scaled(32, width)
         units = [conv_unit(nn.Conv2d(in_chans, c, 3, 1, 1, bias=False), c, se)]
         for v in cfg:

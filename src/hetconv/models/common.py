@@ -10,7 +10,7 @@ from ..convert import INDIVISIBLE, layer_part
 from ..layers import DepthwisePointwiseConv2d, GroupPointwiseConv2d, HetConv2d, SqueezeExcite
 from ..pattern import validate_pattern
 
-__all__ = ["CONVS", "ConvSpec", "conv_unit", "scaled"]
+__all__ = ["CONVS", "ConvSpec", "check_se", "check_width", "conv_unit", "scaled"]
 
 CONVS = ("het", "gwc_pwc", "dwc_pwc")
 
@@ -72,6 +72,14 @@ def conv_unit(conv: nn.Module, out_channels: int, se: bool, relu: bool = True) -
 def scaled(channels: int, width: float) -> int:
     """``channels * width`` rounded, at least 1."""
     return max(1, int(round(channels * width)))
+
+
+def check_se(se) -> bool:
+    """``se`` must be a bool: a string such as ``"False"`` (``--model-arg se=False``) is
+    truthy and would silently add the SE blocks."""
+    if not isinstance(se, bool):
+        raise ValueError(f"se must be a bool (True or False), got {se!r}")
+    return se
 
 
 def check_width(width) -> float:

@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from ..convert import convert
 from ..layers import SqueezeExcite
-from .common import ConvSpec
+from .common import ConvSpec, check_se
 from .registry import register_model
 
 __all__ = ["vgg16", "resnet34", "resnet50"]
@@ -32,8 +32,9 @@ def _first_conv(conv: nn.Conv2d, in_chans: int) -> nn.Conv2d:
 
 
 def _check(conv: Optional[str], part: Part, groups, pattern: str, indivisible: str,
-           width: float) -> None:
+           width: float, se: bool) -> None:
     """Validate the options before anything is built."""
+    check_se(se)
     if conv not in (None, "het"):
         raise ValueError(f"conv={conv!r}: the ImageNet models support conv='het' only")
     if width != 1:
@@ -55,7 +56,7 @@ def vgg16(*, num_classes: int = 1000, in_chans: int = 3, part: Part = None, se: 
     """torchvision VGG-16 (no BN), Table 5: 15.5G MACs at 224x224."""
     import torchvision.models as tvm  # lazy: keeps ``import hetconv`` cheap
 
-    _check(conv, part, groups, pattern, indivisible, width)
+    _check(conv, part, groups, pattern, indivisible, width, se)
     model = tvm.vgg16(weights=None, num_classes=num_classes)
     model.features[0] = _first_conv(model.features[0], in_chans)
     if se:
@@ -87,7 +88,7 @@ def resnet34(*, num_classes: int = 1000, in_chans: int = 3, part: Part = None, s
              conv: Optional[str] = None, groups: Optional[int] = None, width: float = 1.0,
              pattern: str = "shifted", indivisible: str = "skip") -> nn.Module:
     """torchvision ResNet-34, Table 6: 3.6G MACs at 224x224."""
-    _check(conv, part, groups, pattern, indivisible, width)
+    _check(conv, part, groups, pattern, indivisible, width, se)
     model = _resnet("resnet34", "bn2", num_classes, in_chans, se)
     return _finish(model, part, pattern, indivisible)
 
@@ -97,6 +98,6 @@ def resnet50(*, num_classes: int = 1000, in_chans: int = 3, part: Part = None, s
              conv: Optional[str] = None, groups: Optional[int] = None, width: float = 1.0,
              pattern: str = "shifted", indivisible: str = "skip") -> nn.Module:
     """torchvision ResNet-50 (v1.5, stride on the 3x3), Table 7: 4.1G MACs at 224x224."""
-    _check(conv, part, groups, pattern, indivisible, width)
+    _check(conv, part, groups, pattern, indivisible, width, se)
     model = _resnet("resnet50", "bn3", num_classes, in_chans, se)
     return _finish(model, part, pattern, indivisible)
