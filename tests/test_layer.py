@@ -260,7 +260,35 @@ def test_state_dict_round_trip():
     fresh.load_state_dict(layer.state_dict())
     _same_layer(layer, fresh)
     with pytest.raises(RuntimeError, match="size mismatch"):
-        HetConv2d(8, 6, 3, bias=True, part=2).load_state_dict(layer.state_dict())
+        HetConv2d(8, 6, 3, bias=True, part=2, pattern="blocked").load_state_dict(layer.state_dict())
+
+
+def test_state_dict_of_another_pattern_is_refused():
+    """"shifted" and "blocked" weights have the same shapes: a state dict records its
+    layers' patterns (in its metadata, saved by torch.save) and loading one into a layer
+    of the other pattern raises, leaving the layer's weights as they were; a state dict
+    without the record (another tool's, a plain dict) loads as before."""
+    import io
+
+    torch.manual_seed(0)
+    src = nn.Sequential(nn.Identity(), HetConv2d(8, 8, 3, part=4, pattern="blocked"))
+    dst = nn.Sequential(nn.Identity(), HetConv2d(8, 8, 3, part=4))  # "shifted"
+    before = [t.clone() for t in dst.state_dict().values()]
+    buf = io.BytesIO()
+    torch.save(src.state_dict(), buf)
+    buf.seek(0)
+    saved = torch.load(buf)
+    for strict in (True, False):
+        with pytest.raises(RuntimeError, match=r"1: the state dict was saved from a layer with "
+                           r"pattern='blocked', this one has pattern='shifted'"):
+            dst.load_state_dict(saved, strict=strict)
+    assert all(torch.equal(a, b) for a, b in zip(before, dst.state_dict().values()))
+    twin = nn.Sequential(nn.Identity(), HetConv2d(8, 8, 3, part=4, pattern="blocked"))
+    twin.load_state_dict(saved)
+    x = torch.randn(2, 8, 5, 5)
+    assert torch.equal(twin(x), src(x))
+    dst.load_state_dict(dict(saved))  # no metadata: nothing to check against
+    assert torch.equal(dst[1].weight_k, src[1].weight_k)
 
 
 def test_deepcopy_and_pickle_round_trip():

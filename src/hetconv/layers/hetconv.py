@@ -176,6 +176,33 @@ class HetConv2d(PlanHolder, nn.Module):
         layer.train(conv.training)
         return layer
 
+    # -- state dict -----------------------------------------------------------
+    # The pattern places the KxK kernels; "shifted" and "blocked" weights have the same
+    # shapes, so a state dict of one loads into the other without complaint and computes
+    # another function.  Each state dict records its layers' patterns in its metadata (no
+    # extra keys: state dicts of other versions and tools load as before) and loading one
+    # saved with another pattern is an error.
+    _PATTERN_KEY = "hetconv_pattern"
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        meta = getattr(destination, "_metadata", None)
+        if meta is not None and prefix[:-1] in meta:  # this module's entry, made just before
+            meta[prefix[:-1]][self._PATTERN_KEY] = self.pattern
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        saved = (local_metadata or {}).get(self._PATTERN_KEY)
+        if saved is not None and saved != self.pattern:
+            error_msgs.append(
+                f"{prefix[:-1] or 'HetConv2d'}: the state dict was saved from a layer with "
+                f"pattern={saved!r}, this one has pattern={self.pattern!r}: the weights have "
+                f"the same shapes but place the KxK kernels differently, so the layer would "
+                f"compute another function; build it with pattern={saved!r}")
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
+                                      missing_keys, unexpected_keys, error_msgs)
+
     # -- views of the layer -------------------------------------------------
     def kernel_mask(self) -> torch.Tensor:
         """Bool (N, M): True where the filter has a KxK kernel."""
