@@ -58,8 +58,12 @@ def candidates(shape, part, train):
 
     if part == 1:
         w = param(n, m, 3, 3)
+        # channels_last weights too, as nn.Conv2d has them in a channels_last model (NCHW
+        # weights are reordered on every call: a slower baseline than PyTorch offers)
+        w_cl = w.detach().contiguous(memory_format=torch.channels_last).requires_grad_(train)
         return {"dense_nchw": _runner(lambda: F.conv2d(x, w, None, s, 1), train, (x, w)),
-                "dense_cl": _runner(lambda: F.conv2d(x_cl, w, None, s, 1), train, (x_cl, w))}
+                "dense_cl": _runner(lambda: F.conv2d(x_cl, w_cl, None, s, 1), train,
+                                    (x_cl, w_cl))}
     wk, w1 = param(n, m // part, 3, 3), param(n, m - m // part)
     out = {f"het_{b}": _runner(lambda b=b: HF.het_conv2d(x_cl, wk, w1, None, s, 1, 1, "shifted", b),
                                train, (x_cl, wk, w1)) for b in HET}

@@ -67,8 +67,15 @@ def _dense_parts(x: torch.Tensor, gy: torch.Tensor, wd: torch.Tensor,
 
 
 def _check(name: str, got, want, tol: float = 1e-3) -> None:
-    for g, w in zip(got if isinstance(got, tuple) else (got,),
-                    want if isinstance(want, tuple) else (want,)):
+    got = got if isinstance(got, tuple) else (got,)
+    want = want if isinstance(want, tuple) else (want,)
+    if len(got) != len(want):  # zip would compare the first ones only
+        raise RuntimeError(f"hetconv {name} kernel returned {len(got)} tensors, the dense "
+                           f"reference {len(want)}")
+    for g, w in zip(got, want):
+        if g.shape != w.shape:
+            raise RuntimeError(f"hetconv {name} kernel disagrees with the dense reference "
+                               f"(shape {tuple(g.shape)}, expected {tuple(w.shape)})")
         if not torch.allclose(g, w, rtol=tol, atol=tol):
             raise RuntimeError(f"hetconv {name} kernel disagrees with the dense reference "
                                f"(max abs error {(g - w).abs().max().item():.3g})")

@@ -14,7 +14,7 @@ import argparse
 import json
 import sys
 
-from hetconv.bench.report import model_table, target_checks
+from hetconv.bench.report import by_pattern, model_table, target_checks
 
 COLUMNS = (("het_auto", "auto (NCHW)"), ("het_auto_cl", "auto (channels_last)"),
            ("het_native", "native (NCHW)"), ("het_native_cl", "native (channels_last)"),
@@ -28,7 +28,7 @@ def wide_layer_table(rows, min_channels: int = 128, parts=(4, 8)) -> str:
     head = ["suite", "layer", "mode", "P", "theory"] + [label for _, label in COLUMNS]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     groups = {}
-    for r in rows:
+    for r in by_pattern(rows):  # "fused shifted" is the shifted one whatever --pattern was
         if r["in_ch"] >= min_channels and r["part"] in parts:
             groups.setdefault((r["suite"], r["layer"], r["batch"], r["mode"], r["part"]), {})[
                 r["candidate"]] = r

@@ -57,14 +57,16 @@ def test_settle_calls_precede_each_timed_call():
     assert all(len(t.samples) == 3 for t in out.values())  # only the third call is timed
 
 
-def test_settle_seconds_adds_untimed_calls_until_that_long(monkeypatch):
+def _five_ms_on_a_fake_clock(monkeypatch):
+    """A candidate that takes 5 ms on a fake clock (exact however loaded the machine is;
+    every reading takes a microsecond), and the list of its calls."""
     import types
 
     import hetconv._timing as timing
-    clock = {"now": 0.0}  # a fake clock: exact however loaded the machine is
+    clock = {"now": 0.0}
 
     def perf_counter():
-        clock["now"] += 1e-6  # every reading takes a microsecond
+        clock["now"] += 1e-6
         return clock["now"]
 
     monkeypatch.setattr(timing, "time", types.SimpleNamespace(perf_counter=perf_counter))
@@ -73,6 +75,11 @@ def test_settle_seconds_adds_untimed_calls_until_that_long(monkeypatch):
     def five_ms():
         calls.append("x")
         clock["now"] += 0.005
+    return five_ms, calls
+
+
+def test_settle_seconds_adds_untimed_calls_until_that_long(monkeypatch):
+    five_ms, calls = _five_ms_on_a_fake_clock(monkeypatch)
 
     out = time_interleaved({"x": five_ms, "y": lambda: None}, repeats=3, warmup=0,
                            shuffle=False, settle=1, settle_seconds=0.02)
@@ -83,6 +90,30 @@ def test_settle_seconds_adds_untimed_calls_until_that_long(monkeypatch):
     for bad in (-0.1, float("nan"), float("inf"), "1", True):
         with pytest.raises(ValueError, match="settle_seconds"):
             time_interleaved({"x": five_ms}, settle_seconds=bad)
+
+
+def test_settle_zero_means_no_untimed_calls_whatever_settle_seconds(monkeypatch):
+    """``hetconv bench --settle 0`` (help: "0 halves the run time") passes the default
+    --settle-ms 10 along: the candidates were still settled for 10 ms before each timed call."""
+    five_ms, calls = _five_ms_on_a_fake_clock(monkeypatch)
+
+    time_interleaved({"x": five_ms}, repeats=3, warmup=0, settle=0, settle_seconds=0.01)
+    assert calls == ["x"] * 3  # the timed calls only
+
+
+def test_bench_settle_zero_is_recorded_as_no_settling(monkeypatch):
+    import importlib
+
+    bench_run = importlib.import_module("hetconv.bench.run")
+    seen = {}
+    monkeypatch.setattr(bench_run, "run_models", lambda *a, **k: seen.update(models=k) or [])
+    monkeypatch.setattr(bench_run, "write_report",
+                        lambda layers, models, out, env, seconds, name, notes:
+                        seen.update(env=env) or {})
+    monkeypatch.setattr(bench_run.native, "fma_rate", lambda *a, **k: None)
+    bench_run.run("quick", what=("models",), progress=False, threads=None, settle=0)
+    assert seen["models"]["settle"] == 0
+    assert seen["env"]["settle"].startswith("no untimed calls")
 
 
 def test_idle_seconds_sleeps_before_each_candidates_calls(monkeypatch):

@@ -89,9 +89,10 @@ def time_interleaved(candidates: Mapping[str, Callable[[], object]], repeats: in
     ``shuffle`` runs each round in a random order drawn from ``seed`` (the
     same orders every run); ``False`` keeps the mapping's order.  ``settle``
     untimed calls of a candidate precede each of its timed calls (steady state), and
-    more of them until they took ``settle_seconds`` together: short calls need more than
-    one to get out of the previous candidate's wake (another runtime's threads spin for
-    milliseconds after its call returns).  ``idle_seconds``: the process sleeps that long
+    more of them until they took ``settle_seconds`` together (``settle=0``: none at all,
+    whatever ``settle_seconds``, as ``hetconv bench --settle 0`` promises): short calls
+    need more than one to get out of the previous candidate's wake (another runtime's
+    threads spin for milliseconds after its call returns).  ``idle_seconds``: the process sleeps that long
     before each candidate's settling and timed calls, so another runtime's threads that spin
     after their call find idle cores and park (busy calls do not stop them: see the top).
     """
@@ -120,7 +121,7 @@ def time_interleaved(candidates: Mapping[str, Callable[[], object]], repeats: in
             t0 = time.perf_counter()
             for _ in range(settle):
                 fn()
-            while time.perf_counter() - t0 < settle_seconds:
+            while settle and time.perf_counter() - t0 < settle_seconds:
                 fn()
             t0 = time.perf_counter()
             fn()

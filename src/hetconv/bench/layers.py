@@ -2,7 +2,8 @@
 
 Candidates for a shape (M -> N, HxW input, stride) and part P:
 
-* ``dense_nchw`` / ``dense_cl``: ``nn.Conv2d`` in NCHW and channels_last
+* ``dense_nchw`` / ``dense_cl``: ``nn.Conv2d`` in NCHW and channels_last (input and
+  weights, as a model converted with ``.to(memory_format=torch.channels_last)`` runs it)
   (and ``*_compiled`` with ``torch.compile`` when asked; for inference also
   ``dense_packed`` / ``dense_cl_packed``: :class:`hetconv.deploy.PackedConv2d`, the
   weights packed for oneDNN once instead of reordered on every call); the fastest of
@@ -21,6 +22,12 @@ Candidates for a shape (M -> N, HxW input, stride) and part P:
 
 Inference calls run under ``no_grad``; a training call is forward + backward from a fixed
 output gradient (see ``_runner``), with the leaves' gradients reset each call.
+
+Before an item is timed, :func:`check_candidates` compares each candidate that has a
+reference with it (output, and in training the inputs' and weights' gradients): every
+``het_*`` with ``F.conv2d`` on the layer's dense kernel (:func:`hetconv.dense_weight`), the
+dense variants with ``dense_nchw``, ``branches`` with the masked dense kernel.  A candidate
+that computes something else raises instead of being timed (a broken path looks fast).
 """
 
 from __future__ import annotations
@@ -38,7 +45,7 @@ from .._timing import SETTLE_MS, time_interleaved
 from ..deploy import PackedConv2d, _packing_available
 
 __all__ = ["LayerShape", "LAYER_SUITES", "layer_shapes", "parts_for", "layer_candidates",
-           "run_layers"]
+           "check_candidates", "run_layers"]
 
 
 @dataclass(frozen=True)
@@ -109,8 +116,13 @@ def parts_for(in_ch: int, parts: Sequence[Union[int, str]] = ALL_PARTS) -> List[
     return out
 
 
-def _runner(fn: Callable[[], torch.Tensor], train: bool, leaves: Sequence[torch.Tensor]):
+def _runner(fn: Callable[[], torch.Tensor], train: bool, leaves: Sequence[torch.Tensor],
+            reference: Optional[tuple] = None):
     """A zero-argument call: forward under no_grad, or forward + backward.
+
+    The call keeps ``fn`` (``.forward``), ``leaves`` and ``reference``: ``(key, callable)``,
+    what ``fn`` must compute from the same leaves (same gradients too), or None;
+    :func:`check_candidates` compares them before anything is timed.
 
     The backward starts from a fixed output gradient (ones, in the layout of the first
     call's output, made once), as a layer inside a network receives a materialised
@@ -122,6 +134,7 @@ def _runner(fn: Callable[[], torch.Tensor], train: bool, leaves: Sequence[torch.
         def infer():
             with torch.no_grad():
                 fn()
+        infer.forward, infer.leaves, infer.reference = fn, tuple(leaves), reference
         return infer
 
     grad: List[torch.Tensor] = []
@@ -133,6 +146,7 @@ def _runner(fn: Callable[[], torch.Tensor], train: bool, leaves: Sequence[torch.
         if not grad or grad[0].shape != y.shape or grad[0].stride() != y.stride():
             grad[:] = [torch.ones_like(y)]
         y.backward(grad[0])
+    step.forward, step.leaves, step.reference = fn, tuple(leaves), reference
     return step
 
 
@@ -155,17 +169,25 @@ def layer_candidates(shape: LayerShape, part: int, train: bool = False,
     cands: Dict[str, Callable[[], None]] = {}
     if baselines:
         w = param(n, m, k, k)
-        dense = lambda xx: F.conv2d(xx, w, None, s, 1)  # noqa: E731
-        cands["dense_nchw"] = _runner(lambda: dense(x), train, (x, w))
-        cands["dense_cl"] = _runner(lambda: dense(x_cl), train, (x_cl, w))
+        # channels_last: the weights too, as nn.Conv2d(...).to(memory_format=channels_last)
+        # has them (NCHW weights on channels_last input get reordered in every call: up to
+        # 3x slower training steps on 512-channel 4x4 layers, a weak baseline)
+        w_cl = w.detach().contiguous(memory_format=cl).requires_grad_(train)
+        dense = lambda xx, ww: F.conv2d(xx, ww, None, s, 1)  # noqa: E731
+        # every dense variant must compute nn.Conv2d's NCHW result (gradients too)
+        ref = ("dense", lambda: dense(x, w))
+        ref_cl = ("dense", lambda: dense(x_cl, w_cl))
+        cands["dense_nchw"] = _runner(lambda: dense(x, w), train, (x, w))
+        cands["dense_cl"] = _runner(lambda: dense(x_cl, w_cl), train, (x_cl, w_cl), ref_cl)
         if not train and _packing_available():  # the weights in oneDNN's layout once
             packed = PackedConv2d.from_weight(w.detach(), stride=s, padding=1)
-            cands["dense_packed"] = _runner(lambda: packed(x), train, ())
-            cands["dense_cl_packed"] = _runner(lambda: packed(x_cl), train, ())
+            cands["dense_packed"] = _runner(lambda: packed(x), train, (), ref)
+            cands["dense_cl_packed"] = _runner(lambda: packed(x_cl), train, (), ref)
         if compile:
             cdense = torch.compile(dense, dynamic=False)
-            cands["dense_nchw_compiled"] = _runner(lambda: cdense(x), train, (x, w))
-            cands["dense_cl_compiled"] = _runner(lambda: cdense(x_cl), train, (x_cl, w))
+            cands["dense_nchw_compiled"] = _runner(lambda: cdense(x, w), train, (x, w), ref)
+            cands["dense_cl_compiled"] = _runner(lambda: cdense(x_cl, w_cl), train,
+                                                 (x_cl, w_cl), ref_cl)
         wd, wp = param(m, 1, k, k), param(n, m, 1, 1)
         cands["dwc_pwc"] = _runner(
             lambda: F.conv2d(F.conv2d(x_cl, wd, None, s, 1, 1, m), wp), train, (x_cl, wd, wp))
@@ -177,6 +199,7 @@ def layer_candidates(shape: LayerShape, part: int, train: bool = False,
     w_full, mask4 = param(n, m, k, k), _mask4(mask, k)
     cands["masked_dense"] = _runner(lambda: F.conv2d(x_cl, w_full * mask4, None, s, 1),
                                     train, (x_cl, w_full))
+    masked_ref = ("masked", lambda: F.conv2d(x, w_full * mask4, None, s, 1))
     if n % part == 0:
         wg, wpw = param(n, m // part, k, k), param(n, m, 1, 1)
         cands["grouped_plus_pw"] = _runner(
@@ -189,12 +212,14 @@ def layer_candidates(shape: LayerShape, part: int, train: bool = False,
                 train, (x_cl, wgw, wpp))
     if part <= 8:  # P dense convs per call: the loop is the point, and it gets slow
         cands["branches"] = _runner(lambda: _branches(x, w_full, mask, part, s, pattern),
-                                    train, (x, w_full))
+                                    train, (x, w_full), masked_ref)
     # Each backend gets the layout it is built for: "native" NCHW, the others channels_last;
     # "auto" runs on both (het_auto: NCHW, PyTorch's default; het_auto_cl: channels_last).
+    # ... each checked against the definition: one F.conv2d with the scattered dense kernel
     def het(xx, backend, pat=pattern):
+        ref = (("het", pat), lambda: F.conv2d(xx, HF.dense_weight(wk, w1, pat), None, s, 1))
         return _runner(lambda: HF.het_conv2d(xx, wk, w1, None, s, 1, 1, pat, backend),
-                       train, (xx, wk, w1))
+                       train, (xx, wk, w1), ref)
     for backend in HF.BACKENDS:
         cands[f"het_{backend}"] = het(x if backend == "native" else x_cl, backend)
     cands["het_native_cl"] = het(x_cl, "native")  # the channels-last kernel where it applies
@@ -205,6 +230,74 @@ def layer_candidates(shape: LayerShape, part: int, train: bool = False,
     cands[f"het_native_{other}"] = het(x, "native", other)
     cands[f"het_native_cl_{other}"] = het(x_cl, "native", other)
     return cands
+
+
+#: relative tolerance of :func:`check_candidates` (of the reference's largest magnitude):
+#: fp32 sums of up to 512 x 9 products in another order agree to ~1e-6 of it; a wrong
+#: pattern, tap or channel is off by the order of the values themselves
+CHECK_RTOL: float = 1e-3
+
+
+def _results(fn: Callable[[], torch.Tensor], leaves: Sequence[torch.Tensor],
+             train: bool) -> List[Optional[torch.Tensor]]:
+    """The output of ``fn`` and, for ``train``, the gradients of ``leaves`` from a
+    gradient of ones."""
+    if not train or not leaves:
+        with torch.no_grad():
+            return [fn().detach()]
+    y = fn()
+    grads = torch.autograd.grad(y, leaves, torch.ones_like(y), allow_unused=True)
+    return [y.detach()] + [None if g is None else g.detach() for g in grads]
+
+
+def _mismatch(got: List[torch.Tensor], want: List[torch.Tensor], rtol: float = CHECK_RTOL,
+              pooled: bool = False) -> Optional[str]:
+    """Why ``got`` does not match ``want`` (output, then gradients), or None.  Each tensor
+    is compared within ``rtol`` of its reference's largest magnitude; ``pooled``: the
+    gradients within ``rtol`` of the largest of all of them (a network's parameters include
+    some whose gradient is 0 up to rounding, e.g. a bias before BatchNorm)."""
+    what = ["output"] + [f"gradient of leaf {i}" for i in range(len(want) - 1)]
+    if len(got) != len(want):
+        return f"{len(got)} results, expected {len(want)}"
+    pool = max((b.abs().max().item() for b in want[1:] if b is not None and b.numel()),
+               default=0.0) if pooled else 0.0
+    for i, (name, a, b) in enumerate(zip(what, got, want)):
+        if a is None or b is None:
+            if a is not b:
+                return f"{name}: missing"
+            continue
+        if a.shape != b.shape:
+            return f"{name}: shape {tuple(a.shape)}, expected {tuple(b.shape)}"
+        if not torch.isfinite(a).all():
+            return f"{name}: not finite"
+        err = (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+        scale = max(b.abs().max().item() if b.numel() else 0.0, pool if i else 0.0)
+        if err > rtol * max(scale, 1e-6):
+            return f"{name}: max error {err:.3g} (largest value {scale:.3g})"
+    return None
+
+
+def check_candidates(cands: Dict[str, Callable[[], None]], train: bool = False,
+                     rtol: float = CHECK_RTOL) -> None:
+    """Raise RuntimeError unless every candidate of :func:`layer_candidates` that has a
+    reference computes it: output and (``train``) its leaves' gradients, within ``rtol``
+    of the reference's largest magnitude.  A broken fast path must not be timed (it would
+    look fast); the benchmark runs this before each item's timings."""
+    refs: Dict[object, List[torch.Tensor]] = {}
+    bad = []
+    for name, call in cands.items():
+        reference = getattr(call, "reference", None)
+        if reference is None:
+            continue
+        key, ref_fn = reference
+        if key not in refs:
+            refs[key] = _results(ref_fn, call.leaves, train)
+        why = _mismatch(_results(call.forward, call.leaves, train), refs[key], rtol)
+        if why:
+            bad.append(f"{name} ({why})")
+    if bad:
+        raise RuntimeError("benchmark candidates compute a different result than their "
+                           "reference: " + "; ".join(bad))
 
 
 def _mask4(mask: torch.Tensor, k: int) -> torch.Tensor:
@@ -239,7 +332,9 @@ def run_layers(shapes: Sequence[LayerShape], parts: Sequence[Union[int, str]] = 
     No new item starts after ``deadline`` (a ``time.perf_counter()`` value).
     Each row holds the median in milliseconds, ``speedup`` against the
     fastest dense baseline of the same shape and mode (timed in the same
-    interleaved batch) and ``theory`` = Eq. 5 for that P.  ``settle`` untimed calls of a
+    interleaved batch) and ``theory`` = Eq. 5 for that P.  Before an item is timed, its
+    candidates' outputs (and, training, gradients) are checked against their references
+    (:func:`check_candidates`: RuntimeError if one differs).  ``settle`` untimed calls of a
     candidate precede each timed one, more of them up to ``settle_seconds`` (steady state;
     see :func:`hetconv._timing.time_interleaved`).
     """
@@ -249,6 +344,7 @@ def run_layers(shapes: Sequence[LayerShape], parts: Sequence[Union[int, str]] = 
             train = mode == "train"
             torch.manual_seed(0)
             base = layer_candidates(shape, 1, train, compile, pattern)
+            checked = False  # the baselines: checked with the first part
             for part in parts_for(shape.in_ch, parts):
                 if deadline is not None and time.perf_counter() > deadline:
                     return rows
@@ -256,6 +352,10 @@ def run_layers(shapes: Sequence[LayerShape], parts: Sequence[Union[int, str]] = 
                 if part > 1:
                     cands.update(layer_candidates(shape, part, train, compile, pattern,
                                                   baselines=False))
+                # nothing is timed that does not compute the layer (a broken path looks fast)
+                check_candidates(cands if not checked else
+                                 {k: v for k, v in cands.items() if k not in base}, train)
+                checked = True
                 times = time_interleaved(cands, repeats=repeats, warmup=warmup, settle=settle,
                                          settle_seconds=settle_seconds)
                 best = min(v.median for k, v in times.items() if k.startswith("dense_"))

@@ -23,6 +23,10 @@ go idle.
 * ``absorbed_cl`` (training, models with shifted layers): the channels_last
   model run through :func:`hetconv.absorb_permutations` with
   ``share_parameters=True``, as ``hetconv train --absorb-permutations`` does.
+
+Before anything is timed, every variant of a model is checked against ``eager_nchw``
+(:func:`check_variants`: the outputs; in training the loss and the parameters' gradients):
+a variant that computes something else raises instead of being timed.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ import torch.nn as nn
 
 from .._timing import IDLE_MS, SETTLE_MS, time_interleaved
 
-__all__ = ["MODEL_SUITES", "METRICS", "run_models"]
+__all__ = ["MODEL_SUITES", "METRICS", "run_models", "check_variants"]
 
 #: family -> parts (None = the family's reference architecture; a trailing "b", e.g.
 #: ``"4b"``, builds the same model with ``pattern="blocked"``: the default "shifted"
@@ -107,6 +111,7 @@ def _inference_variants(model: nn.Module, x: torch.Tensor, compile: bool,
             sess = _ort_session(ort, path, torch.get_num_threads())
             feed = {"input": x.numpy()}
             out["onnxruntime"] = lambda: sess.run(None, feed)
+            out["onnxruntime"].output = lambda: torch.from_numpy(sess.run(None, feed)[0])
     return out
 
 
@@ -150,6 +155,11 @@ def _no_grad(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
     def call():
         with torch.no_grad():
             model(x)
+
+    def output():
+        with torch.no_grad():
+            return model(x)
+    call.output = output
     return call
 
 
@@ -175,8 +185,49 @@ def _train_variants(model: nn.Module, x: torch.Tensor) -> Dict[str, Callable[[],
             opt.zero_grad(set_to_none=True)
             nn.functional.cross_entropy(m(xx), target).backward()
             opt.step()
+
+        def output(m=m, xx=xx, params=list(opt.param_groups[0]["params"])):
+            """The loss and the gradients a step applies (none applied, none kept)."""
+            with torch.random.fork_rng():  # the same draws for every variant, if any
+                torch.manual_seed(0)
+                loss = nn.functional.cross_entropy(m(xx), target)
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+            return [loss.detach()] + [None if g is None else g.detach() for g in grads]
+        step.output = output
         out[name] = step
     return out
+
+
+#: relative tolerance of :func:`check_variants` (of the reference's largest magnitude):
+#: through 13-56 layers with BatchNorm over small batches fp32 rounding grows (VGG-16's
+#: first-layer gradient at batch 2: 7e-4 of its largest value off the float64 one, P = 1
+#: too; 1e-5 at batch 8); a broken layer is off by the order of the values
+CHECK_RTOL: float = 1e-2
+
+
+def check_variants(variants: Dict[str, Callable[[], None]], rtol: float = CHECK_RTOL) -> None:
+    """Raise RuntimeError unless every variant of one model computes what its first variant
+    (``eager_nchw``, the model as built) does: the inference variants' outputs, the training
+    variants' loss and parameter gradients, within ``rtol`` of the largest magnitude (of the
+    output, of all the gradients).  A variant that computed something else (a broken
+    optimization or export) must not be timed: it could look fast."""
+    from .layers import _mismatch
+
+    def results(call):
+        got = call.output()
+        return list(got) if isinstance(got, (list, tuple)) else [got]
+
+    names = [k for k, v in variants.items() if hasattr(v, "output")]
+    if len(names) < 2:
+        return
+    want = results(variants[names[0]])
+    bad = []
+    for name in names[1:]:
+        why = _mismatch(results(variants[name]), want, rtol, pooled=True)
+        if why:
+            bad.append(f"{name} ({why})")
+    if bad:
+        raise RuntimeError(f"model variants differ from {names[0]}: " + "; ".join(bad))
 
 
 #: The counts of :func:`hetconv.optimize_for_inference`'s plan kept in a row's ``plan``.
@@ -217,6 +268,10 @@ def _measure(family: str, metric: str, fam_parts: Sequence, repeats: int, warmup
                 vs = _train_variants(model, x)
             else:
                 vs = _inference_variants(model, x, compile, onnx, tmpdir, f"{tag}_{b}")
+            try:
+                check_variants(vs)
+            except RuntimeError as e:
+                raise RuntimeError(f"{family} {_label(part)} {metric}: {e}") from None
             cands.update({f"{_label(part)}|{k}": v for k, v in vs.items()})
         # batch-1 calls take ~1 ms of the ~11 ms a sample costs (settling included) and vary
         # most: LATENCY_SAMPLES times the samples, a few seconds per family
@@ -227,14 +282,16 @@ def _measure(family: str, metric: str, fam_parts: Sequence, repeats: int, warmup
     for key, t in times.items():
         label = key.split("|")[0]
         best[label] = min(best.get(label, float("inf")), t.median)
-    ref = best[_label(fam_parts[0])]
+    # the reference: P = 1 (or the family's reference model), wherever ``parts`` lists it
+    ref_label = next((lab for lab in ("P1", "ref") if lab in best), _label(fam_parts[0]))
+    ref = best[ref_label]
     for key, t in times.items():
         label, variant = key.split("|")
         part = _split_part(label[1:])[0] if label.startswith("P") else None
         rows.append({
             "family": family, "model": label, "metric": metric, "variant": variant,
             "batch": b, "ms": t.median * 1e3, "images_per_s": b / t.median,
-            "best": t.median == best[label], "ratio": ref / best[label],
+            "best": t.median == best[label], "ratio": ref / best[label], "reference": ref_label,
             "theory_layer": None if part in (None, "C") else _pattern.speedup(int(part))})
         plan = getattr(cands[key], "plan", None)
         if plan is not None:

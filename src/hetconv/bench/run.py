@@ -7,11 +7,12 @@ from typing import Dict, Optional, Sequence
 
 import torch
 
-from .layers import LAYER_SUITES, layer_shapes, run_layers
+from .layers import LAYER_SUITES, layer_shapes, parts_for, run_layers
 from .models import MODEL_SUITES, run_models
 from .._timing import IDLE_MS, SETTLE_MS, check_settle, retain_freed_memory
 from .report import environment, write_report
 from .. import native
+from .. import pattern as _pattern
 
 __all__ = ["run", "PRESETS"]
 
@@ -51,6 +52,23 @@ PRESETS: Dict[str, dict] = {
              "families": tuple(MODEL_SUITES), "model_parts": None, "model_batch": 64,
              "metrics": ("latency_b1", "throughput_b64", "train_step_b64")},
 }
+
+
+def _not_measured(what, cfg: dict, shapes, layer_rows, model_rows) -> str:
+    """What of the preset's items the rows lack ("" when none), e.g. after a deadline."""
+    out = []
+    if "models" in what:
+        want = len(cfg["families"]) * len(cfg["metrics"])
+        got = len({(r["family"], r["metric"]) for r in model_rows})
+        if got < want:
+            out.append(f"{want - got} of {want} model items")
+    if "layers" in what:
+        want = sum(len(parts_for(s.in_ch, cfg["parts"])) for s in shapes) * 2  # infer, train
+        got = len({(r["suite"], r["layer"], r["batch"], r["mode"], r["part"])
+                   for r in layer_rows})
+        if got < want:
+            out.append(f"{want - got} of {want} layer items")
+    return " and ".join(out)
 
 
 def _progress(enabled: bool):
@@ -102,6 +120,7 @@ def run(preset: str = "quick", out_dir: str = "docs", what: Sequence[str] = ("la
         if not isinstance(threads, int) or threads < 1:
             raise ValueError(f"threads must be a positive int, got {threads!r}")
         torch.set_num_threads(threads)
+    _pattern.validate_pattern(pattern)  # before the models' minutes, not after them
     check_settle(settle, settle_ms, "settle_ms")
     check_settle(0, idle_ms, "idle_ms")
     malloc = ((retain_freed_memory() if retain_memory else None)
@@ -111,6 +130,10 @@ def run(preset: str = "quick", out_dir: str = "docs", what: Sequence[str] = ("la
     # the models' samples cost about a third of their part of the run (the optimizations
     # and processes the rest): more of them there, where single verdicts moved most
     model_reps = repeats or cfg["model_repeats"]
+    # a partial run gets a name of its own: "--what models" must not replace the full
+    # report's layer tables (docs/full_results.*) with none
+    name = name or (preset if set(what) == {"layers", "models"} else f"{preset}_{what[0]}")
+    shapes = layer_shapes(cfg["layer_suites"], cfg["batch_scale"], cfg["max_shapes"])
     step, close = _progress(progress)
     t0 = time.perf_counter()
     deadline = None if max_minutes is None else t0 + 60 * max_minutes
@@ -126,7 +149,6 @@ def run(preset: str = "quick", out_dir: str = "docs", what: Sequence[str] = ("la
         if "layers" in what:
             if "models" in what:
                 rates.append(("after the models", native.fma_rate()))
-            shapes = layer_shapes(cfg["layer_suites"], cfg["batch_scale"], cfg["max_shapes"])
             layer_rows = run_layers(shapes, cfg["parts"], repeats=reps, compile=compile,
                                     pattern=pattern, progress=step, deadline=deadline,
                                     settle=settle, settle_seconds=settle_ms / 1000)
@@ -135,10 +157,16 @@ def run(preset: str = "quick", out_dir: str = "docs", what: Sequence[str] = ("la
     rates.append(("at the end", native.fma_rate()))
     env = environment()
     fma, notes = machine_rates(rates)
+    skipped = _not_measured(what, cfg, shapes, layer_rows, model_rows)
+    if skipped and max_minutes is not None:
+        notes.append(f"The run stopped at its time budget ({max_minutes:g} min, "
+                     f"--max-minutes) before {skipped}: the tables and targets hold only "
+                     "what was measured.")
     if fma:
         env["fma_rate"] = fma
     env["malloc"] = malloc
-    env["settle"] = f"{settle} untimed call(s), at least {settle_ms:g} ms, before each timed one"
+    env["settle"] = (f"{settle} untimed call(s), at least {settle_ms:g} ms, before each timed one"
+                     if settle else "no untimed calls before the timed ones")
     if "models" in what:
         env["settle"] += f"; models: after {idle_ms:g} ms of sleep"
     if "models" in what:
@@ -148,4 +176,4 @@ def run(preset: str = "quick", out_dir: str = "docs", what: Sequence[str] = ("la
         if pools:
             env["onnxruntime_threads"] = "; ".join(pools)
     return write_report(layer_rows, model_rows, out_dir, env, time.perf_counter() - t0,
-                        name or preset, notes=notes)
+                        name, notes=notes)

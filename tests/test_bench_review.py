@@ -1,0 +1,298 @@
+"""The benchmark harness measures and reports what it says (no timing asserts: the numbers
+each test expects come from the rows it builds or the timings it fakes)."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+
+import hetconv
+import hetconv.functional as HF
+from hetconv import bench
+from hetconv._timing import Timing
+from hetconv.bench import layers as bl
+from hetconv.bench import models as bm
+from hetconv.bench.report import layer_table, model_table, target_checks
+
+bench_run = importlib.import_module("hetconv.bench.run")  # the module, not bench.run()
+
+TINY = bench.LayerShape("t", "8->8 6x6", 2, 8, 8, 6, 1)
+
+
+def _break_backend(monkeypatch, backend, how):
+    real = HF.het_conv2d
+
+    def het_conv2d(x, wk, w1, bias=None, stride=1, padding=None, dilation=1,
+                   pattern="shifted", backend_=None, *args, **kwargs):
+        chosen = kwargs.pop("backend", backend_)
+        if chosen == backend:
+            return how(real, x, wk, w1, bias, stride, padding, dilation, pattern, chosen)
+        return real(x, wk, w1, bias, stride, padding, dilation, pattern, chosen,
+                    *args, **kwargs)
+    monkeypatch.setattr(HF, "het_conv2d", het_conv2d)
+
+
+def test_layer_candidates_are_checked_against_the_definition_before_timing(monkeypatch):
+    """A backend computing another layer (here: the other pattern, as fast as the right
+    one) must not be timed as if it computed this one."""
+    bl.check_candidates(bl.layer_candidates(TINY, 2), False)  # all fine as they are
+
+    def wrong_pattern(real, x, wk, w1, bias, s, pad, dil, pattern, backend):
+        other = "blocked" if pattern == "shifted" else "shifted"
+        return real(x, wk, w1, bias, s, pad, dil, other, backend)
+    _break_backend(monkeypatch, "grouped", wrong_pattern)
+    with pytest.raises(RuntimeError, match="het_grouped"):
+        bench.run_layers([TINY], parts=(1, 2), modes=("infer",), repeats=1, warmup=0,
+                         settle=0, settle_seconds=0.0)
+
+
+def test_layer_training_candidates_are_checked_for_their_gradients(monkeypatch):
+    """A training step whose backward drops a weight's gradient is cheaper: caught."""
+    bl.check_candidates(bl.layer_candidates(TINY, 2, train=True), True)
+
+    def no_kxk_gradient(real, x, wk, w1, bias, s, pad, dil, pattern, backend):
+        return real(x, wk.detach(), w1, bias, s, pad, dil, pattern, "dense")
+    _break_backend(monkeypatch, "grouped", no_kxk_gradient)
+    with pytest.raises(RuntimeError, match="het_grouped .*gradient of leaf 1"):
+        bench.run_layers([TINY], parts=(2,), modes=("train",), repeats=1, warmup=0,
+                         settle=0, settle_seconds=0.0)
+
+
+def test_dense_baselines_and_public_designs_carry_references():
+    cands = bl.layer_candidates(TINY, 2)
+    named = {k for k, v in cands.items() if getattr(v, "reference", None) is not None}
+    assert {"dense_cl", "branches"} <= named
+    assert {k for k in cands if k.startswith("het_")} <= named
+
+
+def test_model_variants_are_checked_against_the_model(monkeypatch):
+    """An optimized model that computes something else must not be timed."""
+    import hetconv.deploy as deploy
+
+    real = deploy.optimize_for_inference
+
+    def broken(model, x, **kw):
+        opt = real(model, x, **kw)
+        opt.register_forward_hook(lambda mod, inp, out: out + 1.0)
+        return opt
+    monkeypatch.setattr(deploy, "optimize_for_inference", broken)
+    with pytest.raises(RuntimeError, match="optimized"):
+        bench.run_models(["vgg16_cifar"], ["throughput_b64"], parts={"vgg16_cifar": (4,)},
+                         repeats=1, warmup=0, batch=2, width=0.125, onnx=False,
+                         settle_seconds=0.0, idle_seconds=0.0)
+
+
+def test_model_training_variants_are_checked_against_the_model(monkeypatch):
+    import hetconv.permute as permute
+
+    real = permute.absorb_permutations
+
+    def broken(model, x, **kw):
+        m = real(model, x, **kw)
+        m.register_forward_hook(lambda mod, inp, out: out * 1.5)
+        return m
+    monkeypatch.setattr(permute, "absorb_permutations", broken)
+    with pytest.raises(RuntimeError, match="absorbed_cl"):
+        bench.run_models(["vgg16_cifar"], ["train_step_b64"], parts={"vgg16_cifar": (4,)},
+                         repeats=1, warmup=0, batch=4, width=0.125, onnx=False,
+                         settle_seconds=0.0, idle_seconds=0.0)
+
+
+def test_check_variants_passes_equal_results_and_names_the_wrong_one():
+    def variant(value):
+        fn = lambda: None  # noqa: E731
+        fn.output = lambda: [torch.tensor([value]), torch.tensor([2.0, 0.0])]
+        return fn
+    bm.check_variants({"eager_nchw": variant(1.0), "eager_cl": variant(1.0 + 1e-6)})
+    with pytest.raises(RuntimeError, match="optimized"):
+        bm.check_variants({"eager_nchw": variant(1.0), "eager_cl": variant(1.0),
+                           "optimized": variant(1.5)})
+
+
+def _layer_row(cand, ms, pattern, part=4, mode="infer"):
+    return {"suite": "s", "layer": "128->128 8x8", "batch": 1, "in_ch": 128, "out_ch": 128,
+            "size": 8, "stride": 1, "part": part, "mode": mode, "candidate": cand, "ms": ms,
+            "speedup": 4.0 / ms, "theory": hetconv.pattern.speedup(part), "pattern": pattern}
+
+
+def test_blocked_pattern_runs_label_the_pattern_twins_by_pattern():
+    """With --pattern blocked, het_fused is the blocked layer and het_fused_shifted the
+    shifted one: the shifted-vs-blocked check and the tables must not lose or swap them."""
+    rows = [_layer_row("dense_nchw", 4.0, "blocked"), _layer_row("het_auto", 2.0, "blocked"),
+            _layer_row("het_fused", 1.0, "blocked"),        # blocked: 1 ms
+            _layer_row("het_fused_shifted", 2.0, "blocked")]  # shifted: 2 ms
+    lines = [x for x in target_checks(rows, []) if "single layers (fused backend)" in x]
+    assert len(lines) == 1 and "0/1 cases" in lines[0] and "2.000" in lines[0]
+    assert lines[0].endswith("NOT MET")
+    table = layer_table(rows).splitlines()
+    head = [c.strip() for c in table[0].strip("|").split("|")]
+    cells = [c.strip() for c in table[2].strip("|").split("|")]
+    row = dict(zip(head, cells))
+    assert row["het_fused"] == "2.00" and row["het_fused_blocked"] == "4.00"
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]
+                           / "benchmarks"))
+    try:
+        tables = importlib.import_module("performance_tables")
+    finally:
+        sys.path.pop(0)
+    wide = tables.wide_layer_table(rows).splitlines()
+    head = [c.strip() for c in wide[0].strip("|").split("|")]
+    cells = dict(zip(head, [c.strip() for c in wide[2].strip("|").split("|")]))
+    assert cells["fused shifted"] == "2.00" and cells["fused blocked"] == "4.00"
+    # the default pattern: names unchanged
+    same = [_layer_row("dense_nchw", 4.0, "shifted"), _layer_row("het_fused", 2.0, "shifted"),
+            _layer_row("het_fused_blocked", 1.0, "shifted")]
+    lines = [x for x in target_checks(same, []) if "single layers (fused backend)" in x]
+    assert len(lines) == 1 and "2.000" in lines[0]
+
+
+def _model_row(model, metric, batch, ratio, ms=1.0):
+    return {"family": "vgg16_cifar", "model": model, "metric": metric, "variant": "eager_cl",
+            "batch": batch, "ms": ms, "images_per_s": batch / ms * 1e3, "best": True,
+            "ratio": ratio, "theory_layer": None}
+
+
+def test_model_metrics_say_the_batch_they_ran_at():
+    """The quick preset times 'throughput_b64' at batch 16: the report says so."""
+    rows = [_model_row("P1", "throughput_b64", 16, 1.0), _model_row("P4", "throughput_b64", 16, 2.6)]
+    assert "throughput_b64 (batch 16)" in model_table(rows)
+    line = [x for x in target_checks([], rows) if x.startswith("vgg16_cifar P4")][0]
+    assert "(batch 16)" in line
+    full = [_model_row("P1", "throughput_b64", 64, 1.0), _model_row("P4", "latency_b1", 1, 2.6)]
+    assert "(batch" not in model_table(full)
+
+
+def test_model_ratios_are_against_p1_wherever_the_parts_list_it(monkeypatch):
+    """parts=(4, 1): the ratio is still P4 against P1 (it was against the first listed)."""
+    medians = {"P4": 0.001, "P1": 0.003}
+    monkeypatch.setattr(bm, "_build", lambda family, part, width: nn.Identity())
+    monkeypatch.setattr(bm, "_train_variants", lambda model, x: {"eager_nchw": lambda: None})
+
+    def fake_timings(cands, **kw):
+        return {k: Timing.from_samples([medians[k.split("|")[0]]]) for k in cands}
+    monkeypatch.setattr(bm, "time_interleaved", fake_timings)
+    rows = bench.run_models(["vgg16_cifar"], ["train_step_b64"],
+                            parts={"vgg16_cifar": (4, 1)}, repeats=1, warmup=0)
+    ratio = {r["model"]: r["ratio"] for r in rows}
+    assert ratio == {"P4": pytest.approx(3.0), "P1": pytest.approx(1.0)}
+    assert {r["reference"] for r in rows} == {"P1"}
+
+
+def _fake_run(monkeypatch, model_rows=(), layer_rows=()):
+    seen = {}
+    monkeypatch.setattr(bench_run, "run_models", lambda *a, **k: list(model_rows))
+    monkeypatch.setattr(bench_run, "run_layers", lambda *a, **k: list(layer_rows))
+    monkeypatch.setattr(bench_run.native, "fma_rate", lambda *a, **k: None)
+    monkeypatch.setattr(bench_run, "write_report",
+                        lambda layers, models, out, env, seconds, name, notes:
+                        seen.update(name=name, notes=notes) or {})
+    return seen
+
+
+def test_partial_runs_do_not_replace_the_full_report(monkeypatch, tmp_path):
+    """`hetconv bench --what models` wrote docs/full_results.* with no layer tables."""
+    seen = _fake_run(monkeypatch)
+    bench.run("full", out_dir=str(tmp_path), what=("models",), progress=False, threads=None)
+    assert seen["name"] == "full_models"
+    bench.run("quick", out_dir=str(tmp_path), what=("layers",), progress=False, threads=None)
+    assert seen["name"] == "quick_layers"
+    bench.run("full", out_dir=str(tmp_path), progress=False, threads=None)
+    assert seen["name"] == "full"
+    bench.run("full", out_dir=str(tmp_path), what=("models",), name="run99", progress=False,
+              threads=None)
+    assert seen["name"] == "run99"
+
+
+def test_a_run_cut_short_by_max_minutes_says_so(monkeypatch, tmp_path):
+    one = [{"family": "vgg16_cifar", "metric": "throughput_b64"}]
+    seen = _fake_run(monkeypatch, model_rows=one)
+    bench.run("full", out_dir=str(tmp_path), what=("models",), max_minutes=1.0,
+              progress=False, threads=None)
+    n = len(bench_run.PRESETS["full"]["families"]) * len(bench_run.PRESETS["full"]["metrics"])
+    assert any(f"{n - 1} of {n} model items" in note for note in seen["notes"])
+    bench.run("quick", out_dir=str(tmp_path), what=("models",), max_minutes=1.0,
+              progress=False, threads=None)  # quick: that one item is all of it
+    assert seen["notes"] == []
+
+
+def test_a_bad_pattern_is_refused_before_the_models_run(monkeypatch, tmp_path):
+    def models(*a, **k):
+        raise AssertionError("the models ran")
+    monkeypatch.setattr(bench_run, "run_models", models)
+    with pytest.raises(ValueError, match="pattern"):
+        bench.run("quick", out_dir=str(tmp_path), pattern="diagonal", progress=False,
+                  threads=None)
+
+
+
+def _conv2d_layouts(monkeypatch) -> list:
+    """Record (input channels_last?, weight channels_last?) of every F.conv2d call."""
+    seen = []
+    real = torch.nn.functional.conv2d
+
+    def spy(x, w, *args, **kwargs):
+        seen.append((x.is_contiguous(memory_format=torch.channels_last),
+                     w.is_contiguous(memory_format=torch.channels_last)))
+        return real(x, w, *args, **kwargs)
+    monkeypatch.setattr(torch.nn.functional, "conv2d", spy)
+    return seen
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_channels_last_dense_baseline_has_channels_last_weights(monkeypatch, train):
+    """nn.Conv2d in channels_last (a model after .to(memory_format=channels_last)) has its
+    weights in channels_last too; the baseline ran NCHW weights on channels_last input,
+    which are reordered every call (a slower, weaker baseline)."""
+    shape = bench.LayerShape("t", "16->16 6x6", 2, 16, 16, 6, 1)
+    cands = bl.layer_candidates(shape, 1, train)
+    seen = _conv2d_layouts(monkeypatch)
+    cands["dense_cl"]()
+    assert seen and seen[0] == (True, True)
+    seen.clear()
+    cands["dense_nchw"]()
+    assert seen and seen[0] == (False, False)
+
+
+def test_auto_rule_sweep_channels_last_baseline_has_channels_last_weights(monkeypatch):
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "auto_rule_sweep.py"
+    spec = importlib.util.spec_from_file_location("auto_rule_sweep", path)
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    cands = sweep.candidates(bench.LayerShape("t", "16->16 6x6", 2, 16, 16, 6, 1), 1, True)
+    seen = _conv2d_layouts(monkeypatch)
+    cands["dense_cl"]()
+    assert seen and seen[0] == (True, True)
+
+
+@pytest.mark.skipif(not hetconv.native.available(), reason="native kernel unavailable")
+def test_kernel_split_check_counts_the_weight_gradients(monkeypatch):
+    """benchmarks/kernel_split.py compared the kernels' results with zip: a weight-gradient
+    kernel that returned only the KxK gradient (not the pointwise one) passed the check."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "kernel_split.py"
+    spec = importlib.util.spec_from_file_location("kernel_split", path)
+    ks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ks)
+    real = hetconv.native._weight_grad
+    monkeypatch.setattr(hetconv.native, "_weight_grad", lambda *a: real(*a)[:1])
+    with pytest.raises(RuntimeError, match="weight_grad kernel"):
+        ks.split(bench.LayerShape("t", "32->48 8x8", 1, 32, 48, 8, 1), 4, repeats=1)
+
+
+def test_environment_names_the_hetconv_version():
+    """The issue asks for the versions printed: the report named torch's and Python's but
+    not the version of hetconv it measured."""
+    from hetconv.bench.report import environment
+
+    env = environment()
+    assert env["hetconv"] == hetconv.__version__
+    assert env["torch"] == torch.__version__ and env["torch_threads"] == str(torch.get_num_threads())
