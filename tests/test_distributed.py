@@ -6,6 +6,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 
 from hetconv.train import load_checkpoint
@@ -60,3 +61,39 @@ def test_torchrun_two_cpu_processes(tmp_path):
     assert summary["status"] == "completed" and summary["world_size"] == 2
     assert len(load_checkpoint(run)["rng"]) == 2  # every rank's RNG state, for exact resume
     assert not list(run.glob("**/.*.tmp"))
+
+
+def test_torchrun_with_fewer_validation_images_than_processes(tmp_path):
+    """One validation image for two processes: rank 1 has none to validate.  DDP's buffer
+    sync at the first forward after training is a collective only the rank with images
+    entered: every rank hung (forever) at the end of the first epoch."""
+    from hetconv.train import evaluate
+
+    data_dir = write_fashion_mnist(tmp_path / "fm", n_train=32, n_test=1)
+    out = tmp_path / "runs"
+    script = tmp_path / "train_ddp.py"
+    script.write_text(SCRIPT.replace("epochs=2", "epochs=1"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    log = tmp_path / "torchrun.log"
+    with open(log, "w") as f:  # a file, not a pipe: nothing waits on the workers' output
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+             "--standalone", str(script), str(data_dir), str(out)],
+            env=env, stdout=f, stderr=subprocess.STDOUT)
+        try:
+            proc.wait(timeout=150)
+        except subprocess.TimeoutExpired:
+            proc.terminate()  # torchrun stops its workers on SIGTERM
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            raise AssertionError("torchrun hung with an empty validation shard") from None
+    assert proc.returncode == 0, log.read_text()[-4000:]
+    records = [json.loads(line) for line in (out / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["val_images"] for r in records] == [1]
+    # validated with the checkpoint's (rank 0's) BatchNorm statistics
+    result = evaluate(out / "ddp", batch_size=1)
+    assert result["images"] == 1
+    assert result["loss"] == pytest.approx(records[0]["val_loss"], rel=1e-5)

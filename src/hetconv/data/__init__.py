@@ -131,4 +131,7 @@ def build_datasets(name: str, data_dir: Optional[str] = None, *, augment: bool =
         raise ValueError(f"data must be one of {sorted(DATASETS)}, got {name!r}")
     if image_size is not None and (not isinstance(image_size, int) or image_size < 8):
         raise ValueError(f"image_size must be an int >= 8, got {image_size!r}")
+    if image_size is not None and name != "imagefolder" and image_size != 32:
+        raise ValueError(f"image_size applies to data 'imagefolder' only; {name} images are "
+                         f"32x32 (got image_size {image_size})")
     return DATASETS[name](data_dir, augment, image_size)

@@ -73,13 +73,15 @@ class TensorImageDataset(Dataset):
 
 def find_data_dir(name: str, data_dir: Optional[str], subdirs: Sequence[str],
                   system_dirs: Sequence[str], complete: Callable[[Path], bool],
-                  how_to_get: str) -> Path:
+                  how_to_get: str, missing: Optional[Callable[[Path], List[str]]] = None
+                  ) -> Path:
     """Return the first directory holding data set ``name`` (``complete(dir)`` is true).
 
     Looked at, in order: ``data_dir`` (and ``data_dir/<subdir>``) when given, otherwise
     ``$HETCONV_DATA/<subdir>`` and then the system locations.  An explicit ``data_dir``
     is never silently replaced by another copy.  Nothing found: a
-    :class:`DatasetNotFoundError` naming every path tried and ``how_to_get`` the data.
+    :class:`DatasetNotFoundError` naming every path tried (with, for a directory that
+    exists, the files ``missing(dir)`` says it lacks) and ``how_to_get`` the data.
     """
     candidates: List[Path] = []
     if data_dir is not None:
@@ -93,7 +95,17 @@ def find_data_dir(name: str, data_dir: Optional[str], subdirs: Sequence[str],
     for candidate in candidates:
         if candidate.is_dir() and complete(candidate):
             return candidate
-    tried = "\n".join(f"  {c}" for c in candidates)
+
+    def describe(c: Path) -> str:
+        if c.is_file():
+            archive = c.name.endswith((".tar.gz", ".tgz", ".tar", ".zip"))
+            return f"  {c} (a file, not a directory{': unpack it' if archive else ''})"
+        if missing is None or not c.is_dir() or not any(p.is_file() for p in c.iterdir()):
+            return f"  {c}"  # no files at all: nothing to say but "not here"
+        lacks = missing(c)
+        return f"  {c} (exists, but lacks {', '.join(lacks)})" if lacks else f"  {c}"
+
+    tried = "\n".join(describe(c) for c in candidates)
     hint = "" if data_dir is not None else " (or set $HETCONV_DATA, or pass --data-dir)"
     raise DatasetNotFoundError(
         f"{name} not found. Looked in:\n{tried}\n{how_to_get}{hint}")

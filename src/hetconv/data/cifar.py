@@ -60,8 +60,12 @@ def _read_batch(path: Path) -> Tuple[torch.Tensor, torch.Tensor]:
     return images.view(-1, 3, 32, 32), targets
 
 
+def _missing(directory: Path) -> list:
+    return [name for name in TRAIN_BATCHES + TEST_BATCHES if not (directory / name).is_file()]
+
+
 def _complete(directory: Path) -> bool:
-    return all((directory / name).is_file() for name in TRAIN_BATCHES + TEST_BATCHES)
+    return not _missing(directory)
 
 
 def find_cifar10(data_dir: Optional[str] = None) -> Path:
@@ -70,7 +74,7 @@ def find_cifar10(data_dir: Optional[str] = None) -> Path:
     ``$HETCONV_DATA/cifar10/cifar-10-batches-py``."""
     return find_data_dir("CIFAR-10", data_dir,
                          ["cifar-10-batches-py", "cifar10/cifar-10-batches-py"], [],
-                         _complete, HOW_TO_GET)
+                         _complete, HOW_TO_GET, _missing)
 
 
 def load_cifar10(directory: Union[str, Path], split: str) -> Tuple[torch.Tensor, torch.Tensor]:

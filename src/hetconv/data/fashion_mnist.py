@@ -112,8 +112,13 @@ def _file(directory: Path, stem: str) -> Optional[Path]:
     return None
 
 
+def _missing(directory: Path) -> list:
+    return [stem + "[.gz]" for pair in _FILES.values() for stem in pair
+            if _file(directory, stem) is None]
+
+
 def _complete(directory: Path) -> bool:
-    return all(_file(directory, stem) is not None for pair in _FILES.values() for stem in pair)
+    return not _missing(directory)
 
 
 def find_fashion_mnist(data_dir: Optional[str] = None) -> Path:
@@ -123,7 +128,7 @@ def find_fashion_mnist(data_dir: Optional[str] = None) -> Path:
     ``$HETCONV_DATA/fashion-mnist``, then ``/usr/share/datasets/fashion-mnist``.
     """
     return find_data_dir("Fashion-MNIST", data_dir, ["fashion-mnist"], [SYSTEM_DIR],
-                         _complete, HOW_TO_GET)
+                         _complete, HOW_TO_GET, _missing)
 
 
 def load_fashion_mnist(directory: Union[str, Path], split: str) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -140,6 +145,9 @@ def load_fashion_mnist(directory: Union[str, Path], split: str) -> Tuple[torch.T
     if images.dtype != torch.uint8 or labels.dtype != torch.uint8:
         raise DatasetFormatError(f"{directory}: Fashion-MNIST images and labels are unsigned "
                                  f"bytes, got {images.dtype} and {labels.dtype}")
+    if tuple(images.shape[1:]) != (28, 28):  # padded to the 32x32 the models are built for
+        raise DatasetFormatError(f"{image_path}: Fashion-MNIST images are 28x28, this file holds "
+                                 f"{tuple(images.shape[1:])} images")
     if images.shape[0] != labels.shape[0]:
         raise DatasetFormatError(f"{directory}: count mismatch: {image_path.name} holds "
                                  f"{images.shape[0]} images, {label_path.name} "

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Iterator, List
+from typing import Any, Iterator, List, Tuple
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import Sampler
+from torch.utils.data import Dataset, Sampler
 
-__all__ = ["DistContext", "EvalShardSampler", "TrainSampler", "setup_distributed"]
+__all__ = ["DistContext", "EvalShardSampler", "SeededItems", "TrainSampler",
+           "setup_distributed"]
 
 
 @dataclass
@@ -69,6 +70,13 @@ class DistContext:
         dist.all_gather_object(out, obj)
         return out
 
+    def broadcast_buffers(self, module: torch.nn.Module) -> None:
+        """Rank 0's buffers (BatchNorm running statistics) in ``module`` on every rank."""
+        if not self.distributed:
+            return
+        for buffer in module.buffers():
+            dist.broadcast(buffer.data, src=0)
+
     def barrier(self) -> None:
         if self.distributed:
             dist.barrier()
@@ -114,12 +122,16 @@ class TrainSampler(Sampler[int]):
     the run was interrupted before it or not.  Every rank gets ``ceil(n / world)``
     indices (the permutation wraps around to even the shares, like
     ``DistributedSampler``).
+
+    ``item_seeds``: yield ``(index, seed)`` pairs instead, ``seed`` a function of
+    ``(seed, epoch, index)`` only, for :class:`SeededItems` to draw each image's random
+    augmentation from: the same whatever the number of loader workers or processes.
     """
 
     def __init__(self, size: int, seed: int, rank: int = 0, world_size: int = 1,
-                 shuffle: bool = True) -> None:
+                 shuffle: bool = True, item_seeds: bool = False) -> None:
         self.size, self.seed, self.rank, self.world_size = size, seed, rank, world_size
-        self.shuffle = shuffle
+        self.shuffle, self.item_seeds = shuffle, item_seeds
         self.epoch = 0
         self.num_samples = -(-size // world_size)
 
@@ -134,10 +146,44 @@ class TrainSampler(Sampler[int]):
             order = list(range(self.size))
         total = self.num_samples * self.world_size
         order = (order * (-(-total // max(len(order), 1))))[:total]
-        return iter(order[self.rank:total:self.world_size])
+        mine = order[self.rank:total:self.world_size]
+        if self.item_seeds:
+            return iter([(i, _mix(self.seed, self.epoch, i)) for i in mine])
+        return iter(mine)
 
     def __len__(self) -> int:
         return self.num_samples
+
+
+def _mix(*values: int) -> int:
+    """A 63-bit seed from ``values`` (splitmix64 steps): neighbouring inputs, unrelated seeds."""
+    mask = (1 << 64) - 1
+    h = 0x9E3779B97F4A7C15
+    for v in values:
+        h = ((h ^ (v & mask)) * 0xBF58476D1CE4E5B9) & mask
+        h = ((h ^ (h >> 27)) * 0x94D049BB133111EB) & mask
+        h ^= h >> 31
+    return h >> 1
+
+
+class SeededItems(Dataset):
+    """``dataset`` indexed by ``(index, seed)``: the item's transform draws its randomness
+    (torch's default generator) from ``seed``; the caller's generator state is kept."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: Tuple[int, int]) -> Any:
+        index, seed = key
+        state = torch.get_rng_state()
+        torch.default_generator.manual_seed(seed)
+        try:
+            return self.dataset[index]
+        finally:
+            torch.set_rng_state(state)
 
 
 class EvalShardSampler(Sampler[int]):

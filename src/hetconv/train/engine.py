@@ -10,15 +10,17 @@ A run directory (``out/name``) holds::
     summary.json         final (or failure) summary: accuracy, MACs, params, throughput
     train.log            the log
 
-The epoch's data order depends only on ``(seed, epoch)`` and the RNG states are
-restored on resume, so a run interrupted at any moment and resumed with
-``resume=RUN_DIR`` ends with exactly the weights and metrics of an uninterrupted run
-(CPU, same seed, same number of processes).
+The epoch's data order depends only on ``(seed, epoch)``, each training image's random
+augmentation only on ``(seed, epoch, index)`` (not on the number of loader workers), and
+the RNG states are restored on resume, so a run interrupted at any moment and resumed
+with ``resume=RUN_DIR`` ends with exactly the weights and metrics of an uninterrupted run
+(CPU, same seed, same number of processes; any ``workers``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -38,7 +40,8 @@ from ..data import DatasetInfo, build_datasets
 from .checkpoint import (CheckpointError, atomic_write_json, capture_rng_state, load_checkpoint,
                          load_model_state, restore_rng_state, save_checkpoint)
 from .config import TrainConfig
-from .distributed import DistContext, EvalShardSampler, TrainSampler, setup_distributed
+from .distributed import (DistContext, EvalShardSampler, SeededItems, TrainSampler,
+                          setup_distributed)
 from .metrics import topk_correct, write_metrics
 
 __all__ = ["NonFiniteLossError", "RunDirExistsError", "build_model", "evaluate_model", "fit",
@@ -122,6 +125,55 @@ def _fixed_subset(dataset: Dataset, size: Optional[int], seed: int) -> Dataset:
         return dataset
     g = torch.Generator().manual_seed(seed)
     return Subset(dataset, torch.randperm(len(dataset), generator=g)[:size].tolist())
+
+
+def _labels(dataset: Dataset) -> Optional[torch.Tensor]:
+    """The labels of ``dataset`` in index order (``None`` when it does not expose them)."""
+    if isinstance(dataset, Subset):
+        base = _labels(dataset.dataset)
+        return None if base is None else base[torch.as_tensor(dataset.indices, dtype=torch.long)]
+    targets = getattr(dataset, "targets", None)
+    return None if targets is None else torch.as_tensor(targets, dtype=torch.int64)
+
+
+def _dataset_record(info: DatasetInfo, train_ds: Dataset, val_ds: Dataset) -> Dict[str, Any]:
+    """What a run was trained and validated on: the data set, its classes, the image counts
+    and a fingerprint of each split's labels in index order (after any fixed subset)."""
+    record: Dict[str, Any] = {"name": info.name, "root": info.root,
+                              "num_classes": info.num_classes, "in_chans": info.in_chans,
+                              "image_size": info.image_size, "classes": list(info.classes),
+                              "train_images": len(train_ds), "val_images": len(val_ds)}
+    for split, ds in (("train", train_ds), ("val", val_ds)):
+        labels = _labels(ds)
+        record[f"{split}_labels_sha256"] = None if labels is None else \
+            hashlib.sha256(labels.numpy().tobytes()).hexdigest()
+    return record
+
+
+# What must not change when a run is resumed (``root`` may: a moved copy of the same data).
+_DATASET_KEYS = ("name", "num_classes", "in_chans", "image_size", "classes", "train_images",
+                 "val_images", "train_labels_sha256", "val_labels_sha256")
+
+
+def _check_same_data(saved: Optional[Mapping[str, Any]], now: Mapping[str, Any],
+                     where: str) -> None:
+    """Refuse to resume on data other than the run's (another --data-dir copy with other
+    images, classes or order would silently change the data order and the val set)."""
+    if not saved:
+        return
+    diffs = [f"{k}: run {_short(saved[k])} vs now {_short(now[k])}" for k in _DATASET_KEYS
+             if k in saved and saved[k] is not None and now.get(k) is not None
+             and saved[k] != now[k]]
+    if diffs:
+        raise CheckpointError(
+            f"{where}: the data set at {now['root']} is not the one this run was trained on "
+            f"({saved.get('root')}): " + "; ".join(diffs) + " (resume with --data-dir "
+            f"pointing to the run's data)")
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _autocast(config: TrainConfig, device: torch.device):
@@ -413,10 +465,11 @@ def _fit(config: TrainConfig, ctx: DistContext, resume, force: bool,
                                             image_size=config.image_size)
     train_ds = _fixed_subset(train_ds, config.train_subset, config.seed)
     val_ds = _fixed_subset(val_ds, config.val_subset, config.seed + 1)
+    dataset = _dataset_record(info, train_ds, val_ds)
     net = model if model is not None else build_model(config, info)
     identity = model_identity(config) if model is None else {"arch": config.model,
                                                              "conv": "custom"}
-    torch.manual_seed(config.seed + ctx.rank)  # per-rank augmentation / dropout streams
+    torch.manual_seed(config.seed + ctx.rank)  # per-rank dropout streams
     net.to(ctx.device)
     if config.channels_last:
         net.to(memory_format=torch.channels_last)
@@ -435,12 +488,14 @@ def _fit(config: TrainConfig, ctx: DistContext, resume, force: bool,
                                   f"directory); start it again with --force")
         ckpt = load_checkpoint(run_dir / "checkpoints" / "last.pt")
         _check_resumable(config, ckpt)
+        _check_same_data(ckpt.get("dataset") or _saved_dataset(run_dir), dataset,
+                         ckpt["path"])
         load_model_state(net, ckpt, f"{config.model} {config.model_kwargs}")
         optimizer.load_state_dict(ckpt["optimizer"])
         rng = ckpt["rng"]
         if len(rng) != ctx.world_size:
             log.warning("checkpoint written by %d process(es), resuming with %d: the data "
-                        "order is kept, random augmentation streams are not", len(rng),
+                        "order and augmentation are kept, dropout streams are not", len(rng),
                         ctx.world_size)
         restore_rng_state(rng[ctx.rank % len(rng)])
         history, best, start_epoch = list(ckpt["history"]), ckpt["best"], ckpt["epoch"]
@@ -459,19 +514,21 @@ def _fit(config: TrainConfig, ctx: DistContext, resume, force: bool,
         if ctx.is_main:
             atomic_write_json(run_dir / "config.json", {
                 "config": config.to_dict(), "model": identity,
-                "dataset": {"name": info.name, "root": info.root, "num_classes": info.num_classes,
-                            "in_chans": info.in_chans, "image_size": info.image_size,
-                            "train_images": len(train_ds), "val_images": len(val_ds)},
+                "dataset": dataset,
                 "world_size": ctx.world_size, "torch": torch.__version__,
                 "hetconv": _version()})
     scheduler = _make_scheduler(optimizer, config, start_epoch)
 
     per_rank = config.batch_size // ctx.world_size
-    train_sampler = TrainSampler(len(train_ds), config.seed, ctx.rank, ctx.world_size)
+    # With augmentation every image's random draws come from (seed, epoch, index): the
+    # same with any number of loader workers or processes (--workers may change on resume).
+    train_sampler = TrainSampler(len(train_ds), config.seed, ctx.rank, ctx.world_size,
+                                 item_seeds=config.augment)
     loader_gen = torch.Generator()
     workers = _workers(config)
     pin = ctx.device.type == "cuda"
-    train_loader = DataLoader(train_ds, batch_size=per_rank, sampler=train_sampler,
+    train_loader = DataLoader(SeededItems(train_ds) if config.augment else train_ds,
+                              batch_size=per_rank, sampler=train_sampler,
                               num_workers=workers, generator=loader_gen, pin_memory=pin,
                               drop_last=len(train_sampler) >= per_rank)
     val_loader = DataLoader(val_ds, batch_size=config.eval_batch_size or per_rank * 2,
@@ -485,11 +542,16 @@ def _fit(config: TrainConfig, ctx: DistContext, resume, force: bool,
     wrapped: nn.Module = net
     if config.absorb_permutations:
         wrapped = _absorbed(net, info, ctx)
+    # Validation under torchrun runs the module without DDP, on rank 0's BatchNorm
+    # statistics (broadcast first): DDP's own buffer sync at the first forward after
+    # training is a collective, which hung every rank when one had no validation image.
+    validated = wrapped
     if ctx.distributed:
         wrapped = nn.parallel.DistributedDataParallel(
             wrapped, device_ids=[ctx.device] if ctx.device.type == "cuda" else None)
     if config.compile:
         wrapped = torch.compile(wrapped)
+        validated = wrapped if not ctx.distributed else validated
 
     ckpt_dir = run_dir / "checkpoints"
     with _file_logging(run_dir, ctx.is_main):
@@ -506,7 +568,8 @@ def _fit(config: TrainConfig, ctx: DistContext, resume, force: bool,
                 loader_gen.manual_seed(config.seed * 100_003 + epoch * 1_009 + ctx.rank)
                 lr = optimizer.param_groups[0]["lr"]
                 train = _train_epoch(wrapped, train_loader, optimizer, config, ctx, epoch)
-                val = evaluate_model(wrapped, val_loader, device=ctx.device,
+                ctx.broadcast_buffers(net)
+                val = evaluate_model(validated, val_loader, device=ctx.device,
                                      num_classes=info.num_classes, ctx=ctx,
                                      limit_batches=config.limit_val_batches,
                                      channels_last=config.channels_last, amp=config.amp,
@@ -525,7 +588,7 @@ def _fit(config: TrainConfig, ctx: DistContext, resume, force: bool,
                 rng_states = ctx.all_gather(capture_rng_state())
                 if ctx.is_main:
                     _save_epoch(ckpt_dir, net, optimizer, scheduler, config, identity, epoch + 1,
-                                rng_states, history, best, improved, ctx.world_size)
+                                rng_states, history, best, improved, ctx.world_size, dataset)
                     write_metrics(run_dir, history)
                     log.info("epoch %d/%d: train loss %.4f top-1 %.2f%% | val loss %.4f "
                              "top-1 %.2f%% | lr %.4g | %.1fs", epoch + 1, config.epochs,
@@ -563,16 +626,25 @@ def _fmt(n: float) -> str:
 def _save_epoch(ckpt_dir: Path, net: nn.Module, optimizer, scheduler, config: TrainConfig,
                 identity: Dict[str, Any], epoch: int, rng_states: List[Dict[str, Any]],
                 history: List[Dict[str, Any]], best: Dict[str, Any], improved: bool,
-                world_size: int) -> None:
+                world_size: int, dataset: Dict[str, Any]) -> None:
     """``last.pt`` first, then (if the epoch improved) ``best.pt``; both atomic."""
     model_state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
     common = {"model": model_state, "config": config.to_dict(), "identity": identity,
-              "epoch": epoch}
+              "epoch": epoch, "dataset": dataset}
     save_checkpoint(ckpt_dir / "last.pt", {
         **common, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
         "rng": rng_states, "history": history, "best": best, "world_size": world_size})
     if improved:
         save_checkpoint(ckpt_dir / "best.pt", {**common, "metrics": history[-1]})
+
+
+def _saved_dataset(run_dir: Path) -> Optional[Dict[str, Any]]:
+    """The ``dataset`` record of ``run_dir/config.json`` (checkpoints older than the record)."""
+    try:
+        saved = json.loads((run_dir / "config.json").read_text()).get("dataset")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return saved if isinstance(saved, dict) else None
 
 
 def _update_config_file(run_dir: Path, config: TrainConfig) -> None:
@@ -596,7 +668,8 @@ def _repair_best(run_dir: Path, last: Mapping[str, Any]) -> None:
         current = None
     if best and current != best["epoch"] and best["epoch"] == last["epoch"]:
         log.warning("best.pt is older than last.pt (interrupted write); rewriting it")
-        save_checkpoint(path, {k: last[k] for k in ("model", "config", "identity", "epoch")}
+        save_checkpoint(path, {k: last[k] for k in ("model", "config", "identity", "epoch",
+                                                    "dataset") if k in last}
                         | {"metrics": last["history"][-1]})
 
 

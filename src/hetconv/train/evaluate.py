@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
@@ -19,6 +20,7 @@ __all__ = ["compare", "evaluate", "format_compare", "load_summary", "plot_compar
            "plot_format"]
 
 PathLike = Union[str, Path]
+log = logging.getLogger("hetconv.train")
 
 
 def _resolve_checkpoint(path: Path, which: str) -> Path:
@@ -79,7 +81,10 @@ def evaluate(path: PathLike, *, data: Optional[str] = None, data_dir: Optional[s
     name = data or config.data
     # An explicit other data set is looked up afresh, not in the training data_dir.
     where = data_dir if (data_dir is not None or data is not None) else config.data_dir
-    _, val_ds, info = build_datasets(name, where, augment=False, image_size=config.image_size)
+    # image_size is imagefolder's (runs from before that was checked may hold another).
+    size = config.image_size if name == "imagefolder" else None
+    _, val_ds, info = build_datasets(name, where, augment=False, image_size=size)
+    _check_data(ckpt_path, ckpt.get("dataset"), info)
     model = build_model(config, info)
     load_model_state(model, ckpt, f"{config.model} {config.model_kwargs}")
     model.to(dev)
@@ -91,6 +96,27 @@ def evaluate(path: PathLike, *, data: Optional[str] = None, data_dir: Optional[s
     return {"model": config.model, "identity": model_identity(config), "data": info.name,
             "checkpoint": str(ckpt_path), "epoch": int(ckpt["epoch"]), "device": str(dev),
             **metrics, **_profile(model, info)}
+
+
+def _check_data(ckpt_path: Path, saved: Optional[Dict[str, Any]], info) -> None:
+    """The data set evaluated on has the classes and channels the model was trained on
+    (checkpoints that record them): a clear error rather than a state-dict shape mismatch,
+    a warning when the class names differ (the labels may mean other classes)."""
+    if not isinstance(saved, dict):
+        return
+    want = (saved.get("num_classes"), saved.get("in_chans"))
+    if None not in want and want != (info.num_classes, info.in_chans):
+        raise ValueError(f"{ckpt_path}: the model was trained on {saved.get('name')} "
+                         f"({want[0]} classes, {want[1]} channel(s)); {info.name} at "
+                         f"{info.root} has {info.num_classes} classes, {info.in_chans} "
+                         f"channel(s)")
+    classes = saved.get("classes")
+    if classes and info.classes and list(classes) != list(info.classes):
+        diff = [f"{i}: {a!r} vs {b!r}" for i, (a, b) in enumerate(zip(classes, info.classes))
+                if a != b]
+        log.warning("%s: class names differ from the training data's (label %s); the "
+                    "accuracy assumes label i means the same class in both", ckpt_path,
+                    ", ".join(diff[:3]))
 
 
 def load_summary(run_dir: PathLike) -> Dict[str, Any]:
@@ -114,27 +140,38 @@ def _is_dense(summary: Dict[str, Any]) -> bool:
     return ident.get("part") == 1 and ident.get("conv") == "hetconv"
 
 
+def _dense_counterpart(summary: Dict[str, Any]) -> tuple:
+    """What a run's dense reference must share with it: data set, architecture, width
+    multiplier and squeeze-excitation (the builders' defaults 1.0 and False when unset);
+    the HetConv options (part, conv, groups, pattern, ...) are what the reduction measures."""
+    ident = summary.get("identity", {})
+    return (summary.get("data"), ident.get("arch"), float(ident.get("width", 1.0)),
+            bool(ident.get("se", False)))
+
+
 def compare(run_dirs: Sequence[PathLike]) -> List[Dict[str, Any]]:
     """One row per run: accuracy, MACs, params, reduction vs the dense run, throughput.
 
     The dense reference of a run is the first run with ``part`` 1 (plain convolutions)
-    of the same architecture and data set (any dense run of that data set when no
-    architecture matches); without one the reductions are ``None``.
+    of the same data set, architecture, width and squeeze-excitation (a dense run of
+    another width or architecture has other MACs and params: no reduction against it);
+    without one the reductions are ``None``.  ``reference`` names the reference run.
     """
     if not run_dirs:
         raise ValueError("compare needs at least one run directory")
     summaries = [(str(d), load_summary(d)) for d in run_dirs]
     rows = []
     for run_dir, s in summaries:
-        dense = [d for _, d in summaries if _is_dense(d) and d["data"] == s["data"]]
-        same_arch = [d for d in dense if d["identity"].get("arch") == s["identity"].get("arch")]
-        ref = (same_arch or dense or [None])[0]
+        key = _dense_counterpart(s)
+        ref_dir, ref = next(((d, r) for d, r in summaries
+                             if _is_dense(r) and _dense_counterpart(r) == key), (None, None))
         rows.append({
             "run": Path(run_dir).name, "run_dir": run_dir, "model": s["model"],
             "part": s["identity"].get("part"), "data": s["data"], "top1": s["val_top1"],
             "top5": s["val_top5"], "macs": s["macs"], "params": s["params"],
             "macs_reduction": None if ref is None else 100.0 * (1 - s["macs"] / ref["macs"]),
             "params_reduction": None if ref is None else 100.0 * (1 - s["params"] / ref["params"]),
+            "reference": None if ref_dir is None else Path(ref_dir).name,
             "images_per_s": s["images_per_s"], "epochs": s["epochs"]})
     return rows
 
@@ -155,7 +192,8 @@ def format_compare(rows: Sequence[Dict[str, Any]]) -> str:
     out = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w)
                      for i, (c, w) in enumerate(zip(line, widths))) for line in lines]
     out.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(out) + "\nreductions are relative to the dense (P=1) run of the same data"
+    return ("\n".join(out) + "\nreductions are relative to the dense (P=1) run of the same "
+            "data, architecture, width and SE (\"-\": none among these runs)")
 
 
 def plot_format(path: PathLike) -> str:
