@@ -506,6 +506,42 @@ def test_bench_cli_prints_the_reports_notes(tmp_path, capsys, monkeypatch):
     assert "**Note.** The machine's FMA rate varied 2.50x" in out
 
 
+def test_bench_cli_prints_targets_that_end_the_report(tmp_path, capsys, monkeypatch):
+    from hetconv.cli import main
+
+    report = tmp_path / "t_results.md"
+    report.write_text("# Benchmark results (t)\n\n## Targets\n\n- the last target: MET")
+    monkeypatch.setattr("hetconv.bench.run", lambda *a, **k: {"markdown": str(report)})
+    assert main(["bench", "--quick", "--out", str(tmp_path)]) == 0
+    assert "- the last target: MET\n" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args,want", [(["--quick"], False), ([], True),
+                                       (["--no-compile"], False), (["--quick", "--compile"], True)])
+def test_bench_compiles_the_baselines_in_the_full_run(tmp_path, monkeypatch, args, want):
+    """The issue's dense baseline is the best of eager and torch.compile: the full run times
+    the compiled variants unless told not to; the quick one only when asked."""
+    import sys
+
+    from hetconv.cli import main
+
+    report = tmp_path / "r.md"
+    report.write_text("## Targets\n")
+    got = {}
+    monkeypatch.setattr("hetconv.bench.run", lambda *a, **k: got.update(k) or {"markdown": str(report)})
+    assert main(["bench", *args]) == 0
+    monkeypatch.undo()
+    run_mod = sys.modules["hetconv.bench.run"]
+    seen = {}
+    monkeypatch.setattr(run_mod, "run_models", lambda *a, **k: seen.update(k) or [])
+    monkeypatch.setattr(run_mod, "write_report", lambda *a, **k: {"env": a[3]})
+    monkeypatch.setattr(run_mod.native, "fma_rate", lambda *a, **k: None)
+    out = bench.run("quick" if "--quick" in args else "full", out_dir=str(tmp_path),
+                    what=("models",), progress=False, threads=None, compile=got["compile"])
+    assert seen["compile"] is want
+    assert out["env"]["torch_compile"].startswith("compiled" if want else "not timed")
+
+
 @pytest.mark.skipif(not hetconv.native.available(), reason="native kernel unavailable")
 @pytest.mark.parametrize("stride", [1, 2])
 def test_kernel_split_script_times_each_checked_kernel(stride, monkeypatch):

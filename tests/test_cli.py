@@ -55,3 +55,17 @@ def test_train_refuses_an_option_and_a_model_arg_that_disagree(tmp_path, capsys)
     assert not (tmp_path / "r").exists()
     assert main(base + ["--model-arg", "part=4", "--part", "8"]) != 0
     assert "--part 8 and --model-arg part=4 disagree" in capsys.readouterr().err
+
+
+def test_model_arg_reads_json_and_python_literals():
+    """``--model-arg se=False`` must give False (the string "False" is truthy: SE blocks
+    would be added); JSON values parse, anything else stays a string."""
+    from hetconv.train.commands import parse_model_arg
+
+    assert parse_model_arg("se=False") == ("se", False)
+    assert parse_model_arg("se=True") == ("se", True)
+    assert parse_model_arg("se=false") == ("se", False)
+    assert parse_model_arg("groups=None") == ("groups", None)
+    assert parse_model_arg("width=0.5") == ("width", 0.5)
+    assert parse_model_arg("conv=gwc_pwc") == ("conv", "gwc_pwc")
+    assert parse_model_arg("conv=false_name") == ("conv", "false_name")

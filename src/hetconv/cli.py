@@ -334,12 +334,14 @@ def _add_bench(sub) -> None:
                    help="per-layer shapes, per-model timings or both (default: all)")
     p.add_argument("--out", default="docs", help="output directory (default: docs)")
     p.add_argument("--name", default=None,
-                   help="file name prefix of the results (default: 'quick' or 'full')")
+                   help="file name prefix of the results (default: 'quick' or 'full', and "
+                        "'<that>_layers' / '<that>_models' with --what layers / models)")
     p.add_argument("--threads", type=_positive_int, default=2,
                    help="torch intra-op threads (default: 2, the target machine)")
     p.add_argument("--repeats", type=_positive_int, default=None,
                    help="timed repeats per candidate (default: 3 quick; full: 5 per layer, 9 per "
-                        "model - the models' samples are cheap next to their optimization)")
+                        "model - the models' samples are cheap next to their optimization; "
+                        "batch-1 latency takes 3 times as many)")
     p.add_argument("--settle", type=_number_arg(int, 0), default=1,
                    help="untimed calls of a candidate right before each of its timed calls "
                         "(default: 1, steady state: no candidate is timed cold after another "
@@ -353,8 +355,11 @@ def _add_bench(sub) -> None:
                         f"(default: {IDLE_MS:g}): onnxruntime's threads spin after its call and "
                         "kept slowing the next torch model through 10 ms of its calls (VGG-16 "
                         "P4 at batch 1: 7.1 ms against 2.4 ms); idle cores let them park")
-    p.add_argument("--compile", action="store_true",
-                   help="also time torch.compile'd dense baselines and models (slow to compile)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="also time torch.compile'd dense baselines (per layer) and compiled "
+                        "models (inference), so the best of eager and compiled is the "
+                        "reference (default: on in the full run, off with --quick; "
+                        "--no-compile saves the compile minutes)")
     p.add_argument("--no-onnx", action="store_true", help="skip the onnxruntime model variant")
     p.add_argument("--pattern", choices=PATTERNS, default="shifted",
                    help="HetConv pattern of the per-layer candidates (default: shifted; the "
@@ -413,7 +418,8 @@ def _run_bench(args) -> int:
     with open(paths["markdown"]) as f:
         text = f.read()
     start = text.find("## Targets")
-    print(text[start:text.find("\n## ", start + 3)] if start >= 0 else text)
+    end = text.find("\n## ", start + 3) if start >= 0 else -1
+    print(text if start < 0 else text[start:] if end < 0 else text[start:end])
     for line in text.splitlines():
         if line.startswith(NOTE_PREFIX):  # e.g. the machine changed speed during the run
             print(line)

@@ -46,11 +46,11 @@ PRESETS: Dict[str, dict] = {
     "quick": {"layer_suites": ("vgg16_cifar",), "max_shapes": 3, "batch_scale": 0.25,
               "parts": (1, 4), "repeats": 3, "model_repeats": 3, "families": ("vgg16_cifar",),
               "model_parts": {"vgg16_cifar": (1, 4)}, "model_batch": 16,
-              "metrics": ("throughput_b64",)},
+              "metrics": ("throughput_b64",), "compile": False},
     "full": {"layer_suites": tuple(LAYER_SUITES), "max_shapes": None, "batch_scale": 1.0,
              "parts": (1, 2, 4, 8, 16, 32, 64, "C"), "repeats": 5, "model_repeats": 9,
              "families": tuple(MODEL_SUITES), "model_parts": None, "model_batch": 64,
-             "metrics": ("latency_b1", "throughput_b64", "train_step_b64")},
+             "metrics": ("latency_b1", "throughput_b64", "train_step_b64"), "compile": True},
 }
 
 
@@ -88,14 +88,18 @@ def _progress(enabled: bool):
 
 
 def run(preset: str = "quick", out_dir: str = "docs", what: Sequence[str] = ("layers", "models"),
-        threads: Optional[int] = 2, repeats: Optional[int] = None, compile: bool = False,
+        threads: Optional[int] = 2, repeats: Optional[int] = None,
+        compile: Optional[bool] = None,
         onnx: bool = True, pattern: str = "shifted", progress: bool = True,
         name: Optional[str] = None, max_minutes: Optional[float] = None,
         settle: int = 1, retain_memory: bool = True, isolate: bool = True,
         settle_ms: float = SETTLE_MS, idle_ms: float = IDLE_MS) -> Dict[str, str]:
     """Run the benchmark ``preset`` and write its report to ``out_dir``; returns the written paths.
 
-    Models are measured first (the headline targets), then layers.  With
+    Models are measured first (the headline targets), then layers.  ``compile`` adds the
+    ``torch.compile``d dense convolutions to the per-layer baselines and the compiled
+    channels_last models to the inference variants (None: the preset's choice, on in
+    ``"full"``, off in ``"quick"``).  With
     ``max_minutes`` no new item starts after that budget; the report then
     holds what was measured.  ``settle`` untimed calls of a candidate precede each timed
     one, and more of them until they took ``settle_ms`` milliseconds (defaults 1 and 10:
@@ -126,6 +130,7 @@ def run(preset: str = "quick", out_dir: str = "docs", what: Sequence[str] = ("la
     malloc = ((retain_freed_memory() if retain_memory else None)
               or "default (glibc may return freed memory to the system)")
     cfg = PRESETS[preset]
+    compile = cfg["compile"] if compile is None else bool(compile)
     reps = repeats or cfg["repeats"]
     # the models' samples cost about a third of their part of the run (the optimizations
     # and processes the rest): more of them there, where single verdicts moved most
@@ -165,6 +170,8 @@ def run(preset: str = "quick", out_dir: str = "docs", what: Sequence[str] = ("la
     if fma:
         env["fma_rate"] = fma
     env["malloc"] = malloc
+    env["torch_compile"] = ("compiled dense baselines and models timed too" if compile
+                            else "not timed (eager baselines only)")
     env["settle"] = (f"{settle} untimed call(s), at least {settle_ms:g} ms, before each timed one"
                      if settle else "no untimed calls before the timed ones")
     if "models" in what:

@@ -36,10 +36,13 @@ _FIELDS = ("model", "data", "data_dir", "preset", "epochs", "batch_size", "eval_
 
 def parse_model_arg(text: str):
     """``--model-arg KEY=VALUE``; VALUE is read as JSON when it parses (``4``, ``true``,
-    ``0.5``), else kept as a string."""
+    ``0.5``), Python's ``True`` / ``False`` / ``None`` as those, else kept as a string."""
     key, sep, value = text.partition("=")
     if not sep or not key.isidentifier():
         raise argparse.ArgumentTypeError(f"model-arg must look like KEY=VALUE, got {text!r}")
+    python = {"True": True, "False": False, "None": None}
+    if value in python:  # "se=False" is no JSON, and the string "False" is truthy
+        return key, python[value]
     try:
         parsed = json.loads(value)
     except json.JSONDecodeError:
