@@ -113,6 +113,28 @@ def test_check_variants_passes_equal_results_and_names_the_wrong_one():
                            "optimized": variant(1.5)})
 
 
+def test_check_variants_takes_training_gradients_in_norm():
+    """A ReLU whose input is 0 up to rounding stops the gradient in one variant and not the
+    other: one element of a weight gradient 1.3% of the largest off (VGG-16 P1 at batch 64,
+    NCHW vs channels_last) must pass; gradients wrong by 15% in norm must not."""
+    torch.manual_seed(0)
+    grads = [torch.randn(64, 64, 3, 3), torch.randn(64)]
+
+    def variant(loss, gs):
+        fn = lambda: None  # noqa: E731
+        fn.output = lambda: [torch.tensor(loss)] + gs
+        return fn
+    flipped = [g.clone() for g in grads]
+    flipped[0].view(-1)[7] += 0.013 * max(g.abs().max() for g in grads)
+    bm.check_variants({"eager_nchw": variant(2.3, grads), "eager_cl": variant(2.3, flipped)})
+    wrong = [g * 1.15 for g in grads]
+    with pytest.raises(RuntimeError, match="optimized.*relative error 0.15"):
+        bm.check_variants({"eager_nchw": variant(2.3, grads), "optimized": variant(2.3, wrong)})
+    with pytest.raises(RuntimeError, match="absorbed_cl.*output"):
+        bm.check_variants({"eager_nchw": variant(2.3, grads),
+                           "absorbed_cl": variant(2.4, grads)})
+
+
 def _layer_row(cand, ms, pattern, part=4, mode="infer"):
     return {"suite": "s", "layer": "128->128 8x8", "batch": 1, "in_ch": 128, "out_ch": 128,
             "size": 8, "stride": 1, "part": part, "mode": mode, "candidate": cand, "ms": ms,
@@ -296,3 +318,18 @@ def test_environment_names_the_hetconv_version():
     env = environment()
     assert env["hetconv"] == hetconv.__version__
     assert env["torch"] == torch.__version__ and env["torch_threads"] == str(torch.get_num_threads())
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_public_designs_on_channels_last_input_have_channels_last_weights(monkeypatch, train):
+    """masked dense, GWC+PWC and DWC+PWC run on channels_last input: their weights must be
+    channels_last too (as in a model converted with .to(memory_format=channels_last)), or
+    each call reorders them and the public designs look slower than they are."""
+    shape = bench.LayerShape("t", "16->16 6x6", 2, 16, 16, 6, 1)
+    cands = bl.layer_candidates(shape, 4, train)
+    seen = _conv2d_layouts(monkeypatch)
+    for name in ("masked_dense", "gwc_pwc", "dwc_pwc"):
+        seen.clear()
+        cands[name]()
+        assert seen and all(x_cl for x_cl, _ in seen), name
+        assert all(w_cl for _, w_cl in seen), name

@@ -709,3 +709,62 @@ def test_compare_default_plot_never_replaces_a_file(tmp_path, vgg_run, capsys, m
     assert (tmp_path / "accuracy_vs_macs_3.png").read_bytes()[:4] == b"\x89PNG"
     assert main(["compare", str(vgg_run), "--plot", str(mine)]) == 0  # named: replaced
     assert mine.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_interrupted_force_leaves_a_run_directory_the_next_force_replaces(tmp_path, monkeypatch):
+    """--force deletes the old run's files; killed half way, what is left must still be a
+    run directory (config.json deleted last), or the next --force refuses it."""
+    import os
+
+    from hetconv.train import engine
+
+    def make(run_dir):
+        (run_dir / "checkpoints").mkdir(parents=True)
+        for name in ("config.json", "metrics.jsonl", "metrics.csv", "train.log",
+                     "summary.json", "checkpoints/last.pt", "checkpoints/best.pt"):
+            (run_dir / name).write_text("{}")
+
+    n_deletions = 8  # 7 files and the checkpoints directory
+    for stop in range(1, n_deletions):
+        run_dir = tmp_path / f"r{stop}"
+        make(run_dir)
+        done = []
+        real_unlink, real_rmdir = os.unlink, os.rmdir
+
+        def counted(real):
+            def delete(*args, **kwargs):
+                if len(done) == stop:
+                    raise KeyboardInterrupt  # killed here
+                done.append(args[0])
+                return real(*args, **kwargs)
+            return delete
+        monkeypatch.setattr(os, "unlink", counted(real_unlink))
+        monkeypatch.setattr(os, "rmdir", counted(real_rmdir))
+        with pytest.raises(KeyboardInterrupt):
+            engine._prepare_run_dir(run_dir, force=True)
+        monkeypatch.undo()
+        assert (run_dir / "config.json").exists(), f"config.json gone after {stop} deletions"
+        assert engine._prepare_run_dir(run_dir, force=True) is None
+        assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoints"]
+
+
+def test_evaluate_reproduces_a_val_subset_runs_recorded_accuracy(tmp_path, data_dir, capsys):
+    """A run trained with --val-subset records its accuracy on that fixed subset; evaluate
+    takes the same subset (the recorded loss and top-1 again), --full-split the whole one."""
+    from hetconv.cli import main
+
+    cfg = resolve_config(model="vgg16_cifar_p4", name="sub", data_dir=data_dir,
+                         out=str(tmp_path), epochs=1, batch_size=16, workers=0,
+                         val_subset=8, **TINY_VGG)
+    summary = fit(cfg)
+    recorded = json.loads((tmp_path / "sub" / "metrics.jsonl").read_text().splitlines()[-1])
+    result = evaluate(tmp_path / "sub", batch_size=3)
+    assert result["images"] == 8 and result["val_subset"] == 8
+    assert result["top1"] == pytest.approx(summary["val_top1"])
+    assert result["loss"] == pytest.approx(recorded["val_loss"], rel=1e-5)
+    full = evaluate(tmp_path / "sub", full_split=True)
+    assert full["images"] == 32 and full["val_subset"] is None
+    assert main(["evaluate", str(tmp_path / "sub")]) == 0
+    assert "8 images, the run's fixed validation subset" in capsys.readouterr().out
+    assert main(["evaluate", str(tmp_path / "sub"), "--full-split"]) == 0
+    assert "(32 images, epoch" in capsys.readouterr().out

@@ -284,6 +284,9 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--workers", type=int, default=0, help="data-loader processes (default: 0)")
     p.add_argument("--limit-batches", type=_positive_int, metavar="N",
                    help="evaluate N batches only")
+    p.add_argument("--full-split", action="store_true",
+                   help="a run trained with --val-subset N: evaluate on the whole validation "
+                        "split (default: on the fixed subset its recorded accuracy is from)")
     p.add_argument("--device", default="cpu",
                    help="cpu, cuda, cuda:N or auto (CUDA if any) (default: cpu)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")

@@ -166,6 +166,9 @@ def layer_candidates(shape: LayerShape, part: int, train: bool = False,
     def param(*size):
         return (torch.randn(*size) / (size[1] * 3) ** 0.5).requires_grad_(train)
 
+    def param_cl(*size):  # for channels_last input: channels_last weights (see w_cl below)
+        return param(*size).detach().contiguous(memory_format=cl).requires_grad_(train)
+
     cands: Dict[str, Callable[[], None]] = {}
     if baselines:
         w = param(n, m, k, k)
@@ -188,7 +191,7 @@ def layer_candidates(shape: LayerShape, part: int, train: bool = False,
             cands["dense_nchw_compiled"] = _runner(lambda: cdense(x, w), train, (x, w), ref)
             cands["dense_cl_compiled"] = _runner(lambda: cdense(x_cl, w_cl), train,
                                                  (x_cl, w_cl), ref_cl)
-        wd, wp = param(m, 1, k, k), param(n, m, 1, 1)
+        wd, wp = param_cl(m, 1, k, k), param_cl(n, m, 1, 1)
         cands["dwc_pwc"] = _runner(
             lambda: F.conv2d(F.conv2d(x_cl, wd, None, s, 1, 1, m), wp), train, (x_cl, wd, wp))
     if part == 1:
@@ -197,8 +200,10 @@ def layer_candidates(shape: LayerShape, part: int, train: bool = False,
     wk, w1 = param(n, m // part, k, k), param(n, m - m // part)
     mask = _pattern.kernel_mask(m, n, part, pattern)
     w_full, mask4 = param(n, m, k, k), _mask4(mask, k)
-    cands["masked_dense"] = _runner(lambda: F.conv2d(x_cl, w_full * mask4, None, s, 1),
-                                    train, (x_cl, w_full))
+    w_full_cl = w_full.detach().contiguous(memory_format=cl).requires_grad_(train)
+    mask4_cl = mask4.contiguous(memory_format=cl)
+    cands["masked_dense"] = _runner(lambda: F.conv2d(x_cl, w_full_cl * mask4_cl, None, s, 1),
+                                    train, (x_cl, w_full_cl))
     masked_ref = ("masked", lambda: F.conv2d(x, w_full * mask4, None, s, 1))
     if n % part == 0:
         wg, wpw = param(n, m // part, k, k), param(n, m, 1, 1)
@@ -206,7 +211,7 @@ def layer_candidates(shape: LayerShape, part: int, train: bool = False,
             lambda: F.conv2d(x, wg, None, s, 1, 1, part) + F.conv2d(x, wpw, None, s),
             train, (x, wg, wpw))
         if m % part == 0:
-            wgw, wpp = param(m, m // part, k, k), param(n, m, 1, 1)
+            wgw, wpp = param_cl(m, m // part, k, k), param_cl(n, m, 1, 1)
             cands["gwc_pwc"] = _runner(
                 lambda: F.conv2d(F.conv2d(x_cl, wgw, None, s, 1, 1, part), wpp),
                 train, (x_cl, wgw, wpp))

@@ -143,14 +143,15 @@ def run_evaluate(args: argparse.Namespace) -> int:
         result = evaluate(args.path, data=args.data, data_dir=args.data_dir,
                           checkpoint=args.checkpoint, batch_size=args.batch_size,
                           workers=args.workers, limit_batches=args.limit_batches,
-                          device=args.device)
+                          device=args.device, full_split=args.full_split)
     except _EXPECTED as exc:
         return _fail(exc)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
     top5 = "-" if result["top5"] is None else f"{result['top5']:.2f}%"
-    print(f"{result['model']} on {result['data']} ({result['images']} images, "
+    subset = "" if result["val_subset"] is None else ", the run's fixed validation subset"
+    print(f"{result['model']} on {result['data']} ({result['images']} images{subset}, "
           f"epoch {result['epoch']} of {result['checkpoint']})\n"
           f"  top-1     {result['top1']:.2f}%\n  top-5     {top5}\n"
           f"  loss      {result['loss']:.4f}\n  MACs      {_fmt(result['macs'])}\n"

@@ -319,6 +319,18 @@ def _foreign_entries(run_dir: Path) -> Optional[List[str]]:
     return foreign
 
 
+def _clear_run_dir(run_dir: Path) -> None:
+    """Delete a run directory's files, ``config.json`` last: interrupted half way, what is
+    left is still a run directory, which the next ``--force`` replaces (deleted first, the
+    rest would be refused as "not a hetconv run directory")."""
+    entries = sorted(run_dir.iterdir(), key=lambda e: e.name == "config.json")
+    for entry in entries:
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+
+
 def _prepare_run_dir(run_dir: Path, force: bool) -> Optional[str]:
     """Create ``run_dir``; refuse (returns the message) to reuse a non-empty one without force,
     and, with force, to replace anything but an empty directory or a run directory."""
@@ -347,7 +359,7 @@ def _prepare_run_dir(run_dir: Path, force: bool) -> Optional[str]:
                     f"replaces run directories: move its files away or choose another "
                     f"--name/--out")
         log.warning("overwriting run directory %s (--force)", run_dir)
-        shutil.rmtree(run_dir)
+        _clear_run_dir(run_dir)
     try:
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     except OSError as exc:

@@ -56,12 +56,15 @@ def _device(device: str) -> torch.device:
 
 def evaluate(path: PathLike, *, data: Optional[str] = None, data_dir: Optional[str] = None,
              checkpoint: str = "last", batch_size: int = 256, workers: int = 0,
-             limit_batches: Optional[int] = None, device: str = "cpu") -> Dict[str, Any]:
+             limit_batches: Optional[int] = None, device: str = "cpu",
+             full_split: bool = False) -> Dict[str, Any]:
     """Evaluate a run directory's ``last``/``best`` checkpoint, or a checkpoint file.
 
     The model is rebuilt from the config stored in the checkpoint and evaluated on the
     validation split of its data set (or ``data``/``data_dir``, which must have the same
-    classes and channels).  Returns ``top1``, ``top5`` (10+ classes, else ``None``),
+    classes and channels): a run trained with ``val_subset`` on the same fixed subset its
+    recorded accuracy is from, unless ``full_split`` (``images`` says how many;
+    ``val_subset`` in the result which subset, ``None`` for the whole split).  Returns ``top1``, ``top5`` (10+ classes, else ``None``),
     ``loss``, ``macs``, ``params``, ``images_per_s`` (forward passes at ``batch_size``),
     ``images``, ``epoch``, ``model``, ``checkpoint`` and ``device``.  ``device``: ``"cpu"``,
     ``"cuda"``, ``"cuda:N"`` or ``"auto"`` (CUDA when available).
@@ -85,6 +88,11 @@ def evaluate(path: PathLike, *, data: Optional[str] = None, data_dir: Optional[s
     size = config.image_size if name == "imagefolder" else None
     _, val_ds, info = build_datasets(name, where, augment=False, image_size=size)
     _check_data(ckpt_path, ckpt.get("dataset"), info)
+    subset = None if full_split or name != config.data else config.val_subset
+    if subset is not None:  # the subset training validated on (engine.train's choice)
+        from .engine import _fixed_subset
+
+        val_ds = _fixed_subset(val_ds, subset, config.seed + 1)
     model = build_model(config, info)
     load_model_state(model, ckpt, f"{config.model} {config.model_kwargs}")
     model.to(dev)
@@ -95,6 +103,7 @@ def evaluate(path: PathLike, *, data: Optional[str] = None, data_dir: Optional[s
                              amp=config.amp)
     return {"model": config.model, "identity": model_identity(config), "data": info.name,
             "checkpoint": str(ckpt_path), "epoch": int(ckpt["epoch"]), "device": str(dev),
+            "val_subset": subset,
             **metrics, **_profile(model, info)}
 
 
