@@ -333,3 +333,30 @@ def test_public_designs_on_channels_last_input_have_channels_last_weights(monkey
         cands[name]()
         assert seen and all(x_cl for x_cl, _ in seen), name
         assert all(w_cl for _, w_cl in seen), name
+
+
+def test_compiled_dense_baseline_is_compiled_for_every_shape(monkeypatch):
+    """Every shape's compiled baseline compiles the same lambda (one code object): past
+    dynamo's recompile limit it ran eagerly while reported as compiled.  Each item's
+    candidates start from a reset dynamo, so every shape and layout gets its graph."""
+    import torch._dynamo
+
+    graphs = []
+
+    def counting(gm, example_inputs):
+        graphs.append({t.shape[-1] for t in example_inputs if isinstance(t, torch.Tensor)})
+        return gm.forward
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile",
+                        lambda fn, **kw: real(fn, backend=counting, dynamic=False))
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
+    sizes = (4, 5, 6)
+    for size in sizes:
+        shape = bench.LayerShape("t", f"8->8 {size}x{size}", 1, 8, 8, size, 1)
+        cands = bl.layer_candidates(shape, 1, False, compile=True)
+        cands["dense_nchw_compiled"]()
+        cands["dense_cl_compiled"]()
+    torch._dynamo.reset()
+    # each size: its NCHW and its channels_last graph (without the reset, the third size
+    # found the limit reached and ran eagerly: no graph)
+    assert all(sum(size in g for g in graphs) >= 2 for size in sizes), graphs

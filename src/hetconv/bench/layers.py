@@ -187,6 +187,11 @@ def layer_candidates(shape: LayerShape, part: int, train: bool = False,
             cands["dense_packed"] = _runner(lambda: packed(x), train, (), ref)
             cands["dense_cl_packed"] = _runner(lambda: packed(x_cl), train, (), ref)
         if compile:
+            # One code object (this lambda) for every shape: dynamo recompiles it per shape,
+            # layout and grad mode, and after its recompile limit (8) runs it eagerly, so
+            # from the fifth item on the "compiled" baseline was eager.  Earlier items are
+            # timed already: their compiled code may go.
+            torch._dynamo.reset()
             cdense = torch.compile(dense, dynamic=False)
             cands["dense_nchw_compiled"] = _runner(lambda: cdense(x, w), train, (x, w), ref)
             cands["dense_cl_compiled"] = _runner(lambda: cdense(x_cl, w_cl), train,
