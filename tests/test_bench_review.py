@@ -349,14 +349,37 @@ def test_compiled_dense_baseline_is_compiled_for_every_shape(monkeypatch):
     real = torch.compile
     monkeypatch.setattr(torch, "compile",
                         lambda fn, **kw: real(fn, backend=counting, dynamic=False))
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
     sizes = (4, 5, 6)
-    for size in sizes:
-        shape = bench.LayerShape("t", f"8->8 {size}x{size}", 1, 8, 8, size, 1)
-        cands = bl.layer_candidates(shape, 1, False, compile=True)
-        cands["dense_nchw_compiled"]()
-        cands["dense_cl_compiled"]()
-    torch._dynamo.reset()
+    # (config.patch, not monkeypatch: monkeypatch's undo deletes the config entry, which
+    # breaks every later torch.compile in the process)
+    try:
+        with torch._dynamo.config.patch(recompile_limit=2):
+            for size in sizes:
+                shape = bench.LayerShape("t", f"8->8 {size}x{size}", 1, 8, 8, size, 1)
+                cands = bl.layer_candidates(shape, 1, False, compile=True)
+                cands["dense_nchw_compiled"]()
+                cands["dense_cl_compiled"]()
+    finally:
+        torch._dynamo.reset()  # nothing compiled with the counting backend stays behind
     # each size: its NCHW and its channels_last graph (without the reset, the third size
     # found the limit reached and ran eagerly: no graph)
     assert all(sum(size in g for g in graphs) >= 2 for size in sizes), graphs
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_a_broken_channels_last_dense_baseline_is_caught_and_named(monkeypatch, train):
+    """dense_cl's reference is computed in NCHW: were it the expression dense_cl times, a
+    convolution wrong only on channels_last weights would pass its own check."""
+    shape = bench.LayerShape("t", "16->16 6x6", 2, 16, 16, 6, 1)
+    cands = bl.layer_candidates(shape, 1, train)
+    real = torch.nn.functional.conv2d
+
+    def wrong_on_cl_weights(x, w, *args, **kwargs):
+        y = real(x, w, *args, **kwargs)
+        cl_only = (w.is_contiguous(memory_format=torch.channels_last)
+                   and not w.is_contiguous())
+        return y * 1.5 if cl_only else y
+    monkeypatch.setattr(torch.nn.functional, "conv2d", wrong_on_cl_weights)
+    with pytest.raises(RuntimeError) as err:
+        bl.check_candidates(cands, train)
+    assert "dense_cl (" in str(err.value) and "dense_nchw" not in str(err.value)

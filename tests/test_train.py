@@ -768,3 +768,18 @@ def test_evaluate_reproduces_a_val_subset_runs_recorded_accuracy(tmp_path, data_
     assert "8 images, the run's fixed validation subset" in capsys.readouterr().out
     assert main(["evaluate", str(tmp_path / "sub"), "--full-split"]) == 0
     assert "(32 images, epoch" in capsys.readouterr().out
+
+
+def test_checkpoints_keep_the_layers_pattern_record(vgg_run):
+    """A checkpoint's model state keeps the state dict's metadata, whose pattern record
+    makes loading it into a model of the other pattern an error (same shapes, another
+    function) instead of a silent success."""
+    state = load_checkpoint(vgg_run)["model"]
+    assert any(meta.get("hetconv_pattern") == "shifted"
+               for meta in getattr(state, "_metadata", {}).values())
+    blocked = hetconv.create_model("vgg16_cifar_p4", num_classes=10, in_chans=1,
+                                   width=0.0625, pattern="blocked")
+    with pytest.raises(RuntimeError, match="pattern='shifted', this one has pattern='blocked'"):
+        blocked.load_state_dict(state)
+    hetconv.create_model("vgg16_cifar_p4", num_classes=10, in_chans=1,
+                         width=0.0625).load_state_dict(state)

@@ -156,7 +156,9 @@ def layer_candidates(shape: LayerShape, part: int, train: bool = False,
     """Zero-argument callables computing ``shape`` at ``part`` in every way (see module doc).
 
     ``baselines=False`` leaves out the P-independent ones (dense, DWC+PWC), so
-    a caller can time them once per shape.
+    a caller can time them once per shape.  With ``compile`` (and ``baselines``) it
+    resets ``torch._dynamo`` first: every compiled function of the process is compiled
+    anew on its next call (the benchmark times its items one after the other).
     """
     m, n, s, k = shape.in_ch, shape.out_ch, shape.stride, 3
     cl = torch.channels_last
@@ -179,7 +181,8 @@ def layer_candidates(shape: LayerShape, part: int, train: bool = False,
         dense = lambda xx, ww: F.conv2d(xx, ww, None, s, 1)  # noqa: E731
         # every dense variant must compute nn.Conv2d's NCHW result (gradients too)
         ref = ("dense", lambda: dense(x, w))
-        ref_cl = ("dense", lambda: dense(x_cl, w_cl))
+        # (computed in NCHW: the reference must not be the expression dense_cl times)
+        ref_cl = ("dense", lambda: dense(x_cl.contiguous(), w_cl.contiguous()))
         cands["dense_nchw"] = _runner(lambda: dense(x, w), train, (x, w))
         cands["dense_cl"] = _runner(lambda: dense(x_cl, w_cl), train, (x_cl, w_cl), ref_cl)
         if not train and _packing_available():  # the weights in oneDNN's layout once
@@ -190,7 +193,7 @@ def layer_candidates(shape: LayerShape, part: int, train: bool = False,
             # One code object (this lambda) for every shape: dynamo recompiles it per shape,
             # layout and grad mode, and after its recompile limit (8) runs it eagerly, so
             # from the fifth item on the "compiled" baseline was eager.  Earlier items are
-            # timed already: their compiled code may go.
+            # timed already: their compiled code may go (the docstring says so).
             torch._dynamo.reset()
             cdense = torch.compile(dense, dynamic=False)
             cands["dense_nchw_compiled"] = _runner(lambda: cdense(x, w), train, (x, w), ref)
@@ -300,6 +303,7 @@ def check_candidates(cands: Dict[str, Callable[[], None]], train: bool = False,
         if reference is None:
             continue
         key, ref_fn = reference
+        key = (key, tuple(map(id, call.leaves)))  # gradients are with respect to the leaves
         if key not in refs:
             refs[key] = _results(ref_fn, call.leaves, train)
         why = _mismatch(_results(call.forward, call.leaves, train), refs[key], rtol)

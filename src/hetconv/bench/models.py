@@ -215,9 +215,10 @@ CHECK_GRAD_RTOL: float = 1e-1
 def check_variants(variants: Dict[str, Callable[[], None]], rtol: float = CHECK_RTOL,
                    grad_rtol: float = CHECK_GRAD_RTOL) -> None:
     """Raise RuntimeError unless every variant of one model computes what its first variant
-    (``eager_nchw``, the model as built) does: the inference variants' outputs, the training
-    variants' loss and parameter gradients, within ``rtol`` of the largest magnitude (of the
-    output, of all the gradients).  A variant that computed something else (a broken
+    (``eager_nchw``, the model as built) does: the inference variants' outputs and the
+    training variants' losses within ``rtol`` of their largest magnitude, the training
+    variants' parameter gradients each within ``grad_rtol`` in norm (see
+    :data:`CHECK_GRAD_RTOL`).  A variant that computed something else (a broken
     optimization or export) must not be timed: it could look fast."""
     from .layers import _mismatch
 
@@ -233,7 +234,7 @@ def check_variants(variants: Dict[str, Callable[[], None]], rtol: float = CHECK_
     for name in names[1:]:
         got = results(variants[name])
         # shapes, missing and non-finite results, and the output (loss) elementwise
-        why = _mismatch(got, want, float("inf"), pooled=True) or _mismatch(
+        why = _mismatch(got, want, float("inf")) or _mismatch(
             got[:1], want[:1], rtol)
         if not why and len(want) > 1:  # the parameter gradients, each in norm
             norms = [0.0 if b is None else float(b.double().norm()) for b in want[1:]]

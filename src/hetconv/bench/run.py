@@ -137,7 +137,7 @@ def run(preset: str = "quick", out_dir: str = "docs", what: Sequence[str] = ("la
     model_reps = repeats or cfg["model_repeats"]
     # a partial run gets a name of its own: "--what models" must not replace the full
     # report's layer tables (docs/full_results.*) with none
-    name = name or (preset if set(what) == {"layers", "models"} else f"{preset}_{what[0]}")
+    name = name or (preset if set(what) == {"layers", "models"} else f"{preset}_{sorted(what)[0]}")
     shapes = layer_shapes(cfg["layer_suites"], cfg["batch_scale"], cfg["max_shapes"])
     step, close = _progress(progress)
     t0 = time.perf_counter()

@@ -190,10 +190,19 @@ class HetConv2d(PlanHolder, nn.Module):
         if meta is not None and prefix[:-1] in meta:  # this module's entry, made just before
             meta[prefix[:-1]][self._PATTERN_KEY] = self.pattern
 
+    def _same_placement(self, pattern) -> bool:
+        """Whether ``pattern`` puts this layer's weights where its own pattern does (at P = 1
+        and P = M the two patterns coincide)."""
+        if pattern not in _pattern.PATTERNS:
+            return False
+        m, n, p = self.in_channels, self.out_channels, self.part
+        return all(torch.equal(f(m, n, p, pattern), f(m, n, p, self.pattern))
+                   for f in (_pattern.kxk_channels, _pattern.pointwise_channels))
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
         saved = (local_metadata or {}).get(self._PATTERN_KEY)
-        if saved is not None and saved != self.pattern:
+        if saved is not None and saved != self.pattern and not self._same_placement(saved):
             error_msgs.append(
                 f"{prefix[:-1] or 'HetConv2d'}: the state dict was saved from a layer with "
                 f"pattern={saved!r}, this one has pattern={self.pattern!r}: the weights have "

@@ -19,6 +19,7 @@ with ``resume=RUN_DIR`` ends with exactly the weights and metrics of an uninterr
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import json
@@ -125,6 +126,12 @@ def _fixed_subset(dataset: Dataset, size: Optional[int], seed: int) -> Dataset:
         return dataset
     g = torch.Generator().manual_seed(seed)
     return Subset(dataset, torch.randperm(len(dataset), generator=g)[:size].tolist())
+
+
+def val_subset(val_ds: Dataset, config: TrainConfig) -> Dataset:
+    """The validation images a run with ``config`` validates on: its fixed ``val_subset``
+    (seeded by ``seed + 1``) or the whole split (evaluate takes the same)."""
+    return _fixed_subset(val_ds, config.val_subset, config.seed + 1)
 
 
 def _labels(dataset: Dataset) -> Optional[torch.Tensor]:
@@ -476,7 +483,7 @@ def _fit(config: TrainConfig, ctx: DistContext, resume, force: bool,
     train_ds, val_ds, info = build_datasets(config.data, config.data_dir, augment=config.augment,
                                             image_size=config.image_size)
     train_ds = _fixed_subset(train_ds, config.train_subset, config.seed)
-    val_ds = _fixed_subset(val_ds, config.val_subset, config.seed + 1)
+    val_ds = val_subset(val_ds, config)
     dataset = _dataset_record(info, train_ds, val_ds)
     net = model if model is not None else build_model(config, info)
     identity = model_identity(config) if model is None else {"arch": config.model,
@@ -640,7 +647,10 @@ def _save_epoch(ckpt_dir: Path, net: nn.Module, optimizer, scheduler, config: Tr
                 history: List[Dict[str, Any]], best: Dict[str, Any], improved: bool,
                 world_size: int, dataset: Dict[str, Any]) -> None:
     """``last.pt`` first, then (if the epoch improved) ``best.pt``; both atomic."""
-    model_state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
+    state = net.state_dict()
+    model_state = collections.OrderedDict((k, v.detach().cpu()) for k, v in state.items())
+    # the metadata too: it records each HetConv2d's pattern, checked when loaded
+    model_state._metadata = getattr(state, "_metadata", None)
     common = {"model": model_state, "config": config.to_dict(), "identity": identity,
               "epoch": epoch, "dataset": dataset}
     save_checkpoint(ckpt_dir / "last.pt", {

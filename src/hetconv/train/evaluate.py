@@ -89,10 +89,12 @@ def evaluate(path: PathLike, *, data: Optional[str] = None, data_dir: Optional[s
     _, val_ds, info = build_datasets(name, where, augment=False, image_size=size)
     _check_data(ckpt_path, ckpt.get("dataset"), info)
     subset = None if full_split or name != config.data else config.val_subset
-    if subset is not None:  # the subset training validated on (engine.train's choice)
-        from .engine import _fixed_subset
+    if subset is not None and subset < len(val_ds):  # what training validated on
+        from .engine import val_subset
 
-        val_ds = _fixed_subset(val_ds, subset, config.seed + 1)
+        val_ds = val_subset(val_ds, config)
+    else:
+        subset = None
     model = build_model(config, info)
     load_model_state(model, ckpt, f"{config.model} {config.model_kwargs}")
     model.to(dev)
