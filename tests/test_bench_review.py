@@ -383,3 +383,21 @@ def test_a_broken_channels_last_dense_baseline_is_caught_and_named(monkeypatch, 
     with pytest.raises(RuntimeError) as err:
         bl.check_candidates(cands, train)
     assert "dense_cl (" in str(err.value) and "dense_nchw" not in str(err.value)
+
+
+def test_a_training_candidate_that_drops_the_gradient_is_named(monkeypatch):
+    """A backend whose training output carries no gradient (detached) must be reported by
+    name as missing its gradients, not stop the check with autograd's unnamed error."""
+    from hetconv import functional as HF
+
+    real = HF.het_conv2d
+
+    def detaching(*args, **kwargs):
+        y = real(*args, **kwargs)
+        return y.detach() if kwargs.get("backend", args[-1] if len(args) > 8 else None) == \
+            "grouped" else y
+    monkeypatch.setattr(HF, "het_conv2d", detaching)
+    shape = bench.LayerShape("t", "16->16 6x6", 2, 16, 16, 6, 1)
+    cands = bl.layer_candidates(shape, 4, True)
+    with pytest.raises(RuntimeError, match=r"het_grouped \(gradient of leaf 0: missing\)"):
+        bl.check_candidates(cands, True)

@@ -259,6 +259,8 @@ def _results(fn: Callable[[], torch.Tensor], leaves: Sequence[torch.Tensor],
         with torch.no_grad():
             return [fn().detach()]
     y = fn()
+    if not y.requires_grad:  # no gradient reaches the leaves: "missing", named by the caller
+        return [y.detach()] + [None] * len(leaves)
     grads = torch.autograd.grad(y, leaves, torch.ones_like(y), allow_unused=True)
     return [y.detach()] + [None if g is None else g.detach() for g in grads]
 
