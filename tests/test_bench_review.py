@@ -69,37 +69,36 @@ def test_dense_baselines_and_public_designs_carry_references():
     assert {k for k in cands if k.startswith("het_")} <= named
 
 
+def _time_a_broken_variant(monkeypatch, module, name: str, change, metric: str, batch: int):
+    """Run the VGG-16 P4 family's ``metric`` with ``module.name`` (a model pass) returning
+    a model whose output ``change`` alters."""
+    real = getattr(module, name)
+
+    def broken(model, x, **kw):
+        m = real(model, x, **kw)
+        m.register_forward_hook(lambda mod, inp, out: change(out))
+        return m
+    monkeypatch.setattr(module, name, broken)
+    bench.run_models(["vgg16_cifar"], [metric], parts={"vgg16_cifar": (4,)}, repeats=1,
+                     warmup=0, batch=batch, width=0.125, onnx=False, settle_seconds=0.0,
+                     idle_seconds=0.0)
+
+
 def test_model_variants_are_checked_against_the_model(monkeypatch):
     """An optimized model that computes something else must not be timed."""
     import hetconv.deploy as deploy
 
-    real = deploy.optimize_for_inference
-
-    def broken(model, x, **kw):
-        opt = real(model, x, **kw)
-        opt.register_forward_hook(lambda mod, inp, out: out + 1.0)
-        return opt
-    monkeypatch.setattr(deploy, "optimize_for_inference", broken)
     with pytest.raises(RuntimeError, match="optimized"):
-        bench.run_models(["vgg16_cifar"], ["throughput_b64"], parts={"vgg16_cifar": (4,)},
-                         repeats=1, warmup=0, batch=2, width=0.125, onnx=False,
-                         settle_seconds=0.0, idle_seconds=0.0)
+        _time_a_broken_variant(monkeypatch, deploy, "optimize_for_inference",
+                               lambda out: out + 1.0, "throughput_b64", 2)
 
 
 def test_model_training_variants_are_checked_against_the_model(monkeypatch):
     import hetconv.permute as permute
 
-    real = permute.absorb_permutations
-
-    def broken(model, x, **kw):
-        m = real(model, x, **kw)
-        m.register_forward_hook(lambda mod, inp, out: out * 1.5)
-        return m
-    monkeypatch.setattr(permute, "absorb_permutations", broken)
     with pytest.raises(RuntimeError, match="absorbed_cl"):
-        bench.run_models(["vgg16_cifar"], ["train_step_b64"], parts={"vgg16_cifar": (4,)},
-                         repeats=1, warmup=0, batch=4, width=0.125, onnx=False,
-                         settle_seconds=0.0, idle_seconds=0.0)
+        _time_a_broken_variant(monkeypatch, permute, "absorb_permutations",
+                               lambda out: out * 1.5, "train_step_b64", 4)
 
 
 def test_check_variants_passes_equal_results_and_names_the_wrong_one():
