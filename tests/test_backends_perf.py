@@ -17,6 +17,7 @@ import hetconv
 from hetconv import bench
 from hetconv import functional as HF
 from hetconv import deploy
+from bench_helpers import fake_run, load_script
 
 
 def _ref(x, layer):
@@ -326,23 +327,12 @@ def test_bench_blocked_twin_models():
     assert {(h.part, h.pattern) for h in hets(default)} == {(4, "shifted")}
 
 
-def _load_script(name):
-    import importlib.util
-    import pathlib
-
-    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_model_time_split_script_accounts_for_every_native_layer():
     """benchmarks/model_time_split.py: one kernel launch per HetConv2d of ResNet-56
     (27 blocks x 2) per forward pass, and the kernels' time is inside the forward passes
     it was measured in (an accounting identity, not a speed claim: the total of separate
     calls is not compared, it varies with the load)."""
-    mts = _load_script("model_time_split")
+    mts = load_script("model_time_split")
     out = mts.split("resnet56_cifar", 4, batch=2, width=0.25, repeats=2,
                     memory_format="contiguous", backend="native")
     if not hetconv.native.available():
@@ -377,7 +367,7 @@ def test_model_time_split_script_accounts_for_every_native_layer():
     (["--model", "vgg16_cifar_p4", "--part", "8"], "--part")])
 def test_model_time_split_script_refuses_bad_arguments(argv, says, capsys):
     """Bad arguments: an argparse error naming the option, not a traceback."""
-    mts = _load_script("model_time_split")
+    mts = load_script("model_time_split")
     with pytest.raises(SystemExit):
         mts.main(argv)
     assert says in capsys.readouterr().err
@@ -391,7 +381,7 @@ def test_model_time_split_script_sees_the_layers_of_a_native_sequence():
     sequence's run is put back afterwards."""
     if not hetconv.native.available():
         pytest.skip("no native kernel")
-    mts = _load_script("model_time_split")
+    mts = load_script("model_time_split")
     real = hetconv.native.SequencePlan.run
     kw = dict(batch=2, width=1.0, repeats=2, memory_format="channels_last", backend="native")
     out = mts.split("vgg16_cifar", 4, **kw)
@@ -521,8 +511,6 @@ def test_bench_cli_prints_targets_that_end_the_report(tmp_path, capsys, monkeypa
 def test_bench_compiles_the_baselines_in_the_full_run(tmp_path, monkeypatch, args, want):
     """The issue's dense baseline is the best of eager and torch.compile: the full run times
     the compiled variants unless told not to; the quick one only when asked."""
-    import sys
-
     from hetconv.cli import main
 
     report = tmp_path / "r.md"
@@ -531,15 +519,11 @@ def test_bench_compiles_the_baselines_in_the_full_run(tmp_path, monkeypatch, arg
     monkeypatch.setattr("hetconv.bench.run", lambda *a, **k: got.update(k) or {"markdown": str(report)})
     assert main(["bench", *args]) == 0
     monkeypatch.undo()
-    run_mod = sys.modules["hetconv.bench.run"]
-    seen = {}
-    monkeypatch.setattr(run_mod, "run_models", lambda *a, **k: seen.update(k) or [])
-    monkeypatch.setattr(run_mod, "write_report", lambda *a, **k: {"env": a[3]})
-    monkeypatch.setattr(run_mod.native, "fma_rate", lambda *a, **k: None)
-    out = bench.run("quick" if "--quick" in args else "full", out_dir=str(tmp_path),
-                    what=("models",), progress=False, threads=None, compile=got["compile"])
-    assert seen["compile"] is want
-    assert out["env"]["torch_compile"].startswith("compiled" if want else "not timed")
+    seen = fake_run(monkeypatch)
+    bench.run("quick" if "--quick" in args else "full", out_dir=str(tmp_path),
+              what=("models",), progress=False, threads=None, compile=got["compile"])
+    assert seen["models"]["compile"] is want
+    assert seen["env"]["torch_compile"].startswith("compiled" if want else "not timed")
 
 
 @pytest.mark.skipif(not hetconv.native.available(), reason="native kernel unavailable")
@@ -548,7 +532,7 @@ def test_kernel_split_script_times_each_checked_kernel(stride, monkeypatch):
     """benchmarks/kernel_split.py: one row per kernel of a training step (forward, input
     gradient, weight gradient), each checked against the dense reference before it is timed
     (a wrong kernel stops the run), with the counted work of the layer and Eq. 5's speedup."""
-    ks = _load_script("kernel_split")
+    ks = load_script("kernel_split")
     shape = bench.LayerShape("t", "32->48 10x10", 2, 32, 48, 10, stride)
     rows = ks.split(shape, 4, repeats=1)
     assert [r["kernel"] for r in rows] == ["forward", "input_grad", "weight_grad"]
@@ -574,7 +558,7 @@ def test_kernel_split_script_times_each_checked_kernel(stride, monkeypatch):
 
 @pytest.mark.skipif(not hetconv.native.available(), reason="native kernel unavailable")
 def test_kernel_split_script_command_line(tmp_path, capsys):
-    ks = _load_script("kernel_split")
+    ks = load_script("kernel_split")
     out = tmp_path / "split.md"
     args = ["--suites", "vgg16_cifar", "--min-channels", "512", "--batch-scale", "0.02",
             "--parts", "8", "--repeats", "1", "--threads", "1", "--out", str(out)]
@@ -616,7 +600,7 @@ def test_full_bench_times_each_model_candidate_more_often_than_each_layer(tmp_pa
 def test_auto_rule_sweep_script_refuses_bad_arguments(argv, says, capsys):
     """Bad arguments, or a selection with no layer: an argparse error saying why (was a
     ZeroDivisionError, a traceback, or an empty table)."""
-    ars = _load_script("auto_rule_sweep")
+    ars = load_script("auto_rule_sweep")
     with pytest.raises(SystemExit):
         ars.main(argv)
     assert says in capsys.readouterr().err

@@ -4,7 +4,6 @@ each test expects come from the rows it builds or the timings it fakes)."""
 from __future__ import annotations
 
 import importlib
-import sys
 
 import pytest
 import torch
@@ -17,6 +16,8 @@ from hetconv._timing import Timing
 from hetconv.bench import layers as bl
 from hetconv.bench import models as bm
 from hetconv.bench.report import layer_table, model_table, target_checks
+
+from bench_helpers import fake_run, load_script
 
 bench_run = importlib.import_module("hetconv.bench.run")  # the module, not bench.run()
 
@@ -154,12 +155,7 @@ def test_blocked_pattern_runs_label_the_pattern_twins_by_pattern():
     cells = [c.strip() for c in table[2].strip("|").split("|")]
     row = dict(zip(head, cells))
     assert row["het_fused"] == "2.00" and row["het_fused_blocked"] == "4.00"
-    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]
-                           / "benchmarks"))
-    try:
-        tables = importlib.import_module("performance_tables")
-    finally:
-        sys.path.pop(0)
+    tables = load_script("performance_tables")
     wide = tables.wide_layer_table(rows).splitlines()
     head = [c.strip() for c in wide[0].strip("|").split("|")]
     cells = dict(zip(head, [c.strip() for c in wide[2].strip("|").split("|")]))
@@ -203,20 +199,9 @@ def test_model_ratios_are_against_p1_wherever_the_parts_list_it(monkeypatch):
     assert {r["reference"] for r in rows} == {"P1"}
 
 
-def _fake_run(monkeypatch, model_rows=(), layer_rows=()):
-    seen = {}
-    monkeypatch.setattr(bench_run, "run_models", lambda *a, **k: list(model_rows))
-    monkeypatch.setattr(bench_run, "run_layers", lambda *a, **k: list(layer_rows))
-    monkeypatch.setattr(bench_run.native, "fma_rate", lambda *a, **k: None)
-    monkeypatch.setattr(bench_run, "write_report",
-                        lambda layers, models, out, env, seconds, name, notes:
-                        seen.update(name=name, notes=notes) or {})
-    return seen
-
-
 def test_partial_runs_do_not_replace_the_full_report(monkeypatch, tmp_path):
     """`hetconv bench --what models` wrote docs/full_results.* with no layer tables."""
-    seen = _fake_run(monkeypatch)
+    seen = fake_run(monkeypatch)
     bench.run("full", out_dir=str(tmp_path), what=("models",), progress=False, threads=None)
     assert seen["name"] == "full_models"
     bench.run("quick", out_dir=str(tmp_path), what=("layers",), progress=False, threads=None)
@@ -230,7 +215,7 @@ def test_partial_runs_do_not_replace_the_full_report(monkeypatch, tmp_path):
 
 def test_a_run_cut_short_by_max_minutes_says_so(monkeypatch, tmp_path):
     one = [{"family": "vgg16_cifar", "metric": "throughput_b64"}]
-    seen = _fake_run(monkeypatch, model_rows=one)
+    seen = fake_run(monkeypatch, model_rows=one)
     bench.run("full", out_dir=str(tmp_path), what=("models",), max_minutes=1.0,
               progress=False, threads=None)
     n = len(bench_run.PRESETS["full"]["families"]) * len(bench_run.PRESETS["full"]["metrics"])
@@ -279,13 +264,7 @@ def test_channels_last_dense_baseline_has_channels_last_weights(monkeypatch, tra
 
 
 def test_auto_rule_sweep_channels_last_baseline_has_channels_last_weights(monkeypatch):
-    import importlib.util
-    import pathlib
-
-    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "auto_rule_sweep.py"
-    spec = importlib.util.spec_from_file_location("auto_rule_sweep", path)
-    sweep = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sweep)
+    sweep = load_script("auto_rule_sweep")
     cands = sweep.candidates(bench.LayerShape("t", "16->16 6x6", 2, 16, 16, 6, 1), 1, True)
     seen = _conv2d_layouts(monkeypatch)
     cands["dense_cl"]()
@@ -296,13 +275,7 @@ def test_auto_rule_sweep_channels_last_baseline_has_channels_last_weights(monkey
 def test_kernel_split_check_counts_the_weight_gradients(monkeypatch):
     """benchmarks/kernel_split.py compared the kernels' results with zip: a weight-gradient
     kernel that returned only the KxK gradient (not the pointwise one) passed the check."""
-    import importlib.util
-    import pathlib
-
-    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "kernel_split.py"
-    spec = importlib.util.spec_from_file_location("kernel_split", path)
-    ks = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ks)
+    ks = load_script("kernel_split")
     real = hetconv.native._weight_grad
     monkeypatch.setattr(hetconv.native, "_weight_grad", lambda *a: real(*a)[:1])
     with pytest.raises(RuntimeError, match="weight_grad kernel"):

@@ -104,14 +104,11 @@ def test_settle_zero_means_no_untimed_calls_whatever_settle_seconds(monkeypatch)
 def test_bench_settle_zero_is_recorded_as_no_settling(monkeypatch):
     import importlib
 
-    bench_run = importlib.import_module("hetconv.bench.run")
-    seen = {}
-    monkeypatch.setattr(bench_run, "run_models", lambda *a, **k: seen.update(models=k) or [])
-    monkeypatch.setattr(bench_run, "write_report",
-                        lambda layers, models, out, env, seconds, name, notes:
-                        seen.update(env=env) or {})
-    monkeypatch.setattr(bench_run.native, "fma_rate", lambda *a, **k: None)
-    bench_run.run("quick", what=("models",), progress=False, threads=None, settle=0)
+    from bench_helpers import fake_run
+
+    seen = fake_run(monkeypatch)
+    importlib.import_module("hetconv.bench.run").run("quick", what=("models",),
+                                                     progress=False, threads=None, settle=0)
     assert seen["models"]["settle"] == 0
     assert seen["env"]["settle"].startswith("no untimed calls")
 
