@@ -338,6 +338,32 @@ def test_compiled_dense_baseline_is_compiled_for_every_shape(monkeypatch):
     assert all(sum(size in g for g in graphs) >= 2 for size in sizes), graphs
 
 
+def test_every_compiled_model_of_a_family_is_compiled(monkeypatch):
+    """A family's models share their code objects (ResNet.forward, ...): dynamo keeps one
+    compiled entry per model, and past its recompile limit (8; VGG-16's family has 10
+    models) ran the later models' forwards eagerly while they were timed as "compiled".
+    Here the limit is 1 and three models are compiled: each gets a whole-model graph (one
+    whose inputs include the images)."""
+    import torch._dynamo
+
+    graphs = []
+
+    def counting(gm, example_inputs):
+        graphs.append([tuple(t.shape) for t in example_inputs if isinstance(t, torch.Tensor)])
+        return gm.forward
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real(fn, backend=counting))
+    try:
+        with torch._dynamo.config.patch(recompile_limit=1):
+            rows = bm._measure("resnet56_cifar", "throughput_b64", (1, 2, 4), 1, 0, 2, 0.25,
+                               True, False, 0, 0.0)
+    finally:
+        torch._dynamo.reset()
+    assert {r["model"] for r in rows if r["variant"] == "compiled"} == {"P1", "P2", "P4"}
+    whole = [g for g in graphs if (2, 3, 32, 32) in g]
+    assert len(whole) >= 3, graphs
+
+
 @pytest.mark.parametrize("train", [False, True])
 def test_a_broken_channels_last_dense_baseline_is_caught_and_named(monkeypatch, train):
     """dense_cl's reference is computed in NCHW: were it the expression dense_cl times, a

@@ -117,8 +117,12 @@ def class_of_filter(out_channels: int, part: int, pattern: str = "shifted") -> t
     n = torch.arange(out_channels)
     if pattern == "shifted":
         return n % part
-    sizes = torch.tensor(_class_sizes(out_channels, part))
-    return torch.repeat_interleave(torch.arange(part), sizes)
+    # blocks of _class_sizes: the first r classes q + 1 filters each, the others q.  In
+    # closed form (repeat_interleave by a tensor has a data-dependent size: torch.compile
+    # broke its graph at every "blocked" layer)
+    q, r = divmod(out_channels, part)
+    big = r * (q + 1)
+    return torch.where(n < big, n // (q + 1), r + (n - big) // max(q, 1))
 
 
 def class_of_channel(in_channels: int, part: int, pattern: str = "shifted") -> torch.Tensor:

@@ -31,6 +31,7 @@ a variant that computes something else raises instead of being timed.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import time
@@ -271,6 +272,26 @@ def plan_summary(plan: dict) -> dict:
     return out
 
 
+def _room_to_compile(models: int, compile: bool = True):
+    """Dynamo's recompile limits raised for ``models`` compiled models in one process: the
+    models of a family share their code objects (``VGG.forward``, each block's), one
+    compiled entry per model, and past the limit (8 by default) dynamo runs a code object
+    eagerly: a family's later models (VGG-16's P16 to PC, its blocked twins) were timed as
+    "compiled" while their forwards ran layer by layer in eager mode."""
+    if not compile:
+        return contextlib.nullcontext()
+    import torch._dynamo
+
+    cfg = torch._dynamo.config
+    # (torch < 2.7 calls them cache_size_limit and accumulated_cache_size_limit)
+    one, total = (("recompile_limit", "accumulated_recompile_limit")
+                  if hasattr(cfg, "recompile_limit")
+                  else ("cache_size_limit", "accumulated_cache_size_limit"))
+    need = 2 * models + 8
+    return cfg.patch({one: max(getattr(cfg, one), need),
+                      total: max(getattr(cfg, total), 64 * need)})
+
+
 def _measure(family: str, metric: str, fam_parts: Sequence, repeats: int, warmup: int,
              batch: int, width: float, compile: bool, onnx: bool, settle: int,
              settle_seconds: float, idle_seconds: float = 0.0) -> List[dict]:
@@ -282,7 +303,7 @@ def _measure(family: str, metric: str, fam_parts: Sequence, repeats: int, warmup
     b = 1 if metric == "latency_b1" else batch
     x = torch.randn(b, 3, 32, 32)
     cands: Dict[str, Callable[[], None]] = {}
-    with tempfile.TemporaryDirectory() as tmpdir:
+    with tempfile.TemporaryDirectory() as tmpdir, _room_to_compile(len(fam_parts), compile):
         for part in fam_parts:
             model = _build(family, part, width)
             tag = f"{family}_{_label(part)}"
