@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from hetconv import functional as HF
+from hetconv._files import json_text
 from hetconv._timing import time_interleaved
 from hetconv.bench.layers import ALL_PARTS, LAYER_SUITES, _runner, layer_shapes, parts_for
 
@@ -199,7 +200,7 @@ def main(argv=None):
                       f"| {best_name[6:]} | {r['dense']:.2f} | {r['fused']:.2f} | {r['auto']:.2f} "
                       f"| {r['native']:.2f} | {r['auto_nchw']:.2f} | {faster} | {rule} |", flush=True)
                 if out:
-                    out.write(json.dumps({"suite": shape.suite, "layer": shape.name,
+                    out.write(json_text({"suite": shape.suite, "layer": shape.name,
                                           "batch": shape.batch, "in_ch": shape.in_ch,
                                           "out_ch": shape.out_ch, "size": shape.size,
                                           "stride": shape.stride, "mode": mode, "part": part,

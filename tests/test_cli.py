@@ -1,6 +1,11 @@
 """Command-line error handling that no other test file owns."""
 
+import warnings
+
+import pytest
+
 from hetconv.cli import main
+from hetconv.models import AllDenseWarning
 
 
 def test_profile_input_too_small_is_a_clear_error(capsys):
@@ -25,7 +30,10 @@ def test_a_part_that_divides_no_layer_is_warned_about(capsys, caplog):
 
     for argv in (["profile", "vgg16_cifar", "--part", "3", "--total"],
                  ["profile", "vgg16_cifar_p3", "--total"]):
-        assert main(argv) == 0
+        with warnings.catch_warnings(record=True) as caught:  # said once, not twice
+            warnings.simplefilter("always")
+            assert main(argv) == 0
+        assert not [w for w in caught if issubclass(w.category, AllDenseWarning)]
         err = capsys.readouterr().err
         assert "warning: part 3 divides the input channels of no layer" in err
     for argv in (["profile", "vgg16_cifar", "--part", "4", "--total"],
@@ -33,14 +41,33 @@ def test_a_part_that_divides_no_layer_is_warned_about(capsys, caplog):
         assert main(argv) == 0
         assert "warning" not in capsys.readouterr().err
     info = DatasetInfo(name="x", num_classes=10, in_chans=3, image_size=32, root="")
-    with caplog.at_level(logging.WARNING, logger="hetconv.train"):
+    with caplog.at_level(logging.WARNING, logger="hetconv.train"), \
+            warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         build_model(TrainConfig(model="vgg16_cifar", model_kwargs={"part": 3, "width": 0.125}),
                     info)
+    assert not [w for w in caught if issubclass(w.category, AllDenseWarning)]
     assert "divides the input channels of no layer" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="hetconv.train"):
         build_model(TrainConfig(model="vgg16_cifar_p4", model_kwargs={"width": 0.125}), info)
     assert "divides" not in caplog.text
+
+
+def test_create_model_warns_when_a_part_divides_no_layer():
+    """create_model("vgg16_cifar_p3") returned a dense VGG-16 without a word (only the CLI
+    and the trainer said so): a library user now gets an AllDenseWarning."""
+    from hetconv import create_model
+    from hetconv.layers import HetConv2d
+
+    for name, kwargs in (("vgg16_cifar_p3", {}), ("vgg16_cifar", {"part": 3})):
+        with pytest.warns(AllDenseWarning, match="part 3 divides the input channels of no"):
+            model = create_model(name, width=0.125, **kwargs)
+        assert not any(isinstance(m, HetConv2d) for m in model.modules())
+    for name in ("vgg16_cifar_p4", "vgg16_cifar", "resnet56_cifar_pc"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", AllDenseWarning)
+            create_model(name, width=0.25)
 
 
 def test_train_refuses_an_option_and_a_model_arg_that_disagree(tmp_path, capsys):

@@ -338,3 +338,23 @@ def test_table_says_which_modules_with_weights_were_not_called():
     text = profile(Functional(), (3, 6, 6)).table()
     assert "1 modules with parameters were not called, so count no MACs: conv" in text
     assert "not called" not in profile(nn.Conv2d(3, 4, 3), (3, 6, 6)).table()
+
+
+def test_the_export_form_of_a_hetconv_model_counts_as_the_model():
+    """export_module's form of a HetConv2d (a grouped conv and a pointwise conv on weight
+    buffers) counted 0 MACs and 0 parameters; it counts as the layer now, whose pointwise
+    buffer also holds the grouped part's channels as zeros (not parameters).  Here P = 3
+    does not divide N = 8 either (the grouped conv has 9 slots, one empty)."""
+    model = nn.Sequential(HetConv2d(6, 8, 3, padding=1, part=3, bias=True), nn.ReLU(),
+                          HetConv2d(8, 8, 3, stride=2, padding=1, part=4)).eval()
+    exported = deploy.export_module(model)
+    assert not any(isinstance(m, HetConv2d) for m in exported.modules())
+    want_macs = het_macs(6, 8, 3, (7, 7), 3) + het_macs(8, 8, 3, (4, 4), 4)
+    want_params = (8 * (2 * 9 + 4) + 8) + 8 * (2 * 9 + 6)
+    x = torch.randn(2, 6, 7, 7)
+    torch.testing.assert_close(exported(x), model(x))
+    for m in (model, exported):
+        got = profile(m, (6, 7, 7))
+        assert (got.macs, got.params) == (want_macs, want_params), type(m[0]).__name__
+        assert [r.macs for r in got.rows if r.macs] == [het_macs(6, 8, 3, (7, 7), 3),
+                                                       het_macs(8, 8, 3, (4, 4), 4)]

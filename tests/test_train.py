@@ -770,6 +770,48 @@ def test_evaluate_reproduces_a_val_subset_runs_recorded_accuracy(tmp_path, data_
     assert "(32 images, epoch" in capsys.readouterr().out
 
 
+def test_evaluate_reproduces_a_limit_val_batches_runs_recorded_accuracy(tmp_path, data_dir,
+                                                                       capsys):
+    """A run trained with --limit-val-batches records its accuracy on the images of those
+    batches; evaluate took the whole split (another number).  It takes the same images
+    now, with any batch size; --full-split and an explicit --limit-batches do not."""
+    from hetconv.cli import main
+
+    cfg = resolve_config(model="vgg16_cifar_p4", name="lim", data_dir=data_dir,
+                         out=str(tmp_path), epochs=1, batch_size=16, workers=0,
+                         eval_batch_size=3, limit_val_batches=2, **TINY_VGG)
+    summary = fit(cfg)
+    recorded = json.loads((tmp_path / "lim" / "metrics.jsonl").read_text().splitlines()[-1])
+    result = evaluate(tmp_path / "lim", batch_size=4)
+    assert result["images"] == 6 and result["val_limit"] == 6
+    assert result["top1"] == pytest.approx(summary["val_top1"])
+    assert result["loss"] == pytest.approx(recorded["val_loss"], rel=1e-5)
+    assert evaluate(tmp_path / "lim", full_split=True)["images"] == 32
+    assert evaluate(tmp_path / "lim", batch_size=5, limit_batches=1)["images"] == 5
+    assert main(["evaluate", str(tmp_path / "lim")]) == 0
+    assert "(6 images, those its --limit-val-batches validated on" in capsys.readouterr().out
+
+
+def test_val_images_limit_is_the_union_of_every_process_s_limited_batches():
+    """The images W processes validate on with L batches of B each (each process its
+    EvalShardSampler shard) are the first val_images_limit of the split."""
+    from hetconv.train.distributed import EvalShardSampler
+    from hetconv.train.engine import val_images_limit
+
+    for world in (1, 2, 3):
+        for size in (5, 37, 100):
+            for batch, limit in ((2, 1), (3, 2), (4, 5)):
+                cfg = TrainConfig(model="vgg16_cifar", batch_size=8 * world,
+                                  eval_batch_size=batch, limit_val_batches=limit)
+                seen = set()
+                for rank in range(world):
+                    shard = list(EvalShardSampler(size, rank, world))
+                    seen.update(shard[:batch * limit])
+                assert seen == set(range(min(size, val_images_limit(cfg, world))))
+    cfg = TrainConfig(model="vgg16_cifar", batch_size=12, limit_val_batches=2)
+    assert val_images_limit(cfg, 3) == 3 * (12 // 3 * 2) * 2  # (per-process batch x 2)
+
+
 def test_checkpoints_keep_the_layers_pattern_record(vgg_run):
     """A checkpoint's model state keeps the state dict's metadata, whose pattern record
     makes loading it into a model of the other pattern an error (same shapes, another

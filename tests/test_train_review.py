@@ -7,10 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
 
 import hetconv
 from hetconv.data import DatasetFormatError, build_datasets, load_fashion_mnist
-from hetconv.train import CheckpointError, compare, evaluate, fit, load_checkpoint, resolve_config
+from hetconv.train import (CheckpointError, TrainConfig, compare, evaluate, fit, load_checkpoint,
+                           resolve_config)
 from synthetic_data import idx_bytes, write_fashion_mnist
 
 
@@ -181,3 +183,110 @@ def test_data_dir_that_is_the_downloaded_archive_says_so(tmp_path):
     with pytest.raises(FileNotFoundError) as info:
         build_datasets("cifar10", str(archive))
     assert f"  {archive} (a file, not a directory: unpack it)" in str(info.value)
+
+
+def test_limited_epochs_load_no_batch_beyond_the_limit():
+    """--limit-train-batches / --limit-val-batches N loaded batch N + 1 before stopping
+    (a wasted batch per epoch: images decoded and augmented for nothing)."""
+    from torch.utils.data import DataLoader, Dataset
+
+    from hetconv.train.distributed import DistContext
+    from hetconv.train.engine import _train_epoch, evaluate_model
+
+    class Counting(Dataset):
+        def __init__(self):
+            self.loaded = 0
+
+        def __len__(self):
+            return 40
+
+        def __getitem__(self, i):
+            self.loaded += 1
+            return torch.randn(1, 4, 4), i % 3
+
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
+    data = Counting()
+    result = evaluate_model(model, DataLoader(data, batch_size=4), device=torch.device("cpu"),
+                            num_classes=3, limit_batches=2)
+    assert result["images"] == 8 and data.loaded == 8
+    data = Counting()
+    cfg = TrainConfig(model="vgg16_cifar", epochs=1, limit_train_batches=3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    _train_epoch(model, DataLoader(data, batch_size=4), opt, cfg, DistContext(), 0)
+    assert data.loaded == 12
+
+
+def test_a_seed_sweep_trains_and_validates_on_the_same_subsets(tmp_path, data_dir):
+    """--train-subset / --val-subset were drawn with --seed: the runs of a seed sweep
+    trained and validated on different images, so their accuracies differed by the images
+    as well as by the seed.  They are drawn with subset_seed (default 0) now; a config saved
+    before that field existed keeps its seed-drawn subsets (evaluate and resume agree)."""
+    from hetconv.cli import build_parser
+    from hetconv.train.config import load_config
+
+    records = {}
+    for name, kw in (("s0", {"seed": 0}), ("s5", {"seed": 5}),
+                     ("s5_other", {"seed": 5, "subset_seed": 2})):
+        quick(data_dir, tmp_path, name, train_subset=20, val_subset=8, augment=False,
+              model_kwargs={"width": 0.0625}, **kw)
+        records[name] = json.loads((tmp_path / name / "config.json").read_text())["dataset"]
+    keys = ("train_labels_sha256", "val_labels_sha256")
+    assert [records["s0"][k] for k in keys] == [records["s5"][k] for k in keys]
+    assert all(records["s0"][k] != records["s5_other"][k] for k in keys)
+    # a config saved before subset_seed: drawn with its seed, as that run did
+    legacy = {k: v for k, v in TrainConfig(seed=5).to_dict().items() if k != "subset_seed"}
+    assert TrainConfig.from_saved(legacy).subset_seed == 5
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "config.json").write_text(json.dumps({"config": legacy}))
+    assert load_config(tmp_path / "old").subset_seed == 5
+    assert resolve_config(seed=5).subset_seed == 0  # a new run: 0 whatever its seed
+    args = build_parser().parse_args(["train", "--subset-seed", "3"])
+    assert args.subset_seed == 3
+
+
+def test_a_run_from_before_subset_seed_resumes_and_evaluates_on_its_own_subsets(tmp_path,
+                                                                              data_dir):
+    """A run saved before subset_seed existed drew its subsets with its seed: evaluate
+    takes that validation subset (its recorded accuracy again) and resume continues it
+    (same data record, no config mismatch), though the default is now 0."""
+    from hetconv.train import resume
+    from hetconv.train.checkpoint import save_checkpoint
+
+    summary = quick(data_dir, tmp_path, "old", seed=5, subset_seed=5, train_subset=20,
+                    val_subset=8, augment=False, model_kwargs={"width": 0.0625})
+    run = tmp_path / "old"
+    saved = json.loads((run / "config.json").read_text())
+    del saved["config"]["subset_seed"]
+    (run / "config.json").write_text(json.dumps(saved))
+    for name in ("last.pt", "best.pt"):
+        ckpt = load_checkpoint(run / "checkpoints" / name)
+        del ckpt["config"]["subset_seed"]
+        save_checkpoint(run / "checkpoints" / name, ckpt)
+    for which in ("last", "best"):
+        result = evaluate(run, checkpoint=which)
+        assert result["images"] == 8 and result["top1"] == pytest.approx(summary["val_top1"])
+    assert resume(run, epochs=2)["epochs"] == 2
+
+
+def test_evaluate_of_best_pt_knows_the_process_count_of_a_limited_run(tmp_path, data_dir):
+    """best.pt did not record the number of processes (only last.pt did): a run validated
+    by W processes with --limit-val-batches L and --eval-batch-size E was evaluated from
+    best.pt on E * L images instead of W * E * L.  best.pt records it now; an older best.pt
+    takes it from the run's config.json."""
+    from hetconv.train.checkpoint import save_checkpoint
+
+    quick(data_dir, tmp_path, "lim", eval_batch_size=2, limit_val_batches=2,
+          model_kwargs={"width": 0.0625})
+    run = tmp_path / "lim"
+    best = load_checkpoint(run / "checkpoints" / "best.pt")
+    assert best["world_size"] == 1
+    # as if two processes had validated: 2 x 2 x 2 images
+    best["world_size"] = 2
+    save_checkpoint(run / "checkpoints" / "best.pt", best)
+    assert evaluate(run, checkpoint="best")["val_limit"] == 8
+    del best["world_size"]  # an older best.pt: config.json says how many processes
+    save_checkpoint(run / "checkpoints" / "best.pt", best)
+    saved = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**saved, "world_size": 2}))
+    assert evaluate(run, checkpoint="best")["val_limit"] == 8
+    assert evaluate(run, checkpoint="last")["val_limit"] == 4

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import os
 import stat
 import tempfile
-from typing import Iterator
+from typing import Any, Iterator
 
-__all__ = ["atomic_write_text", "open_mode", "chmod_like_open", "replacing"]
+__all__ = ["atomic_write_text", "json_text", "open_mode", "chmod_like_open", "replacing"]
 
 
 def _umask() -> int:
@@ -70,3 +72,23 @@ def atomic_write_text(path: str, text: str) -> None:
     power cut, use :func:`hetconv.train.checkpoint.atomic_write`, which syncs to disk.)"""
     with replacing(path) as tmp, open(tmp, "w") as f:
         f.write(text)
+
+
+def _finite(obj: Any) -> Any:
+    """``obj`` with every non-finite float (NaN, +-inf) replaced by None, in nested
+    dicts, lists and tuples."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def json_text(obj: Any, **kwargs: Any) -> str:
+    """``json.dumps(obj, **kwargs)`` as strict JSON: a non-finite float (a NaN validation
+    loss, an infinite ratio) is written as ``null``, not as the ``NaN`` / ``Infinity``
+    tokens Python writes by default, which strict readers (``jq``, JavaScript, most JSON
+    libraries) reject."""
+    return json.dumps(_finite(obj), allow_nan=False, **kwargs)

@@ -10,6 +10,7 @@ import argparse
 import logging
 import math
 import sys
+import warnings
 from typing import Callable, List, Optional
 
 
@@ -118,12 +119,14 @@ def _add_profile(sub) -> None:
 
 
 def _run_profile(args) -> int:
-    from .models import profile_model
+    from .models import AllDenseWarning, profile_model
 
     kwargs = {} if args.part is None else {"part": args.part}
     try:
-        result = profile_model(args.model, input_size=args.input, num_classes=args.num_classes,
-                               **kwargs)
+        with warnings.catch_warnings():  # (said below as the command's own warning)
+            warnings.simplefilter("ignore", AllDenseWarning)
+            result = profile_model(args.model, input_size=args.input,
+                                   num_classes=args.num_classes, **kwargs)
     except (ValueError, TypeError) as err:
         print(f"hetconv profile: error: {err}", file=sys.stderr)
         return 2
@@ -218,6 +221,9 @@ def _add_train(sub) -> None:
                    help="train on a fixed random subset of N images")
     g.add_argument("--val-subset", type=int, metavar="N",
                    help="validate on a fixed random subset of N images")
+    g.add_argument("--subset-seed", type=int, metavar="S",
+                   help="seed of the --train-subset / --val-subset draws (default: 0, "
+                        "whatever --seed: a seed sweep uses the same images)")
     g.add_argument("--workers", type=int, help="data-loader processes per rank (default: 0 for "
                                               "in-memory data sets, 8 for imagefolder)")
     g = p.add_argument_group("optimisation")
@@ -283,10 +289,12 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--batch-size", type=int, default=256, help="batch size (default: 256)")
     p.add_argument("--workers", type=int, default=0, help="data-loader processes (default: 0)")
     p.add_argument("--limit-batches", type=_positive_int, metavar="N",
-                   help="evaluate N batches only")
+                   help="evaluate N batches only (default: all, or for a run trained with "
+                        "--limit-val-batches the images it validated on)")
     p.add_argument("--full-split", action="store_true",
-                   help="a run trained with --val-subset N: evaluate on the whole validation "
-                        "split (default: on the fixed subset its recorded accuracy is from)")
+                   help="a run trained with --val-subset N or --limit-val-batches: evaluate "
+                        "on the whole validation split (default: on the images its recorded "
+                        "accuracy is from)")
     p.add_argument("--device", default="cpu",
                    help="cpu, cuda, cuda:N or auto (CUDA if any) (default: cpu)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")

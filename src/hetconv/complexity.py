@@ -29,7 +29,9 @@ Convention (the paper's "FLOPs" column)
   (``F.conv2d(x, self.conv.weight)``) rather than through their module.
 * Parameters: every parameter of the model once (shared ones once); the rows
   show each module's own parameters.  A ``PackedConv2d``'s weight and bias, which
-  are buffers (an inference module's), count as parameters.
+  are buffers (an inference module's), count as parameters.  The grouped form
+  :func:`hetconv.deploy.export_module` gives a HetConv2d counts as that layer (MACs
+  and parameters; its ``form="dense"`` is an ``nn.Conv2d``, counted as one).
 * The input: ``(C, H, W)`` is made a batch of one; a tensor is taken batch first,
   except that an input with which the 2-d convolutions run unbatched (a ``(C, H, W)``
   tensor) is one example.  An empty batch cannot be counted per example
@@ -54,6 +56,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -63,7 +66,8 @@ import torch.nn as nn
 from . import native as _native
 from ._modes import evaluating
 from . import pattern as _pattern
-from .deploy import ChannelPadShortcut, NativeChain, NativeFused, NativeSequence, PackedConv2d
+from .deploy import (ChannelPadShortcut, NativeChain, NativeFused, NativeSequence, PackedConv2d,
+                     _GroupedExport)
 from .layers.hetconv import HetConv2d
 
 __all__ = ["profile", "Profile", "ProfileRow", "register_rule", "RULES", "format_count"]
@@ -183,6 +187,7 @@ RULES: Dict[type, Rule] = {
     nn.Linear: _linear_macs,
     nn.MultiheadAttention: _attention_macs,
     HetConv2d: _hetconv_macs,
+    _GroupedExport: _hetconv_macs,  # (export_module's form of a HetConv2d: the same layer)
     PackedConv2d: _conv_macs,
     NativeFused: _native_fused_macs,
     NativeSequence: _native_sequence_macs,
@@ -191,12 +196,19 @@ RULES: Dict[type, Rule] = {
 
 #: weights that a module type keeps as buffers (an inference module's), counted as parameters
 _WEIGHT_BUFFERS: Dict[type, Tuple[str, ...]] = {PackedConv2d: ("weight", "bias")}
+_STANDINS: "weakref.WeakKeyDictionary[nn.Module, torch.Tensor]" = weakref.WeakKeyDictionary()
 
 
 def _weights(module: nn.Module, recurse: bool) -> List[torch.Tensor]:
-    """``module``'s parameters and the weights its (sub)modules keep as buffers."""
+    """``module``'s parameters and the weights its (sub)modules keep as buffers (an
+    exported HetConv2d's: a stand-in of the layer's parameter count, made once per module,
+    since its buffers hold them with zeros in the grouped conv's slots)."""
     found = list(module.parameters(recurse=recurse))
     for m in (module.modules() if recurse else (module,)):
+        if isinstance(m, _GroupedExport):
+            if m not in _STANDINS:
+                _STANDINS[m] = torch.empty(m.layer_params, device="meta")
+            found.append(_STANDINS[m])
         for name in next((names for cls, names in _WEIGHT_BUFFERS.items()
                           if isinstance(m, cls)), ()):
             t = m._buffers.get(name)
@@ -208,7 +220,7 @@ def _weights(module: nn.Module, recurse: bool) -> List[torch.Tensor]:
 def _spatial_dims(module: nn.Module) -> Optional[int]:
     """Spatial dimensions of a convolution-like module (None for others): an input with one
     more (no batch dimension) means the model runs on one unbatched example."""
-    if isinstance(module, (nn.modules.conv._ConvNd, HetConv2d, PackedConv2d)):
+    if isinstance(module, (nn.modules.conv._ConvNd, HetConv2d, PackedConv2d, _GroupedExport)):
         return len(module.kernel_size)
     if isinstance(module, (NativeFused, NativeSequence, NativeChain)):
         return 2

@@ -1794,14 +1794,18 @@ class _GroupedExport(nn.Module):
         self.register_buffer("slot", None if idx["identity_slots"] else idx["slot"].clone())
         self.stride, self.padding, self.dilation, self.groups = (
             layer.stride, layer.padding, layer.dilation, p)
-        self.kernel = layer.kernel_size
+        # what hetconv.profile counts: the layer's MACs and parameters (the buffers above
+        # hold the weights in the grouped conv's slots, with zeros where a filter has none)
+        self.in_channels, self.out_channels, self.part = m, n, p
+        self.kernel_size = layer.kernel_size
+        self.layer_params = sum(t.numel() for t in layer.parameters())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 3:  # unbatched (C, H, W), as HetConv2d takes it
             return self.forward(x.unsqueeze(0)).squeeze(0)
         xg = x if self.channel_order is None else x.index_select(1, self.channel_order)
         y = F.conv2d(xg, self.wk, self.b, self.stride, self.padding, self.dilation, self.groups)
-        xc, pc = HF._centre_input(x, self.kernel, self.padding, self.dilation)
+        xc, pc = HF._centre_input(x, self.kernel_size, self.padding, self.dilation)
         y = y + F.conv2d(xc, self.w1, None, self.stride, pc)
         return y if self.slot is None else y.index_select(1, self.slot)
 

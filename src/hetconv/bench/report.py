@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import contextlib
 import math
 import os
 import platform
@@ -12,7 +12,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from .. import pattern as _pattern
-from .._files import atomic_write_text, replacing
+from .._files import atomic_write_text, json_text, replacing
 
 __all__ = ["environment", "layer_table", "model_table", "target_checks", "plot_speedup",
            "write_report", "atomic_write"]
@@ -206,49 +206,62 @@ def target_checks(layer_rows: Sequence[dict], model_rows: Sequence[dict]) -> Lis
     return out
 
 
-def plot_speedup(layer_rows: Sequence[dict], model_rows: Sequence[dict], path: str) -> Optional[str]:
-    """Figure 5, measured: speedup vs P (theory, layers >= 128 channels, VGG-16 model). PNG path."""
+def _pyplot():
+    """matplotlib's pyplot on the Agg backend, or None without matplotlib (an optional extra)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-    except ImportError:  # optional extra
+    except ImportError:
         return None
+    return plt
+
+
+def plot_speedup(layer_rows: Sequence[dict], model_rows: Sequence[dict], path: str) -> Optional[str]:
+    """Figure 5, measured: speedup vs P (theory, layers >= 128 channels, VGG-16 model). PNG path
+    (None without matplotlib).  Written whole or not at all."""
+    plt = _pyplot()
+    if plt is None:
+        return None
+    with replacing(path, suffix=".png") as tmp:
+        _draw_speedup(plt, layer_rows, model_rows, tmp)
+    return path
+
+
+def _draw_speedup(plt, layer_rows: Sequence[dict], model_rows: Sequence[dict], path: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    ps = sorted({r["part"] for r in layer_rows if r["part"] > 1} | {2, 4, 8, 16, 32, 64})
-    ax.plot(ps, [_pattern.speedup(p) for p in ps], "k-o", label="theory (Eq. 5)")
-    for mode, style in (("infer", "s-"), ("train", "^-")):
-        xs, ys = [], []
-        for p in ps:
-            v = [r["speedup"] for r in layer_rows if r["part"] == p and r["mode"] == mode
-                 and r["candidate"] == "het_auto" and r["in_ch"] >= 128]
-            if v:
-                xs.append(p)
-                ys.append(_geomean(v))
-        if xs:
-            ax.plot(xs, ys, style, label=f"layers >= 128 ch, {mode} (geomean, auto)")
-    for metric, style in (("throughput_b64", "D--"), ("train_step_b64", "v--")):
-        pts = sorted((int(r["model"][1:]), r["ratio"]) for r in model_rows
-                     if r["family"] == "vgg16_cifar" and r["metric"] == metric and r["best"]
-                     and r["model"][1:].isdigit() and int(r["model"][1:]) > 1)
-        if pts:
-            ax.plot(*zip(*pts), style, label=f"VGG-16 CIFAR model, {metric}")
-    ax.axhline(1.0, color="grey", lw=0.8)
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(ps)
-    ax.set_xticklabels([str(p) for p in ps])
-    ax.set_xlabel("part P")
-    ax.set_ylabel("speedup over the best dense conv")
-    ax.set_title(f"HetConv speedup vs P ({torch.get_num_threads()} CPU threads, fp32)")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
     try:
-        with replacing(path, suffix=".png") as tmp:
-            fig.savefig(tmp, dpi=110)
+        ps = sorted({r["part"] for r in layer_rows if r["part"] > 1} | {2, 4, 8, 16, 32, 64})
+        ax.plot(ps, [_pattern.speedup(p) for p in ps], "k-o", label="theory (Eq. 5)")
+        for mode, style in (("infer", "s-"), ("train", "^-")):
+            xs, ys = [], []
+            for p in ps:
+                v = [r["speedup"] for r in layer_rows if r["part"] == p and r["mode"] == mode
+                     and r["candidate"] == "het_auto" and r["in_ch"] >= 128]
+                if v:
+                    xs.append(p)
+                    ys.append(_geomean(v))
+            if xs:
+                ax.plot(xs, ys, style, label=f"layers >= 128 ch, {mode} (geomean, auto)")
+        for metric, style in (("throughput_b64", "D--"), ("train_step_b64", "v--")):
+            pts = sorted((int(r["model"][1:]), r["ratio"]) for r in model_rows
+                         if r["family"] == "vgg16_cifar" and r["metric"] == metric and r["best"]
+                         and r["model"][1:].isdigit() and int(r["model"][1:]) > 1)
+            if pts:
+                ax.plot(*zip(*pts), style, label=f"VGG-16 CIFAR model, {metric}")
+        ax.axhline(1.0, color="grey", lw=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ps)
+        ax.set_xticklabels([str(p) for p in ps])
+        ax.set_xlabel("part P")
+        ax.set_ylabel("speedup over the best dense conv")
+        ax.set_title(f"HetConv speedup vs P ({torch.get_num_threads()} CPU threads, fp32)")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110, format="png")
     finally:
         plt.close(fig)
-    return path
 
 
 #: how a note (``write_report``'s ``notes``) starts its line in the markdown report
@@ -259,15 +272,47 @@ def write_report(layer_rows: Sequence[dict], model_rows: Sequence[dict], out_dir
                  env: Optional[dict] = None, seconds: Optional[float] = None,
                  name: str = "bench", notes: Sequence[str] = ()) -> Dict[str, str]:
     """Write ``<name>_results.md``, ``<name>_results.json`` and ``<name>_speedup.png`` to ``out_dir``
-    (``notes``: paragraphs for the report's head, e.g. that the machine changed speed)."""
+    (``notes``: paragraphs for the report's head, e.g. that the machine changed speed).
+
+    The files are made as temporary files and replace the old ones at the end: an error
+    (a table that cannot be made, an interrupt) leaves the previous report as it was, not
+    a new JSON beside an old markdown.  A plot that cannot be drawn does not cost the
+    results: the JSON and markdown are written, the markdown says why there is no plot,
+    and the previous plot (of other numbers) is removed."""
     env = env or environment()
     paths = {"markdown": os.path.join(out_dir, f"{name}_results.md"),
              "json": os.path.join(out_dir, f"{name}_results.json"),
              "plot": os.path.join(out_dir, f"{name}_speedup.png")}
-    atomic_write(paths["json"], json.dumps(
-        {"environment": env, "seconds": seconds, "notes": list(notes), "layers": list(layer_rows),
-         "models": list(model_rows)}, indent=1))
-    plot = plot_speedup(layer_rows, model_rows, paths["plot"]) if layer_rows or model_rows else None
+    data = json_text({"environment": env, "seconds": seconds, "notes": list(notes),
+                      "layers": list(layer_rows), "models": list(model_rows)}, indent=1)
+    plt = _pyplot() if layer_rows or model_rows else None
+    plot_error = None
+    with contextlib.ExitStack() as files:
+        tmp = {kind: files.enter_context(replacing(paths[kind], suffix=f".{kind}.tmp"))
+               for kind in (("json", "markdown", "plot") if plt else ("json", "markdown"))}
+        with open(tmp["json"], "w") as f:
+            f.write(data)
+        if plt:
+            try:
+                _draw_speedup(plt, layer_rows, model_rows, tmp["plot"])
+            except Exception as err:  # (the file left is removed below)
+                plot_error = f"{type(err).__name__}: {err}"
+        md = _report_markdown(layer_rows, model_rows, env, seconds, name, notes,
+                              None if plt is None or plot_error else paths["plot"],
+                              plot_error)
+        with open(tmp["markdown"], "w") as f:
+            f.write(md)
+    if plt is None or plot_error:
+        if plot_error:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(paths["plot"])
+        paths.pop("plot")
+    return paths
+
+
+def _report_markdown(layer_rows: Sequence[dict], model_rows: Sequence[dict], env: dict,
+                     seconds: Optional[float], name: str, notes: Sequence[str],
+                     plot: Optional[str], plot_error: Optional[str]) -> str:
     md = [f"# Benchmark results ({name})", "",
           "Generated by `hetconv bench`; medians of interleaved repeats after warm-up "
           "(with `--settle N` and `--settle-ms T`, defaults 1 and 10, each timed call right "
@@ -280,17 +325,16 @@ def write_report(layer_rows: Sequence[dict], model_rows: Sequence[dict], out_dir
         md += [f"Run time: {seconds / 60:.1f} min.", ""]
     for note in notes:
         md += [NOTE_PREFIX + note, ""]
+    if plot_error:
+        md += [NOTE_PREFIX + f"The speedup plot could not be drawn ({plot_error}).", ""]
     checks = target_checks(layer_rows, model_rows)
     if checks:
         md += ["## Targets", ""] + [f"- {c}" for c in checks] + [""]
     if plot:
         md += [f"![speedup vs P]({os.path.basename(plot)})", ""]
-    else:
-        paths.pop("plot")
     if model_rows:
         md += ["## Models", "", model_table(model_rows), ""]
     if layer_rows:
         note = _patterns_note(layer_rows)
         md += ["## Layers", ""] + ([note, ""] if note else []) + [layer_table(layer_rows), ""]
-    atomic_write(paths["markdown"], "\n".join(md))
-    return paths
+    return "\n".join(md)

@@ -4,7 +4,10 @@
 convolution with G groups, BatchNorm, ReLU, then an M -> N pointwise
 convolution (the MobileNet arrangement).  ``DepthwisePointwiseConv2d`` is the
 same with G = M (``DWC + PWC``).  Cost per output position:
-``M*M*K*K/G + M*N`` MACs (Eq. 9-12).  The block does not end in BatchNorm /
+``M*M*K*K/G + M*N`` MACs.  The paper's cost list writes the groupwise part as
+``M*N*K*K/G`` (an M -> N groupwise conv); the two agree where M = N, and with M -> M,
+as here, the models' totals match Table 1's GWC / DWC rows
+(``tests/test_paper_tables.py``).  The block does not end in BatchNorm /
 ReLU: like a plain convolution, what follows it is up to the model.
 """
 

@@ -22,12 +22,18 @@ from __future__ import annotations
 
 import fnmatch
 import re
+import warnings
 from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch.nn as nn
 
 __all__ = ["register_model", "create_model", "list_models", "parse_model_name", "is_model",
-           "default_input_size", "profile_model"]
+           "default_input_size", "profile_model", "AllDenseWarning"]
+
+
+class AllDenseWarning(UserWarning):
+    """``create_model`` was asked for a HetConv part P that divides no layer's input
+    channels: every layer stayed a dense convolution."""
 
 _REGISTRY: Dict[str, Callable[..., nn.Module]] = {}
 _VARIANTS: Dict[str, Tuple[str, ...]] = {}
@@ -146,6 +152,9 @@ def create_model(name: str, *, num_classes: Optional[int] = None, in_chans: int 
         in_chans: input channels (1 for Fashion-MNIST).
         **kwargs: architecture options (``part``, ``se``, ``conv``, ``groups``,
             ``width``, ...; see each builder's docstring).
+
+    A part P that divides no layer's input channels leaves every layer dense (the
+    builders' ``indivisible="skip"``): :class:`AllDenseWarning` says so.
     """
     base, from_name = parse_model_name(name)
     clash = sorted(set(from_name) & set(kwargs))
@@ -161,7 +170,14 @@ def create_model(name: str, *, num_classes: Optional[int] = None, in_chans: int 
     args = {**from_name, **kwargs, "in_chans": in_chans}
     if num_classes is not None:
         args["num_classes"] = num_classes
-    return _REGISTRY[base](**args)
+    model = _REGISTRY[base](**args)
+    from ..layers.hetconv import HetConv2d
+
+    warning = all_dense_warning(name, kwargs,
+                                sum(isinstance(m, HetConv2d) for m in model.modules()))
+    if warning:
+        warnings.warn(warning, AllDenseWarning, stacklevel=2)
+    return model
 
 
 def default_input_size(name: str) -> Tuple[int, int, int]:

@@ -13,7 +13,6 @@ tuples and dicts (RNG states included, converted to tensors where needed).
 from __future__ import annotations
 
 import io
-import json
 import os
 import random
 import tempfile
@@ -23,7 +22,7 @@ from typing import Any, Dict, Mapping, Optional, Union
 import torch
 import torch.nn as nn
 
-from .._files import chmod_like_open
+from .._files import chmod_like_open, json_text
 
 __all__ = ["CheckpointError", "atomic_write", "atomic_write_json", "capture_rng_state",
            "load_checkpoint", "load_model_state", "restore_rng_state", "save_checkpoint"]
@@ -73,7 +72,8 @@ def atomic_write(path: PathLike, data: bytes) -> None:
 
 
 def atomic_write_json(path: PathLike, obj: Any) -> None:
-    atomic_write(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+    """``obj`` as strict JSON (non-finite floats as ``null``), written atomically."""
+    atomic_write(path, (json_text(obj, indent=2) + "\n").encode())
 
 
 # --------------------------------------------------------------------------- RNG state

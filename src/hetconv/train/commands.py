@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List
 
+from .._files import json_text
 from ..data import DatasetFormatError, DatasetNotFoundError
 from .checkpoint import CheckpointError, atomic_write_json
 from .config import load_config, resolve_config
@@ -28,7 +29,7 @@ _EXPECTED = (ValueError, TypeError, FileNotFoundError, FileExistsError, Checkpoi
 # CLI option dest -> TrainConfig field, for the options that map one to one.
 _FIELDS = ("model", "data", "data_dir", "preset", "epochs", "batch_size", "eval_batch_size", "lr",
            "momentum", "weight_decay", "schedule", "lr_step", "lr_gamma", "label_smoothing",
-           "seed", "out", "name", "workers", "device", "channels_last", "compile",
+           "seed", "subset_seed", "out", "name", "workers", "device", "channels_last", "compile",
            "absorb_permutations", "amp",
            "augment", "image_size", "train_subset", "val_subset", "limit_train_batches",
            "limit_val_batches")
@@ -147,10 +148,12 @@ def run_evaluate(args: argparse.Namespace) -> int:
     except _EXPECTED as exc:
         return _fail(exc)
     if args.json:
-        print(json.dumps(result, indent=2))
+        print(json_text(result, indent=2))
         return 0
     top5 = "-" if result["top5"] is None else f"{result['top5']:.2f}%"
     subset = "" if result["val_subset"] is None else ", the run's fixed validation subset"
+    if result.get("val_limit") is not None:
+        subset += ", those its --limit-val-batches validated on"
     print(f"{result['model']} on {result['data']} ({result['images']} images{subset}, "
           f"epoch {result['epoch']} of {result['checkpoint']})\n"
           f"  top-1     {result['top1']:.2f}%\n  top-5     {top5}\n"

@@ -26,8 +26,10 @@ class TrainConfig:
     follows ``schedule``: ``"step"`` (times ``lr_gamma`` every ``lr_step`` epochs),
     ``"cosine"`` (to 0 over ``epochs``) or ``"constant"``; stepped once per epoch.
     ``batch_size`` is the global batch, split evenly over distributed processes.
-    Data: ``train_subset``/``val_subset`` keep a fixed random subset (seeded by ``seed``)
-    of that many images; ``limit_train_batches``/``limit_val_batches`` cut each epoch short
+    Data: ``train_subset``/``val_subset`` keep a fixed random subset of that many images,
+    drawn with ``subset_seed`` (default 0), not ``seed``: runs of a seed sweep train and
+    validate on the same images (configs saved before ``subset_seed`` existed drew them with
+    ``seed``, and load so); ``limit_train_batches``/``limit_val_batches`` cut each epoch short
     (smoke tests).  ``workers=None`` picks 0 for in-memory data sets and up to 8 otherwise.
     Run directory: ``out/name`` (``name`` defaults to ``<model>-<data>-s<seed>``).
     """
@@ -55,6 +57,7 @@ class TrainConfig:
     limit_train_batches: Optional[int] = None
     limit_val_batches: Optional[int] = None
     seed: int = 0
+    subset_seed: int = 0
     workers: Optional[int] = None
     device: str = "auto"
     channels_last: bool = False
@@ -96,6 +99,7 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "lr_step"):
             check_int(name, 1)
         check_int("seed", 0)
+        check_int("subset_seed", 0)
         for name in ("eval_batch_size", "train_subset", "val_subset", "limit_train_batches",
                      "limit_val_batches", "image_size"):
             check_int(name, 1, optional=True)
@@ -117,8 +121,8 @@ class TrainConfig:
                                       or "/" in self.name or self.name in (".", "..")):
             raise ValueError(f"name must be a plain directory name, got {self.name!r}")
         try:
-            json.dumps(self.model_kwargs)
-        except TypeError as exc:
+            json.dumps(self.model_kwargs, allow_nan=False)  # (as config.json will hold them)
+        except (TypeError, ValueError) as exc:
             raise TypeError(f"model_kwargs must be JSON-serialisable: {exc}") from None
         return self
 
@@ -136,6 +140,20 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown config field(s) {unknown}; known: {sorted(known)}")
         return cls(**dict(values))
+
+    @classmethod
+    def from_saved(cls, values: Mapping[str, Any]) -> "TrainConfig":
+        """A config saved by a run (``config.json``, a checkpoint's), from any version."""
+        return cls.from_dict(saved_config(values))
+
+
+def saved_config(values: Mapping[str, Any]) -> Dict[str, Any]:
+    """A config dict saved by a run, in the current fields: one saved before
+    ``subset_seed`` existed drew its subsets with its ``seed``."""
+    values = dict(values)
+    if "subset_seed" not in values:
+        values["subset_seed"] = values.get("seed", 0)
+    return values
 
 
 # The paper's settings (PAPER.md, "Training settings reported") and the demo's.
@@ -186,4 +204,6 @@ def load_config(path: Union[str, Path]) -> TrainConfig:
         raise FileNotFoundError(f"{path}: no such config (is this a run directory?)") from None
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path}: corrupt config JSON ({exc})") from None
-    return TrainConfig.from_dict(data.get("config", data))
+    if isinstance(data, dict) and "config" in data:  # written by a run (from any version)
+        return TrainConfig.from_saved(data["config"])
+    return TrainConfig.from_dict(data)

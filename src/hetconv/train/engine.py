@@ -29,6 +29,7 @@ import random
 import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
@@ -40,7 +41,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from ..data import DatasetInfo, build_datasets
 from .checkpoint import (CheckpointError, atomic_write_json, capture_rng_state, load_checkpoint,
                          load_model_state, restore_rng_state, save_checkpoint)
-from .config import TrainConfig
+from .config import TrainConfig, saved_config
 from .distributed import (DistContext, EvalShardSampler, SeededItems, TrainSampler,
                           setup_distributed)
 from .metrics import topk_correct, write_metrics
@@ -87,10 +88,12 @@ def build_model(config: TrainConfig, info: DatasetInfo) -> nn.Module:
     """``hetconv.create_model`` for ``config`` on data set ``info`` (classes, channels)."""
     from ..layers import HetConv2d
     from ..models import create_model
-    from ..models.registry import all_dense_warning
+    from ..models.registry import AllDenseWarning, all_dense_warning
 
-    model = create_model(config.model, num_classes=info.num_classes, in_chans=info.in_chans,
-                         **config.model_kwargs)
+    with warnings.catch_warnings():  # (said in the log below instead)
+        warnings.simplefilter("ignore", AllDenseWarning)
+        model = create_model(config.model, num_classes=info.num_classes,
+                             in_chans=info.in_chans, **config.model_kwargs)
     warning = all_dense_warning(config.model, config.model_kwargs,
                                 sum(isinstance(m, HetConv2d) for m in model.modules()))
     if warning:
@@ -130,8 +133,23 @@ def _fixed_subset(dataset: Dataset, size: Optional[int], seed: int) -> Dataset:
 
 def val_subset(val_ds: Dataset, config: TrainConfig) -> Dataset:
     """The validation images a run with ``config`` validates on: its fixed ``val_subset``
-    (seeded by ``seed + 1``) or the whole split (evaluate takes the same)."""
-    return _fixed_subset(val_ds, config.val_subset, config.seed + 1)
+    (drawn with ``subset_seed + 1``) or the whole split (evaluate takes the same)."""
+    return _fixed_subset(val_ds, config.val_subset, config.subset_seed + 1)
+
+
+def val_batch_size(config: TrainConfig, world_size: int) -> int:
+    """Each process's validation batch in a run of ``world_size`` processes."""
+    return config.eval_batch_size or (config.batch_size // world_size) * 2
+
+
+def val_images_limit(config: TrainConfig, world_size: int) -> Optional[int]:
+    """How many validation images a run with ``--limit-val-batches L`` validates on (None:
+    no limit): every process takes L batches of its shard ``rank, rank + W, ...``
+    (:class:`~hetconv.train.distributed.EvalShardSampler`), which together are the first
+    ``W * batch * L`` images of the (subset) split, in one process or many."""
+    if config.limit_val_batches is None:
+        return None
+    return world_size * val_batch_size(config, world_size) * config.limit_val_batches
 
 
 def _labels(dataset: Dataset) -> Optional[torch.Tensor]:
@@ -239,9 +257,9 @@ def _train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Op
     start = time.perf_counter()
     bar = _progress(loader, total, f"epoch {epoch + 1}/{config.epochs}", ctx.is_main,
                     leave=False)
-    for step, (x, y) in enumerate(bar):
-        if step >= total:
-            break
+    # (zip takes the step first: no batch beyond the limit is asked for; loader workers
+    # may still have prefetched some)
+    for step, (x, y) in zip(range(total), bar):
         x, y = _to_device(x, y, ctx.device, config.channels_last)
         with _autocast(config, ctx.device):
             logits = model(x)
@@ -282,9 +300,8 @@ def evaluate_model(model: nn.Module, loader: DataLoader, *, device: torch.device
     total = len(loader) if limit_batches is None else min(len(loader), limit_batches)
     sums = torch.zeros(4, dtype=torch.float64)  # loss, top1, top5, images
     forward_time = 0.0
-    for step, (x, y) in enumerate(_progress(loader, total, desc, ctx.is_main, leave=False)):
-        if step >= total:
-            break
+    for step, (x, y) in zip(range(total), _progress(loader, total, desc, ctx.is_main,
+                                                     leave=False)):
         x, y = _to_device(x, y, device, channels_last)
         start = time.perf_counter()
         with _autocast(cfg_amp, device):
@@ -375,7 +392,7 @@ def _prepare_run_dir(run_dir: Path, force: bool) -> Optional[str]:
 
 
 def _check_resumable(config: TrainConfig, ckpt: Mapping[str, Any]) -> None:
-    saved = dict(ckpt["config"])
+    saved = saved_config(ckpt["config"])
     current = config.to_dict()
     diffs = [f"{k}: checkpoint {saved.get(k)!r} vs now {current[k]!r}" for k in current
              if k not in RESUME_MUTABLE and saved.get(k) != current[k]]
@@ -482,7 +499,7 @@ def _fit(config: TrainConfig, ctx: DistContext, resume, force: bool,
     _seed_everything(config.seed)
     train_ds, val_ds, info = build_datasets(config.data, config.data_dir, augment=config.augment,
                                             image_size=config.image_size)
-    train_ds = _fixed_subset(train_ds, config.train_subset, config.seed)
+    train_ds = _fixed_subset(train_ds, config.train_subset, config.subset_seed)
     val_ds = val_subset(val_ds, config)
     dataset = _dataset_record(info, train_ds, val_ds)
     net = model if model is not None else build_model(config, info)
@@ -550,7 +567,7 @@ def _fit(config: TrainConfig, ctx: DistContext, resume, force: bool,
                               batch_size=per_rank, sampler=train_sampler,
                               num_workers=workers, generator=loader_gen, pin_memory=pin,
                               drop_last=len(train_sampler) >= per_rank)
-    val_loader = DataLoader(val_ds, batch_size=config.eval_batch_size or per_rank * 2,
+    val_loader = DataLoader(val_ds, batch_size=val_batch_size(config, ctx.world_size),
                             sampler=EvalShardSampler(len(val_ds), ctx.rank, ctx.world_size),
                             num_workers=workers, pin_memory=pin,
                             generator=torch.Generator().manual_seed(config.seed))
@@ -651,11 +668,12 @@ def _save_epoch(ckpt_dir: Path, net: nn.Module, optimizer, scheduler, config: Tr
     model_state = collections.OrderedDict((k, v.detach().cpu()) for k, v in state.items())
     # the metadata too: it records each HetConv2d's pattern, checked when loaded
     model_state._metadata = getattr(state, "_metadata", None)
+    # (world_size in best.pt too: evaluate needs it for a --limit-val-batches run's images)
     common = {"model": model_state, "config": config.to_dict(), "identity": identity,
-              "epoch": epoch, "dataset": dataset}
+              "epoch": epoch, "dataset": dataset, "world_size": world_size}
     save_checkpoint(ckpt_dir / "last.pt", {
         **common, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-        "rng": rng_states, "history": history, "best": best, "world_size": world_size})
+        "rng": rng_states, "history": history, "best": best})
     if improved:
         save_checkpoint(ckpt_dir / "best.pt", {**common, "metrics": history[-1]})
 
@@ -691,7 +709,7 @@ def _repair_best(run_dir: Path, last: Mapping[str, Any]) -> None:
     if best and current != best["epoch"] and best["epoch"] == last["epoch"]:
         log.warning("best.pt is older than last.pt (interrupted write); rewriting it")
         save_checkpoint(path, {k: last[k] for k in ("model", "config", "identity", "epoch",
-                                                    "dataset") if k in last}
+                                                    "dataset", "world_size") if k in last}
                         | {"metrics": last["history"][-1]})
 
 

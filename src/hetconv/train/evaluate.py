@@ -9,12 +9,13 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from ..data import build_datasets
 from .checkpoint import CheckpointError, atomic_write, load_checkpoint, load_model_state
 from .config import TrainConfig
-from .engine import _fmt, _profile, build_model, evaluate_model, model_identity
+from .engine import (_fmt, _profile, build_model, evaluate_model, model_identity,
+                     val_images_limit, val_subset)
 
 __all__ = ["compare", "evaluate", "format_compare", "load_summary", "plot_compare",
            "plot_format"]
@@ -64,7 +65,10 @@ def evaluate(path: PathLike, *, data: Optional[str] = None, data_dir: Optional[s
     validation split of its data set (or ``data``/``data_dir``, which must have the same
     classes and channels): a run trained with ``val_subset`` on the same fixed subset its
     recorded accuracy is from, unless ``full_split`` (``images`` says how many;
-    ``val_subset`` in the result which subset, ``None`` for the whole split).  Returns ``top1``, ``top5`` (10+ classes, else ``None``),
+    ``val_subset`` in the result which subset, ``None`` for the whole split); a run trained
+    with ``limit_val_batches`` on the images those batches held (``val_limit``: how many;
+    ``None`` when ``full_split``, ``limit_batches``, another data set, or when the batches
+    held the whole split).  Returns ``top1``, ``top5`` (10+ classes, else ``None``),
     ``loss``, ``macs``, ``params``, ``images_per_s`` (forward passes at ``batch_size``),
     ``images``, ``epoch``, ``model``, ``checkpoint`` and ``device``.  ``device``: ``"cpu"``,
     ``"cuda"``, ``"cuda:N"`` or ``"auto"`` (CUDA when available).
@@ -78,7 +82,7 @@ def evaluate(path: PathLike, *, data: Optional[str] = None, data_dir: Optional[s
     ckpt_path = _resolve_checkpoint(Path(path), checkpoint)
     ckpt = load_checkpoint(ckpt_path)
     try:
-        config = TrainConfig.from_dict(ckpt["config"])
+        config = TrainConfig.from_saved(ckpt["config"])
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"{ckpt_path}: invalid config in checkpoint ({exc})") from exc
     name = data or config.data
@@ -90,11 +94,17 @@ def evaluate(path: PathLike, *, data: Optional[str] = None, data_dir: Optional[s
     _check_data(ckpt_path, ckpt.get("dataset"), info)
     subset = None if full_split or name != config.data else config.val_subset
     if subset is not None and subset < len(val_ds):  # what training validated on
-        from .engine import val_subset
-
         val_ds = val_subset(val_ds, config)
     else:
         subset = None
+    # a run validated with --limit-val-batches: the images it validated on (unless the
+    # caller limits the batches itself)
+    limited = None if full_split or name != config.data or limit_batches is not None else \
+        val_images_limit(config, _world_size(ckpt, ckpt_path))
+    if limited is not None and limited < len(val_ds):
+        val_ds = Subset(val_ds, range(limited))
+    else:
+        limited = None
     model = build_model(config, info)
     load_model_state(model, ckpt, f"{config.model} {config.model_kwargs}")
     model.to(dev)
@@ -105,8 +115,21 @@ def evaluate(path: PathLike, *, data: Optional[str] = None, data_dir: Optional[s
                              amp=config.amp)
     return {"model": config.model, "identity": model_identity(config), "data": info.name,
             "checkpoint": str(ckpt_path), "epoch": int(ckpt["epoch"]), "device": str(dev),
-            "val_subset": subset,
+            "val_subset": subset, "val_limit": limited,
             **metrics, **_profile(model, info)}
+
+
+def _world_size(ckpt: Dict[str, Any], ckpt_path: Path) -> int:
+    """The number of processes the checkpoint's run validated with: the checkpoint's record,
+    else (a best.pt from before it had one) its run directory's ``config.json``, else 1."""
+    world = ckpt.get("world_size")
+    if world is None and ckpt_path.parent.name == "checkpoints":
+        try:
+            world = json.loads((ckpt_path.parent.parent / "config.json").read_text()).get(
+                "world_size")
+        except (OSError, ValueError, AttributeError):
+            world = None
+    return world if isinstance(world, int) and world >= 1 else 1
 
 
 def _check_data(ckpt_path: Path, saved: Optional[Dict[str, Any]], info) -> None:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from pathlib import Path
 from typing import Dict, List, Mapping, Sequence, Tuple
 
 import torch
 
+from .._files import json_text
 from .checkpoint import atomic_write
 
 __all__ = ["TIMING_KEYS", "topk_correct", "write_metrics"]
@@ -33,7 +33,7 @@ def write_metrics(run_dir: Path, history: Sequence[Mapping[str, float]]) -> Tupl
     Rewriting from the history kept in the checkpoint (rather than appending) keeps the
     files consistent with the last checkpoint even after a kill at any moment.
     """
-    jsonl = "".join(json.dumps(dict(r)) + "\n" for r in history)
+    jsonl = "".join(json_text(dict(r)) + "\n" for r in history)
     keys: Dict[str, None] = {}
     for record in history:
         keys.update(dict.fromkeys(record))
