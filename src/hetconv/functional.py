@@ -436,7 +436,7 @@ def _native_nhwc_pick(x, weight_k, n, m, p, stride, dilation, padding,
                       pattern) -> Optional[str]:
     """``select_backend``'s channels-last native branch (see its docstring): "channels_last"
     when it takes the layer, "nchw" when it found that the NCHW kernel does, else None."""
-    if x.dim() != 4 or torch.compiler.is_compiling():
+    if x.dim() != 4:
         return None
     cl, training, strided = _is_cl(x), _training(x, weight_k), tuple(stride) != (1, 1)
     if cl:
@@ -485,8 +485,7 @@ def _high_part_cl_pays(x, weight_k, m, stride, padding, dilation, training) -> b
 
 def _native_high_part_pick(x, weight_k, n, m, p, stride, dilation, padding) -> bool:
     """``select_backend``'s NCHW native branch for P >= :data:`NATIVE_HIGH_PART`."""
-    if p < NATIVE_HIGH_PART or p >= m or tuple(stride) != (1, 1) or x.dim() != 4 \
-            or torch.compiler.is_compiling():
+    if p < NATIVE_HIGH_PART or p >= m or tuple(stride) != (1, 1) or x.dim() != 4:
         return False
     if not (x.is_contiguous() or _is_cl(x)) or not _native_runs(x, weight_k, stride, dilation,
                                                                 padding):
@@ -507,7 +506,7 @@ def _native_runs(x, weight_k, stride, dilation, padding) -> bool:
 
 def _native_pick(x, weight_k, n, m, p, stride, dilation, padding) -> bool:
     """``select_backend``'s native branch (see its docstring)."""
-    if torch.compiler.is_compiling() or not x.is_contiguous():
+    if not x.is_contiguous():
         return False
     if not _native_runs(x, weight_k, stride, dilation, padding):
         return False

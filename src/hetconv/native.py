@@ -268,17 +268,20 @@ def _load() -> Optional[ctypes.CDLL]:
     return _LIB
 
 
+@torch.compiler.assume_constant_result
 def available() -> bool:
     """True when the C kernel is compiled and loaded (compiles it on first call)."""
     return _load() is not None
 
 
+@torch.compiler.assume_constant_result
 def vectorized() -> bool:
     """True when the loaded kernel was built with AVX-512 (else it runs scalar loops)."""
     lib = _load()
     return lib is not None and lib.hetconv_native_isa() == 512
 
 
+@torch.compiler.assume_constant_result
 def reads_in_place(h: int, w: int, kernel: Tuple[int, int] = (3, 3)) -> bool:
     """Whether the NCHW kernel's stride-1 forward pass on ``h x w`` planes reads its input
     in place (masked loads at the borders) rather than from zero-padded copies: where
