@@ -364,12 +364,8 @@ def test_every_compiled_model_of_a_family_is_compiled(monkeypatch):
     assert len(whole) >= 3, graphs
 
 
-@pytest.mark.parametrize("train", [False, True])
-def test_a_broken_channels_last_dense_baseline_is_caught_and_named(monkeypatch, train):
-    """dense_cl's reference is computed in NCHW: were it the expression dense_cl times, a
-    convolution wrong only on channels_last weights would pass its own check."""
-    shape = bench.LayerShape("t", "16->16 6x6", 2, 16, 16, 6, 1)
-    cands = bl.layer_candidates(shape, 1, train)
+def _conv_wrong_on_channels_last_weights(monkeypatch) -> None:
+    """F.conv2d made 1.5x wrong where its weight is in channels_last memory (only)."""
     real = torch.nn.functional.conv2d
 
     def wrong_on_cl_weights(x, w, *args, **kwargs):
@@ -378,9 +374,31 @@ def test_a_broken_channels_last_dense_baseline_is_caught_and_named(monkeypatch, 
                    and not w.is_contiguous())
         return y * 1.5 if cl_only else y
     monkeypatch.setattr(torch.nn.functional, "conv2d", wrong_on_cl_weights)
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_a_broken_channels_last_dense_baseline_is_caught_and_named(monkeypatch, train):
+    """dense_cl's reference is computed in NCHW: were it the expression dense_cl times, a
+    convolution wrong only on channels_last weights would pass its own check."""
+    shape = bench.LayerShape("t", "16->16 6x6", 2, 16, 16, 6, 1)
+    cands = bl.layer_candidates(shape, 1, train)
+    _conv_wrong_on_channels_last_weights(monkeypatch)
     with pytest.raises(RuntimeError) as err:
         bl.check_candidates(cands, train)
     assert "dense_cl (" in str(err.value) and "dense_nchw" not in str(err.value)
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_the_masked_dense_design_is_checked_too(monkeypatch, train):
+    """The public masked-dense design had no reference: wrong on channels_last memory (where
+    it runs), it would have been timed.  Its reference is the same leaves in NCHW."""
+    shape = bench.LayerShape("t", "16->16 6x6", 2, 16, 16, 6, 1)
+    cands = bl.layer_candidates(shape, 4, train)
+    bl.check_candidates(cands, train)  # (right as it is)
+    _conv_wrong_on_channels_last_weights(monkeypatch)
+    with pytest.raises(RuntimeError) as err:
+        bl.check_candidates(cands, train)
+    assert "masked_dense (" in str(err.value)
 
 
 def test_a_training_candidate_that_drops_the_gradient_is_named(monkeypatch):

@@ -210,8 +210,12 @@ def layer_candidates(shape: LayerShape, part: int, train: bool = False,
     w_full, mask4 = param(n, m, k, k), _mask4(mask, k)
     w_full_cl = w_full.detach().contiguous(memory_format=cl).requires_grad_(train)
     mask4_cl = mask4.contiguous(memory_format=cl)
-    cands["masked_dense"] = _runner(lambda: F.conv2d(x_cl, w_full_cl * mask4_cl, None, s, 1),
-                                    train, (x_cl, w_full_cl))
+    # (its reference: the same leaves in NCHW, so a conv wrong only on channels_last
+    # memory, or a mask in the wrong layout, is caught)
+    cands["masked_dense"] = _runner(
+        lambda: F.conv2d(x_cl, w_full_cl * mask4_cl, None, s, 1), train, (x_cl, w_full_cl),
+        ("masked_cl", lambda: F.conv2d(x_cl.contiguous(), w_full_cl.contiguous() * mask4,
+                                       None, s, 1)))
     masked_ref = ("masked", lambda: F.conv2d(x, w_full * mask4, None, s, 1))
     if n % part == 0:
         wg, wpw = param(n, m // part, k, k), param(n, m, 1, 1)
