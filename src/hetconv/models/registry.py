@@ -156,6 +156,17 @@ def create_model(name: str, *, num_classes: Optional[int] = None, in_chans: int 
     A part P that divides no layer's input channels leaves every layer dense (the
     builders' ``indivisible="skip"``): :class:`AllDenseWarning` says so.
     """
+    model, warning = build_model_checked(name, num_classes=num_classes, in_chans=in_chans,
+                                         **kwargs)
+    if warning:
+        warnings.warn(warning, AllDenseWarning, stacklevel=2)
+    return model
+
+
+def build_model_checked(name: str, *, num_classes: Optional[int] = None, in_chans: int = 3,
+                        **kwargs) -> Tuple[nn.Module, Optional[str]]:
+    """:func:`create_model`'s model and its :class:`AllDenseWarning` message (None if none),
+    not warned: for callers that say it their own way (the trainer's log)."""
     base, from_name = parse_model_name(name)
     clash = sorted(set(from_name) & set(kwargs))
     if clash:
@@ -173,11 +184,8 @@ def create_model(name: str, *, num_classes: Optional[int] = None, in_chans: int 
     model = _REGISTRY[base](**args)
     from ..layers.hetconv import HetConv2d
 
-    warning = all_dense_warning(name, kwargs,
-                                sum(isinstance(m, HetConv2d) for m in model.modules()))
-    if warning:
-        warnings.warn(warning, AllDenseWarning, stacklevel=2)
-    return model
+    return model, all_dense_warning(name, kwargs,
+                                    sum(isinstance(m, HetConv2d) for m in model.modules()))
 
 
 def default_input_size(name: str) -> Tuple[int, int, int]:

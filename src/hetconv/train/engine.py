@@ -29,7 +29,6 @@ import random
 import shutil
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
@@ -86,17 +85,11 @@ def model_identity(config: TrainConfig) -> Dict[str, Any]:
 
 def build_model(config: TrainConfig, info: DatasetInfo) -> nn.Module:
     """``hetconv.create_model`` for ``config`` on data set ``info`` (classes, channels)."""
-    from ..layers import HetConv2d
-    from ..models import create_model
-    from ..models.registry import AllDenseWarning, all_dense_warning
+    from ..models.registry import build_model_checked
 
-    with warnings.catch_warnings():  # (said in the log below instead)
-        warnings.simplefilter("ignore", AllDenseWarning)
-        model = create_model(config.model, num_classes=info.num_classes,
-                             in_chans=info.in_chans, **config.model_kwargs)
-    warning = all_dense_warning(config.model, config.model_kwargs,
-                                sum(isinstance(m, HetConv2d) for m in model.modules()))
-    if warning:
+    model, warning = build_model_checked(config.model, num_classes=info.num_classes,
+                                         in_chans=info.in_chans, **config.model_kwargs)
+    if warning:  # (in the run's log, not as a Python warning)
         log.warning(warning)
     return model
 
@@ -678,12 +671,18 @@ def _save_epoch(ckpt_dir: Path, net: nn.Module, optimizer, scheduler, config: Tr
         save_checkpoint(ckpt_dir / "best.pt", {**common, "metrics": history[-1]})
 
 
-def _saved_dataset(run_dir: Path) -> Optional[Dict[str, Any]]:
-    """The ``dataset`` record of ``run_dir/config.json`` (checkpoints older than the record)."""
+def saved_run_record(run_dir: Path, key: str) -> Any:
+    """``key`` of ``run_dir/config.json`` (None where the file or the key is missing or
+    unreadable): what checkpoints older than a record lack."""
     try:
-        saved = json.loads((run_dir / "config.json").read_text()).get("dataset")
+        return json.loads((run_dir / "config.json").read_text()).get(key)
     except (OSError, ValueError, AttributeError):
         return None
+
+
+def _saved_dataset(run_dir: Path) -> Optional[Dict[str, Any]]:
+    """The ``dataset`` record of ``run_dir/config.json`` (checkpoints older than the record)."""
+    saved = saved_run_record(run_dir, "dataset")
     return saved if isinstance(saved, dict) else None
 
 

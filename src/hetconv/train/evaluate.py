@@ -15,7 +15,7 @@ from ..data import build_datasets
 from .checkpoint import CheckpointError, atomic_write, load_checkpoint, load_model_state
 from .config import TrainConfig
 from .engine import (_fmt, _profile, build_model, evaluate_model, model_identity,
-                     val_images_limit, val_subset)
+                     saved_run_record, val_images_limit, val_subset)
 
 __all__ = ["compare", "evaluate", "format_compare", "load_summary", "plot_compare",
            "plot_format"]
@@ -124,11 +124,7 @@ def _world_size(ckpt: Dict[str, Any], ckpt_path: Path) -> int:
     else (a best.pt from before it had one) its run directory's ``config.json``, else 1."""
     world = ckpt.get("world_size")
     if world is None and ckpt_path.parent.name == "checkpoints":
-        try:
-            world = json.loads((ckpt_path.parent.parent / "config.json").read_text()).get(
-                "world_size")
-        except (OSError, ValueError, AttributeError):
-            world = None
+        world = saved_run_record(ckpt_path.parent.parent, "world_size")
     return world if isinstance(world, int) and world >= 1 else 1
 
 
