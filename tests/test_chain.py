@@ -173,6 +173,7 @@ def test_small_batches_chained_too(batch, monkeypatch):
 def test_autograd_and_other_layouts_run_layer_by_layer(monkeypatch):
     model, x = _resnet(batch=8)
     fast = hetconv.optimize_for_inference(model, x, backend="native", memory_format="contiguous")
+    fast.hetconv_input_format = nn.Identity()  # the chain itself gets channels_last input
     calls = _counting(monkeypatch)
     with torch.no_grad():
         cl = x.contiguous(memory_format=torch.channels_last)

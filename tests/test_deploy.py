@@ -342,6 +342,49 @@ def test_optimize_for_inference_without_input_uses_rule():
     assert {m.backend for m in fast.modules() if isinstance(m, hetconv.HetConv2d)} == {"auto"}
 
 
+@pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("graph", [True, False], ids=["fx_graph", "module"])
+def test_optimized_model_takes_input_in_either_format(fmt, graph):
+    """The optimized model runs its layers on the memory format it was configured for,
+    whichever format the caller's input has: its first layer sees that format (no copy
+    when the input already has it), outputs match; copies and pickles keep the step (a
+    GraphModule's in its graph, another model's in a forward pre-hook)."""
+    model = _handmade()
+    x = torch.randn(2, 3, 12, 12)
+    fast = hetconv.optimize_for_inference(model, x, backend="native", memory_format=fmt,
+                                          absorb=graph, fuse=graph)
+    assert isinstance(fast, torch.fx.GraphModule) == graph
+    want_format = deploy._FORMATS[fmt]
+    other = deploy._FORMATS["channels_last" if fmt == "contiguous" else "contiguous"]
+    with torch.no_grad():
+        want = model(x)
+    for twin in (fast, copy.deepcopy(fast), pickle.loads(pickle.dumps(fast))):
+        seen = []  # what the root's first submodule to run gets
+        handles = [m.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+                   for m in twin.children() if not isinstance(m, deploy.InputFormat)]
+        try:
+            for given in (x.contiguous(memory_format=other),
+                          x.contiguous(memory_format=want_format)):
+                seen.clear()
+                with torch.no_grad():
+                    torch.testing.assert_close(twin(given), want, rtol=1e-4, atol=1e-4)
+                assert seen[0].shape == x.shape  # the first layer run got the model's input
+                assert seen[0].is_contiguous(memory_format=want_format)
+        finally:
+            for handle in handles:
+                handle.remove()
+    step = deploy.InputFormat(fmt)
+    already = x.contiguous(memory_format=want_format)
+    assert step(already) is already and step.hook(fast, (already,)) is None  # no copy
+    unbatched = x[0]
+    assert step(unbatched) is unbatched and step("text") == "text"  # as given
+    moved = step.hook(fast, (x.contiguous(memory_format=other), "extra"))
+    assert moved[0].is_contiguous(memory_format=want_format) and moved[1] == "extra"
+    assert torch.equal(moved[0], x)
+    with pytest.raises(ValueError, match="memory_format"):
+        deploy.InputFormat("nhwc")
+
+
 def test_optimize_for_inference_bad_arguments():
     model = _handmade()
     with pytest.raises(ValueError, match="backend"):
@@ -812,6 +855,10 @@ def test_optimize_fuses_2x2_max_pools_into_channels_last_layers(monkeypatch):
     pooled = [f for f in _fused(fast) if f.pool is not None]
     assert len(pooled) == 2 and all(f.relu for f in pooled)
     assert sum(isinstance(m, nn.MaxPool2d) and m.kernel_size == 3 for m in fast.modules()) == 1
+    # a copy: no prepared sequence yet (the check call made one), each layer's launch seen;
+    # no InputFormat step: the layers themselves get NCHW input below
+    fast = copy.deepcopy(fast)
+    fast.hetconv_input_format = nn.Identity()
     shapes = []
     real = hetconv.native._launch
     monkeypatch.setattr(hetconv.native, "_launch",
@@ -904,7 +951,8 @@ def test_channels_last_layers_in_a_row_run_as_one_sequence(monkeypatch):
         calls.clear()
         assert torch.equal(fast(x), want) and calls == []
         # NCHW input (the NCHW kernel does not pool) and odd sizes (a 7x7 output the kernel
-        # cannot pool): the modules
+        # cannot pool): the modules (the sequence itself gets the NCHW input)
+        fast.hetconv_input_format = nn.Identity()
         for inp in (x.contiguous(), torch.randn(2, 16, 14, 14).contiguous(memory_format=cl)):
             calls.clear()
             torch.testing.assert_close(fast(inp), model(inp), rtol=1e-4, atol=1e-4)
