@@ -36,13 +36,16 @@ data:
 	fi
 
 # The demo: a quarter-width HetConv VGG-16 (P=4) and its dense twin trained briefly on the
-# real Fashion-MNIST (preset `quick`), evaluated and compared (runs/demo/, a few minutes).
+# real Fashion-MNIST (preset `quick`), evaluated (the P4 one as trained, then both as
+# optimize_for_inference deploys them: their images/s) and compared (runs/demo/, a few minutes).
 DEMO_OUT   ?= runs/demo
 demo: setup data
 	$(PY) -m hetconv demo
 	$(PY) -m hetconv train --preset quick --out $(DEMO_OUT) --name vgg16_p4 --force
 	$(PY) -m hetconv train --preset quick --model vgg16_cifar --out $(DEMO_OUT) --name vgg16_dense --force
 	$(PY) -m hetconv evaluate $(DEMO_OUT)/vgg16_p4
+	$(PY) -m hetconv evaluate $(DEMO_OUT)/vgg16_p4 --optimize
+	$(PY) -m hetconv evaluate $(DEMO_OUT)/vgg16_dense --optimize
 	$(PY) -m hetconv compare $(DEMO_OUT)/vgg16_dense $(DEMO_OUT)/vgg16_p4 --plot $(DEMO_OUT)/accuracy_vs_macs.png
 
 test: setup

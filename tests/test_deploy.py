@@ -365,22 +365,50 @@ def test_optimized_model_takes_input_in_either_format(fmt, graph):
         try:
             for given in (x.contiguous(memory_format=other),
                           x.contiguous(memory_format=want_format)):
-                seen.clear()
-                with torch.no_grad():
-                    torch.testing.assert_close(twin(given), want, rtol=1e-4, atol=1e-4)
-                assert seen[0].shape == x.shape  # the first layer run got the model's input
-                assert seen[0].is_contiguous(memory_format=want_format)
+                for call in (lambda: twin(given), lambda: twin(input=given)):  # or by name
+                    seen.clear()
+                    with torch.no_grad():
+                        torch.testing.assert_close(call(), want, rtol=1e-4, atol=1e-4)
+                    assert seen[0].shape == x.shape  # the first layer run got the input
+                    assert seen[0].is_contiguous(memory_format=want_format)
         finally:
             for handle in handles:
                 handle.remove()
+    # optimized again: the copy loses the old step first (else it would be configured and
+    # timed in the old format), and gets one step, for its own format
+    bare = copy.deepcopy(fast)
+    deploy._drop_input_format(bare)
+    assert not [m for m in bare.modules() if isinstance(m, deploy.InputFormat)]
+    assert not bare._forward_pre_hooks
+    seen = []
+    handles = [m.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+               for m in bare.children()]
+    with torch.no_grad():
+        torch.testing.assert_close(bare(x.contiguous(memory_format=other)), want,
+                                   rtol=1e-4, atol=1e-4)
+    assert seen[0].is_contiguous(memory_format=other)  # the input as given
+    for handle in handles:
+        handle.remove()
+    other_name = "channels_last" if fmt == "contiguous" else "contiguous"
+    again = hetconv.optimize_for_inference(fast, x, backend="native", absorb=graph,
+                                           fuse=graph, memory_format=other_name)
+    steps = [m for m in again.modules() if isinstance(m, deploy.InputFormat)]
+    hooks = [h.__self__ for h in again._forward_pre_hooks.values()
+             if isinstance(getattr(h, "__self__", None), deploy.InputFormat)]
+    assert [s.memory_format for s in steps + hooks] == [other_name]
     step = deploy.InputFormat(fmt)
     already = x.contiguous(memory_format=want_format)
-    assert step(already) is already and step.hook(fast, (already,)) is None  # no copy
+    assert step(already) is already and step.hook(fast, (already,), {}) is None  # no copy
+    assert step.hook(fast, (), {"input": already}) is None
     unbatched = x[0]
     assert step(unbatched) is unbatched and step("text") == "text"  # as given
-    moved = step.hook(fast, (x.contiguous(memory_format=other), "extra"))
-    assert moved[0].is_contiguous(memory_format=want_format) and moved[1] == "extra"
-    assert torch.equal(moved[0], x)
+    (moved, extra), kw = step.hook(fast, (x.contiguous(memory_format=other), "extra"),
+                                   {"k": 1})
+    assert moved.is_contiguous(memory_format=want_format) and torch.equal(moved, x)
+    assert extra == "extra" and kw == {"k": 1}
+    args, kw = step.hook(fast, (), {"input": x.contiguous(memory_format=other), "k": 1})
+    assert args == () and kw["k"] == 1 and kw["input"].is_contiguous(memory_format=want_format)
+    assert step.hook(fast, (), {"other": x.contiguous(memory_format=other)}) is None
     with pytest.raises(ValueError, match="memory_format"):
         deploy.InputFormat("nhwc")
 

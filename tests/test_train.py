@@ -646,6 +646,43 @@ def test_evaluate_rejects_a_bad_device_like_train(vgg_run, capsys):
     assert result["images"] > 0 and result["device"] in ("cpu", "cuda")
 
 
+def test_evaluate_optimized_scores_as_the_model_and_says_how_it_ran(vgg_run, capsys,
+                                                                    monkeypatch):
+    module = sys.modules["hetconv.train.evaluate"]
+    real, calls = module.optimize_for_inference, []
+
+    def spy(model, example):  # counts the optimized model's forward calls
+        fast = real(model, example)
+        fast.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
+        return fast
+
+    monkeypatch.setattr(module, "optimize_for_inference", spy)
+    plain = evaluate(vgg_run, batch_size=8, limit_batches=2)
+    assert calls == []
+    fast = evaluate(vgg_run, batch_size=8, limit_batches=2, optimize=True)
+    assert calls == [8, 8]  # the optimized model computed the metrics
+    monkeypatch.undo()
+    assert plain["optimized"] is None
+    assert fast["images"] == plain["images"] == 16
+    assert fast["top1"] == plain["top1"] and fast["top5"] == plain["top5"]
+    assert fast["loss"] == pytest.approx(plain["loss"], rel=1e-4, abs=1e-5)
+    assert (fast["macs"], fast["params"]) == (plain["macs"], plain["params"])  # the model's
+    plan = fast["optimized"]
+    assert plan["memory_format"] in ("contiguous", "channels_last")
+    # each of the 12 HetConv layers got a backend (the dense first convolution may too)
+    assert sum(plan["backends"].values()) >= 12, plan
+    assert main(["evaluate", str(vgg_run), "--optimize", "--limit-batches", "1",
+                 "--batch-size", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "cpu, optimized)" in out and f"optimized {plan['memory_format']}; layers: " in out
+    with pytest.raises(TypeError, match="optimize must be a bool"):
+        evaluate(vgg_run, optimize="yes")
+    # CPU only (no CUDA here: the device check is made to pass)
+    monkeypatch.setattr(module, "_device", lambda d: torch.device("cuda", 0))
+    with pytest.raises(ValueError, match="optimize runs on the CPU.*device='cuda'"):
+        evaluate(vgg_run, optimize=True, device="cuda")
+
+
 def test_evaluate_rejects_a_limit_below_one(vgg_run, capsys):
     for limit in ("0", "-1"):
         with pytest.raises(SystemExit) as exc:

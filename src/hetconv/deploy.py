@@ -19,6 +19,7 @@ from __future__ import annotations
 import collections
 import copy
 import functools
+import inspect
 import logging
 import operator
 import os
@@ -41,7 +42,7 @@ from .permute import (PermutationTracer, _inplace_position, absorb_permutations,
 
 __all__ = ["fold_batchnorm", "optimize_for_inference", "export_onnx", "export_module",
            "NativeFused", "NativeChain", "NativeSequence", "ChannelPadShortcut",
-           "PackedConv2d", "InputFormat"]
+           "PackedConv2d", "InputFormat", "plan_summary"]
 
 log = logging.getLogger(__name__)
 
@@ -1563,7 +1564,9 @@ class InputFormat(nn.Module):
 
     In an fx ``GraphModule`` it is a submodule (``hetconv_input_format``) called on the
     graph's first input, so copies and pickles keep it; other models call it from a forward
-    pre-hook on their first positional argument (:meth:`hook`)."""
+    pre-hook on their first input, positional or by name (:meth:`hook`).  Where it copies,
+    the model computes on the copy: a model that returns or changes its input in place
+    then returns or changes the copy, not the caller's tensor."""
 
     #: one node in the package's fx graphs (its forward branches on the input)
     fx_leaf = True
@@ -1580,32 +1583,70 @@ class InputFormat(nn.Module):
             return x.contiguous(memory_format=_FORMATS[self.memory_format])
         return x
 
-    def hook(self, module: nn.Module, args: tuple) -> Optional[tuple]:
-        """A forward pre-hook: ``args`` with the first one through :meth:`forward`
-        (None, nothing changed, when it needed no copy)."""
+    def hook(self, module: nn.Module, args: tuple, kwargs: dict) -> Optional[tuple]:
+        """A forward pre-hook (``with_kwargs=True``): ``(args, kwargs)`` with the module's
+        first input through :meth:`forward`: the first positional argument, or else the
+        keyword argument of ``forward``'s first parameter (None, nothing changed, when it
+        needed no copy)."""
         if args:
             x = self(args[0])
-            if x is not args[0]:
-                return (x,) + tuple(args[1:])
+            return None if x is args[0] else ((x,) + tuple(args[1:]), kwargs)
+        name = _first_parameter(module)
+        if name is not None and name in kwargs:
+            x = self(kwargs[name])
+            if x is not kwargs[name]:
+                return args, {**kwargs, name: x}
         return None
 
     def extra_repr(self) -> str:
         return repr(self.memory_format)
 
 
+def _first_parameter(module: nn.Module) -> Optional[str]:
+    """The name of ``module.forward``'s first parameter that a keyword can pass, if any."""
+    try:
+        params = inspect.signature(module.forward).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    return next((p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD,
+                                                      p.KEYWORD_ONLY)), None)
+
+
 def _take_input_format(out: nn.Module, memory_format: str) -> None:
     """Make ``out`` put its input in ``memory_format`` first (:class:`InputFormat`)."""
     fmt = InputFormat(memory_format)
     if isinstance(out, torch.fx.GraphModule):
-        first = next((n for n in out.graph.nodes if n.op == "placeholder"), None)
-        if first is not None:
+        inputs = [n for n in out.graph.nodes if n.op == "placeholder"]
+        if inputs:
             out.add_submodule("hetconv_input_format", fmt)
-            with out.graph.inserting_after(first):
-                node = out.graph.call_module("hetconv_input_format", (first,))
-            first.replace_all_uses_with(node, delete_user_cb=lambda user: user is not node)
+            with out.graph.inserting_after(inputs[-1]):  # after every input, before the rest
+                node = out.graph.call_module("hetconv_input_format", (inputs[0],))
+            inputs[0].replace_all_uses_with(node, delete_user_cb=lambda user: user is not node)
             out.recompile()
             return
-    out.register_forward_pre_hook(fmt.hook)
+    out.register_forward_pre_hook(fmt.hook, with_kwargs=True)
+
+
+def _drop_input_format(model: nn.Module) -> None:
+    """Remove the :class:`InputFormat` step an earlier :func:`optimize_for_inference` gave
+    ``model`` (a copy being optimized again: it is configured and timed in its own format,
+    and gets its own step at the end)."""
+    hooks = model._forward_pre_hooks
+    for key, fn in list(hooks.items()):
+        if isinstance(getattr(fn, "__self__", None), InputFormat):
+            del hooks[key]
+            model._forward_pre_hooks_with_kwargs.pop(key, None)
+    if isinstance(model, torch.fx.GraphModule):
+        modules = dict(model.named_modules())
+        steps = [n for n in model.graph.nodes if n.op == "call_module"
+                 and isinstance(modules.get(n.target), InputFormat)]
+        for node in steps:
+            node.replace_all_uses_with(node.args[0])
+            model.graph.erase_node(node)
+        for target in {n.target for n in steps}:
+            model.delete_submodule(target)
+        if steps:
+            model.recompile()
 
 
 def _keep_faster(measured: nn.Module, rule: nn.Module, plan: dict, x: torch.Tensor,
@@ -1631,6 +1672,26 @@ def _keep_faster(measured: nn.Module, rule: nn.Module, plan: dict, x: torch.Tens
     plan["sequenced_native"] = 0
     plan.pop("chain_seconds", None)
     return rule
+
+
+#: The counts of :func:`optimize_for_inference`'s plan that :func:`plan_summary` keeps.
+PLAN_KEYS = ("memory_format", "kept", "fused_native", "chained_native", "sequenced_native",
+             "native_dense", "packed_dense", "fused_pools")
+
+
+def plan_summary(plan: dict) -> dict:
+    """The short form of an optimized model's ``hetconv_plan`` (what the benchmark's rows and
+    ``hetconv evaluate --optimize`` record): the memory format, which configuration was
+    kept, the fusion counts and how many layers took each backend (two processes'
+    optimizations of one model can differ: their measured choices)."""
+    out = {k: plan[k] for k in PLAN_KEYS if k in plan}
+    backends: Dict[str, int] = {}
+    for info in plan.get("layers", {}).values():
+        name = info.get("backend") if isinstance(info, dict) else None
+        if name is not None:
+            backends[name] = backends.get(name, 0) + 1
+    out["backends"] = dict(sorted(backends.items()))
+    return out
 
 
 def _model_medians(candidates: Dict[str, Callable[[], object]], repeats: int) -> Dict[str, float]:
@@ -1767,6 +1828,7 @@ def optimize_for_inference(model: nn.Module, example_input: Optional[torch.Tenso
         memory_format = "channels_last" if memory_format == "auto" else memory_format
 
     out = copy.deepcopy(model).eval()
+    _drop_input_format(out)  # a model optimized before: configured for its format anew
     for p in out.parameters():
         p.requires_grad_(False)
     folded = fold_batchnorm(out) if fold_bn else 0

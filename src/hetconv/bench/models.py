@@ -83,7 +83,7 @@ def _build(family: str, part, width: float) -> nn.Module:
 
 def _inference_variants(model: nn.Module, x: torch.Tensor, compile: bool,
                         onnx: bool, tmpdir: str, tag: str) -> Dict[str, Callable[[], None]]:
-    from ..deploy import export_onnx, optimize_for_inference
+    from ..deploy import export_onnx, optimize_for_inference, plan_summary
 
     cl = torch.channels_last
     out: Dict[str, Callable[[], None]] = {}
@@ -251,25 +251,6 @@ def check_variants(variants: Dict[str, Callable[[], None]], rtol: float = CHECK_
             bad.append(f"{name} ({why})")
     if bad:
         raise RuntimeError(f"model variants differ from {names[0]}: " + "; ".join(bad))
-
-
-#: The counts of :func:`hetconv.optimize_for_inference`'s plan kept in a row's ``plan``.
-PLAN_KEYS = ("memory_format", "kept", "fused_native", "chained_native", "sequenced_native",
-             "native_dense", "packed_dense", "fused_pools")
-
-
-def plan_summary(plan: dict) -> dict:
-    """What an optimized model's row records of its ``hetconv_plan``: the memory format,
-    which configuration was kept, the fusion counts and how many layers took each backend
-    (two processes' optimizations of one model can differ: their measured choices)."""
-    out = {k: plan[k] for k in PLAN_KEYS if k in plan}
-    backends: Dict[str, int] = {}
-    for info in plan.get("layers", {}).values():
-        name = info.get("backend") if isinstance(info, dict) else None
-        if name is not None:
-            backends[name] = backends.get(name, 0) + 1
-    out["backends"] = dict(sorted(backends.items()))
-    return out
 
 
 def _room_to_compile(models: int, compile: bool = True):

@@ -144,7 +144,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
         result = evaluate(args.path, data=args.data, data_dir=args.data_dir,
                           checkpoint=args.checkpoint, batch_size=args.batch_size,
                           workers=args.workers, limit_batches=args.limit_batches,
-                          device=args.device, full_split=args.full_split)
+                          device=args.device, full_split=args.full_split,
+                          optimize=args.optimize)
     except _EXPECTED as exc:
         return _fail(exc)
     if args.json:
@@ -160,7 +161,14 @@ def run_evaluate(args: argparse.Namespace) -> int:
           f"  loss      {result['loss']:.4f}\n  MACs      {_fmt(result['macs'])}\n"
           f"  params    {_fmt(result['params'])}\n"
           f"  images/s  {result['images_per_s']:.0f} (forward, batch {args.batch_size}, "
-          f"{result['device']})")
+          f"{result['device']}{', optimized' if result['optimized'] else ''})")
+    if result["optimized"]:
+        plan = result["optimized"]
+        layers = ", ".join(f"{n} on {k}" for k, n in plan["backends"].items()) or "none"
+        kept = (" (the 'auto' rule's configuration, faster than the measured one)"
+                if plan.get("kept") == "rule" else "")
+        print(f"  optimized {plan['memory_format']}; layers: {layers}; "
+              f"{plan.get('fused_native', 0)} with their ReLU/sum fused{kept}")
     return 0
 
 

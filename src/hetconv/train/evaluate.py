@@ -12,6 +12,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from ..data import build_datasets
+from ..deploy import optimize_for_inference, plan_summary
 from .checkpoint import CheckpointError, atomic_write, load_checkpoint, load_model_state
 from .config import TrainConfig
 from .engine import (_fmt, _profile, build_model, evaluate_model, model_identity,
@@ -58,7 +59,7 @@ def _device(device: str) -> torch.device:
 def evaluate(path: PathLike, *, data: Optional[str] = None, data_dir: Optional[str] = None,
              checkpoint: str = "last", batch_size: int = 256, workers: int = 0,
              limit_batches: Optional[int] = None, device: str = "cpu",
-             full_split: bool = False) -> Dict[str, Any]:
+             full_split: bool = False, optimize: bool = False) -> Dict[str, Any]:
     """Evaluate a run directory's ``last``/``best`` checkpoint, or a checkpoint file.
 
     The model is rebuilt from the config stored in the checkpoint and evaluated on the
@@ -72,13 +73,26 @@ def evaluate(path: PathLike, *, data: Optional[str] = None, data_dir: Optional[s
     ``loss``, ``macs``, ``params``, ``images_per_s`` (forward passes at ``batch_size``),
     ``images``, ``epoch``, ``model``, ``checkpoint`` and ``device``.  ``device``: ``"cpu"``,
     ``"cuda"``, ``"cuda:N"`` or ``"auto"`` (CUDA when available).
+
+    ``optimize``: evaluate the model :func:`hetconv.optimize_for_inference` makes of it
+    (BatchNorm folded, each layer's backend and the memory format measured on the first
+    batch, its outputs checked against the model's there): what a deployed model scores
+    and how fast it runs.  CPU only, in float32 (a run trained with ``amp`` is evaluated
+    without autocast); ``optimized`` in the result is its plan in short
+    (:func:`hetconv.deploy.plan_summary`), ``None`` without ``optimize``.  MACs and
+    params are the trained model's either way.
     """
+    if not isinstance(optimize, bool):
+        raise TypeError(f"optimize must be a bool, got {optimize!r}")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     if limit_batches is not None and (not isinstance(limit_batches, int)
                                       or isinstance(limit_batches, bool) or limit_batches < 1):
         raise ValueError(f"limit_batches must be an int >= 1 or None, got {limit_batches!r}")
     dev = _device(device)
+    if optimize and dev.type != "cpu":
+        raise ValueError(f"optimize runs on the CPU (the kernels it picks are CPU kernels): "
+                         f"pass device='cpu', got device={device!r}")
     ckpt_path = _resolve_checkpoint(Path(path), checkpoint)
     ckpt = load_checkpoint(ckpt_path)
     try:
@@ -110,13 +124,29 @@ def evaluate(path: PathLike, *, data: Optional[str] = None, data_dir: Optional[s
     model.to(dev)
     loader = DataLoader(val_ds, batch_size=batch_size, num_workers=workers,
                         pin_memory=dev.type == "cuda")
-    metrics = evaluate_model(model, loader, device=dev, num_classes=info.num_classes,
+    runs, plan = model, None
+    if optimize:
+        runs = _optimized(model, loader)
+        plan = plan_summary(runs.hetconv_plan)
+    metrics = evaluate_model(runs, loader, device=dev, num_classes=info.num_classes,
                              limit_batches=limit_batches, channels_last=config.channels_last,
-                             amp=config.amp)
+                             amp=None if optimize else config.amp)
     return {"model": config.model, "identity": model_identity(config), "data": info.name,
             "checkpoint": str(ckpt_path), "epoch": int(ckpt["epoch"]), "device": str(dev),
-            "val_subset": subset, "val_limit": limited,
+            "val_subset": subset, "val_limit": limited, "optimized": plan,
             **metrics, **_profile(model, info)}
+
+
+def _optimized(model: torch.nn.Module, loader: DataLoader) -> torch.nn.Module:
+    """``optimize_for_inference(model)`` measured and checked on the loader's first batch."""
+    try:
+        example, _ = next(iter(loader))
+    except StopIteration:
+        raise ValueError("no image to optimize the model on: the validation set is empty") \
+            from None
+    log.info("optimizing the model for inference on a batch of %d images (each layer's "
+             "backends timed: can take a minute)", example.shape[0])
+    return optimize_for_inference(model, example.float())
 
 
 def _world_size(ckpt: Dict[str, Any], ckpt_path: Path) -> int:
