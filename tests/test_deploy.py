@@ -934,6 +934,40 @@ def _sequenced_model(seed: int, batch: int):
 
 
 @needs_native
+def test_one_channel_input_runs_the_channels_last_sequence():
+    """A one-channel image batch is contiguous in both layouts and torch keeps its NCHW
+    strides when asked for channels_last: the optimized model gives it channels-last
+    strides, so its native layers, the one-channel stem first, run as one prepared
+    channels-last sequence (before, the stem ran the NCHW kernel and handed NCHW
+    activations on: the sequence could not prepare, every layer ran its slow path)."""
+    torch.manual_seed(5)
+    model = nn.Sequential(
+        hetconv.HetConv2d(1, 16, 3, part=1, bias=True), nn.ReLU(),
+        hetconv.HetConv2d(16, 32, 3, part=4), nn.ReLU(), nn.MaxPool2d(2),
+        hetconv.HetConv2d(32, 32, 3, part=4, bias=True), nn.ReLU(), nn.Flatten()).eval()
+    x = torch.randn(3, 1, 16, 16)
+    fast = hetconv.optimize_for_inference(model, x, backend="native", absorb=False,
+                                          memory_format="channels_last")
+    seq, = [m for m in fast.modules() if isinstance(m, deploy.NativeSequence)]
+    assert len(seq.layers) == 3
+    with torch.no_grad():
+        want = model(x)
+        for given in (x, x.contiguous(memory_format=torch.channels_last),
+                      torch.empty(x.shape, memory_format=torch.channels_last).copy_(x)):
+            torch.testing.assert_close(fast(given), want, rtol=1e-4, atol=1e-4)
+    xin = deploy.in_format(x, torch.channels_last)
+    assert isinstance(seq._plan_for((tuple(xin.shape), xin.stride())), deploy._SequenceSteps)
+    # the layout of one channel: stride(1) tells (1: channels-last), set by views
+    nchw = deploy.in_format(xin, torch.contiguous_format)
+    assert xin.data_ptr() == x.data_ptr() == nchw.data_ptr()  # no copy
+    assert xin.stride(1) == 1 and nchw.stride(1) == 256
+    assert torch.equal(xin, x) and torch.equal(nchw, x)
+    assert hetconv.native._is_channels_last(xin)
+    assert not hetconv.native._is_channels_last(nchw)
+    assert not hetconv.native._is_channels_last(x.contiguous(memory_format=torch.channels_last))
+
+
+@needs_native
 def test_channels_last_layers_in_a_row_run_as_one_sequence(monkeypatch):
     """Native layers each reading the one before (pools fused) become one NativeSequence:
     its first call prepares by running the layers' plans, later calls run the plans alone,
@@ -1264,11 +1298,15 @@ def test_backend_measurement_times_each_backend_in_steady_state(monkeypatch):
         return original(*args)
 
     monkeypatch.setattr(deploy.HF, "het_conv2d", recording)
-    best, medians = deploy._fastest_backend(layer, x, repeats=3)
-    assert best in hetconv.BACKENDS and set(medians) == set(hetconv.BACKENDS)
-    timed = calls[len(hetconv.BACKENDS):]  # after one warm-up call each
-    assert len(timed) == 2 * 3 * len(hetconv.BACKENDS)
-    assert all(a == b for a, b in zip(timed[::2], timed[1::2]))
+    for prune in (0, deploy.DECISION_PRUNE):  # off: every backend every round
+        monkeypatch.setattr(deploy, "DECISION_PRUNE", prune)
+        calls.clear()
+        best, medians = deploy._fastest_backend(layer, x, repeats=3)
+        assert best in hetconv.BACKENDS and set(medians) == set(hetconv.BACKENDS)
+        timed = calls[len(hetconv.BACKENDS):]  # after one warm-up call each
+        if not prune:
+            assert len(timed) == 2 * 3 * len(hetconv.BACKENDS)
+        assert all(a == b for a, b in zip(timed[::2], timed[1::2]))
 
 
 @pytest.mark.skipif(not hetconv.native.available(), reason="native kernel unavailable")

@@ -81,7 +81,8 @@ def check_settle(settle: int, seconds: float, seconds_name: str = "settle_second
 def time_interleaved(candidates: Mapping[str, Callable[[], object]], repeats: int = 7,
                      warmup: int = 2, min_seconds: float = 0.0,
                      shuffle: bool = True, seed: int = 0, settle: int = 0,
-                     settle_seconds: float = 0.0, idle_seconds: float = 0.0) -> Dict[str, Timing]:
+                     settle_seconds: float = 0.0, idle_seconds: float = 0.0,
+                     prune: float = 0.0) -> Dict[str, Timing]:
     """Time each zero-argument callable ``repeats`` times, interleaved after ``warmup`` calls.
 
     ``min_seconds`` extends the repeats (up to 10x) until every candidate has
@@ -95,6 +96,10 @@ def time_interleaved(candidates: Mapping[str, Callable[[], object]], repeats: in
     threads spin for milliseconds after its call returns).  ``idle_seconds``: the process sleeps that long
     before each candidate's settling and timed calls, so another runtime's threads that spin
     after their call find idle cores and park (busy calls do not stop them: see the top).
+    ``prune`` (0: off, else > 1): after each round from the second on, a candidate whose
+    fastest call so far took more than ``prune`` times the best median is timed no more
+    (its :class:`Timing` holds the samples it has; ``repeats`` and ``min_seconds`` then
+    count for the others): a choice of the fastest spends its calls on the contenders.
     """
     if not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"repeats must be a positive int, got {repeats!r}")
@@ -104,17 +109,23 @@ def time_interleaved(candidates: Mapping[str, Callable[[], object]], repeats: in
     check_settle(0, idle_seconds, "idle_seconds")
     if not candidates:
         raise ValueError("candidates must not be empty")
+    if (isinstance(prune, bool) or not isinstance(prune, (int, float))
+            or not (prune == 0 or 1 < prune < float("inf"))):
+        raise ValueError(f"prune must be 0 (off) or a finite number > 1, got {prune!r}")
     for fn in candidates.values():
         for _ in range(warmup):
             fn()
     samples: Dict[str, List[float]] = {k: [] for k in candidates}
     order = list(candidates)
+    active = set(order)
     rng = random.Random(seed)
     rounds = 0
     while True:
         if shuffle:
             rng.shuffle(order)
         for name in order:
+            if name not in active:
+                continue
             fn = candidates[name]
             if idle_seconds:
                 time.sleep(idle_seconds)
@@ -127,8 +138,11 @@ def time_interleaved(candidates: Mapping[str, Callable[[], object]], repeats: in
             fn()
             samples[name].append(time.perf_counter() - t0)
         rounds += 1
+        if prune and rounds >= 2:
+            best = min(statistics.median(samples[k]) for k in active)
+            active = {k for k in active if min(samples[k]) <= prune * best}
         if rounds >= repeats and (rounds >= 10 * repeats or min(
-                sum(v) for v in samples.values()) >= min_seconds):
+                sum(samples[k]) for k in active) >= min_seconds):
             break
     return {k: Timing.from_samples(v) for k, v in samples.items()}
 

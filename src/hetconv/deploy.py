@@ -57,6 +57,11 @@ MIN_OPSET = 10
 #: seconds in all (up to 10x ``repeats`` calls): with 5 calls, a batch-1 model of 2 ms was
 #: judged on 10 ms of its calls, less than one of the host's speed swings lasts.
 MODEL_DECISION_SECONDS = 0.25
+#: optimize_for_inference's choices stop timing a candidate once its fastest call took more
+#: than this many times the best median (``time_interleaved``'s ``prune``): the dense and
+#: grouped backends of a P = 4 layer, 2-3x slower than the native one, were called as
+#: often as the contenders.
+DECISION_PRUNE = 1.5
 
 
 # ---------------------------------------------------------------------------
@@ -270,7 +275,7 @@ def _fastest_backend(layer: HetConv2d, x: torch.Tensor, repeats: int) -> Tuple[s
     # timed in the wake of another's (cold caches, other buffers): docs/performance.md.
     with torch.no_grad():
         times = time_interleaved({b: run(b) for b in candidates}, repeats=repeats, warmup=1,
-                                 settle=1)
+                                 settle=1, prune=DECISION_PRUNE)
     medians = {b: t.median for b, t in times.items()}
     return min(medians, key=medians.get), medians
 
@@ -314,7 +319,7 @@ def _swap_if_faster(out: nn.Module, plan: dict, name: str, conv: nn.Module, xin:
     dense = (lambda: torch.relu_(conv(xin))) if relu else (lambda: conv(xin))
     with torch.no_grad():
         times = time_interleaved({"dense": dense, backend: call, **(rivals or {})},
-                                 repeats=repeats, warmup=1, settle=1)
+                                 repeats=repeats, warmup=1, settle=1, prune=DECISION_PRUNE)
     medians = {k: t.median for k, t in times.items()}
     if medians[backend] >= min(m for k, m in medians.items() if k != backend):
         return False
@@ -1463,8 +1468,7 @@ def _configure(out: nn.Module, plan: dict, example_input: Optional[torch.Tensor]
     names = {m: n for n, m in out.named_modules()}
     out.to(memory_format=_FORMATS[memory_format])
     plan["memory_format"] = memory_format
-    x = None if example_input is None else example_input.contiguous(
-        memory_format=_FORMATS[memory_format])
+    x = None if example_input is None else in_format(example_input, _FORMATS[memory_format])
     rule = None
     if backend == "measure" and x is not None:
         # The rule's configuration, timed against the measured one at the end: layers
@@ -1556,6 +1560,23 @@ def _configure(out: nn.Module, plan: dict, example_input: Optional[torch.Tensor]
     return out
 
 
+def in_format(x: torch.Tensor, memory_format: torch.memory_format) -> torch.Tensor:
+    """``x.contiguous(memory_format=memory_format)`` whose strides say so.  A 4-d tensor of
+    one channel is contiguous in both layouts (the same memory) and torch leaves its
+    strides as they are; the kernels read ``stride(1)`` (1: channels-last, H*W: NCHW) to
+    tell which layout it is, and so which layout their output takes: it gets the format's
+    ``stride(1)`` here (a view, no copy).  Before, a one-channel image batch (Fashion-MNIST)
+    made channels_last kept NCHW strides, its first layer ran the NCHW kernel and handed
+    NCHW activations on, and an optimized channels_last model ran its layers on their
+    slow paths: 2.1x the time of the rule's configuration, which was kept instead."""
+    x = x.contiguous(memory_format=memory_format)
+    if x.dim() == 4 and x.shape[1] == 1:
+        want = 1 if memory_format == torch.channels_last else x.shape[2] * x.shape[3]
+        if x.stride(1) != want:
+            x = x.as_strided(x.shape, (x.stride(0), want, x.stride(2), x.stride(3)))
+    return x
+
+
 class InputFormat(nn.Module):
     """The first step of a model :func:`optimize_for_inference` returns: its input, when it
     is a 4-d tensor, in ``memory_format`` (``"contiguous"`` or ``"channels_last"``: the
@@ -1580,7 +1601,7 @@ class InputFormat(nn.Module):
 
     def forward(self, x):
         if isinstance(x, torch.Tensor) and x.dim() == 4:
-            return x.contiguous(memory_format=_FORMATS[self.memory_format])
+            return in_format(x, _FORMATS[self.memory_format])
         return x
 
     def hook(self, module: nn.Module, args: tuple, kwargs: dict) -> Optional[tuple]:
@@ -1699,7 +1720,7 @@ def _model_medians(candidates: Dict[str, Callable[[], object]], repeats: int) ->
     for at least :data:`MODEL_DECISION_SECONDS` in all (up to 10x ``repeats`` calls)."""
     with torch.no_grad():
         times = time_interleaved(candidates, repeats=repeats, warmup=1, settle=1,
-                                 min_seconds=MODEL_DECISION_SECONDS)
+                                 min_seconds=MODEL_DECISION_SECONDS, prune=DECISION_PRUNE)
     return {k: t.median for k, t in times.items()}
 
 
@@ -1859,8 +1880,7 @@ def optimize_for_inference(model: nn.Module, example_input: Optional[torch.Tenso
         built.append((_configure(candidate, plan, example_input, backend, fmt, repeats, fuse,
                                  pack), plan, info))
     if len(built) > 1:
-        xs = [example_input.contiguous(memory_format=_FORMATS[p["memory_format"]])
-              for _, p, _ in built]
+        xs = [in_format(example_input, _FORMATS[p["memory_format"]]) for _, p, _ in built]
         times = _model_medians({str(k): (lambda m=m, x=x: m(x))
                                 for k, ((m, _, _), x) in enumerate(zip(built, xs))}, repeats)
         for k, (_, p, _) in enumerate(built):

@@ -579,13 +579,16 @@ def nhwc_supported(n: int, m: int, p: int, pattern: str) -> bool:
 
 def _is_channels_last(t: torch.Tensor) -> bool:
     """Channels-last memory (planes of one pixel count: both layouts are the same memory;
-    an empty batch is contiguous in both layouts: its strides tell which it was made in).
+    an empty batch, and one channel, are contiguous in both layouts: their strides tell
+    which they were made in, ``stride(1) == 1`` channels-last, as
+    ``torch.empty(..., memory_format=torch.channels_last)`` makes them).
     False inside vmap (which cannot query the layout; the kernels never run there, see
     :func:`_transformed`)."""
     return (t.dim() == 4 and not torch._C._functorch.is_batchedtensor(t)
             and t.is_contiguous(memory_format=torch.channels_last)
             and (not t.is_contiguous() or t.shape[2] * t.shape[3] == 1
-                 or (t.numel() == 0 and t.stride(1) == 1 and t.shape[1] > 1)))
+                 or (t.stride(1) == 1 and (t.shape[1] == 1
+                                           or (t.numel() == 0 and t.shape[1] > 1)))))
 
 
 def _nhwc_layout(n: int, m: int, p: int, pattern: str, kh: int, kw: int,
