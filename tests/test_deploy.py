@@ -933,6 +933,70 @@ def _sequenced_model(seed: int, batch: int):
     return model, x, fast, [m for m in fast.modules() if isinstance(m, deploy.NativeSequence)]
 
 
+@pytest.mark.parametrize("shape", [(2, 3, 8, 8), (1, 5, 7, 9), (3, 2, 1, 4), (0, 4, 6, 6),
+                                   (2, 3, 2, 2)])
+@pytest.mark.parametrize("ceil_mode", [False, True])
+def test_nchw_2x2_max_pool_by_maxima_equals_the_pool(shape, ceil_mode):
+    torch.manual_seed(3)
+    x = torch.randn(*shape)
+    if x.numel():
+        x.view(-1)[::7] = float("nan")  # NaN wins its window, as in the pool
+        x.view(-1)[1::5] = 0.0  # ties
+    pool = deploy.MaxPool2x2.from_pool(nn.MaxPool2d(2, 2, ceil_mode=ceil_mode))
+    if min(shape[2:]) < 2 and not ceil_mode:  # no window: the pool's error, not an empty output
+        assert deploy._max_pool_2x2(x, ceil_mode) is None
+        with pytest.raises(RuntimeError, match="[Oo]utput size"):
+            pool(x)
+        return
+    want = F.max_pool2d(x, 2, ceil_mode=ceil_mode)
+    got = deploy._max_pool_2x2(x, ceil_mode)
+    odd = shape[2] % 2 or shape[3] % 2
+    if ceil_mode and odd:
+        assert got is None  # the pool's partial windows: left to it
+        return
+    assert got.shape == want.shape and got.is_contiguous()
+    assert torch.equal(got.isnan(), want.isnan())
+    assert torch.equal(torch.nan_to_num(got), torch.nan_to_num(want))
+    # the module: the same values on every path, nn.MaxPool2d's gradients
+    ref = nn.MaxPool2d(2, 2, ceil_mode=ceil_mode)
+    for inp in (x, x.contiguous(memory_format=torch.channels_last)):
+        assert deploy._max_pool_2x2(inp, ceil_mode) is None or inp.is_contiguous()
+        with torch.no_grad():
+            out = pool(inp)
+        assert torch.equal(torch.nan_to_num(out), torch.nan_to_num(ref(inp)))
+    a, b = (torch.randn(*shape).requires_grad_() for _ in range(2))
+    with torch.no_grad():
+        b.copy_(a)
+    assert deploy._max_pool_2x2(a, ceil_mode) is None  # autograd: the pool itself
+    pool(a).sum().backward()
+    ref(b).sum().backward()
+    assert torch.equal(a.grad, b.grad)
+
+
+def test_optimize_puts_fast_2x2_pools_in_place_of_the_slow_nchw_ones(monkeypatch):
+    """An NCHW model's 2x2 max-pools run as two elementwise maxima (torch's NCHW max-pool
+    kernel was 6-14x slower); other pools stay; the outputs are the model's."""
+    torch.manual_seed(4)
+    model = nn.Sequential(
+        hetconv.HetConv2d(4, 8, 3, part=2), nn.ReLU(), nn.MaxPool2d(2),
+        hetconv.HetConv2d(8, 8, 3, part=2), nn.ReLU(), nn.MaxPool2d(2, 2, ceil_mode=True),
+        nn.MaxPool2d(3, 1), nn.Flatten()).eval()
+    x = torch.randn(2, 4, 16, 16)
+    fast = hetconv.optimize_for_inference(model, x, backend="auto", memory_format="contiguous",
+                                          fuse=False, absorb=False)
+    assert fast.hetconv_plan["fast_pools"] == 2
+    assert [type(m) for m in fast.modules() if isinstance(m, nn.MaxPool2d)] == \
+        [deploy.MaxPool2x2, deploy.MaxPool2x2, nn.MaxPool2d]
+    pooled = []
+    real = F.max_pool2d
+    monkeypatch.setattr(F, "max_pool2d", lambda inp, *a, **k: pooled.append(
+        tuple(inp.shape)) or real(inp, *a, **k))
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), model(x), rtol=1e-5, atol=1e-5)
+    # the model's three pools, the optimized one's 3x3 one only
+    assert pooled[3:] == [(2, 8, 4, 4)], pooled
+
+
 @needs_native
 def test_one_channel_input_runs_the_channels_last_sequence():
     """A one-channel image batch is contiguous in both layouts and torch keeps its NCHW
