@@ -942,14 +942,14 @@ def test_nchw_2x2_max_pool_by_maxima_equals_the_pool(shape, ceil_mode):
     if x.numel():
         x.view(-1)[::7] = float("nan")  # NaN wins its window, as in the pool
         x.view(-1)[1::5] = 0.0  # ties
-    pool = deploy.MaxPool2x2.from_pool(nn.MaxPool2d(2, 2, ceil_mode=ceil_mode))
+    pool = hetconv.layers.MaxPool2x2(ceil_mode)
     if min(shape[2:]) < 2 and not ceil_mode:  # no window: the pool's error, not an empty output
-        assert deploy._max_pool_2x2(x, ceil_mode) is None
+        assert hetconv.layers.max_pool_2x2(x, ceil_mode) is None
         with pytest.raises(RuntimeError, match="[Oo]utput size"):
             pool(x)
         return
     want = F.max_pool2d(x, 2, ceil_mode=ceil_mode)
-    got = deploy._max_pool_2x2(x, ceil_mode)
+    got = hetconv.layers.max_pool_2x2(x, ceil_mode)
     odd = shape[2] % 2 or shape[3] % 2
     if ceil_mode and odd:
         assert got is None  # the pool's partial windows: left to it
@@ -960,14 +960,14 @@ def test_nchw_2x2_max_pool_by_maxima_equals_the_pool(shape, ceil_mode):
     # the module: the same values on every path, nn.MaxPool2d's gradients
     ref = nn.MaxPool2d(2, 2, ceil_mode=ceil_mode)
     for inp in (x, x.contiguous(memory_format=torch.channels_last)):
-        assert deploy._max_pool_2x2(inp, ceil_mode) is None or inp.is_contiguous()
+        assert hetconv.layers.max_pool_2x2(inp, ceil_mode) is None or inp.is_contiguous()
         with torch.no_grad():
             out = pool(inp)
         assert torch.equal(torch.nan_to_num(out), torch.nan_to_num(ref(inp)))
     a, b = (torch.randn(*shape).requires_grad_() for _ in range(2))
     with torch.no_grad():
         b.copy_(a)
-    assert deploy._max_pool_2x2(a, ceil_mode) is None  # autograd: the pool itself
+    assert hetconv.layers.max_pool_2x2(a, ceil_mode) is None  # autograd: the pool itself
     pool(a).sum().backward()
     ref(b).sum().backward()
     assert torch.equal(a.grad, b.grad)
@@ -986,7 +986,7 @@ def test_optimize_puts_fast_2x2_pools_in_place_of_the_slow_nchw_ones(monkeypatch
                                           fuse=False, absorb=False)
     assert fast.hetconv_plan["fast_pools"] == 2
     assert [type(m) for m in fast.modules() if isinstance(m, nn.MaxPool2d)] == \
-        [deploy.MaxPool2x2, deploy.MaxPool2x2, nn.MaxPool2d]
+        [hetconv.layers.MaxPool2x2, hetconv.layers.MaxPool2x2, nn.MaxPool2d]
     pooled = []
     real = F.max_pool2d
     monkeypatch.setattr(F, "max_pool2d", lambda inp, *a, **k: pooled.append(

@@ -126,6 +126,42 @@ def test_vgg16_cifar_structure():
     assert kinds == ["Linear", "BatchNorm1d", "ReLU", "Linear"]
 
 
+def test_vgg_pools_run_fast_in_nchw_inference_and_train_as_before(monkeypatch):
+    """The CIFAR VGGs pool with MaxPool2x2: NCHW inference runs two elementwise maxima
+    instead of torch's NCHW max-pool kernel (6-14x slower), with the same outputs; training
+    (autograd) and channels_last calls run nn.MaxPool2d, so gradients are unchanged."""
+    from hetconv.layers import MaxPool2x2
+
+    torch.manual_seed(0)
+    model = create_model("vgg16_cifar_p4", width=0.125).eval()
+    pools = [m for m in model.modules() if isinstance(m, nn.MaxPool2d)]
+    assert len(pools) == 5 and all(type(m) is MaxPool2x2 and m.ceil_mode for m in pools)
+    twin = create_model("vgg16_cifar_p4", width=0.125).eval()
+    twin.load_state_dict(model.state_dict())
+    for i, m in enumerate(twin.features):  # the plain pools, for reference
+        if isinstance(m, MaxPool2x2):
+            twin.features[i] = nn.MaxPool2d(2, 2, ceil_mode=True)
+    calls = []
+    real = nn.functional.max_pool2d
+    monkeypatch.setattr(nn.functional, "max_pool2d",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        got = model(x)
+        assert calls == []  # no torch max-pool kernel
+        assert torch.equal(got, twin(x))
+        assert len(calls) == 5
+        calls.clear()
+        model(x.contiguous(memory_format=torch.channels_last))
+        assert len(calls) == 5  # channels_last: the pool itself
+    model.train()
+    twin.train()
+    xs = [x.clone().requires_grad_() for _ in range(2)]
+    grads = [torch.autograd.grad(m(xi).square().sum(), [xi] + list(m.parameters()))
+             for m, xi in zip((model, twin), xs)]
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
 def test_resnet56_structure_and_indivisible():
     model = create_model("resnet56_cifar_p2")
     assert count(model, HetConv2d) == 54 and len(spatial_convs(model)) == 1

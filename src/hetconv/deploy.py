@@ -35,14 +35,14 @@ from ._files import replacing
 from ._modes import evaluating, read_modules, shared_modules
 from ._timing import time_interleaved
 from .convert import _replace
-from .layers import HetConv2d
+from .layers import HetConv2d, MaxPool2x2, max_pool_2x2
 from .native import ForwardPlan, PlanHolder
 from .permute import (PermutationTracer, _inplace_position, absorb_permutations,
                       has_shifted_layers)
 
 __all__ = ["fold_batchnorm", "optimize_for_inference", "export_onnx", "export_module",
            "NativeFused", "NativeChain", "NativeSequence", "ChannelPadShortcut",
-           "PackedConv2d", "InputFormat", "MaxPool2x2", "plan_summary"]
+           "PackedConv2d", "InputFormat", "plan_summary"]
 
 log = logging.getLogger(__name__)
 
@@ -702,9 +702,9 @@ class NativeFused(PlanHolder, nn.Module):
 
 def poolable(pool: nn.Module) -> bool:
     """Whether :class:`NativeFused` can take ``pool`` into its kernel: an ``nn.MaxPool2d``
-    (or :class:`MaxPool2x2`) of kernel 2 and stride 2, no padding or dilation, not returning
-    indices (``ceil_mode`` does not matter: the kernel takes the pool only on outputs of
-    even size)."""
+    (or :class:`hetconv.layers.MaxPool2x2`) of kernel 2 and stride 2, no padding or
+    dilation, not returning indices (``ceil_mode`` does not matter: the kernel takes the
+    pool only on outputs of even size)."""
     def pair(v):
         return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
     return (type(pool) in (nn.MaxPool2d, MaxPool2x2) and pair(pool.kernel_size) == (2, 2)
@@ -715,58 +715,19 @@ def poolable(pool: nn.Module) -> bool:
 _POOL_ARGS = ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
 
 
-def _max_pool_2x2(x: torch.Tensor, ceil_mode: bool) -> Optional[torch.Tensor]:
-    """``F.max_pool2d(x, 2)`` (``ceil_mode`` as given) of an NCHW tensor as two elementwise
-    maxima, rows then columns, or None where that path does not apply (other layouts,
-    autograd, traced or compiled calls; odd sizes with ``ceil_mode``).  torch's NCHW max-pool
-    kernel took 11.2 ms on a (64, 64, 32, 32) float tensor on the Zen 4 host, this 0.79 ms
-    (channels_last: 0.92 ms); (64, 128, 16, 16) 5.9 against 0.32 ms.  Exact: the maximum of
-    each window, NaN where one is NaN, as the pool."""
-    if (x.dim() != 4 or not x.dtype.is_floating_point or not x.is_contiguous()
-            or HF._native._is_channels_last(x) or (torch.is_grad_enabled() and x.requires_grad)
-            or torch.compiler.is_compiling() or torch.jit.is_tracing()
-            or torch.onnx.is_in_onnx_export()):
-        return None
-    h, w = x.shape[2] // 2 * 2, x.shape[3] // 2 * 2
-    if (ceil_mode and (h, w) != tuple(x.shape[2:])) or not (h and w):
-        return None  # partial windows, or no window (the pool raises): the pool's
-    rows = torch.maximum(x[:, :, 0:h:2, :w], x[:, :, 1:h:2, :w])
-    return torch.maximum(rows[..., 0::2], rows[..., 1::2])
-
-
 def _pool(pool: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``pool(x)`` for a :func:`poolable` pool, through :func:`_max_pool_2x2` where it applies."""
-    y = _max_pool_2x2(x, bool(pool.ceil_mode))
+    """``pool(x)`` for a :func:`poolable` pool, by :func:`hetconv.layers.max_pool_2x2` where
+    that applies (NCHW inference: torch's NCHW max-pool kernel is 6-14x slower)."""
+    y = max_pool_2x2(x, bool(pool.ceil_mode))
     return pool(x) if y is None else y
 
 
-class MaxPool2x2(nn.MaxPool2d):
-    """An ``nn.MaxPool2d`` of kernel 2 and stride 2 (no padding or dilation, no indices)
-    whose NCHW inference calls run :func:`_max_pool_2x2` (torch's NCHW max-pool kernel was
-    6-14x slower); other calls are ``nn.MaxPool2d``'s.  :func:`optimize_for_inference`
-    puts it in place of such pools (``hetconv_plan["fast_pools"]``)."""
-
-    #: one node in the package's fx graphs (its forward branches on the input)
-    fx_leaf = True
-
-    @classmethod
-    def from_pool(cls, pool: nn.MaxPool2d) -> "MaxPool2x2":
-        if not poolable(pool):
-            raise ValueError(f"pool must be an nn.MaxPool2d of kernel 2, stride 2, no padding "
-                             f"or dilation, without indices; got {pool!r}")
-        return cls(2, 2, ceil_mode=pool.ceil_mode)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = _max_pool_2x2(x, bool(self.ceil_mode))
-        return super().forward(x) if y is None else y
-
-
 def _fast_pools(model: nn.Module) -> int:
-    """Put a :class:`MaxPool2x2` in place of each :func:`poolable` ``nn.MaxPool2d`` of
-    ``model``; returns how many."""
+    """Put a :class:`hetconv.layers.MaxPool2x2` in place of each :func:`poolable`
+    ``nn.MaxPool2d`` of ``model``; returns how many."""
     names = [n for n, m in model.named_modules() if type(m) is nn.MaxPool2d and poolable(m)]
     for name in names:
-        _replace(model, name, MaxPool2x2.from_pool(model.get_submodule(name)))
+        _replace(model, name, MaxPool2x2(model.get_submodule(name).ceil_mode))
     return len(names)
 
 

@@ -2,6 +2,8 @@
 
 from .baselines import DepthwisePointwiseConv2d, GroupPointwiseConv2d
 from .hetconv import HetConv2d
+from .pool import MaxPool2x2, max_pool_2x2
 from .se import SqueezeExcite
 
-__all__ = ["DepthwisePointwiseConv2d", "GroupPointwiseConv2d", "HetConv2d", "SqueezeExcite"]
+__all__ = ["DepthwisePointwiseConv2d", "GroupPointwiseConv2d", "HetConv2d", "MaxPool2x2",
+           "SqueezeExcite", "max_pool_2x2"]

@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..layers import MaxPool2x2
 from .common import ConvSpec, check_se, check_width, conv_unit, scaled
 from .registry import register_model
 
@@ -63,7 +64,7 @@ class VGGCifar(nn.Module):
         c_in, first = in_chans, True
         for v in cfg:
             if v == "M":
-                layers.append(nn.MaxPool2d(2, 2, ceil_mode=True))
+                layers.append(MaxPool2x2(ceil_mode=True))
                 continue
             c_out = scaled(v, width)
             conv = nn.Conv2d(c_in, c_out, 3, 1, 1, bias=False) if first else spec(c_in, c_out)
