@@ -1029,6 +1029,14 @@ def test_one_channel_input_runs_the_channels_last_sequence():
     assert hetconv.native._is_channels_last(xin)
     assert not hetconv.native._is_channels_last(nchw)
     assert not hetconv.native._is_channels_last(x.contiguous(memory_format=torch.channels_last))
+    # views that trace as views: a traced step reads another input size right
+    for fmt in ("channels_last", "contiguous"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # (the tracer's notes on Python conditions)
+            traced = torch.jit.trace(deploy.InputFormat(fmt), torch.randn(2, 1, 16, 16))
+        other = torch.randn(3, 1, 20, 12)
+        assert torch.equal(traced(other), other)
+        assert traced(other).stride(1) == (1 if fmt == "channels_last" else 240)
 
 
 @needs_native

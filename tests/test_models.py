@@ -160,6 +160,17 @@ def test_vgg_pools_run_fast_in_nchw_inference_and_train_as_before(monkeypatch):
     grads = [torch.autograd.grad(m(xi).square().sum(), [xi] + list(m.parameters()))
              for m, xi in zip((model, twin), xs)]
     assert all(torch.equal(a, b) for a, b in zip(*grads))
+    # forward-mode AD: the pool's tangent (all of a tied window's to its first maximum)
+    ties, tangent = torch.zeros(1, 1, 2, 2), torch.tensor([1.0, 2, 3, 4]).view(1, 1, 2, 2)
+    got = torch.func.jvp(MaxPool2x2(), (ties,), (tangent,))[1]
+    assert torch.equal(got, torch.func.jvp(nn.MaxPool2d(2), (ties,), (tangent,))[1])
+    # fx symbolic tracing (the pool one node) and TorchScript of the dense model still work
+    monkeypatch.undo()
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(torch.fx.symbolic_trace(model)(x), model(x))
+        dense = create_model("vgg16_cifar", width=0.125).eval()
+        assert torch.equal(torch.jit.script(dense)(x), dense(x))
 
 
 def test_resnet56_structure_and_indivisible():

@@ -94,7 +94,7 @@ def test_settle_seconds_adds_untimed_calls_until_that_long(monkeypatch):
 
 def test_prune_stops_timing_candidates_far_behind_the_best(monkeypatch):
     """With ``prune``, a candidate whose fastest call took more than ``prune`` times the
-    best median is timed no more after the second round; the contenders get every round."""
+    best median is timed no more after the third round; the contenders get every round."""
     import types
 
     import hetconv._timing as timing
@@ -112,16 +112,16 @@ def test_prune_stops_timing_candidates_far_behind_the_best(monkeypatch):
     cands = {"fast": taking("fast", 0.010), "close": taking("close", 0.012),
              "slow": taking("slow", 0.0145), "far": taking("far", 0.030)}
     out = time_interleaved(cands, repeats=6, warmup=0, prune=1.5)
-    assert [len(out[k].samples) for k in cands] == [6, 6, 6, 2]
-    assert calls.count("far") == 2 and out["far"].median == pytest.approx(0.030)
+    assert [len(out[k].samples) for k in cands] == [6, 6, 6, 3]
+    assert calls.count("far") == 3 and out["far"].median == pytest.approx(0.030)
     # a tighter threshold drops "slow" (1.45x) too; none: every candidate every round
     out = time_interleaved(cands, repeats=6, warmup=0, prune=1.4)
-    assert [len(out[k].samples) for k in cands] == [6, 6, 2, 2]
+    assert [len(out[k].samples) for k in cands] == [6, 6, 3, 3]
     out = time_interleaved(cands, repeats=6, warmup=0)
     assert all(len(t.samples) == 6 for t in out.values())
     # min_seconds counts for the candidates still timed: "far" would have needed 9 rounds
     out = time_interleaved(cands, repeats=2, warmup=0, prune=1.5, min_seconds=0.08)
-    assert len(out["fast"].samples) == 8 and len(out["far"].samples) == 2
+    assert len(out["fast"].samples) == 8 and len(out["far"].samples) == 3
     for bad in (1, 0.5, -2, float("inf"), float("nan"), True, "2"):
         with pytest.raises(ValueError, match="prune must be 0"):
             time_interleaved(cands, prune=bad)

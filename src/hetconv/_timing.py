@@ -96,7 +96,7 @@ def time_interleaved(candidates: Mapping[str, Callable[[], object]], repeats: in
     threads spin for milliseconds after its call returns).  ``idle_seconds``: the process sleeps that long
     before each candidate's settling and timed calls, so another runtime's threads that spin
     after their call find idle cores and park (busy calls do not stop them: see the top).
-    ``prune`` (0: off, else > 1): after each round from the second on, a candidate whose
+    ``prune`` (0: off, else > 1): after each round from the third on, a candidate whose
     fastest call so far took more than ``prune`` times the best median is timed no more
     (its :class:`Timing` holds the samples it has; ``repeats`` and ``min_seconds`` then
     count for the others): a choice of the fastest spends its calls on the contenders.
@@ -138,7 +138,7 @@ def time_interleaved(candidates: Mapping[str, Callable[[], object]], repeats: in
             fn()
             samples[name].append(time.perf_counter() - t0)
         rounds += 1
-        if prune and rounds >= 2:
+        if prune and rounds >= 3:  # three calls each: one slow call decides nothing
             best = min(statistics.median(samples[k]) for k in active)
             active = {k for k in active if min(samples[k]) <= prune * best}
         if rounds >= repeats and (rounds >= 10 * repeats or min(

@@ -6,6 +6,7 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .. import native as _native
 
@@ -20,14 +21,15 @@ def max_pool_2x2(x: torch.Tensor, ceil_mode: bool = False) -> Optional[torch.Ten
 
     torch's NCHW max-pool kernel took 11.2 ms on a (64, 64, 32, 32) float tensor on the
     Zen 4 host, this 0.79 ms (channels_last: 0.92 ms); (64, 128, 16, 16) 5.9 against
-    0.32 ms.  Exact: each window's maximum, NaN where one is NaN, as the pool; odd sizes
-    without ``ceil_mode`` drop the last row or column, as the pool does.
+    0.32 ms.  Each window's maximum, NaN where one is NaN, as the pool (up to the sign of a
+    zero: of -0.0 and 0.0 either may come out); odd sizes without ``ceil_mode`` drop the
+    last row or column, as the pool does.
     """
     if (x.dim() != 4 or not x.dtype.is_floating_point or not x.is_contiguous()
             or _native._is_channels_last(x) or (torch.is_grad_enabled() and x.requires_grad)
             or torch.compiler.is_compiling() or torch.jit.is_tracing()
-            or torch.onnx.is_in_onnx_export()):
-        return None
+            or torch.onnx.is_in_onnx_export() or _native._transformed(x)):
+        return None  # (forward-mode AD, torch.func: the maxima split a tied window's tangent)
     h, w = x.shape[2] // 2 * 2, x.shape[3] // 2 * 2
     if (ceil_mode and (h, w) != tuple(x.shape[2:])) or not (h and w):
         return None  # partial windows, or no window (the pool raises): the pool's
@@ -49,5 +51,14 @@ class MaxPool2x2(nn.MaxPool2d):
         super().__init__(2, 2, ceil_mode=bool(ceil_mode))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = max_pool_2x2(x, bool(self.ceil_mode))
-        return super().forward(x) if y is None else y
+        if not torch.jit.is_scripting():
+            if not isinstance(x, torch.fx.Proxy):  # symbolic tracing: the pool's node
+                y = self._fast(x)
+                if y is not None:
+                    return y
+        return F.max_pool2d(x, self.kernel_size, self.stride, self.padding, self.dilation,
+                            ceil_mode=self.ceil_mode, return_indices=self.return_indices)
+
+    @torch.jit.unused
+    def _fast(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        return max_pool_2x2(x, bool(self.ceil_mode))
