@@ -126,6 +126,7 @@ def test_vgg16_cifar_structure():
     assert kinds == ["Linear", "BatchNorm1d", "ReLU", "Linear"]
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script:FutureWarning")  # torch deprecates it
 def test_vgg_pools_run_fast_in_nchw_inference_and_train_as_before(monkeypatch):
     """The CIFAR VGGs pool with MaxPool2x2: NCHW inference runs two elementwise maxima
     instead of torch's NCHW max-pool kernel (6-14x slower), with the same outputs; training
