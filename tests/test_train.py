@@ -664,7 +664,10 @@ def test_evaluate_optimized_scores_as_the_model_and_says_how_it_ran(vgg_run, cap
     monkeypatch.undo()
     assert plain["optimized"] is None
     assert fast["images"] == plain["images"] == 16
-    assert fast["top1"] == plain["top1"] and fast["top5"] == plain["top5"]
+    # the same model to float rounding (checked on the first batch): a near-tied image may
+    # flip, no more than one of the 16
+    assert abs(fast["top1"] - plain["top1"]) <= 100 / 16
+    assert abs(fast["top5"] - plain["top5"]) <= 100 / 16
     assert fast["loss"] == pytest.approx(plain["loss"], rel=1e-4, abs=1e-5)
     assert (fast["macs"], fast["params"]) == (plain["macs"], plain["params"])  # the model's
     plan = fast["optimized"]
