@@ -35,7 +35,7 @@ from ._files import replacing
 from ._modes import evaluating, read_modules, shared_modules
 from ._timing import time_interleaved
 from .convert import _replace
-from .layers import HetConv2d, MaxPool2x2, max_pool_2x2
+from .layers import HetConv2d, MaxPool2x2
 from .native import ForwardPlan, PlanHolder
 from .permute import (PermutationTracer, _inplace_position, absorb_permutations,
                       has_shifted_layers)
@@ -581,7 +581,7 @@ class NativeFused(PlanHolder, nn.Module):
         if pool is not None and not poolable(pool):
             raise ValueError(f"pool must be an nn.MaxPool2d of kernel 2, stride 2, no padding "
                              f"or dilation, without indices; got {pool!r}")
-        self.pool = pool
+        self.pool = None if pool is None else _fast_pool(pool)
         self._verdicts: dict = {}  # call signature -> whether the kernel applies
 
     def _signature(self, x: torch.Tensor, residual: Optional[torch.Tensor]) -> tuple:
@@ -622,7 +622,7 @@ class NativeFused(PlanHolder, nn.Module):
         if pool is None:
             return self._conv(x, residual)
         y = self._pooled(x, residual)
-        return y if y is not None else _pool(pool, self._conv(x, residual))
+        return y if y is not None else pool(self._conv(x, residual))
 
     def _pooled(self, x: torch.Tensor, residual: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         """The forward with the pool in the channels-last kernel, or None where it does not
@@ -715,20 +715,21 @@ def poolable(pool: nn.Module) -> bool:
 _POOL_ARGS = ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
 
 
-def _pool(pool: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``pool(x)`` for a :func:`poolable` pool, by :func:`hetconv.layers.max_pool_2x2` where
-    that applies (NCHW inference: torch's NCHW max-pool kernel is 6-14x slower)."""
-    y = max_pool_2x2(x, bool(pool.ceil_mode))
-    return pool(x) if y is None else y
+def _fast_pool(pool: nn.Module) -> nn.Module:
+    """A :func:`poolable` ``nn.MaxPool2d`` as the :class:`hetconv.layers.MaxPool2x2` of the
+    same ``ceil_mode`` (the same pool; torch's NCHW max-pool kernel is 6-14x slower than
+    its NCHW inference path); any other module as it is."""
+    return MaxPool2x2(pool.ceil_mode) if type(pool) is nn.MaxPool2d and poolable(pool) else pool
 
 
 def _fast_pools(model: nn.Module) -> int:
     """Put a :class:`hetconv.layers.MaxPool2x2` in place of each :func:`poolable`
     ``nn.MaxPool2d`` of ``model``; returns how many."""
-    names = [n for n, m in model.named_modules() if type(m) is nn.MaxPool2d and poolable(m)]
-    for name in names:
-        _replace(model, name, MaxPool2x2(model.get_submodule(name).ceil_mode))
-    return len(names)
+    swaps = [(name, fast) for name, m in list(model.named_modules())
+             if (fast := _fast_pool(m)) is not m]
+    for name, fast in swaps:
+        _replace(model, name, fast)
+    return len(swaps)
 
 
 def _pool_of(node, modules: dict) -> Optional[nn.MaxPool2d]:
@@ -774,7 +775,7 @@ def _fuse_pools(gm: torch.fx.GraphModule) -> int:
         pool = _pool_of(nxt, modules)
         if pool is None:
             continue
-        module.pool = pool
+        module.pool = _fast_pool(pool)
         _take_over(gm, node, chain + [nxt])
         fused += 1
     if fused:
@@ -1482,7 +1483,6 @@ def _configure(out: nn.Module, plan: dict, example_input: Optional[torch.Tensor]
                memory_format: str, repeats: int, fuse: bool, pack: bool = True) -> nn.Module:
     """Per-layer backends and fusion of one candidate model in ``memory_format``
     ("contiguous" or "channels_last"; fills ``plan``)."""
-    plan["fast_pools"] = _fast_pools(out)
     names = {m: n for n, m in out.named_modules()}
     out.to(memory_format=_FORMATS[memory_format])
     plan["memory_format"] = memory_format
@@ -1871,6 +1871,7 @@ def optimize_for_inference(model: nn.Module, example_input: Optional[torch.Tenso
     for p in out.parameters():
         p.requires_grad_(False)
     folded = fold_batchnorm(out) if fold_bn else 0
+    pooled = _fast_pools(out)
     variants = [(out, None)]
     if absorb:
         absorbed, info = _absorbed(out, example_input)
@@ -1890,7 +1891,7 @@ def optimize_for_inference(model: nn.Module, example_input: Optional[torch.Tenso
     configs = [(candidate, info, fmt) for candidate, info in variants for fmt in formats]
     built = []
     for k, (candidate, info, fmt) in enumerate(configs):
-        plan: dict = {"folded_batchnorms": folded, "layers": {}}
+        plan: dict = {"folded_batchnorms": folded, "fast_pools": pooled, "layers": {}}
         if absorb:
             plan["permutations"] = info
         if any(c is candidate for c, _, _ in configs[k + 1:]):
